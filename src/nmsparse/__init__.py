@@ -1,0 +1,29 @@
+"""nmsparse: N:M fine-grained structured sparsity for PyTorch.
+
+"N:M" means keep N of every M consecutive weights along the input dimension (2:4 keeps half).
+Train sparse networks from scratch with SR-STE, track how their masks evolve (SAD), count
+their parameters and MACs, check and finalize them.
+
+    import nmsparse
+    handle = nmsparse.sparsify(model, "2:4", method="srste", decay=2e-4)
+    ...  # an ordinary training loop: no extra call
+    nmsparse.finalize(model)
+
+Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
+"""
+
+from .check import CheckReport, NMViolationError, check
+from .masks import nm_mask
+from .methods import METHODS, STE, SRSTE, Fixed, Method, make_method
+from .patterns import NM, parse_pattern
+from .sad import SADResult, SADTracker, sad
+from .sparse_model import LayerReport, SparsityHandle, finalize, sparsify
+# from .summary import ModelSummary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS", "NM", "STE", "SRSTE", "CheckReport", "Fixed", "LayerReport", "Method",
+    "ModelSummary", "NMViolationError", "SADResult", "SADTracker", "SparsityHandle", "check",
+    "finalize", "make_method", "nm_mask", "parse_pattern", "sad", "sparsify", "summary",
+]

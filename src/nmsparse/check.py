@@ -1,0 +1,119 @@
+"""``check(model_or_state_dict, pattern)``: which layers are really N:M.
+
+A group complies when it has at most N non-zero entries. For a live sparse layer (or a state
+dict holding ``<weight>_mask``) the mask is what the forward pass applies, so the mask is
+checked; otherwise the weight's non-zeros are (a finalized or exported model).
+For a model the eligible weights are checked (Linear, Conv, MultiheadAttention); for a state
+dict every floating 2-D to 5-D tensor whose key ends in ``weight``: narrow it with
+``include`` / ``exclude``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._table import format_table
+from .layers import sparse_states
+from .masks import check_layout, grouping_error, kept_per_group
+from .patterns import NM
+from .selection import PatternSpec, choose_patterns, eligible_weights, qualified
+
+
+class NMViolationError(ValueError):
+    """Raised by :func:`check` with ``raise_on_violation=True``."""
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    name: str
+    shape: tuple[int, ...]
+    pattern: NM | None
+    groups: int = 0
+    violating_groups: int = 0
+    max_kept: int = 0
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.pattern is None:
+            return "skipped"
+        return "violation" if self.violating_groups else "ok"
+
+
+@dataclass
+class CheckReport:
+    rows: list[CheckRow] = field(default_factory=list)
+
+    @property
+    def violations(self) -> list[CheckRow]:
+        return [row for row in self.rows if row.status == "violation"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        rows = [[row.name, "x".join(map(str, row.shape)), str(row.pattern or "-"), row.status,
+                 f"{row.violating_groups}/{row.groups}" if row.pattern else "",
+                 row.max_kept if row.pattern else "", row.note] for row in self.rows]
+        verdict = "all checked layers are N:M" if self.ok else \
+            f"{len(self.violations)} layer(s) violate their pattern"
+        return verdict + "\n" + format_table(
+            ["weight", "shape", "pattern", "status", "bad groups", "max kept", "note"], rows,
+            right_aligned=(4, 5))
+
+
+def _tensors_of_model(model: nn.Module):
+    for module_name, module, param in eligible_weights(model):
+        state = sparse_states(module).get(param)
+        tensor = state.mask if state is not None else module._parameters[param].detach()
+        yield module_name, qualified(module_name, param), tensor
+
+
+def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
+    for key, tensor in state_dict.items():
+        if (not key.rsplit(".", 1)[-1].endswith("weight") or not isinstance(tensor, torch.Tensor)
+                or not torch.is_floating_point(tensor) or not 2 <= tensor.dim() <= 5):
+            continue
+        module_name = key.rsplit(".", 1)[0] if "." in key else ""
+        yield module_name, key, state_dict.get(f"{key}_mask", tensor)
+
+
+def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+          pattern: PatternSpec | Mapping[str, PatternSpec] = "2:4", *,
+          include: str | Sequence[str] | None = None,
+          exclude: str | Sequence[str] | None = None, layout: str = "in",
+          raise_on_violation: bool = False) -> CheckReport:
+    """Report, per layer, how many M-groups hold more than N non-zeros."""
+    check_layout(layout)
+    if isinstance(model_or_state_dict, nn.Module):
+        tensors = list(_tensors_of_model(model_or_state_dict))
+    elif isinstance(model_or_state_dict, Mapping):
+        tensors = list(_tensors_of_state_dict(model_or_state_dict))
+    else:
+        raise ValueError("check takes an nn.Module or a state dict (a mapping of names to "
+                         f"tensors), got {type(model_or_state_dict).__name__}")
+    if not tensors:
+        raise ValueError("nothing to check: no eligible weight found")
+    choices = choose_patterns([(module, name) for module, name, _ in tensors], pattern,
+                              include, exclude)
+    report = CheckReport()
+    for (_, name, tensor), (nm, reason) in zip(tensors, choices):
+        shape = tuple(tensor.shape)
+        error = grouping_error(shape, nm.m, layout) if nm is not None else None
+        if nm is None or error:
+            report.rows.append(CheckRow(name, shape, None, note=reason or error))
+            continue
+        kept = kept_per_group(tensor, nm.m, layout)
+        bad, worst = torch.stack([(kept > nm.n).sum(), kept.max()]).tolist()
+        report.rows.append(CheckRow(name, shape, nm, kept.numel(), bad, worst))
+    if raise_on_violation and not report.ok:
+        raise NMViolationError(str(report))
+    return report
