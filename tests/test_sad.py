@@ -211,6 +211,15 @@ def test_b_is_moved_to_a_device() -> None:
     assert sad(A24, B24.cuda()).total == 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tracker_follows_training_device() -> None:
+    t = SADTracker(M0)  # reference masks start on the CPU
+    row = t.record(1, {k: v.cuda() for k, v in M1.items()})
+    assert (row["sad_prev_total"], row["sad_init_total"]) == (2, 2)
+    sd = t.state_dict()
+    assert all(v.is_cuda for part in ("initial", "previous") for v in sd[part].values())
+
+
 # ---------------------------------------------------------------------------- tracker
 
 # Scripted masks for two layers; 4 + 8 = 12 weights in total.

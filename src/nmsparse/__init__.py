@@ -14,10 +14,11 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 
 from .check import CheckReport, NMViolationError, check
 from .masks import nm_mask
-from .methods import METHODS, STE, SRSTE, Fixed, Method, make_method
+from .methods import METHODS, SRSTE, STE, Fixed, Method, make_method
 from .patterns import NM, parse_pattern
 from .sad import SADResult, SADTracker, sad
 from .sparse_model import LayerReport, SparsityHandle, finalize, sparsify
+
 # from .summary import ModelSummary, summary
 
 __version__ = "0.1.0"

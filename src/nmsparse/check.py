@@ -105,7 +105,7 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     choices = choose_patterns([(module, name) for module, name, _ in tensors], pattern,
                               include, exclude)
     report = CheckReport()
-    for (_, name, tensor), (nm, reason) in zip(tensors, choices):
+    for (_, name, tensor), (nm, reason) in zip(tensors, choices, strict=True):
         shape = tuple(tensor.shape)
         error = grouping_error(shape, nm.m, layout) if nm is not None else None
         if nm is None or error:

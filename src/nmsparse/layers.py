@@ -21,7 +21,8 @@ from .masks import nonfinite_error
 from .methods import Method
 from .patterns import NM
 
-STATE_ATTRIBUTE = "_nmsparse"  # on a sparse module: {param name: SparseWeight}; on a weight: its SparseWeight
+# On a sparse module: {param name: SparseWeight}; on a sparse weight: its SparseWeight.
+STATE_ATTRIBUTE = "_nmsparse"
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -130,7 +131,7 @@ def raise_if_nonfinite(states: list[SparseWeight], finite_flags: list[torch.Tens
     if not states or bool(torch.stack([f.to(finite_flags[0].device)
                                        for f in finite_flags]).all()):
         return
-    for state, finite in zip(states, finite_flags):
+    for state, finite in zip(states, finite_flags, strict=True):
         if not bool(finite):
             raise nonfinite_error(state.name)
 

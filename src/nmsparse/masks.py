@@ -52,10 +52,8 @@ def to_groups(tensor: torch.Tensor, m: int, layout: str) -> torch.Tensor:
     error = grouping_error(tuple(tensor.shape), m, layout)
     if error:
         raise ValueError(error)
-    if layout == "in":
-        tensor = tensor.movedim(1, -1)  # (out, *kernel, in): the reduction axis last
-    else:
-        tensor = tensor.reshape(tensor.shape[0], -1)
+    # "in": (out, *kernel, in), the reduction axis last; "flat": one row per output
+    tensor = tensor.movedim(1, -1) if layout == "in" else tensor.reshape(tensor.shape[0], -1)
     return tensor.reshape(*tensor.shape[:-1], tensor.shape[-1] // m, m)
 
 

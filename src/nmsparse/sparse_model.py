@@ -120,7 +120,7 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, PatternSpec] 
 
     reports, plan, seen = [], [], {}
     for (module_name, module, param), (_, name), (nm, reason) in zip(candidates, names,
-                                                                     choices):
+                                                                     choices, strict=True):
         weight = module._parameters[param]
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"{name} is uninitialized (a lazy module): run one forward pass "
@@ -151,11 +151,11 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, PatternSpec] 
         if not bool(torch.isfinite(weight).all()):
             raise nonfinite_error(name)
         masks.append(compute_mask(weight, nm, layout))
-    for (module_name, module, param, name, nm), mask in zip(plan, masks):
+    for _, module, param, name, _ in plan:
         if param + "_mask" in module._buffers or hasattr(module, param + "_mask"):
             raise ValueError(f"{name}: the module already has an attribute "
                              f"'{param}_mask' (torch.nn.utils.prune applied?)")
-    for (module_name, module, param, name, nm), mask in zip(plan, masks):
+    for (_, module, param, name, nm), mask in zip(plan, masks, strict=True):
         state = SparseWeight(module, param, name, nm, layout, method)
         attach(module, state, mask)
         state.refresh()

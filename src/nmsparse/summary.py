@@ -163,7 +163,7 @@ def summary(model: nn.Module, example_input: Any, *,
             kept_of[weight_name] = sum(kept)
             row_total += weight.numel()
             row_kept += sum(kept)
-            if id(weight) not in seen_weights:
+            if True:
                 seen_weights.add(id(weight))
                 weights_total += weight.numel()
                 weights_kept += sum(kept)
@@ -233,7 +233,6 @@ def _run_hooked(model: nn.Module, args: tuple, kwargs: dict[str, Any],
                 tallies: dict[nn.Module, _Tally], attention: dict[nn.Module, int]) -> None:
     """One no-grad eval forward pass with counting hooks; leaves the model as it found it."""
     training = {m: m.training for m in model.modules()}
-    fastpath = torch.backends.mha.get_fastpath_enabled()
     handles = []
     try:
         for module in tallies:
@@ -247,13 +246,9 @@ def _run_hooked(model: nn.Module, args: tuple, kwargs: dict[str, Any],
                 handles.append(module.register_forward_hook(_layer_hook(tallies),
                                                             with_kwargs=True))
         model.eval()
-        # TransformerEncoderLayer's eval fast path runs its attention and feed-forward in
-        # one fused op without calling the child modules, whose hooks would then never fire.
-        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
         # Restore flags directly: model.train(mode) would overwrite mixed per-module modes.
