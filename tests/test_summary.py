@@ -255,6 +255,26 @@ def test_shared_parameter_counts_once():
     assert s.total.density == 1.0
 
 
+def test_shared_sparse_weight_counts_once_in_total_density():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6))
+    with torch.no_grad():
+        model[0].weight.mul_(two_of_four((6, 6)))  # finalized 2:4, shared with layer 1
+    model[1].weight = model[0].weight
+    s = summary(model, torch.randn(2, 6))
+    assert row(s, "1").density == 0.5 and row(s, "1").macs_sparse == 2 * 18
+    assert s.total.density == pytest.approx((18 + 36) / (36 + 36))
+    assert s.total.params_kept == 18 + 6 + 6 + 36 + 6
+
+
+def test_mask_on_other_module_is_honoured():
+    embed = nn.Embedding(10, 4)
+    embed.register_buffer("weight_mask", two_of_four((10, 4)))
+    s = summary(embed, torch.randint(0, 10, (3,)))
+    r = row(s, "")
+    assert (r.params_dense, r.params_kept, r.density) == (40, 20, 0.5)
+    assert r.weight_shapes == ((10, 4),) and r.macs_dense == 0
+
+
 class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -18,8 +18,7 @@ from .methods import METHODS, SRSTE, STE, Fixed, Method, make_method
 from .patterns import NM, parse_pattern
 from .sad import SADResult, SADTracker, sad
 from .sparse_model import LayerReport, SparsityHandle, finalize, sparsify
-
-# from .summary import ModelSummary, summary
+from .summary import ModelSummary, summary
 
 __version__ = "0.1.0"
 

@@ -157,6 +157,11 @@ def sparse_class(base: type, param_names: tuple[str, ...]) -> type:
     return _SPARSE_CLASSES[key]
 
 
+def original_class(module: nn.Module) -> type:
+    """The module's class as the user wrote it (not the generated sparse subclass)."""
+    return getattr(type(module), "_nmsparse_base", type(module))
+
+
 def sparse_states(module: nn.Module) -> dict[str, SparseWeight]:
     """The module's sparse weights by parameter name (empty for a dense module)."""
     return module.__dict__.get(STATE_ATTRIBUTE, {})
@@ -167,8 +172,7 @@ def attach(module: nn.Module, state: SparseWeight, mask: torch.Tensor) -> None:
     module.register_buffer(state.mask_name, mask, persistent=True)
     states = module.__dict__.setdefault(STATE_ATTRIBUTE, {})
     states[state.param_name] = state
-    base = getattr(type(module), "_nmsparse_base", type(module))
-    module.__class__ = sparse_class(base, tuple(sorted(states)))
+    module.__class__ = sparse_class(original_class(module), tuple(sorted(states)))
     setattr(state.weight, STATE_ATTRIBUTE, state)
 
 
@@ -185,4 +189,4 @@ def detach(module: nn.Module) -> None:
             delattr(weight, STATE_ATTRIBUTE)
     if states:
         del module.__dict__[STATE_ATTRIBUTE]
-        module.__class__ = type(module)._nmsparse_base
+        module.__class__ = original_class(module)

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ._table import format_table
+from .layers import original_class
 
 __all__ = ["LayerRow", "ModelSummary", "summary"]
 
@@ -163,7 +164,7 @@ def summary(model: nn.Module, example_input: Any, *,
             kept_of[weight_name] = sum(kept)
             row_total += weight.numel()
             row_kept += sum(kept)
-            if True:
+            if id(weight) not in seen_weights:
                 seen_weights.add(id(weight))
                 weights_total += weight.numel()
                 weights_kept += sum(kept)
@@ -176,7 +177,7 @@ def summary(model: nn.Module, example_input: Any, *,
             params_dense += param.numel()
             params_kept += kept_of.get(param_name, param.numel())
 
-        rows.append(LayerRow(name, type(module).__name__, tuple(shapes), params_dense,
+        rows.append(LayerRow(name, original_class(module).__name__, tuple(shapes), params_dense,
                              params_kept, row_kept / row_total if row_total else 1.0,
                              macs_dense, macs_sparse, tally.calls if tally else 0))
         if isinstance(module, nn.MultiheadAttention):
