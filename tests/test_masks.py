@@ -37,7 +37,7 @@ def w(rows: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def _linear(idx: tuple[int, ...], shape: tuple[int, ...]) -> int:
     """Row-major (C order) linear index of ``idx`` in a tensor of ``shape``."""
     out = 0
-    for i, size in zip(idx, shape):
+    for i, size in zip(idx, shape, strict=True):
         out = out * size + i
     return out
 
@@ -239,7 +239,7 @@ def test_golden_conv1d_3d() -> None:
     expected_flat = b(
         [
             [[F, F, T], [T, F, T], [T, F, T], [F, F, T]],
-            [[F, T, T], [F, T, T], [F, F, T], [F, F, T]],
+            [[F, T, T], [F, T, F], [F, T, T], [F, F, T]],
         ]
     )
     assert torch.equal(nm_mask(weight, 2, 4), expected_in)
@@ -501,7 +501,7 @@ def test_rows_are_independent(case) -> None:
         ((4, 2, 2, 1), "in"),  # in = 2 but the flat row (4) would divide
         ((2, 6, 5), "in"),
         ((2, 1, 1, 1, 3), "flat"),
-        ((2, 4, 1, 1, 3), "in") ,
+        ((2, 4, 1, 1, 3), "in"),
     ],
 )
 def test_not_divisible_raises_naming_shape(shape: tuple[int, ...], layout: str) -> None:
