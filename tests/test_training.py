@@ -238,3 +238,33 @@ def test_handle_refresh_and_decay_for_hand_written_updates():
     torch.testing.assert_close(dense(layer).detach(), expected_step(w0, g, m0, decay=0.05),
                                rtol=0, atol=1e-7)
     assert torch.equal(layer.weight_mask, nm_mask(dense(layer).detach(), 2, 4))
+
+
+def test_torch_compile_trains_like_eager():
+    models = [tiny_mlp() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        nmsparse.sparsify(model, "1:4", decay=0.05)
+    runs = [torch.compile(models[0]), models[1]]
+    opts = [torch.optim.SGD(model.parameters(), lr=20.0) for model in models]
+    initial_mask = models[1][0].weight_mask.clone()
+    x = torch.randn(8, 8)
+    for _ in range(3):  # lr 20 moves masks between steps: the compiled graph must see them
+        for run, opt in zip(runs, opts, strict=True):
+            opt.zero_grad()
+            loss_of(run, x).backward()
+            opt.step()
+    assert not torch.equal(models[1][0].weight_mask, initial_mask)
+    compiled, eager = (model.state_dict() for model in models)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_fp32_dense_gradients():
+    model = tiny_mlp()
+    nmsparse.sparsify(model, "2:4")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 8))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert dense(model[0]).grad.dtype == torch.float32
