@@ -236,3 +236,12 @@ def test_invalid_integer_pairs_rejected(n: int, m: int) -> None:
         parse_pattern(f"{n}:{m}")
     with pytest.raises(ValueError, match="accepted"):
         NM(n, m)
+
+
+def test_numpy_integers_are_accepted_and_unicode_digits_are_not():
+    import numpy as np
+
+    pattern = parse_pattern((np.int64(2), np.int64(4)))
+    assert pattern == NM(2, 4) and type(pattern.n) is int
+    with pytest.raises(ValueError, match="accepted"):
+        parse_pattern("\uff12:\uff14")  # full-width digits

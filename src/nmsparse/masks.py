@@ -105,9 +105,12 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "in") -> torch.T
     pattern = NM(n, m)
     if not torch.is_floating_point(weight):
         raise ValueError(f"nm_mask needs a floating-point weight, got dtype {weight.dtype}")
+    error = grouping_error(tuple(weight.shape), pattern.m, layout)
+    if error:
+        raise ValueError(error)
     if not bool(torch.isfinite(weight).all()):
         raise nonfinite_error(None)
-    return compute_mask(weight, pattern, check_layout(layout))
+    return compute_mask(weight, pattern, layout)
 
 
 def kept_per_group(mask_or_weight: torch.Tensor, m: int, layout: str = "in") -> torch.Tensor:

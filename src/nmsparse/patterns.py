@@ -7,10 +7,11 @@ pruned weights instead; nmsparse never does.
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
-_SPEC = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
+_SPEC = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", re.ASCII)
 
 ACCEPTED = "'N:M' with integers 1 <= N < M (keep N of every M), e.g. '2:4', '1:8', '4:16'"
 
@@ -23,10 +24,11 @@ class NM:
     m: int
 
     def __post_init__(self) -> None:
-        for value in (self.n, self.m):
-            if isinstance(value, bool) or not isinstance(value, int):
+        for field, value in (("n", self.n), ("m", self.m)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"N and M must be integers, got {self.n!r}:{self.m!r}; "
                                  f"accepted: {ACCEPTED}")
+            object.__setattr__(self, field, int(value))  # numpy integers become plain ints
         if not 1 <= self.n < self.m:
             raise ValueError(f"invalid N:M pattern {self.n}:{self.m}; accepted: {ACCEPTED}")
 
