@@ -277,3 +277,22 @@ def test_deepcopy_and_device_moves_keep_working():
     model.double()
     assert model(x.double()).dtype == torch.float64
     assert model.fc.weight.dtype == torch.float64
+
+
+def test_whole_model_pickles_and_keeps_training():
+    model = Net()
+    nmsparse.sparsify(model, "2:4", decay=0.05)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.fc).__name__ == "SparseLinear" and isinstance(loaded.fc, nn.Linear)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in (model, loaded)]
+    for m, opt in zip((model, loaded), opts, strict=True):
+        m(x).sum().backward()
+        opt.step()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    assert "SparseLinear(in_features=8" in repr(model)

@@ -14,6 +14,8 @@ edit. Evaluation and inference therefore cost no masking work at all.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -137,6 +139,23 @@ def raise_if_nonfinite(states: list[SparseWeight], finite_flags: list[torch.Tens
 
 
 _SPARSE_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+# Generated classes are named so pickle can find them again in a fresh process (whole-model
+# torch.save, multiprocessing spawn): the base module, base qualname and parameter names,
+# escaped into one ASCII identifier without dots (pickle protocol 2 needs both).
+_CLASS_PREFIX = "SparseModule_s"
+_ESCAPES = (("_", "_u"), (".", "_d"))
+
+
+def _escape(part: str) -> str:
+    for raw, escaped in _ESCAPES:
+        part = part.replace(raw, escaped)
+    return part
+
+
+def _unescape(part: str) -> str:
+    for raw, escaped in reversed(_ESCAPES):
+        part = part.replace(escaped, raw)
+    return part
 
 
 def _masked_property(param_name: str) -> property:
@@ -151,10 +170,23 @@ def sparse_class(base: type, param_names: tuple[str, ...]) -> type:
     key = (base, param_names)
     if key not in _SPARSE_CLASSES:
         attributes = {name: _masked_property(name) for name in param_names}
-        attributes["_nmsparse_base"] = base
-        attributes["__module__"] = base.__module__
+        parts = [base.__module__, base.__qualname__, *param_names]
+        attributes.update(_nmsparse_base=base, __module__=__name__,
+                          __qualname__=_CLASS_PREFIX + "_s".join(map(_escape, parts)))
         _SPARSE_CLASSES[key] = type(f"Sparse{base.__name__}", (base,), attributes)
     return _SPARSE_CLASSES[key]
+
+
+def __getattr__(name: str) -> type:
+    """Rebuild a generated sparse class from its pickled name."""
+    if not name.startswith(_CLASS_PREFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, qualname, *param_names = map(_unescape,
+                                              name[len(_CLASS_PREFIX):].split("_s"))
+    base = importlib.import_module(module_name)
+    for attribute in qualname.split("."):
+        base = getattr(base, attribute)
+    return sparse_class(base, tuple(param_names))
 
 
 def original_class(module: nn.Module) -> type:
