@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[data,test]"
+	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
 demo: $(BIN)/.installed

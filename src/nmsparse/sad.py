@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._atomic import atomic_open
 
 __all__ = ["TENSOR_KEY", "SADResult", "SADTracker", "sad"]
 
@@ -307,18 +308,10 @@ class SADTracker:
 
         Atomic: writes a temporary file in the same directory, then ``os.replace``\\ s it.
         """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".sad-", suffix=".csv.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns())
-                writer.writeheader()
-                writer.writerows(self._history)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns())
+            writer.writeheader()
+            writer.writerows(self._history)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state: clones of the reference masks plus the history.

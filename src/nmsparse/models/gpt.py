@@ -1,0 +1,167 @@
+"""Byte-level decoder-only transformers (GPT-2 layout): ``gpt_tiny`` and the ``gpt_1b`` preset.
+
+Token + learned position embedding, ``n_layer`` pre-LayerNorm blocks (causal self-attention
+with one ``nn.Linear(d, 3d)`` for q, k, v, ``scaled_dot_product_attention(is_causal=True)``
+and an ``nn.Linear(d, d)`` output projection; an MLP ``Linear(d, 4d)`` -> GELU ->
+``Linear(4d, d)``), a final LayerNorm and an ``lm_head = Linear(d, vocab, bias=False)``.
+Every projection is an ``nn.Linear``, so ``nmsparse.sparsify`` makes all of them N:M.
+
+The vocabulary size is ``num_classes`` (256 for bytes) and the maximum sequence length is
+``input_shape[0]``: longer inputs raise ``ValueError``, shorter ones are fine. Inputs are
+int64 ids shaped (batch, seq_len); outputs are logits (batch, seq_len, vocab).
+
+Init (GPT-2): normal(0, 0.02) for linear and embedding weights, zero biases, and std
+0.02 / sqrt(2 * n_layer) for the two projections that write into the residual stream, so its
+variance does not grow with depth.
+
+``gpt_1b`` needs about 4.8 GB of float32 weights: build it where it will run, e.g. inside
+``with torch.device("cuda"):``, or on ``torch.device("meta")`` to inspect it for free.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks
+from ._registry import register_model
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, d_model = x.shape
+        # (batch, length, 3d) -> three (batch, heads, length, head_dim)
+        q, k, v = (t.view(batch, length, self.n_head, d_model // self.n_head).transpose(1, 2)
+                   for t in self.qkv(x).split(d_model, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(batch, length, d_model)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(4 * d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, max_seq_len: int, n_layer: int, n_head: int,
+                 d_model: int, dropout: float = 0.0, tie_weights: bool = False) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        self.pos_emb = nn.Embedding(max_seq_len, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self._init_weights(n_layer)
+        if tie_weights:
+            # Off by default: nmsparse makes the lm_head (an nn.Linear) N:M sparse but not the
+            # embedding, so with one shared Parameter it is ambiguous whether the input lookup
+            # should read the masked or the dense weights, and the SR-STE decay on the pruned
+            # entries would also pull the embedding rows toward zero.
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_weights(self, n_layer: int) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        if idx.dim() != 2:
+            raise ValueError(f"GPT takes token ids shaped (batch, seq_len), got a tensor shaped "
+                             f"{tuple(idx.shape)}")
+        length = idx.shape[1]
+        if length > self.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds the model's maximum "
+                             f"{self.max_seq_len} (input_shape[0] at creation)")
+        positions = torch.arange(length, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt_param_count(*, n_layer: int, d_model: int, vocab_size: int = 256,
+                    max_seq_len: int = 1024, tie_weights: bool = False) -> int:
+    """Parameters of :class:`GPT`, computed without building it.
+
+    Per block: two LayerNorms (4d), qkv (3d^2 + 3d), attention output (d^2 + d), MLP
+    (4d^2 + 4d and 4d^2 + d): 12d^2 + 13d. Plus token and position embeddings, the final
+    LayerNorm and the bias-free head (shared with the token embedding when tied).
+    """
+    d = d_model
+    blocks = n_layer * (12 * d * d + 13 * d)
+    head = 0 if tie_weights else vocab_size * d
+    return vocab_size * d + max_seq_len * d + blocks + 2 * d + head
+
+
+def _build(name: str, input_shape: tuple[int, ...], num_classes: int, n_layer: int,
+           n_head: int, d_model: int, dropout: float, tie_weights: bool) -> GPT:
+    if len(input_shape) != 1:
+        raise ValueError(f"{name} takes token sequences: input_shape must be (seq_len,), got "
+                         f"{tuple(input_shape)}")
+    n_layer = _checks.positive_int(name, "n_layer", n_layer)
+    n_head = _checks.positive_int(name, "n_head", n_head)
+    d_model = _checks.positive_int(name, "d_model", d_model)
+    dropout = _checks.probability(name, "dropout", dropout)
+    tie_weights = _checks.boolean(name, "tie_weights", tie_weights)
+    if d_model % n_head:
+        raise ValueError(f"{name}: d_model={d_model} is not divisible by n_head={n_head}")
+    return GPT(num_classes, input_shape[0], n_layer, n_head, d_model, dropout, tie_weights)
+
+
+@register_model("gpt_tiny", description="byte-level GPT, 4 layers, 4 heads, d_model 256 "
+                "(3.3M params at seq_len 256)", tasks=("language_model",),
+                smoke_options={"n_layer": 2, "n_head": 2, "d_model": 32})
+def gpt_tiny(*, input_shape: tuple[int, ...], num_classes: int, n_layer: int = 4,
+             n_head: int = 4, d_model: int = 256, dropout: float = 0.0,
+             tie_weights: bool = False) -> GPT:
+    return _build("gpt_tiny", input_shape, num_classes, n_layer, n_head, d_model, dropout,
+                  tie_weights)
+
+
+@register_model("gpt_1b", description="~1.2B params (d_model 2048, 24 layers, 16 heads) for "
+                "GPU benchmarks", tasks=("language_model",), large=True)
+def gpt_1b(*, input_shape: tuple[int, ...], num_classes: int, n_layer: int = 24,
+           n_head: int = 16, d_model: int = 2048, dropout: float = 0.0,
+           tie_weights: bool = False) -> GPT:
+    return _build("gpt_1b", input_shape, num_classes, n_layer, n_head, d_model, dropout,
+                  tie_weights)
