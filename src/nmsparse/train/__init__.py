@@ -1,0 +1,1 @@
+"""Training runs: configuration, the loop, checkpoints, logs and plots (used by the CLI)."""

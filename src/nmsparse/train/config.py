@@ -1,0 +1,191 @@
+"""The training configuration: one dataclass, resolved as defaults < recipe file < flags.
+
+A recipe file (TOML or YAML) uses the field names below (``-`` or ``_`` both accepted);
+an unknown key is an error, never silently ignored. The resolved configuration is written
+into the run folder as ``config.json`` and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._atomic import atomic_open
+from ..methods import METHODS
+from ..patterns import parse_pattern
+
+DENSE = "dense"
+TRAIN_METHODS = (*sorted(METHODS), "asp")
+OPTIMIZERS = ("sgd", "adamw")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or recipe file that cannot be used."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "mlp"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    data_dir: str | None = None
+    text_file: str | None = None
+    seq_len: int = 128
+    # sparsity
+    pattern: str = "2:4"
+    method: str = "srste"
+    decay: float = 2e-4
+    exclude: list[str] = field(default_factory=list)
+    include: list[str] | None = None
+    layout: str = "in"
+    # optimisation (the paper's recipe shape: SGD momentum, warm-up then cosine per step)
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    warmup_epochs: float = 1.0
+    epochs: int = 30
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    amp: str = "none"
+    # run
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    num_workers: int = 0
+    log_every: int = 10
+    limit_train_batches: int | None = None
+    limit_test_batches: int | None = None
+    tensorboard: bool = False
+    plots: bool = True
+
+    @property
+    def dense(self) -> bool:
+        return self.pattern.strip().lower() == DENSE
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the first unusable value."""
+        if not self.dense:
+            try:
+                parse_pattern(self.pattern)
+            except ValueError as error:
+                raise ConfigError(f"--pattern: {error}; or 'dense'") from None
+        _choice("method", self.method, TRAIN_METHODS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("amp", self.amp, AMP_MODES)
+        _choice("layout", self.layout, ("in", "flat"))
+        for name in ("epochs", "batch_size", "seq_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
+                                  f"got {getattr(self, name)}")
+        for name in ("lr", "decay", "weight_decay", "warmup_epochs", "label_smoothing",
+                     "momentum"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
+                                  f"got {value}")
+        if self.label_smoothing >= 1:
+            raise ConfigError(f"--label-smoothing must be < 1, got {self.label_smoothing}")
+        for name in ("limit_train_batches", "limit_test_batches", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"--{name}: unknown value {value!r}; accepted: {', '.join(accepted)}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a recipe value against the field's default type (recipes are hand-written)."""
+    default = TrainConfig().__getattribute__(name)
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        value = [value] if isinstance(value, str) else value
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"recipe key {name!r}: expected {type(default).__name__}, "
+                          f"got {value!r}")
+    return value
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML recipe into ``{field: value}``; unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"recipe {str(path)!r}: unknown file type; accepted: .toml, "
+                              ".yaml, .yml")
+    except ConfigError:
+        raise
+    except Exception as error:  # the parsers' own exception types differ
+        raise ConfigError(f"recipe {str(path)!r} does not parse: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a table of keys, got "
+                          f"{type(raw).__name__}")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS or name == "out":
+            known = ", ".join(n for n in FIELDS if n != "out")
+            raise ConfigError(f"recipe {str(path)!r}: unknown key {key!r}; known keys: {known}")
+        values[name] = _coerce(name, value)
+    return values
+
+
+def resolve(recipe: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the recipe file, then explicit flags (``overrides``)."""
+    values = read_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values).validate()
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a configuration saved by :meth:`TrainConfig.to_dict` (checkpoints, runs)."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"saved configuration has unknown keys {sorted(unknown)}")
+    return TrainConfig(**values)
+
+
+def write_json(config: TrainConfig, path: Path) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as file:
+        file.write(json.dumps(config.to_dict(), indent=2) + "\n")
