@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python examples/train_digits.py
+	$(BIN)/nmsparse train
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks examples

@@ -33,6 +33,7 @@ def train(model, data, rank=0, world=1):
 
 
 def worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)  # two processes on two cores: no oversubscription
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     model = make_model()

@@ -49,7 +49,7 @@ def test_short_run_per_dataset_and_model_family(case, tmp_path, capsys):
     assert main(train_args(case, tmp_path)) == 0
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "latest.pt", "best.pt", "summary.json",
-                 "sad.csv"):
+                 "sad.csv", "sad_epochs.csv"):
         assert (run / name).is_file(), name
     result = json.loads((run / "summary.json").read_text())
     steps = result["steps"]

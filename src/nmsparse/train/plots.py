@@ -17,7 +17,7 @@ def _pyplot():
 
 
 def plot_run(run_dir: Path, records: list[dict[str, Any]], sad_history: dict[str, list],
-             densities: dict[str, float]) -> list[Path]:
+             densities: dict[str, float], sad_interval: int = 1) -> list[Path]:
     """Write the run's PNGs into ``run_dir`` and return their paths."""
     plt = _pyplot()
     written = []
@@ -54,7 +54,7 @@ def plot_run(run_dir: Path, records: list[dict[str, Any]], sad_history: dict[str
             init_ax.plot(sad_history["step"], sad_history[f"sad_init/{layer}"], lw=0.8,
                          label=layer)
         prev_ax.set(xlabel="step", ylabel="flipped mask entries",
-                    title="SAD vs previous record")
+                    title=f"SAD over the last {sad_interval} step(s)")
         init_ax.set(xlabel="step", ylabel="flipped mask entries", title="SAD vs initial mask")
         if len(layers) <= 12:
             init_ax.legend(fontsize=7)

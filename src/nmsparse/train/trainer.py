@@ -171,7 +171,9 @@ class Run:
         self.scheduler = warmup_cosine(self.optimizer, warmup, total)
         self.scaler = torch.amp.GradScaler(self.world.device.type,
                                            enabled=config.amp == "fp16")
-        self.tracker = SADTracker(self.handle.masks) if self.handle else None
+        # SAD at a regular interval: every log_every steps, and epoch to epoch (the paper's).
+        self.step_tracker = SADTracker(self.handle.masks) if self.handle else None
+        self.epoch_tracker = SADTracker(self.handle.masks) if self.handle else None
         self.trained = (DistributedDataParallel(self.model) if self.world.distributed
                         else self.model)
 
@@ -198,7 +200,8 @@ class Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "tracker": self.tracker.state_dict() if self.tracker else None,
+            "trackers": ([self.step_tracker.state_dict(), self.epoch_tracker.state_dict()]
+                         if self.handle else None),
             "rng": checkpoint.rng_state(),
         }
 
@@ -209,8 +212,9 @@ class Run:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
-        if self.tracker and payload["tracker"]:
-            self.tracker.load_state_dict(payload["tracker"])
+        if self.handle and payload["trackers"]:
+            self.step_tracker.load_state_dict(payload["trackers"][0])
+            self.epoch_tracker.load_state_dict(payload["trackers"][1])
         self.epoch, self.step = payload["epoch"], payload["step"]
         self.elapsed, self.best_score = payload["elapsed"], payload["best_score"]
         checkpoint.set_rng_state(payload["rng"])
@@ -228,8 +232,9 @@ class Run:
         checkpoint.save(self.run_dir / checkpoint.LATEST, payload)
         if improved:
             checkpoint.save(self.run_dir / checkpoint.BEST, payload)
-        if self.tracker:
-            self.tracker.to_csv(self.run_dir / "sad.csv")
+        if self.handle:
+            self.step_tracker.to_csv(self.run_dir / "sad.csv")
+            self.epoch_tracker.to_csv(self.run_dir / "sad_epochs.csv")
 
     # -- the loop ---------------------------------------------------------------------------
     def total_epochs(self) -> int:
@@ -290,8 +295,8 @@ class Run:
                               config.limit_test_batches),
                    "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": duration,
                    "samples_per_second": seen / duration}
-        if self.tracker:
-            row = self.tracker.record(self.step, epoch=self.epoch)
+        if self.handle:
+            row = self.epoch_tracker.record(self.step, epoch=self.epoch)
             metrics.update({k: v for k, v in row.items() if k.startswith("sad")})
         self.log.write("epoch", self.step, **metrics)
         self.console(self._epoch_line(metrics))
@@ -299,8 +304,8 @@ class Run:
 
     def _log_step(self, loss: float, accuracy: float) -> None:
         values = {"loss": loss, "acc": accuracy, "lr": self.scheduler.get_last_lr()[0]}
-        if self.tracker:
-            row = self.tracker.record(self.step, epoch=self.epoch)
+        if self.handle:
+            row = self.step_tracker.record(self.step, epoch=self.epoch)
             values.update({k: v for k, v in row.items() if k.startswith("sad")})
         self.log.write("step", self.step, **values)
 
@@ -345,10 +350,10 @@ class Run:
                 json.dump(result, file, indent=2)
             if config.plots:
                 densities = {row.name: row.density for row in table.rows if row.macs_dense}
-                history = self.tracker.to_dict() if self.tracker else {}
+                history = self.step_tracker.to_dict() if self.handle else {}
                 plots.plot_run(self.run_dir, metrics_log.read(self.run_dir /
                                                               metrics_log.METRICS),
-                               history, densities)
+                               history, densities, config.log_every)
         return result
 
 
