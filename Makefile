@@ -19,7 +19,7 @@ demo: $(BIN)/.installed
 	$(BIN)/nmsparse train
 
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
