@@ -113,7 +113,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 def _coerce(name: str, value: Any) -> Any:
     """Check a recipe value against the field's default type (recipes are hand-written)."""
-    default = TrainConfig().__getattribute__(name)
+    default = getattr(TrainConfig(), name)
     if value is None or default is None:
         return value
     if isinstance(default, bool):
