@@ -15,6 +15,7 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 from .check import CheckReport, NMViolationError, check
 from .masks import nm_mask
 from .methods import METHODS, SRSTE, STE, Fixed, Method, make_method
+from .packing import PackedWeight, pack, unpack
 from .patterns import NM, parse_pattern
 from .sad import SADResult, SADTracker, sad
 from .sparse_model import LayerReport, SparsityHandle, finalize, sparsify
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "NM", "STE", "SRSTE", "CheckReport", "Fixed", "LayerReport", "Method",
-    "ModelSummary", "NMViolationError", "SADResult", "SADTracker", "SparsityHandle", "check",
-    "finalize", "make_method", "nm_mask", "parse_pattern", "sad", "sparsify", "summary",
+    "ModelSummary", "NMViolationError", "PackedWeight", "SADResult", "SADTracker",
+    "SparsityHandle", "check", "finalize", "make_method", "nm_mask", "pack", "parse_pattern",
+    "sad", "sparsify", "summary", "unpack",
 ]

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="finalized model as safetensors + JSON")
     export.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     export.add_argument("--out", required=True, help="folder to write the export into")
+    export.add_argument("--packed", action="store_true", help="one packed N:M file "
+                        "(model.packed.safetensors) instead of dense-with-zeros")
     commands.add_parser("models", help="list the registered models")
     commands.add_parser("datasets", help="list the data sets")
     return parser
@@ -205,9 +207,13 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..train.export import export_run
+    from ..train.export import export_run, export_run_packed
 
-    written = export_run(args.path, Path(args.out))
+    if args.packed:
+        written, report = export_run_packed(args.path, Path(args.out))
+        print(report)
+    else:
+        written = export_run(args.path, Path(args.out))
     for path in written:
         print(path)
     return 0

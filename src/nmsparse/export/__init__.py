@@ -1,0 +1,19 @@
+"""Model files beyond the dense export: packed N:M storage (see :mod:`.packed`).
+
+Core-level: depends on the core only (the export of a trained run lives in
+``nmsparse.train.export``). Importing it does not load safetensors.
+"""
+
+from .packed import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PackedFormatError,
+    PackedLayer,
+    PackedReport,
+    load_packed,
+    read_packed_header,
+    save_packed,
+)
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PackedFormatError", "PackedLayer", "PackedReport",
+           "load_packed", "read_packed_header", "save_packed"]

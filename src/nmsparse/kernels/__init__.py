@@ -1,0 +1,35 @@
+"""N:M inference kernels: the packed N:M Linear op, ``NMLinear`` and ``swap_linear_layers``.
+
+The only part of nmsparse that uses Triton, and only lazily: importing this package imports
+no Triton and initialises no CUDA. It registers the custom op ``torch.ops.nmsparse.nm_linear``
+(``x @ W.T + bias`` with W in the :mod:`nmsparse.packing` format; Triton kernels on CUDA,
+unpack + ``F.linear`` elsewhere, see :mod:`nmsparse.kernels._op`).
+
+    from nmsparse.kernels import swap_linear_layers
+    nmsparse.finalize(model)
+    report = swap_linear_layers(model, "2:4")   # N:M nn.Linear -> NMLinear
+    print(report)
+
+``nm_linear_triton`` (the kernels called directly, ``path="gemv"|"gemm"|"auto"``) is loaded on
+first access, importing Triton then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._module import NMLinear, SwapReport, SwapRow, swap_linear_layers
+from ._op import BACKENDS, ENV_BACKEND, nm_linear, reference, triton_available
+
+__all__ = [
+    "BACKENDS", "ENV_BACKEND", "NMLinear", "SwapReport", "SwapRow", "nm_linear",
+    "nm_linear_triton", "reference", "swap_linear_layers", "triton_available",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "nm_linear_triton":
+        from ._triton import nm_linear_triton
+
+        return nm_linear_triton
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,196 @@
+"""``NMLinear``: a Linear layer whose weight is stored packed N:M, and ``swap_linear_layers``.
+
+``NMLinear`` keeps ``values`` / ``indices`` (the :mod:`nmsparse.packing` format of the
+``(out, in)`` weight) and ``bias`` as buffers, so ``state_dict()`` holds the packed bytes and
+``.to(device)`` / ``.half()`` move / cast them (``indices`` stay uint8). It is for inference:
+nothing in it is trained. ``forward`` calls ``torch.ops.nmsparse.nm_linear``.
+
+``swap_linear_layers`` replaces the plain ``nn.Linear`` modules of a *finalized* model (masks
+baked into the weights, see :func:`nmsparse.finalize`) whose weights are N:M by their non-zero
+pattern, and reports every Linear it left alone with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .._table import format_table
+from ..layers import original_class, sparse_states
+from ..masks import kept_per_group
+from ..packing import PackedWeight, pack, unpack_rows
+from ..patterns import NM, parse_pattern
+from . import _op  # noqa: F401  (registers torch.ops.nmsparse.nm_linear)
+
+
+class NMLinear(nn.Module):
+    """``y = x @ W.T + bias`` with ``W`` held in the packed N:M format."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len(packed.shape) != 2:
+            raise ValueError(f"NMLinear needs a packed 2-D (out, in) weight, got shape "
+                             f"{packed.shape}")
+        self.out_features, self.in_features = packed.shape
+        self.n, self.m = packed.n, packed.m
+        self.register_buffer("values", packed.values)
+        self.register_buffer("indices", packed.indices)
+        if bias is not None:
+            bias = bias.detach().to(packed.values.device, packed.values.dtype)
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias of shape {tuple(bias.shape)} does not match "
+                                 f"{self.out_features} output features")
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, n: int, m: int,
+                    mask: torch.Tensor | None = None) -> NMLinear:
+        """Pack ``linear``'s weight.
+
+        Without ``mask`` the weight must already be N:M (at most ``n`` non-zeros per group of
+        ``m`` along ``in``), else ``ValueError``; with ``mask`` (bool, exactly ``n`` per group)
+        the weight's values at the mask's positions are kept, whatever the others are.
+        """
+        packed = pack(linear.weight.detach(), n, m, layout="in", mask=mask)
+        return cls(packed, None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def pattern(self) -> NM:
+        return NM(self.n, self.m)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.values, self.indices, self.n, self.m,
+                            (self.out_features, self.in_features), "in")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight (zeros at pruned positions)."""
+        return unpack_rows(self.values, self.indices, self.n, self.m)
+
+    def to_linear(self) -> nn.Linear:
+        """An equivalent dense ``nn.Linear`` (same device and dtype)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.nmsparse.nm_linear(x, self.values, self.indices, self.n, self.m,
+                                            self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"pattern={self.n}:{self.m}, bias={self.bias is not None}")
+
+
+@dataclass(frozen=True)
+class SwapRow:
+    name: str
+    shape: tuple[int, ...]
+    swapped: bool
+    reason: str = ""
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap_linear_layers` did to every ``nn.Linear`` of the model."""
+
+    pattern: NM
+    rows: list[SwapRow] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> list[str]:
+        return [row.name for row in self.rows if row.swapped]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Names of the Linear layers left dense, with the reason."""
+        return {row.name: row.reason for row in self.rows if not row.swapped}
+
+    def __str__(self) -> str:
+        rows = [[row.name, "x".join(map(str, row.shape)),
+                 "swapped" if row.swapped else "skipped", row.reason] for row in self.rows]
+        head = (f"{len(self.swapped)} Linear layer(s) swapped to NMLinear {self.pattern}, "
+                f"{len(self.skipped)} skipped")
+        return head + "\n" + format_table(["layer", "weight", "status", "reason"], rows)
+
+
+def _skip_reason(module: nn.Linear, parent: nn.Module, pattern: NM, shared: set[int]) -> str | None:
+    if sparse_states(module) or original_class(module) is not type(module):
+        return "still sparsified by nmsparse: call nmsparse.finalize(model) first"
+    if isinstance(parent, nn.MultiheadAttention):
+        return "owned by nn.MultiheadAttention, which reads the weight directly"
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__} is a subclass of nn.Linear (its forward may differ)"
+    weight = module.weight
+    if id(weight) in shared:
+        return "weight is shared with another module (tied weights)"
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"weight dtype {weight.dtype} is not floating point"
+    if weight.device.type == "meta":
+        return "weight is on the meta device"
+    if module.in_features % pattern.m:
+        return f"in_features {module.in_features} is not divisible by M={pattern.m}"
+    kept = kept_per_group(weight.detach(), pattern.m, "in")
+    worst = int(kept.max()) if kept.numel() else 0
+    if worst > pattern.n:
+        bad = int((kept > pattern.n).sum())
+        return (f"weight is not {pattern}: {bad}/{kept.numel()} groups have more than "
+                f"{pattern.n} non-zeros (up to {worst})")
+    return None
+
+
+def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "2:4",
+                       filter_fn: Callable[[str, nn.Module], bool] | None = None) -> SwapReport:
+    """Replace, in place, the N:M ``nn.Linear`` layers of a finalized ``model`` by NMLinear.
+
+    A layer is swapped when it is a plain ``nn.Linear``, ``filter_fn(name, module)`` (if given)
+    is true, its ``in_features`` is divisible by M and every group of M weights along ``in``
+    has at most N non-zeros. Skipped: live nmsparse layers (not finalized), subclasses of
+    Linear, the projections of ``nn.MultiheadAttention`` (it reads ``.weight`` directly), tied
+    weights, and weights that are not N:M. Returns a :class:`SwapReport`.
+    """
+    pattern = parse_pattern(pattern)
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
+    shared = {key for key, count in owners.items() if count > 1}
+    report = SwapReport(pattern)
+    parents = {name: module for name, module in model.named_modules()}
+    plan: list[tuple[str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        shape = tuple(module.weight.shape)
+        if filter_fn is not None and not filter_fn(name, module):
+            report.rows.append(SwapRow(name, shape, False, "excluded by filter_fn"))
+            continue
+        if not name:
+            report.rows.append(SwapRow("(model)", shape, False, "the model itself is an "
+                                       "nn.Linear: use NMLinear.from_linear"))
+            continue
+        parent = parents[name.rpartition(".")[0]]
+        reason = _skip_reason(module, parent, pattern, shared)
+        if reason:
+            report.rows.append(SwapRow(name, shape, False, reason))
+        else:
+            plan.append((name, module))
+            report.rows.append(SwapRow(name, shape, True))
+    for name, module in plan:
+        replacement = NMLinear.from_linear(module, pattern.n, pattern.m)
+        replacement.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(parents[parent_name], child, replacement)
+    return report

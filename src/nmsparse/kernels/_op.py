@@ -1,0 +1,149 @@
+"""The ``nmsparse::nm_linear`` custom op: ``x @ W.T + bias`` with W packed N:M.
+
+Schema: ``nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, Tensor? bias=None)
+-> Tensor``. ``values`` / ``indices`` are a Linear weight ``(out, in)`` packed by
+:func:`nmsparse.packing.pack` (one row per output feature), ``x`` is ``(..., in)`` with
+``in = values.shape[1] // n * m``; the result is ``(..., out)`` in x's dtype.
+
+Which implementation runs (``NMSPARSE_KERNELS`` environment variable, read at every call):
+
+* ``auto`` (default): the Triton kernels for CUDA tensors, and for CPU tensors when
+  ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests), if Triton is installed and the call
+  is supported (M in {4, 8, 16}; fp16, bf16, fp32); otherwise unpack + ``F.linear`` (exact
+  same math as the dense layer, any device, any M).
+* ``triton``: the Triton kernels or a ``ValueError`` saying why not.
+* ``torch``: always unpack + ``F.linear``.
+
+A fake (meta) implementation makes the op traceable by ``torch.compile``; the backward gives
+the gradient for ``x`` and ``bias`` (the packed weight is a constant).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..packing import index_width, unpack_rows
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_BACKEND = "NMSPARSE_KERNELS"
+
+
+def backend() -> str:
+    choice = os.environ.get(ENV_BACKEND, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{ENV_BACKEND}={choice!r} is not one of {BACKENDS}")
+    return choice
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+           bias: torch.Tensor | None) -> None:
+    if values.dim() != 2 or indices.dim() != 2 or indices.dtype != torch.uint8:
+        raise ValueError("nm_linear needs 2-D values and 2-D uint8 indices (a packed Linear "
+                         f"weight), got {tuple(values.shape)} and {indices.dtype} "
+                         f"{tuple(indices.shape)}")
+    if not 1 <= n < m or values.shape[1] % n:
+        raise ValueError(f"values of shape {tuple(values.shape)} do not hold {n}:{m} groups")
+    slots = values.shape[1]
+    in_features = slots // n * m
+    expected = (values.shape[0], -(-slots * index_width(m) // 8))
+    if tuple(indices.shape) != expected:
+        raise ValueError(f"indices of shape {tuple(indices.shape)} do not match values of shape "
+                         f"{tuple(values.shape)} for {n}:{m}: expected {expected}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not match the packed weight's "
+                         f"{in_features} input features")
+    others = [values, indices] + ([] if bias is None else [bias])
+    if any(t.device != x.device for t in others):
+        raise ValueError(f"input on {x.device} but the packed weight on {values.device}"
+                         + ("" if bias is None else f" and the bias on {bias.device}"))
+    if x.dtype != values.dtype:
+        raise ValueError(f"input dtype {x.dtype} differs from the weight's {values.dtype}")
+    if bias is not None and (bias.shape != (values.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be {x.dtype} of shape ({values.shape[0]},), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+
+
+def _triton_reason(x: torch.Tensor, values: torch.Tensor, m: int) -> str | None:
+    """Why the Triton path is not taken for this call, or None if it is."""
+    if not triton_available():
+        return "Triton is not installed"
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "a CPU tensor without TRITON_INTERPRET=1"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"device {x.device}"
+    from . import _triton  # lazy: the only import of Triton in nmsparse
+
+    return _triton.unsupported_reason(x, values, m)
+
+
+def reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Unpack + ``F.linear``: the fallback, and the ground truth of the tests."""
+    return F.linear(x, unpack_rows(values, indices, n, m), bias)
+
+
+# Defined with torch.library.Library rather than torch.library.custom_op: custom_op wraps the
+# kernel so that its first call imports torch._dynamo (and with it Triton) even in eager CPU
+# inference. The Library object must stay alive: its registrations die with it.
+_LIB = torch.library.Library("nmsparse", "FRAGMENT")  # FRAGMENT: other modules may add ops
+_LIB.define("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, Tensor? bias=None)"
+            " -> Tensor")
+
+
+def _nm_linear_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
+                    m: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    _check(x, values, indices, n, m, bias)
+    choice = backend()
+    if choice != "torch":
+        reason = _triton_reason(x, values, m)
+        if reason is None:
+            from ._triton import nm_linear_triton
+
+            return nm_linear_triton(x, values, indices, n, m, bias)
+        if choice == "triton":
+            raise ValueError(f"{ENV_BACKEND}=triton but the Triton kernels cannot run: {reason}")
+    return reference(x, values, indices, n, m, bias)
+
+
+torch.library.impl("nmsparse::nm_linear", "default", lib=_LIB)(_nm_linear_impl)
+
+
+@torch.library.register_fake("nmsparse::nm_linear", lib=_LIB)
+def _nm_linear_fake(x, values, indices, n, m, bias=None):
+    torch._check(values.dim() == 2 and indices.dim() == 2)
+    torch._check(x.shape[-1] == values.shape[1] // n * m,
+                 lambda: "input features do not match the packed weight")
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, values, indices, n, m, bias = inputs
+    ctx.save_for_backward(values, indices)
+    ctx.n, ctx.m = n, m
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    values, indices = ctx.saved_tensors
+    grad_x = grad @ unpack_rows(values, indices, ctx.n, ctx.m).to(grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("nmsparse::nm_linear", _backward,
+                                setup_context=_setup_context, lib=_LIB)
+
+
+def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a packed N:M Linear weight: ``torch.ops.nmsparse.nm_linear``."""
+    return torch.ops.nmsparse.nm_linear(x, values, indices, n, m, bias)
