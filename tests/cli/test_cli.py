@@ -201,3 +201,8 @@ def test_listing_commands(capsys):
     assert "resnet20" in listing and "gpt_tiny" in listing
     assert main(["datasets"]) == 0
     assert "fashion-mnist" in capsys.readouterr().out
+
+
+def test_bench_command_without_gpu_exits_2(capsys):
+    assert main(["bench", "--quick", "--no-write"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

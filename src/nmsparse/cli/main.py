@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write the export into")
     export.add_argument("--packed", action="store_true", help="one packed N:M file "
                         "(model.packed.safetensors) instead of dense-with-zeros")
+    commands.add_parser("bench", help="GPU kernel benchmark (nmsparse bench --help)",
+                        add_help=False, prefix_chars="\0")
     commands.add_parser("models", help="list the registered models")
     commands.add_parser("datasets", help="list the data sets")
     return parser
@@ -219,6 +221,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from ..kernels.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def _models(_: argparse.Namespace) -> int:
     from ..models import list_models
 
@@ -236,12 +244,16 @@ def _datasets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "summary": _summary, "export": _export,
-            "models": _models, "datasets": _datasets}
+            "bench": _bench, "models": _models, "datasets": _datasets}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # the benchmark parses its own options
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError) as error:

@@ -1,4 +1,6 @@
-"""N:M inference kernels: the packed N:M Linear op, ``NMLinear`` and ``swap_linear_layers``.
+"""N:M inference kernels: ``accelerate`` (2:4 on sparse tensor cores through PyTorch's
+semi-structured sparse tensors), the packed N:M Linear op, ``NMLinear`` and
+``swap_linear_layers``.
 
 The only part of nmsparse that uses Triton, and only lazily: importing this package imports
 no Triton and initialises no CUDA. It registers the custom op ``torch.ops.nmsparse.nm_linear``
@@ -20,10 +22,12 @@ from typing import Any
 
 from ._module import NMLinear, SwapReport, SwapRow, swap_linear_layers
 from ._op import BACKENDS, ENV_BACKEND, nm_linear, reference, triton_available
+from .semi_structured import AccelerateReport, SemiStructuredLinear, accelerate, plan
 
 __all__ = [
-    "BACKENDS", "ENV_BACKEND", "NMLinear", "SwapReport", "SwapRow", "nm_linear",
-    "nm_linear_triton", "reference", "swap_linear_layers", "triton_available",
+    "BACKENDS", "ENV_BACKEND", "AccelerateReport", "NMLinear", "SemiStructuredLinear",
+    "SwapReport", "SwapRow", "accelerate", "nm_linear", "nm_linear_triton", "plan", "reference",
+    "swap_linear_layers", "triton_available",
 ]
 
 

@@ -28,12 +28,14 @@ What is checked, and why:
   of the input (tokens) are padded to the backend's multiple (8) here, whatever the PyTorch
   version does internally.
 * Each backend is probed once per device and dtype with a tiny matmul against the dense result
-  (PyTorch's CUTLASS kernels, for one, run on compute capability 8.x only and fail on H100),
+  (PyTorch's CUTLASS kernel source checks for compute capability 8.x, so on H100 that backend
+  is expected to be reported unusable rather than to give results),
   and, with ``check_outputs=True``, every converted layer is compared with its dense product
   on random input: a mismatch keeps the layer dense.
 * ``backend="auto"`` times both backends on each distinct weight shape (``tune_tokens`` rows of
-  input, median of CUDA-event timings; the choice is cached per shape) and keeps the faster;
-  the report records the choice and the timings per layer.
+  input, default 16, median of CUDA-event timings; the choice is cached per shape) and keeps
+  the faster; the report records the choice and the timings per layer. Pass the row count
+  that matters (``tune_tokens=1`` for decoding) since the faster backend can depend on it.
 
 :class:`SemiStructuredLinear` takes inputs of any number of leading dims (reshaped to 2-D
 around the sparse matmul). It is for inference: the weight gets no gradient.
@@ -341,11 +343,13 @@ class SemiStructuredLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, plan: ShapePlan,
-                    convert: Callable[[torch.Tensor, str], torch.Tensor] = to_semi_structured,
+                    convert: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
                     ) -> SemiStructuredLinear:
         """Pad ``linear``'s weight (and bias) to ``plan.padded`` and compress it with
-        ``convert(weight, backend)``. The weight is not verified here (see :func:`accelerate`).
+        ``convert(weight, backend)`` (default :func:`to_semi_structured`). The weight is not
+        verified here (see :func:`accelerate`).
         """
+        convert = convert or to_semi_structured
         weight = linear.weight.detach()
         rows, cols = plan.shape
         if tuple(weight.shape) != (rows, cols):
