@@ -61,7 +61,8 @@ def from_groups(groups: torch.Tensor, shape: torch.Size, layout: str) -> torch.T
     """Inverse of :func:`to_groups`: back to a tensor of the weight's ``shape``."""
     if layout == "in":
         moved = (shape[0], *shape[2:], shape[1])
-        return groups.reshape(moved).movedim(-1, 1)
+        # contiguous: mask buffers are updated in place by kernels that need plain strides
+        return groups.reshape(moved).movedim(-1, 1).contiguous()
     return groups.reshape(shape)
 
 
