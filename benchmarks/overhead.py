@@ -33,6 +33,7 @@ from torch import nn
 
 import nmsparse
 from nmsparse import _fused
+from nmsparse._machine import cpu_model
 from nmsparse.masks import compute_mask
 from nmsparse.patterns import NM
 
@@ -237,14 +238,7 @@ def profile_case(case: Case, method: str, device: torch.device, steps: int) -> s
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     text = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
     if torch.cuda.is_available():

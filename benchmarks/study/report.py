@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nmsparse._machine import cpu_model
+
 from .runner import STUDY_FILE
 
 # The paper's ImageNet schedule (paper.md): 120 epochs of 1.28M images at batch 256, lr 0.1,
@@ -523,14 +525,7 @@ def plot_curves(records: list[RunRecord], images: Path) -> Path | None:
 
 # -- the document -----------------------------------------------------------------------------
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores usable, Python {platform.python_version()}"
 
