@@ -24,6 +24,7 @@ from ..masks import kept_per_group
 from ..packing import PackedWeight, pack, unpack_rows
 from ..patterns import NM, parse_pattern
 from . import _op  # noqa: F401  (registers torch.ops.nmsparse.nm_linear)
+from ._eligibility import shared_parameters, structural_reason
 
 
 class NMLinear(nn.Module):
@@ -128,17 +129,12 @@ class SwapReport:
 def _skip_reason(module: nn.Linear, parent: nn.Module, pattern: NM, shared: set[int]) -> str | None:
     if sparse_states(module) or original_class(module) is not type(module):
         return "still sparsified by nmsparse: call nmsparse.finalize(model) first"
-    if isinstance(parent, nn.MultiheadAttention):
-        return "owned by nn.MultiheadAttention, which reads the weight directly"
-    if type(module) is not nn.Linear:
-        return f"{type(module).__name__} is a subclass of nn.Linear (its forward may differ)"
+    reason = structural_reason(module, parent, shared)
+    if reason:
+        return reason
     weight = module.weight
-    if id(weight) in shared:
-        return "weight is shared with another module (tied weights)"
     if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"weight dtype {weight.dtype} is not floating point"
-    if weight.device.type == "meta":
-        return "weight is on the meta device"
     if module.in_features % pattern.m:
         return f"in_features {module.in_features} is not divisible by M={pattern.m}"
     kept = kept_per_group(weight.detach(), pattern.m, "in")
@@ -161,12 +157,7 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
     weights, and weights that are not N:M. Returns a :class:`SwapReport`.
     """
     pattern = parse_pattern(pattern)
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None:
-                owners[id(param)] = owners.get(id(param), 0) + 1
-    shared = {key for key, count in owners.items() if count > 1}
+    shared = shared_parameters(model)
     report = SwapReport(pattern)
     parents = {name: module for name, module in model.named_modules()}
     plan: list[tuple[str, nn.Linear]] = []

@@ -60,6 +60,7 @@ from torch import nn
 from .._table import format_table
 from ..check import NMViolationError
 from ..layers import original_class, sparse_states
+from ._eligibility import shared_parameters, structural_reason
 
 BACKENDS = ("auto", "cusparselt", "cutlass")
 KERNEL_BACKENDS = ("cusparselt", "cutlass")
@@ -425,35 +426,6 @@ def _check_finalized(model: nn.Module) -> None:
                              "(masks not baked in): call nmsparse.finalize(model) first")
 
 
-def _shared_parameters(model: nn.Module) -> set[int]:
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None:
-                owners[id(param)] = owners.get(id(param), 0) + 1
-    return {key for key, count in owners.items() if count > 1}
-
-
-def _structural_reason(name: str, module: nn.Linear, parent: nn.Module | None,
-                       shared: set[int]) -> str | None:
-    if not name:
-        return "the model itself is an nn.Linear: wrap it in a container (nn.Sequential)"
-    if isinstance(parent, nn.MultiheadAttention):
-        return "owned by nn.MultiheadAttention, which reads the weight directly"
-    if type(module) is not nn.Linear:
-        return f"{type(module).__name__} is a subclass of nn.Linear (its forward may differ)"
-    if hasattr(module, "weight_orig") or hasattr(module, "parametrizations"):
-        return "weight is parametrized or pruned by torch.nn.utils (remove that first)"
-    weight = module.weight
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        return "weight is uninitialized (a lazy module)"
-    if id(weight) in shared:
-        return "weight is shared with another module (tied weights)"
-    if weight.device.type == "meta":
-        return "weight is on the meta device"
-    return None
-
-
 def _plan(model: nn.Module, backend: str, filter_fn: Callable[[str, nn.Module], bool] | None,
           strict: bool, max_padding: float, devices: bool) -> tuple[AccelerateReport, list[_Job]]:
     _check_backend(backend)
@@ -465,7 +437,7 @@ def _plan(model: nn.Module, backend: str, filter_fn: Callable[[str, nn.Module], 
     if not linears:
         raise ValueError("the model has no nn.Linear layer to accelerate")
     parents = dict(model.named_modules())
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     candidates = list(KERNEL_BACKENDS) if backend == "auto" else [backend]
     report = AccelerateReport(backend)
     jobs: list[_Job] = []
@@ -478,7 +450,8 @@ def _plan(model: nn.Module, backend: str, filter_fn: Callable[[str, nn.Module], 
             result.reason = "excluded by filter_fn"
             continue
         parent = parents.get(name.rpartition(".")[0]) if name else None
-        reason = _structural_reason(name, module, parent, shared)
+        reason = (structural_reason(module, parent, shared) if name else
+                  "the model itself is an nn.Linear: wrap it in a container (nn.Sequential)")
         if reason is None and devices and weight.device.type != "cuda":
             reason = f"weight is on {weight.device}, not on a CUDA device"
         if reason:

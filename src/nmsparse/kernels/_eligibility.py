@@ -1,0 +1,35 @@
+"""Which ``nn.Linear`` layers of a model may be replaced by a faster module: the rules shared
+by :func:`~nmsparse.kernels.swap_linear_layers` and :func:`~nmsparse.kernels.accelerate`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def shared_parameters(model: nn.Module) -> set[int]:
+    """``id``s of the parameters that more than one module holds (tied weights)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
+    return {key for key, count in owners.items() if count > 1}
+
+
+def structural_reason(module: nn.Linear, parent: nn.Module | None,
+                      shared: set[int]) -> str | None:
+    """Why ``module`` cannot be swapped whatever its values are, or None."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "owned by nn.MultiheadAttention, which reads the weight directly"
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__} is a subclass of nn.Linear (its forward may differ)"
+    if hasattr(module, "weight_orig") or hasattr(module, "parametrizations"):
+        return "weight is parametrized or pruned by torch.nn.utils (remove that first)"
+    weight = module.weight
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "weight is uninitialized (a lazy module)"
+    if id(weight) in shared:
+        return "weight is shared with another module (tied weights)"
+    if weight.device.type == "meta":
+        return "weight is on the meta device"
+    return None
