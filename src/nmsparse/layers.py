@@ -19,6 +19,7 @@ import importlib
 import torch
 from torch import nn
 
+from ._fused import add_decay_, refresh_
 from .masks import nonfinite_error
 from .methods import Method
 from .patterns import NM
@@ -89,8 +90,6 @@ class SparseWeight:
 
     def refresh(self) -> torch.Tensor:
         """Rebuild mask (per the method) and cache; returns a 0-d "all finite" tensor."""
-        from ._fused import refresh_
-
         weight = self.weight
         setattr(weight, STATE_ATTRIBUTE, self)  # a replaced Parameter must be found by hooks
         if (self.masked is None or self.masked.shape != weight.shape
@@ -115,8 +114,6 @@ class SparseWeight:
 
     def add_decay_to_grad(self) -> None:
         """Add ``decay * (1 - mask) * W`` to the dense weight's gradient, once per gradient."""
-        from ._fused import add_decay_
-
         grad = self.weight.grad
         decay = self.method.decay
         if grad is None or decay == 0:
