@@ -67,9 +67,12 @@ def first_logits(model: nn.Module) -> torch.Tensor:
 
 def run_decode(args: argparse.Namespace, log: Callable[[str], None] = print,
                device: str = "cuda", model_name: str = "gpt_1b",
-               options: dict | None = None) -> list[DecodeResult]:
+               options: dict | None = None,
+               progress: Callable[[list[DecodeResult]], None] | None = None,
+               ) -> list[DecodeResult]:
     """Dense, 2:4 (``accelerate`` and Triton) and 2:8 (Triton) decode of one random model;
-    ``args`` gives ``seed``, ``decode_tokens`` and ``timing``."""
+    ``args`` gives ``seed``, ``decode_tokens`` and ``timing``; ``progress`` gets the results
+    so far after each new one."""
     torch.manual_seed(args.seed)
     with torch.device(device):  # gpt_1b: ~4.8 GB of fp32 weights, built where it runs
         base = create_model(model_name, input_shape=(1024,), num_classes=256,
@@ -78,6 +81,12 @@ def run_decode(args: argparse.Namespace, log: Callable[[str], None] = print,
     total = sum(isinstance(m, nn.Linear) for m in base.modules())
     results: list[DecodeResult] = []
 
+    def add(result: DecodeResult) -> None:
+        results.append(result)
+        log(format_decode_table(results).splitlines()[-1])
+        if progress:
+            progress(results)
+
     def measure(result: DecodeResult, model: nn.Module, reference: torch.Tensor | None) -> None:
         try:
             if reference is not None:
@@ -85,8 +94,7 @@ def run_decode(args: argparse.Namespace, log: Callable[[str], None] = print,
             result.seconds, result.mode = time_decode(model, args.decode_tokens, args.timing)
         except Exception as exc:  # noqa: BLE001
             result.note = f"failed: {timing.short_error(exc)}"
-        results.append(result)
-        log(format_decode_table(results).splitlines()[-1])
+        add(result)
 
     measure(DecodeResult("dense (cuBLAS)", "dense", f"{total} dense", args.decode_tokens,
                          model=model_name), base, None)
@@ -112,7 +120,7 @@ def run_decode(args: argparse.Namespace, log: Callable[[str], None] = print,
                 result.layers = f"{convert(model)}/{total} {pattern}"
             except Exception as exc:  # noqa: BLE001
                 result.note = f"conversion failed: {timing.short_error(exc)}"
-                results.append(result)
+                add(result)
                 continue
             measure(result, model, reference)
             del model

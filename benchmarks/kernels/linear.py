@@ -69,13 +69,23 @@ def _packed_call(values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
 
 
 def run_kernels(args: argparse.Namespace, log: Callable[[str], None] = print,
-                device: str = "cuda") -> list[KernelResult]:
+                device: str = "cuda",
+                progress: Callable[[list[KernelResult]], None] | None = None,
+                ) -> list[KernelResult]:
     """Every kernel of :func:`kernel_specs` on ``args.shapes`` x ``args.batches``; a kernel
-    that cannot be built or run gets rows saying why instead of times."""
+    that cannot be built or run gets rows saying why instead of times. ``progress`` gets the
+    results so far after each new one (to save partial results)."""
     device = torch.device(device)
     l2 = timing.l2_cache_bytes()
     element = torch.finfo(DTYPE).bits // 8
     results: list[KernelResult] = []
+
+    def add(result: KernelResult) -> None:
+        results.append(result)
+        log(progress_line(results, result))
+        if progress:
+            progress(results)
+
     for shape in args.shapes:
         out_features, in_features = shape
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -95,8 +105,7 @@ def run_kernels(args: argparse.Namespace, log: Callable[[str], None] = print,
                     result = KernelResult(shape, batch, label, pattern, 0,
                                           batch * (in_features + out_features) * element,
                                           note=f"unavailable: {timing.short_error(exc)}")
-                    results.append(result)
-                    log(progress_line(results, result))
+                    add(result)
                 continue
             for batch in args.batches:
                 x = inputs[batch]
@@ -111,8 +120,7 @@ def run_kernels(args: argparse.Namespace, log: Callable[[str], None] = print,
                     result.note = f"{len(calls)} weight copies"
                 except Exception as exc:  # noqa: BLE001
                     result.note = f"failed: {timing.short_error(exc)}"
-                results.append(result)
-                log(progress_line(results, result))
+                add(result)
             del calls
             timing.empty_cache()
     return results

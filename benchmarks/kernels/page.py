@@ -22,6 +22,8 @@ from .results import (
 )
 
 COMMAND = "python -m benchmarks.kernels --out docs/kernels.md"
+FIXTURE_NOTE = ("FIXTURE page from a dry run of the GPU check: every number on it is made up "
+                "and nothing was measured. Never commit it as docs/kernels.md.")
 
 METHOD_MD = """\
 ## What is compared
@@ -121,13 +123,17 @@ TARGETS_MD = """\
 
 def render_markdown(command: str = COMMAND, machine: dict[str, str] | None = None,
                     results: Sequence[KernelResult] | None = None,
-                    decode: Sequence[DecodeResult] | None = None, settings: str = "") -> str:
-    """The page: measured (``results`` given) or the placeholder saying nothing is measured."""
+                    decode: Sequence[DecodeResult] | None = None, settings: str = "",
+                    fixture: bool = False) -> str:
+    """The page: measured (``results`` given) or the placeholder saying nothing is measured;
+    ``fixture``: results are a dry run's made-up numbers, and the page says so first."""
     parts = ["# N:M sparse linear kernels: benchmark", ""]
     measured = results is not None
     if measured:
-        parts += ["These figures are measured by `benchmarks/kernels` on the machine below "
-                  "(not estimated).", "",
+        intro = (f"**{FIXTURE_NOTE}**" if fixture else
+                 "These figures are measured by `benchmarks/kernels` on the machine below "
+                 "(not estimated).")
+        parts += [intro, "",
                   format_table(["machine", ""], [[key, value] for key, value in
                                                  (machine or {}).items()], markdown=True), "",
                   f"Command: `{command}`", ""]

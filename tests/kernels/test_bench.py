@@ -186,6 +186,7 @@ def test_committed_page_is_placeholder_or_measured(bench):
     text = (ROOT / "docs" / "kernels.md").read_text()
     placeholder = "GPU figures not yet measured" in text
     measured = "These figures are measured" in text
+    assert "FIXTURE" not in text  # a dry run's page is never the committed one
     assert placeholder != measured  # never a mix: no unmeasured numbers presented as figures
     if placeholder:
         assert bench.COMMAND in text
