@@ -31,7 +31,7 @@ bench: $(BIN)/.installed
 OUT ?= gpu-check-out
 GPU_PYTHON ?= $(if $(DRY),$(BIN)/python,python3)
 gpu-check: $(if $(DRY),$(BIN)/.installed)
-	$(GPU_PYTHON) -m benchmarks.gpu_check --out "$(OUT)" $(if $(DRY),--dry-run)
+	$(GPU_PYTHON) -m benchmarks.gpu_check --out "$(OUT)"$(if $(DRY), --dry-run)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -24,8 +24,8 @@ class Part:
 
 
 PARTS = [
-    Part("install", 45, "pip install --no-deps --no-build-isolation -e . (no network)", False),
-    Part("machine", 20, "GPU, driver and library versions; a matmul on the GPU", False),
+    Part("install", 35, "pip install --no-deps --no-build-isolation -e . (no network)", False),
+    Part("machine", 30, "GPU, driver and library versions; a matmul on the GPU", False),
     Part("tests", 95, "pytest -m cuda: every CUDA test of the suite", True),
     Part("correctness", 50, "Triton N:M kernels at model sizes (native bf16 tl.dot) and "
          "accelerate / swap_linear_layers on a GPT, against dense", True),
@@ -63,8 +63,10 @@ def steps(python: str, work: Path, dry_run: bool, only: list[str] | None = None,
                 chosen.append(Step(part, [python, "-m", "pip", "--version"],
                                    note="dry run: pip --version only, nothing installed"))
             else:
+                # --no-index, no version check: nothing may wait on a network there is not
                 chosen.append(Step(part, [python, "-m", "pip", "install", "--no-deps",
-                                          "--no-build-isolation", "--no-input", "-e", "."]))
+                                          "--no-build-isolation", "--no-index", "--no-input",
+                                          "--disable-pip-version-check", "-e", "."]))
         elif part.name == "tests":
             base = [python, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
             if dry_run:

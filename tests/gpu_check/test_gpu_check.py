@@ -78,6 +78,7 @@ def test_dry_run_report_content(dry_run):
     # the CUDA tests were selected by the marker (collected, not run)
     assert data["tests"]["run"] is False and data["tests"]["collected"] >= 100
     assert f"Dry run: {data['tests']['collected']} CUDA tests collected, none run." in text
+    assert "deselected" in (out / "log.txt").read_text()  # -m cuda left the others out
     # targets of docs/gpu.md, judged on the fixture numbers (worked out by hand from
     # benchmarks/gpu_check/fixtures.py: 10/6 us, 800/640 us, 0.5/0.4 s, 10.8/10 ms ...)
     targets = {(t["target"], t["where"]): t for t in data["targets"]}
@@ -197,9 +198,10 @@ def test_a_non_empty_out_folder_is_refused(tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
 def test_make_target():
     def dry(*args):
-        proc = subprocess.run(["make", "-n", "-W", ".venv/bin/.installed", "gpu-check", *args],
+        proc = subprocess.run(["make", "-n", "--no-print-directory", "-W",
+                               ".venv/bin/.installed", "gpu-check", *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
-        return proc.stdout.strip().splitlines()[-1]
+        return next(line for line in proc.stdout.splitlines() if "gpu_check" in line)
 
     assert dry("OUT=/tmp/o") == 'python3 -m benchmarks.gpu_check --out "/tmp/o"'
     assert dry("DRY=1", "OUT=/tmp/o") == \
