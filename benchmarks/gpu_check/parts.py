@@ -33,7 +33,13 @@ OVERHEAD_WARMUP, OVERHEAD_STEPS = 3, 7
 # pattern, through the GEMV and both GEMM row tiles (16 and 64 rows: native bf16 tl.dot).
 CORRECTNESS_PATTERNS = ("2:4", "4:8", "1:4", "2:8", "1:16")
 CORRECTNESS_BATCHES = ((1, "gemv"), (16, "gemm"), (300, "gemm"))
+CORRECTNESS_SHAPES = {"bfloat16": (4096, 4096), "float16": (1000, 1024)}  # (out, in)
+CORRECTNESS_GPT = {"n_layer": 4, "n_head": 8, "d_model": 512}  # gpt_tiny options, seq 128
 TOLERANCE = {"bfloat16": 1e-2, "float16": 2e-3}  # max |y - ref| / max |ref|
+DECODE_MODEL, DECODE_OPTIONS = "gpt_1b", None
+# Where the parts run. The tests of the parts' real (not fixture) code set "cpu" and shrink
+# the sizes above, with the GPU-only calls replaced (tests/gpu_check/test_parts.py).
+DEVICE = "cuda"
 
 
 Save = Callable[[dict, str], None]  # (data so far, summary): writes a partial result
@@ -53,7 +59,7 @@ def part_machine(fixture: bool, save: Save) -> tuple[dict, str]:
     from benchmarks.kernels.cli import gpu_problem, machine_info
 
     info = {**base, **machine_info(), "cuda": True, "problem": gpu_problem()}
-    x = torch.randn(1024, 1024, device="cuda")
+    x = torch.randn(1024, 1024, device=DEVICE)
     info["matmul_check"] = float((x @ x).float().sum().isfinite())
     return info, info["GPU"]
 
@@ -65,15 +71,17 @@ def part_correctness(fixture: bool, save: Save) -> tuple[dict, str]:
     import torch.nn.functional as F
 
     import nmsparse
-    from nmsparse.kernels import accelerate, nm_linear_triton, swap_linear_layers
+    from nmsparse import kernels
     from nmsparse.models import create_model
     from nmsparse.packing import pack, unpack
+
+    assert callable(kernels.nm_linear_triton)  # imports Triton, in the dry run too
 
     if fixture:
         rows = fixtures.CORRECTNESS
         return {"rows": rows}, summarize_correctness(rows)
     rows = []
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def record(check: str, dtype: torch.dtype, where: str, run: Callable[[], float]) -> None:
@@ -104,28 +112,28 @@ def part_correctness(fixture: bool, save: Save) -> tuple[dict, str]:
         assert torch.equal(unpack(packed), weight)
         x = torch.randn(batch, shape[1], device=device, generator=generator).to(dtype)
         bias = torch.randn(shape[0], device=device, generator=generator).to(dtype)
-        y = nm_linear_triton(x, packed.values, packed.indices, n, m, bias, path=path)
-        torch.cuda.synchronize()
+        y = kernels.nm_linear_triton(x, packed.values, packed.indices, n, m, bias, path=path)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return relative(y, F.linear(x.float(), weight.float(), bias.float()))
 
-    for pattern in CORRECTNESS_PATTERNS:
-        for batch, path in CORRECTNESS_BATCHES:
-            record(f"Triton {pattern} {path}", torch.bfloat16, f"4096x4096, batch {batch}",
-                   lambda p=pattern, b=batch, q=path: kernel(p, torch.bfloat16, (4096, 4096),
-                                                             b, q))
-    for batch, path in CORRECTNESS_BATCHES:
-        record(f"Triton 2:4 {path}", torch.float16, f"1000x1024, batch {batch}",
-               lambda b=batch, q=path: kernel("2:4", torch.float16, (1000, 1024), b, q))
+    for dtype, patterns in ((torch.bfloat16, CORRECTNESS_PATTERNS), (torch.float16, ("2:4",))):
+        shape = CORRECTNESS_SHAPES[str(dtype).replace("torch.", "")]
+        for pattern in patterns:
+            for batch, path in CORRECTNESS_BATCHES:
+                record(f"Triton {pattern} {path}", dtype,
+                       f"{shape[0]}x{shape[1]}, batch {batch}",
+                       lambda p=pattern, d=dtype, s=shape, b=batch, q=path: kernel(p, d, s, b, q))
 
     torch.manual_seed(0)
     with torch.device(device):
         base = create_model("gpt_tiny", input_shape=(128,), num_classes=256,
-                            task="language_model", n_layer=4, n_head=8, d_model=512)
+                            task="language_model", **CORRECTNESS_GPT)
     ids = torch.randint(0, 256, (2, 128), device=device)
     for pattern, label, convert in (
-            ("2:4", "accelerate 2:4 (tensor cores)", lambda model: accelerate(model)),
+            ("2:4", "accelerate 2:4 (tensor cores)", lambda model: kernels.accelerate(model)),
             ("2:8", "swap_linear_layers 2:8 (Triton)",
-             lambda model: swap_linear_layers(model, "2:8"))):
+             lambda model: kernels.swap_linear_layers(model, "2:8"))):
         def model_check(pattern=pattern, convert=convert) -> float:
             import copy
 
@@ -140,8 +148,9 @@ def part_correctness(fixture: bool, save: Save) -> tuple[dict, str]:
             print(report, flush=True)
             return relative(out, ref)
 
-        record(label, torch.bfloat16, "gpt_tiny d512 x4 layers, logits of (2, 128)",
-               model_check)
+        options = CORRECTNESS_GPT
+        record(label, torch.bfloat16, f"gpt_tiny d{options['d_model']} x{options['n_layer']} "
+               "layers, logits of (2, 128)", model_check)
     return {"rows": rows}, summarize_correctness(rows)
 
 
@@ -165,7 +174,7 @@ def part_kernels(fixture: bool, save: Save) -> tuple[dict, str]:
     else:
         os.environ["NMSPARSE_KERNELS"] = "triton"  # time the kernels, never the fallback
         results = run_kernels(
-            args, log=lambda line: print(line, flush=True),
+            args, log=lambda line: print(line, flush=True), device=DEVICE,
             progress=lambda so_far: save(*kernel_result(settings, so_far)))
     return kernel_result(settings, results)
 
@@ -189,7 +198,8 @@ def part_decode(fixture: bool, save: Save) -> tuple[dict, str]:
         results = [DecodeResult(**row) for row in fixtures.DECODE]
     else:
         os.environ["NMSPARSE_KERNELS"] = "triton"
-        results = run_decode(args, log=lambda line: print(line, flush=True),
+        results = run_decode(args, log=lambda line: print(line, flush=True), device=DEVICE,
+                             model_name=DECODE_MODEL, options=DECODE_OPTIONS,
                              progress=lambda so_far: save(*decode_result(so_far)))
     return decode_result(results)
 
@@ -218,7 +228,7 @@ def part_overhead(fixture: bool, save: Save, mode: str) -> tuple[dict, str]:
             row.update(fixtures.OVERHEAD[mode][case.name])
         else:
             try:
-                r = overhead.run_case(case, "srste", torch.device("cuda"), OVERHEAD_WARMUP,
+                r = overhead.run_case(case, "srste", torch.device(DEVICE), OVERHEAD_WARMUP,
                                       OVERHEAD_STEPS)
                 row.update(dense_ms=r[("dense", "total")], sparse_ms=r[("sparse", "total")],
                            refresh_ms=r[("kernels", "refresh_")],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_gpu import install_fake_gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -226,21 +227,8 @@ def test_time_decode_on_the_cpu(bench):
 
 
 @pytest.fixture
-def fake_gpu(bench, monkeypatch):
-    from benchmarks.kernels import decode, timing
-    from nmsparse.kernels import semi_structured as ss
-
-    monkeypatch.delenv("NMSPARSE_KERNELS", raising=False)
-    monkeypatch.setattr(timing, "time_calls", lambda calls, **kw: (10.0 / len(calls), "fake"))
-    monkeypatch.setattr(timing, "l2_cache_bytes", lambda: 2**16)
-    monkeypatch.setattr(decode, "time_decode", lambda model, tokens, mode: (0.5, "fake"))
-    errors = {"cutlass": "cutlass failed on FakeGPU: sm8x only"}
-    monkeypatch.setattr(ss, "backend_error", lambda b, d=None, t=None: errors.get(b))
-    monkeypatch.setattr(ss, "to_semi_structured", lambda weight, backend: weight)
-    plan = ss._plan
-    monkeypatch.setattr(ss, "_require_cuda", lambda model: [torch.device("cpu")])
-    monkeypatch.setattr(ss, "_plan", lambda *args, devices: plan(*args, devices=False))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "FakeGPU")
+def fake_gpu(monkeypatch):
+    install_fake_gpu(monkeypatch)
 
 
 def test_run_kernels_plumbing(bench, fake_gpu):
