@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -228,8 +229,15 @@ def part_overhead(fixture: bool, save: Save, mode: str) -> tuple[dict, str]:
             row.update(fixtures.OVERHEAD[mode][case.name])
         else:
             try:
-                r = overhead.run_case(case, "srste", torch.device(DEVICE), OVERHEAD_WARMUP,
-                                      OVERHEAD_STEPS)
+                # nmsparse warns once if its compiled kernels fail and it falls back to eager:
+                # that must show in the row, or an eager run would pass for a compiled one.
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    r = overhead.run_case(case, "srste", torch.device(DEVICE),
+                                          OVERHEAD_WARMUP, OVERHEAD_STEPS)
+                own = [str(w.message) for w in caught if str(w.message).startswith("nmsparse")]
+                if own:
+                    row["note"] = f"warning: {own[0][:200]}"
                 row.update(dense_ms=r[("dense", "total")], sparse_ms=r[("sparse", "total")],
                            refresh_ms=r[("kernels", "refresh_")],
                            decay_ms=r[("kernels", "add_decay_")], steps=r[("pairs", "timed")])

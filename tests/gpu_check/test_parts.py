@@ -109,3 +109,24 @@ def test_overhead_part(small_cpu, monkeypatch):
         assert row["refresh"] == "eager" and row["steps"] == parts.OVERHEAD_STEPS
         assert row["ratio"] == pytest.approx(row["sparse_ms"] / row["dense_ms"])
     assert summary.startswith("tiny MLP ")
+
+
+def test_overhead_row_says_when_nmsparse_fell_back_to_eager(small_cpu, monkeypatch):
+    import warnings
+
+    save, _ = small_cpu
+    monkeypatch.setattr(overhead, "gpu_cases",
+                        lambda: [overhead.Case("m", "s", 1.05, None, None, None, "cuda")])
+
+    def run_case(case, method, device, warmup, steps):
+        warnings.warn("nmsparse: the compiled mask kernels failed (boom); using the eager "
+                      "path from now on", RuntimeWarning, stacklevel=2)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=2)
+        return {("dense", "total"): 2.0, ("sparse", "total"): 3.0, ("kernels", "refresh_"): 0.1,
+                ("kernels", "add_decay_"): 0.1, ("pairs", "timed"): 7}
+
+    monkeypatch.setattr(overhead, "run_case", run_case)
+    data, _ = parts.part_overhead(False, save, "compiled")
+    row = data["rows"][0]
+    assert row["ratio"] == 1.5
+    assert row["note"].startswith("warning: nmsparse: the compiled mask kernels failed (boom)")
