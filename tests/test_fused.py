@@ -1,9 +1,9 @@
 """Tests for nmsparse._fused: the compiled kernels reproduce the eager path bit for bit.
 
-Compiling is slow (about 10 s for inductor's first use in a process, then ~5 s for the mask
-kernel and ~1 s for each small one), so every test here uses one configuration only: 2:4 on
-float32 weights (its refresh, fixed-mask and decay kernels). The full matrix of patterns and
-dtypes is ``python benchmarks/overhead.py --check``.
+Compiling is slow (about 10 s for inductor's first use in a process, then 5-20 s per mask
+kernel and ~1 s for each small one), so the shape and edge-case tests use 2:4 on float32;
+``test_every_group_size_and_dtype`` compiles the mask, fixed-mask and decay kernels for
+every M in {4, 8, 16} and float32/bfloat16 (about two minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from torch import nn
 
 import nmsparse
 from nmsparse import _fused
-from nmsparse.masks import compute_mask
 from nmsparse.patterns import NM
 
 P24 = NM(2, 4)
@@ -43,12 +42,18 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int32)  # bit for bit: -0.0 differs from 0.0
 
 
+def compute_mask(weight: torch.Tensor, pattern: NM, layout: str) -> torch.Tensor:
+    """The eager reference: the pattern applied to |w|."""
+    return NM(pattern.n, pattern.m, layout).mask(weight.abs())
+
+
 def refresh(weight: torch.Tensor, layout: str, recompute: bool = True,
-            mask: torch.Tensor | None = None):
+            mask: torch.Tensor | None = None, pattern: NM = P24):
     weight = weight.clone()
     mask = torch.zeros(weight.shape, dtype=torch.bool) if mask is None else mask.clone()
     masked = torch.empty_like(weight)
-    finite = _fused.refresh_(weight, mask, masked, P24, layout, recompute)
+    nm = NM(pattern.n, pattern.m, layout)
+    finite = _fused.refresh_(weight, mask, masked, nm, recompute)
     return weight, mask, masked, bool(finite)
 
 
@@ -61,6 +66,48 @@ def test_compiled_refresh_is_bit_identical(compiled, shape, layout, kind):
     assert torch.equal(mask, compute_mask(weight, P24, layout))
     assert torch.equal(bits(masked), bits(torch.where(mask, weight, torch.zeros(()))))
     assert finite
+
+
+def _eager(fn):
+    _fused.set_compile(False)
+    try:
+        return fn()
+    finally:
+        _fused.set_compile(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4), NM(3, 8), NM(1, 8), NM(4, 16),
+                                     NM(1, 16)], ids=str)
+def test_every_group_size_and_dtype(compiled, pattern, dtype):
+    """Mask, masked weight, fixed-mask refresh and SR-STE term: compiled == eager, bit for
+    bit (the decay term within one rounding step), conv and linear, with ties and a NaN."""
+    for shape, layout in (((64, 96), "in"), ((24, 32, 3, 3), "in"), ((16, 48, 3), "flat")):
+        weight = weights(shape, "ties").to(dtype)
+        fused = refresh(weight, layout, pattern=pattern)
+        eager = _eager(lambda w=weight, lay=layout: refresh(w, lay, pattern=pattern))
+        assert torch.equal(fused[1], eager[1]), (shape, layout)
+        assert torch.equal(fused[1], compute_mask(weight, pattern, layout))
+        assert torch.equal(fused[2].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           eager[2].view(torch.int16 if dtype != torch.float32 else torch.int32))
+        kept = fused[1]
+        fixed = refresh(weights(shape, "normal").to(dtype), layout, recompute=False, mask=kept,
+                        pattern=pattern)
+        fixed_eager = _eager(lambda s=shape, lay=layout, k=kept: refresh(
+            weights(s, "normal").to(dtype), lay, recompute=False, mask=k, pattern=pattern))
+        assert torch.equal(fixed[0], fixed_eager[0]) and torch.equal(fixed[2], fixed_eager[2])
+        grad = weights(shape, "normal", seed=2).to(dtype)
+        decayed, decayed_eager = grad.clone(), grad.clone()
+        _fused.add_decay_(decayed, weight, kept.contiguous(), 1e-2)
+        _eager(lambda d=decayed_eager, w=weight, k=kept: _fused.add_decay_(d, w, k.contiguous(),
+                                                                             1e-2))
+        torch.testing.assert_close(decayed, decayed_eager, rtol=torch.finfo(dtype).eps, atol=0)
+        assert torch.equal(decayed[kept], grad[kept])
+    nan_weight = weights((64, 96), "normal").to(dtype)
+    nan_weight[5, 7] = float("nan")
+    fused = refresh(nan_weight, "in", pattern=pattern)
+    eager = _eager(lambda: refresh(nan_weight, "in", pattern=pattern))
+    assert not fused[3] and not eager[3] and torch.equal(fused[1], eager[1])
 
 
 @pytest.mark.parametrize("position", [0, 7, -1], ids=["first", "inner", "last"])

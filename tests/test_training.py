@@ -231,10 +231,10 @@ def test_handle_refresh_and_decay_for_hand_written_updates():
     w0, m0 = dense(layer).detach().clone(), layer.weight_mask.clone()
     layer(torch.randn(3, 8)).sum().backward()
     g = dense(layer).grad.clone()
-    handle.add_decay_to_grads()
+    handle.before_step()
     with torch.no_grad():
         dense(layer).sub_(LR * dense(layer).grad)
-    handle.refresh()
+    handle.after_step()
     torch.testing.assert_close(dense(layer).detach(), expected_step(w0, g, m0, decay=0.05),
                                rtol=0, atol=1e-7)
     assert torch.equal(layer.weight_mask, nm_mask(dense(layer).detach(), 2, 4))

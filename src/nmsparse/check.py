@@ -1,6 +1,7 @@
-"""``check(model_or_state_dict, pattern)``: which layers are really N:M.
+"""``check(model_or_state_dict, pattern)``: which layers really follow their pattern.
 
-A group complies when it has at most N non-zero entries. For a live sparse layer (or a state
+The pattern says what complies (:meth:`~nmsparse.patterns.Pattern.violations`; for N:M a
+group complies when it has at most N non-zero entries). For a live sparse layer (or a state
 dict holding ``<weight>_mask``) the mask is what the forward pass applies, so the mask is
 checked; otherwise the weight's non-zeros are (a finalized or exported model).
 For a model the eligible weights are checked (Linear, Conv, MultiheadAttention); for a state
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 
 from ._table import format_table
-from .layers import sparse_states
-from .masks import check_layout, grouping_error, kept_per_group
-from .patterns import NM
-from .selection import PatternSpec, choose_patterns, eligible_weights, qualified
+from .grouping import check_layout
+from .patterns import Pattern
+from .selection import PatternSpec, choose, eligible_weights, qualified
+from .sparse_module import sparse_states
 
 
 class NMViolationError(ValueError):
@@ -31,7 +32,7 @@ class NMViolationError(ValueError):
 class CheckRow:
     name: str
     shape: tuple[int, ...]
-    pattern: NM | None
+    pattern: Pattern | None
     groups: int = 0
     violating_groups: int = 0
     max_kept: int = 0
@@ -102,18 +103,18 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
                          f"tensors), got {type(model_or_state_dict).__name__}")
     if not tensors:
         raise ValueError("nothing to check: no eligible weight found")
-    choices = choose_patterns([(module, name) for module, name, _ in tensors], pattern,
-                              include, exclude)
+    choices = choose([(module, name) for module, name, _ in tensors], pattern, include,
+                     exclude, layout=layout)
     report = CheckReport()
-    for (_, name, tensor), (nm, reason) in zip(tensors, choices, strict=True):
+    for (_, name, tensor), (chosen, _, reason) in zip(tensors, choices, strict=True):
         shape = tuple(tensor.shape)
-        error = grouping_error(shape, nm.m, layout) if nm is not None else None
-        if nm is None or error:
+        error = chosen.why_not(shape) if chosen is not None else None
+        if chosen is None or error:
             report.rows.append(CheckRow(name, shape, None, note=reason or error))
             continue
-        kept = kept_per_group(tensor, nm.m, layout)
-        bad, worst = torch.stack([(kept > nm.n).sum(), kept.max()]).tolist()
-        report.rows.append(CheckRow(name, shape, nm, kept.numel(), bad, worst))
+        found = chosen.violations(tensor)
+        report.rows.append(CheckRow(name, shape, chosen, found.groups, found.violating,
+                                    found.max_kept))
     if raise_on_violation and not report.ok:
         raise NMViolationError(str(report))
     return report

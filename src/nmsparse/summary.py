@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ._table import format_table
-from .layers import original_class
+from .sparse_module import original_class
 
 __all__ = ["LayerRow", "ModelSummary", "summary"]
 
