@@ -31,7 +31,8 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
              method: str | Method = "srste", decay: float | None = None, *,
              include: str | Sequence[str] | None = None,
              exclude: str | Sequence[str] | None = None, layout: str = "in",
-             strict: bool = False, **method_options) -> SparsityHandle:
+             strict: bool = False, masks: Mapping[str, torch.Tensor] | None = None,
+             **method_options) -> SparsityHandle:
     """Make ``model``'s eligible layers sparse in place and return the handle.
 
     Args:
@@ -48,6 +49,9 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
         layout: grouping of ``"N:M"`` specs: ``"in"`` (input channels, the hardware
             layout) or ``"flat"`` (memory order).
         strict: raise instead of skipping a layer whose shape cannot take its pattern.
+        masks: ``{weight name: bool mask}`` to start from instead of the method's initial
+            mask (a one-shot pruner's result, a saved ticket); each must follow its layer's
+            pattern, and every name must be a weight this call makes sparse.
     """
     default_method = make_method(method, decay, **method_options)
     check_layout(layout)
@@ -87,18 +91,23 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
             plan.append((module_name, SparseWeight(module, param, name, chosen, how, handle)))
     if not plan:
         raise ValueError(f"no layer of the model can take the requested pattern:\n{handle}")
+    given = dict(masks or {})
+    unknown = sorted(set(given) - {w.name for _, w in plan})
+    if unknown:
+        raise ValueError(f"masks given for weights this call does not make sparse: {unknown}; "
+                         f"sparse here: {[w.name for _, w in plan]}")
 
     # Every mask is computed and checked before the model is touched: an error changes nothing.
-    masks = []
+    initial = []
     for _, w in plan:
         if not bool(torch.isfinite(w.dense).all()):
             raise nonfinite_error(w.name)
-        masks.append(_initial_mask(w))
+        initial.append(_initial_mask(w, given.get(w.name)))
     for _, w in plan:
         if w.mask_name in w.module._buffers or hasattr(w.module, w.mask_name):
             raise ValueError(f"{w.name}: the module already has an attribute "
                              f"{w.mask_name!r} (torch.nn.utils.prune applied?)")
-    for (_, w), mask in zip(plan, masks, strict=True):
+    for (_, w), mask in zip(plan, initial, strict=True):
         attach(w.module, w, mask)
         handle.weights[w.name] = w
         w.refresh()
@@ -111,15 +120,18 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
     return handle
 
 
-def _initial_mask(w: SparseWeight) -> torch.Tensor:
-    mask = w.method.initial_mask(w)
+def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
+    mask = w.method.initial_mask(w) if given is None else given
+    source = f"{w.method!r}.initial_mask" if given is None else "the given mask"
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
             or mask.shape != w.dense.shape:
-        raise ValueError(f"{w.name}: {w.method!r}.initial_mask must return a bool tensor of "
-                         f"shape {tuple(w.dense.shape)}")
+        raise ValueError(f"{w.name}: {source} must be a bool tensor of shape "
+                         f"{tuple(w.dense.shape)}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
     found = w.pattern.violations(mask)
     if not found.ok:
-        raise ValueError(f"{w.name}: {w.method!r}.initial_mask breaks pattern {w.pattern} in "
+        raise ValueError(f"{w.name}: {source} breaks pattern {w.pattern} in "
                          f"{found.violating} of {found.groups} groups")
     return mask.to(w.dense.device).contiguous()
 
