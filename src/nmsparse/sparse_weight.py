@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._fused import add_decay_, refresh_
+from .fused import add_decay_, refresh_
 from .masks import nonfinite_error
 from .patterns import NM, Pattern
 
