@@ -6,6 +6,7 @@ input dimension, keep N of every M), ``"flat:2:4"``, and every registered ``"KIN
 
 from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted, parse_pattern
 from .nm import NM
+from .on_transpose import OnTranspose
 
-__all__ = ["NM", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations", "accepted",
+__all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations", "accepted",
            "parse_pattern"]
