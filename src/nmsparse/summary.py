@@ -11,8 +11,9 @@ Contract of :func:`summary`:
 * Weights of ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv{1,2,3}d``,
   ``nn.ConvTranspose{1,2,3}d`` and ``nn.MultiheadAttention`` (``in_proj_weight`` or
   ``q/k/v_proj_weight``), and any parameter that has a ``<name>_mask`` buffer, are
-  *sparsifiable weights*: their kept count is the number of True entries of the mask buffer when it exists, otherwise the number of nonzero
-  entries (so a finalized model counts its kept weights). Every other parameter (biases,
+  *sparsifiable weights*: their kept count is the number of True entries of the mask
+  buffer when it exists, otherwise the number of nonzero entries (so a finalized model
+  counts its kept weights). Every other parameter (biases,
   norm and embedding parameters) counts in full.
 * MACs (multiply-accumulates) are counted for every call of those layer types, so a module
   called twice counts twice. Each weight element is used ``uses`` times per call (Linear and
