@@ -192,6 +192,14 @@ def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
             delattr(model, _DDP_IGNORE)
 
 
+def handles_of(model: nn.Module) -> list[SparsityHandle]:
+    """The live handles of ``model``'s sparse weights, in the order of its modules (for
+    frameworks that build the model elsewhere, e.g. to checkpoint ``handle.state_dict()``)."""
+    found = {id(w.handle): w.handle for module in model.modules()
+             for w in sparse_states(module).values() if w.handle is not None}
+    return list(found.values())
+
+
 def finalize(model: nn.Module) -> nn.Module:
     """Bake every mask into its weight and remove all nmsparse machinery, in place.
 

@@ -66,6 +66,8 @@ def test_accelerate_matches_a_plain_loop(accumulate, bf16):
             opt.step()
             opt.zero_grad()
     trained = accelerator.unwrap_model(model)
+    (handle,) = nmsparse.handles_of(trained)
+    assert handle.steps == 3  # the wrapping optimizer's step runs the methods, once
     reference = plain_loop(3, accumulate, bf16)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(trained.state_dict()[key], value, rtol=0, atol=0, msg=key)
