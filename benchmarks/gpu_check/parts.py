@@ -219,6 +219,7 @@ def part_overhead(fixture: bool, save: Save, mode: str) -> tuple[dict, str]:
     import torch
 
     from benchmarks import overhead
+    from nmsparse import fused
 
     cases = overhead.gpu_cases()
     rows = []
@@ -238,6 +239,11 @@ def part_overhead(fixture: bool, save: Save, mode: str) -> tuple[dict, str]:
                 own = [str(w.message) for w in caught if str(w.message).startswith("nmsparse")]
                 if own:
                     row["note"] = f"warning: {own[0][:200]}"
+                state = fused.status()
+                row["compiled_kernels"] = state["kernels"]
+                if mode == "compiled" and (state["broken"] or not state["kernels"]):
+                    row["note"] = (row.get("note", "") + " | compiled path not used: "
+                                   f"nmsparse.fused.status() = {state}").strip(" |")
                 row.update(dense_ms=r[("dense", "total")], sparse_ms=r[("sparse", "total")],
                            refresh_ms=r[("kernels", "refresh_")],
                            decay_ms=r[("kernels", "add_decay_")], steps=r[("pairs", "timed")])

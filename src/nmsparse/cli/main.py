@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS, TRAIN_METHODS
+from ..methods import METHODS
+from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS
 
 EXIT_BAD_INPUT = 2
 
@@ -47,10 +48,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     sparse = parser.add_argument_group("sparsity")
     sparse.add_argument("--pattern", default=keep, help="N:M (keep N of every M), or dense "
                         "(default 2:4)")
-    sparse.add_argument("--method", choices=TRAIN_METHODS, default=keep,
-                        help="srste (default), ste, fixed, or asp (dense train, one-shot "
-                        "prune, fixed-mask retrain for the same budget)")
-    sparse.add_argument("--decay", type=float, default=keep, help="SR-STE decay (2e-4)")
+    sparse.add_argument("--method", choices=METHODS.names(), default=keep,
+                        help="srste (default), ste, fixed, asp (dense train, one-shot "
+                        "prune, fixed-mask retrain for the same budget), or any registered "
+                        "method")
+    sparse.add_argument("--method-option", dest="method_options", action="append",
+                        default=keep, type=_parse_option, metavar="KEY=VALUE",
+                        help="method hyperparameter, repeatable, e.g. decay=1e-3")
+    sparse.add_argument("--decay", type=float, default=keep,
+                        help="refinement decay of methods that take one (SR-STE: 2e-4)")
     sparse.add_argument("--exclude", nargs="+", default=keep, metavar="GLOB",
                         help="layers to keep dense, e.g. fc 'layer1.*'")
     sparse.add_argument("--include", nargs="+", default=keep, metavar="GLOB",
@@ -135,8 +141,9 @@ def _train(args: argparse.Namespace) -> int:
     from ..train.trainer import Run, prepare_run_dir, save_config
 
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    if "model_options" in overrides:
-        overrides["model_options"] = dict(overrides["model_options"])
+    for options in ("model_options", "method_options"):
+        if options in overrides:
+            overrides[options] = dict(overrides[options])
     if args.resume:
         extra = sorted(set(overrides) - {"device", "num_workers"})
         if extra or args.recipe:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..check import NMViolationError
-from ..layers import original_class, sparse_states
+from ..sparse_module import original_class, sparse_states
 from ..tables import format_table
 from ._eligibility import shared_parameters, structural_reason
 

@@ -20,7 +20,7 @@ from typing import Any
 from .._atomic import atomic_open
 from ..check import check
 from ..export.packed import PackedReport, save_packed
-from ..sparse_model import finalize
+from ..make_sparse import finalize
 from .trainer import load_trained
 
 EXPORT_FORMAT = "nmsparse-dense-with-zeros"
