@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import step_hooks
-from ._table import format_table
+from .tables import format_table
 from .methods import Method, Step
 from .patterns import Pattern
 from .sparse_weight import SparseWeight, refresh_stale
