@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from . import step_hooks
-from .tables import format_table
 from .methods import Method, Step
 from .patterns import Pattern
 from .sparse_weight import SparseWeight, refresh_stale
+from .tables import format_table
 
 STATE_FORMAT = 1
 
