@@ -166,7 +166,11 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
                 import tomli as tomllib
             raw = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"recipe {str(path)!r}: YAML recipes need PyYAML: pip install "
+                                  "'nmsparse[yaml]' (or write the recipe as .toml)") from None
 
             raw = yaml.safe_load(text) or {}
         else:

@@ -23,7 +23,8 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise PlotsUnavailable("matplotlib is not installed (pip install matplotlib)") from None
+        raise PlotsUnavailable("matplotlib is not installed (a dependency of nmsparse: "
+                               "pip install matplotlib)") from None
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
