@@ -56,6 +56,15 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-def catch_sigterm() -> None:
-    """From now on SIGTERM raises :class:`Terminated` in the main thread."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def catch_sigterm():
+    """From now on SIGTERM raises :class:`Terminated` in the main thread; returns the previous
+    handler (to restore), or None when not in the main thread (signals cannot be set)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None
+
+
+def restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bench_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _errors.catch_sigterm()
+    previous = _errors.catch_sigterm()
     try:
         return COMMANDS[args.command](args)
     except _errors.EXPECTED as error:
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     except _errors.Terminated:
         _errors.report(args.command, _interrupted(args, "terminated (SIGTERM)"))
         return _errors.EXIT_TERMINATED
+    finally:
+        _errors.restore_sigterm(previous)
 
 
 if __name__ == "__main__":
