@@ -43,7 +43,7 @@ def describe(error: BaseException) -> str:
     if isinstance(error, ImportError) and not str(error):
         return f"a package is missing: {error.name}"
     if isinstance(error, OSError) and error.strerror:
-        where = f" {error.filename!r}" if error.filename else ""
+        where = f": {error.filename}" if error.filename else ""
         return f"{error.strerror}{where}"
     return one_line(str(error)) or type(error).__name__
 

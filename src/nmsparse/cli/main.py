@@ -231,7 +231,7 @@ def _train(args: argparse.Namespace) -> int:
             config.out = _default_out(config, world)
         args.run_folder = config.out  # for the interruption message
         run = Run(config, world, console=_say if world.main else lambda message: None,
-                  trusted_models=trusted, source=source)
+                  trusted_models=trusted, source=source, resuming=payload is not None)
         if world.main:
             folder = prepare_run_dir(config, resume=bool(args.resume))
             run.use_run_dir(folder.path)
@@ -277,11 +277,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    shape = tuple(int(part) for part in parts if part.isdigit())
+    if not shape or len(shape) != len(parts) or min(shape) < 1:
         raise ValueError(f"--input-shape: expected positive integers like 3,32,32, got {text!r}")
     return shape
 

@@ -76,7 +76,7 @@ def load(path: str | Path) -> dict[str, Any]:
     path = resolve(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Exception as error:  # torch raises several types for a damaged file
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: "

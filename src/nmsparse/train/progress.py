@@ -1,5 +1,6 @@
 """Progress output: a live bar on a terminal, plain log lines otherwise (files, CI, pipes).
 
+Plain lines go to stdout (with the epoch lines), the live bar to the terminal on stderr.
 The live bar is cut to the terminal's width: a line that wrapped would make every ``\r``
 update start a new line on a narrow terminal.
 """
@@ -24,7 +25,11 @@ class Progress:
                  stream: TextIO | None = None, lines: int = 4,
                  width: int | None = None) -> None:
         self.total, self.title, self.enabled = total, title, enabled
-        self.stream = stream or sys.stderr
+        # live bar on a terminal (stderr); otherwise plain log lines on stdout, so that stderr
+        # carries only notes and errors
+        if stream is None:
+            stream = sys.stderr if sys.stderr.isatty() else sys.stdout
+        self.stream = stream
         self.live = enabled and self.stream.isatty()
         self.width = width
         self.every = max(1, total // lines)  # plain mode: a few lines per epoch

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import sparsify
 from .._atomic import atomic_open
-from ..data import DataBundle, load_dataset
+from ..data import DataBundle, DataError, load_dataset
 from ..data.loader import make_loader
 from ..models import create_model
 from ..models.trust import require_trusted
@@ -90,9 +90,19 @@ class DataInfo:
         return torch.zeros(1, *self.input_shape, dtype=dtype)
 
 
-def load_data(config: TrainConfig) -> DataBundle:
-    return load_dataset(config.data, data_dir=config.data_dir, text_file=config.text_file,
-                        seq_len=config.seq_len, seed=config.seed)
+def load_data(config: TrainConfig, saved_run: bool = False) -> DataBundle:
+    """The data of ``config``; for a ``saved_run`` a failure says how to point at data that
+    moved since training."""
+    try:
+        return load_dataset(config.data, data_dir=config.data_dir,
+                            text_file=config.text_file, seq_len=config.seq_len,
+                            seed=config.seed)
+    except DataError as error:
+        if not saved_run or config.data == "digits":
+            raise
+        option = "--text-file" if config.data == "text" else "--data-dir"
+        raise DataError(f"{error} (if the data moved since training, give {option} with "
+                        "its new place)") from None
 
 
 def build_model(config: TrainConfig, info: DataInfo, trusted_models=(),
@@ -108,12 +118,13 @@ def build_model(config: TrainConfig, info: DataInfo, trusted_models=(),
                         **config.model_options)
 
 
-def build(config: TrainConfig, trusted_models=(),
-          source: str | None = None) -> tuple[DataBundle, nn.Module]:
-    """The data and the freshly initialised model a configuration describes."""
+def build(config: TrainConfig, trusted_models=(), source: str | None = None,
+          saved_run: bool = False) -> tuple[DataBundle, nn.Module]:
+    """The data and the freshly initialised model a configuration describes (``saved_run``:
+    the configuration comes from a run being resumed)."""
     if source is not None:  # refuse an untrusted factory before touching the data
         require_trusted(config.model, trusted_models, source)
-    data = load_data(config)
+    data = load_data(config, saved_run)
     return data, build_model(config, DataInfo.of(data), trusted_models, source)
 
 
@@ -174,13 +185,13 @@ class Run:
     """Everything one training run holds; ``fit()`` runs it to the end."""
 
     def __init__(self, config: TrainConfig, world: distributed.World, *, console=None,
-                 trusted_models=(), source: str | None = None) -> None:
+                 trusted_models=(), source: str | None = None, resuming: bool = False) -> None:
         """``source``: the file ``config`` was read from (a checkpoint, a recipe), if its
         model name came from one; ``trusted_models``: factories the user trusts."""
         self.config, self.world = config, world
         self.run_dir: Path | None = None
         self.console = console or (lambda message: None)
-        self.data, self.model = build(config, trusted_models, source)
+        self.data, self.model = build(config, trusted_models, source, resuming)
         self.data_info = DataInfo.of(self.data)
         self.model.to(world.device)
         self.phases = phases_of(config)
@@ -488,7 +499,7 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", *,
         raise checkpoint.CheckpointError(f"{source}: phase {payload['phase']!r} does not fit "
                                          f"its configuration")
     if with_data or not checkpoint.describes_data(payload):
-        data = load_data(config)
+        data = load_data(config, saved_run=True)
         info = DataInfo.of(data)
     else:
         info = DataInfo.from_payload(payload["data_info"])
