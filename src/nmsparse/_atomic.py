@@ -46,7 +46,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs) -> Iter
     except OSError as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if error.filename is None:  # a failed write (a full disk) names no file: name it
+        if error.filename is None and error.errno and error.strerror:
+            # a failed write (a full disk) names no file: name it
             raise OSError(error.errno, error.strerror, path) from error
         raise
     except BaseException:

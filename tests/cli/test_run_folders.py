@@ -160,3 +160,18 @@ def test_run_written_before_markers_is_adopted(trained_run, capsys):
     (trained_run / run_dir.MARKER).unlink()
     assert main(["train", "--resume", str(trained_run)]) == 0
     assert (trained_run / run_dir.MARKER).is_file()
+
+
+def test_failed_export_leaves_no_folder(trained_run, tmp_path, monkeypatch, capsys):
+    """The export folder is made only to be written: a failure inside it removes it again
+    (it once left an empty folder behind)."""
+    from nmsparse.train import export
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_packed", failing)
+    out = tmp_path / "packed"
+    assert main(["export", str(trained_run), "--packed", "--out", str(out)]) == 2
+    assert "No space left on device" in one_error_line(capsys)
+    assert not out.exists()

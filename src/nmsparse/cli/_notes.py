@@ -17,8 +17,8 @@ def usable_cores() -> int:
 def busy_machine_note(threads_given: bool, cores: int | None = None,
                       load: float | None = None) -> str | None:
     """A hint to use fewer threads when other processes already keep the cores busy:
-    PyTorch's intra-op threads then wait on each other (measured 10-40x slower than one
-    thread on a loaded 2-core machine)."""
+    PyTorch's intra-op threads then wait on each other (issue 10 reports 10-40x slower than
+    one thread on a loaded 2-core machine)."""
     if threads_given or "OMP_NUM_THREADS" in os.environ:
         return None
     cores = usable_cores() if cores is None else cores
@@ -34,8 +34,8 @@ def busy_machine_note(threads_given: bool, cores: int | None = None,
 
 
 def cpu_amp_note(device_type: str, amp: str) -> str | None:
-    """bf16/fp16 autocast on a CPU is usually several times slower than fp32 (measured ~7x
-    for bf16 on the digits MLP): say so rather than let a run crawl."""
+    """bf16/fp16 autocast on a CPU is usually several times slower than fp32 (issue 10 reports
+    ~7x for bf16 on the digits MLP): say so rather than let a run crawl."""
     if device_type != "cpu" or amp == "none":
         return None
     return (f"note: --amp {amp} on the CPU is usually several times slower than fp32 "
