@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,10 +109,17 @@ def check_plain_install(epochs: int | None = 2, keep: Path | None = None) -> lis
                                              f"\n{result.stderr[-3000:]}")
         return result
 
+    # build from a copy: a build writes build/ and *.egg-info next to the sources
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     wheels = work / "wheel"
     step("build the wheel", [sys.executable, "-m", "pip", "wheel", "--no-deps",
                              "--no-build-isolation", "--no-index", "-q", "-w", str(wheels),
-                             str(ROOT)])
+                             str(source)])
     wheel = next(wheels.glob("nmsparse-*.whl"))
     dists = closure(base_requirements())
     linked = stage(dists, work / "base-deps")

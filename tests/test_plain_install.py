@@ -21,3 +21,24 @@ def test_plain_install_runs_the_main_job(tmp_path):
     steps = [row["step"] for row in rows]
     assert "nmsparse train (defaults)" in steps and "nmsparse export --packed" in steps
     assert all(row["exit"] in (0, 2) for row in rows)
+
+
+def test_every_install_hint_names_an_extra_that_exists():
+    import re
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    root = SCRIPT.parents[1]
+    extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]
+                 ["optional-dependencies"])
+    named = {}
+    for path in [*root.joinpath("src").rglob("*.py"), root / "README.md"]:
+        for extra in re.findall(r"nmsparse\[([\w,]+)\]", path.read_text()):
+            for name in extra.split(","):
+                named.setdefault(name, path.name)
+    assert named, "no install hint found"
+    unknown = {name: where for name, where in named.items() if name not in extras}
+    assert not unknown, f"hints name extras that do not exist: {unknown}"
+    assert {"yaml", "tensorboard", "kernels", "images"} <= set(named)
