@@ -129,7 +129,8 @@ def _lock(path: Path, kind: str) -> int:
                                  "--out") from None
     marker = json.dumps({"written_by": "nmsparse", "kind": kind, "pid": os.getpid()})
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (marker + "\n").encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (marker + "\n").encode())
     return fd
 
 
