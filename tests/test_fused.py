@@ -1,9 +1,9 @@
-"""Tests for nmsparse._fused: the compiled kernels reproduce the eager path bit for bit.
+"""Tests for nmsparse.fused: the compiled kernels reproduce the eager path bit for bit.
 
-Compiling is slow (about 10 s for inductor's first use in a process, then ~5 s for the mask
-kernel and ~1 s for each small one), so every test here uses one configuration only: 2:4 on
-float32 weights (its refresh, fixed-mask and decay kernels). The full matrix of patterns and
-dtypes is ``python benchmarks/overhead.py --check``.
+Compiling is slow (about 10 s for inductor's first use in a process, then 5-20 s per mask
+kernel and ~1 s for each small one), so the shape and edge-case tests use 2:4 on float32;
+``test_every_group_size_and_dtype`` compiles the mask, fixed-mask and decay kernels for
+every M in {4, 8, 16} and float32/bfloat16 (about two minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse import _fused
-from nmsparse.masks import compute_mask
+from nmsparse import fused as fused_path
 from nmsparse.patterns import NM
 
 P24 = NM(2, 4)
@@ -27,9 +26,9 @@ SHAPES = [(48, 64), (33, 112), (40, 32, 3, 3), (16, 48, 3)]
 
 @pytest.fixture
 def compiled():
-    _fused.set_compile(True)
+    fused_path.set_compile(True)
     yield
-    _fused.set_compile(None)
+    fused_path.set_compile(None)
 
 
 def weights(shape, kind: str, seed: int = 0) -> torch.Tensor:
@@ -43,12 +42,18 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int32)  # bit for bit: -0.0 differs from 0.0
 
 
+def compute_mask(weight: torch.Tensor, pattern: NM, layout: str) -> torch.Tensor:
+    """The eager reference: the pattern applied to |w|."""
+    return NM(pattern.n, pattern.m, layout).mask(weight.abs())
+
+
 def refresh(weight: torch.Tensor, layout: str, recompute: bool = True,
-            mask: torch.Tensor | None = None):
+            mask: torch.Tensor | None = None, pattern: NM = P24):
     weight = weight.clone()
     mask = torch.zeros(weight.shape, dtype=torch.bool) if mask is None else mask.clone()
     masked = torch.empty_like(weight)
-    finite = _fused.refresh_(weight, mask, masked, P24, layout, recompute)
+    nm = NM(pattern.n, pattern.m, layout)
+    finite = fused_path.refresh_(weight, mask, masked, nm, recompute)
     return weight, mask, masked, bool(finite)
 
 
@@ -61,6 +66,48 @@ def test_compiled_refresh_is_bit_identical(compiled, shape, layout, kind):
     assert torch.equal(mask, compute_mask(weight, P24, layout))
     assert torch.equal(bits(masked), bits(torch.where(mask, weight, torch.zeros(()))))
     assert finite
+
+
+def _eager(fn):
+    fused_path.set_compile(False)
+    try:
+        return fn()
+    finally:
+        fused_path.set_compile(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", [NM(2, 4), NM(1, 4), NM(3, 8), NM(1, 8), NM(4, 16),
+                                     NM(1, 16)], ids=str)
+def test_every_group_size_and_dtype(compiled, pattern, dtype):
+    """Mask, masked weight, fixed-mask refresh and SR-STE term: compiled == eager, bit for
+    bit (the decay term within one rounding step), conv and linear, with ties and a NaN."""
+    for shape, layout in (((64, 96), "in"), ((24, 32, 3, 3), "in"), ((16, 48, 3), "flat")):
+        weight = weights(shape, "ties").to(dtype)
+        fused = refresh(weight, layout, pattern=pattern)
+        eager = _eager(lambda w=weight, lay=layout: refresh(w, lay, pattern=pattern))
+        assert torch.equal(fused[1], eager[1]), (shape, layout)
+        assert torch.equal(fused[1], compute_mask(weight, pattern, layout))
+        assert torch.equal(fused[2].view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           eager[2].view(torch.int16 if dtype != torch.float32 else torch.int32))
+        kept = fused[1]
+        fixed = refresh(weights(shape, "normal").to(dtype), layout, recompute=False, mask=kept,
+                        pattern=pattern)
+        fixed_eager = _eager(lambda s=shape, lay=layout, k=kept: refresh(
+            weights(s, "normal").to(dtype), lay, recompute=False, mask=k, pattern=pattern))
+        assert torch.equal(fixed[0], fixed_eager[0]) and torch.equal(fixed[2], fixed_eager[2])
+        grad = weights(shape, "normal", seed=2).to(dtype)
+        decayed, decayed_eager = grad.clone(), grad.clone()
+        fused_path.add_decay_(decayed, weight, kept.contiguous(), 1e-2)
+        _eager(lambda d=decayed_eager, w=weight, k=kept: fused_path.add_decay_(d, w, k.contiguous(),
+                                                                             1e-2))
+        torch.testing.assert_close(decayed, decayed_eager, rtol=torch.finfo(dtype).eps, atol=0)
+        assert torch.equal(decayed[kept], grad[kept])
+    nan_weight = weights((64, 96), "normal").to(dtype)
+    nan_weight[5, 7] = float("nan")
+    fused = refresh(nan_weight, "in", pattern=pattern)
+    eager = _eager(lambda: refresh(nan_weight, "in", pattern=pattern))
+    assert not fused[3] and not eager[3] and torch.equal(fused[1], eager[1])
 
 
 @pytest.mark.parametrize("position", [0, 7, -1], ids=["first", "inner", "last"])
@@ -78,7 +125,7 @@ def test_compiled_fixed_mask_refresh_matches_eager(compiled, shape):
     weight = weights(shape, "ties")
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.5
     fused = refresh(weight, "in", recompute=False, mask=mask)
-    _fused.set_compile(False)
+    fused_path.set_compile(False)
     eager = refresh(weight, "in", recompute=False, mask=mask)
     assert torch.equal(bits(fused[0]), bits(eager[0]))  # pruned weights zeroed
     assert torch.equal(bits(fused[2]), bits(eager[2]))
@@ -91,9 +138,9 @@ def test_compiled_add_decay_matches_eager(compiled, shape):
     mask = compute_mask(weight, P24, "in").contiguous()
     grad = weights(shape, "normal", seed=2)
     fused, eager = grad.clone(), grad.clone()
-    _fused.add_decay_(fused, weight, mask, 2e-4)
-    _fused.set_compile(False)
-    _fused.add_decay_(eager, weight, mask, 2e-4)
+    fused_path.add_decay_(fused, weight, mask, 2e-4)
+    fused_path.set_compile(False)
+    fused_path.add_decay_(eager, weight, mask, 2e-4)
     # Eager CPU uses a fused multiply-add; the kernel computes exactly in float64 and rounds
     # once, so they agree unless double rounding hits a tie: allow one rounding step.
     torch.testing.assert_close(fused, eager, rtol=torch.finfo(torch.float32).eps, atol=0)
@@ -103,18 +150,18 @@ def test_compiled_add_decay_matches_eager(compiled, shape):
 def test_new_layer_shapes_do_not_recompile(compiled):
     for shape in SHAPES[:1]:  # warm: the kernels exist after this
         _, mask, _, _ = refresh(weights(shape, "normal"), "in")
-        _fused.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask, 1e-3)
+        fused_path.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask, 1e-3)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for shape in [(64, 96), (128, 32), (96, 64), (24, 64, 5, 5)]:
         _, mask, _, _ = refresh(weights(shape, "normal"), "in")
-        _fused.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask.contiguous(),
+        fused_path.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask.contiguous(),
                           1e-3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_training_with_compiled_kernels_matches_eager():
     def train(compile_on: bool):
-        _fused.set_compile(compile_on)
+        fused_path.set_compile(compile_on)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
         nmsparse.sparsify(model, "2:4", method="srste", decay=1e-2)
@@ -129,7 +176,7 @@ def test_training_with_compiled_kernels_matches_eager():
     try:
         fused, eager = train(True), train(False)
     finally:
-        _fused.set_compile(None)
+        fused_path.set_compile(None)
     for name, value in eager.items():
         if value.dtype == torch.bool:
             assert torch.equal(fused[name], value), name
@@ -141,9 +188,9 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(_fused, "_kernel", broken)
-    monkeypatch.setattr(_fused, "_broken", False)
-    _fused.set_compile(True)
+    monkeypatch.setattr(fused_path, "_kernel", broken)
+    monkeypatch.setattr(fused_path, "_broken", False)
+    fused_path.set_compile(True)
     try:
         weight = weights((48, 64), "ties")
         with pytest.warns(RuntimeWarning, match="eager path"):
@@ -153,25 +200,25 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no second warning
             refresh(weight, "in")
-            _fused.add_decay_(torch.zeros(48, 64), weight, mask, 1e-3)
+            fused_path.add_decay_(torch.zeros(48, 64), weight, mask, 1e-3)
     finally:
-        _fused.set_compile(None)
+        fused_path.set_compile(None)
 
 
 def test_compile_mode_from_environment_and_setter(monkeypatch):
-    monkeypatch.setenv(_fused.ENV_VAR, "0")
-    assert _fused.compile_mode() is False
-    monkeypatch.setenv(_fused.ENV_VAR, "1")
-    assert _fused.compile_mode() is True
-    monkeypatch.delenv(_fused.ENV_VAR)
-    assert _fused.compile_mode() is None
-    _fused.set_compile(False)
+    monkeypatch.setenv(fused_path.ENV_VAR, "0")
+    assert fused_path.compile_mode() is False
+    monkeypatch.setenv(fused_path.ENV_VAR, "1")
+    assert fused_path.compile_mode() is True
+    monkeypatch.delenv(fused_path.ENV_VAR)
+    assert fused_path.compile_mode() is None
+    fused_path.set_compile(False)
     try:
-        assert _fused.compile_mode() is False
+        assert fused_path.compile_mode() is False
     finally:
-        _fused.set_compile(None)
+        fused_path.set_compile(None)
     with pytest.raises(ValueError):
-        _fused.set_compile("yes")
+        fused_path.set_compile("yes")
 
 
 def test_automatic_mode_compiles_only_large_cpu_weights(monkeypatch):
@@ -181,11 +228,11 @@ def test_automatic_mode_compiles_only_large_cpu_weights(monkeypatch):
         calls.append(kind)
         raise RuntimeError("stop here")
 
-    monkeypatch.delenv(_fused.ENV_VAR, raising=False)
-    monkeypatch.setattr(_fused, "_kernel", recording)
-    monkeypatch.setattr(_fused, "_broken", False)
+    monkeypatch.delenv(fused_path.ENV_VAR, raising=False)
+    monkeypatch.setattr(fused_path, "_kernel", recording)
+    monkeypatch.setattr(fused_path, "_broken", False)
     refresh(weights((64, 64), "normal"), "in")  # small: eager, no compile attempt
     assert calls == []
     with pytest.warns(RuntimeWarning):
-        refresh(weights((512, _fused.COMPILE_MIN_NUMEL // 512), "normal"), "in")
+        refresh(weights((512, fused_path.COMPILE_MIN_NUMEL // 512), "normal"), "in")
     assert calls == ["refresh"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nmsparse._machine import cpu_model
+from nmsparse.machine import cpu_model
 
 from .runner import STUDY_FILE
 

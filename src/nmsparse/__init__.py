@@ -13,19 +13,23 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 """
 
 from .check import CheckReport, NMViolationError, check
-from .masks import nm_mask
-from .methods import METHODS, SRSTE, STE, Fixed, Method, make_method
+from .handle import LayerReport, SparsityHandle
+from .make_sparse import finalize, handles_of, sparsify
+from .masks import nm_mask, saved_masks
+from .methods import ASP, METHODS, SRSTE, STE, Fixed, Method, Step, make_method
 from .packing import PackedWeight, pack, unpack
-from .patterns import NM, parse_pattern
+from .patterns import NM, PATTERN_KINDS, Pattern, Violations, parse_pattern
 from .sad import SADResult, SADTracker, sad
-from .sparse_model import LayerReport, SparsityHandle, finalize, sparsify
+from .sparse_weight import SparseWeight
 from .summary import ModelSummary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "NM", "STE", "SRSTE", "CheckReport", "Fixed", "LayerReport", "Method",
-    "ModelSummary", "NMViolationError", "PackedWeight", "SADResult", "SADTracker",
-    "SparsityHandle", "check", "finalize", "make_method", "nm_mask", "pack", "parse_pattern",
-    "sad", "sparsify", "summary", "unpack",
+    "ASP", "METHODS", "NM", "PATTERN_KINDS", "STE", "SRSTE", "CheckReport", "Fixed",
+    "LayerReport", "Method", "ModelSummary", "NMViolationError", "PackedWeight", "Pattern",
+    "SADResult", "SADTracker", "SparseWeight", "SparsityHandle", "Step", "Violations", "check",
+    "finalize", "handles_of", "make_method", "nm_mask", "pack", "parse_pattern", "sad",
+    "saved_masks", "sparsify",
+    "summary", "unpack",
 ]

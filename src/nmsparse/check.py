@@ -1,6 +1,7 @@
-"""``check(model_or_state_dict, pattern)``: which layers are really N:M.
+"""``check(model_or_state_dict, pattern)``: which layers really follow their pattern.
 
-A group complies when it has at most N non-zero entries. For a live sparse layer (or a state
+The pattern says what complies (:meth:`~nmsparse.patterns.Pattern.violations`; for N:M a
+group complies when it has at most N non-zero entries). For a live sparse layer (or a state
 dict holding ``<weight>_mask``) the mask is what the forward pass applies, so the mask is
 checked; otherwise the weight's non-zeros are (a finalized or exported model).
 For a model the eligible weights are checked (Linear, Conv, MultiheadAttention); for a state
@@ -17,10 +18,10 @@ import torch
 from torch import nn
 
 from ._table import format_table
-from .layers import sparse_states
-from .masks import check_layout, grouping_error, kept_per_group
-from .patterns import NM
-from .selection import PatternSpec, choose_patterns, eligible_weights, qualified
+from .grouping import check_layout
+from .patterns import Pattern
+from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
+from .sparse_module import sparse_states
 
 
 class NMViolationError(ValueError):
@@ -31,7 +32,7 @@ class NMViolationError(ValueError):
 class CheckRow:
     name: str
     shape: tuple[int, ...]
-    pattern: NM | None
+    pattern: Pattern | None
     groups: int = 0
     violating_groups: int = 0
     max_kept: int = 0
@@ -74,7 +75,7 @@ def _tensors_of_model(model: nn.Module):
     for module_name, module, param in eligible_weights(model):
         state = sparse_states(module).get(param)
         tensor = state.mask if state is not None else module._parameters[param].detach()
-        yield module_name, qualified(module_name, param), tensor
+        yield module_name, qualified(module_name, param), tensor, module
 
 
 def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
@@ -83,7 +84,7 @@ def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
                 or not torch.is_floating_point(tensor) or not 2 <= tensor.dim() <= 5):
             continue
         module_name = key.rsplit(".", 1)[0] if "." in key else ""
-        yield module_name, key, state_dict.get(f"{key}_mask", tensor)
+        yield module_name, key, state_dict.get(f"{key}_mask", tensor), None
 
 
 def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
@@ -102,18 +103,20 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
                          f"tensors), got {type(model_or_state_dict).__name__}")
     if not tensors:
         raise ValueError("nothing to check: no eligible weight found")
-    choices = choose_patterns([(module, name) for module, name, _ in tensors], pattern,
-                              include, exclude)
+    choices = choose([(module_name, name) for module_name, name, _, _ in tensors], pattern,
+                     include, exclude, layout=layout)
     report = CheckReport()
-    for (_, name, tensor), (nm, reason) in zip(tensors, choices, strict=True):
+    for (_, name, tensor, module), (chosen, _, reason) in zip(tensors, choices, strict=True):
+        if chosen is not None and module is not None:
+            chosen = layer_pattern(module, chosen)
         shape = tuple(tensor.shape)
-        error = grouping_error(shape, nm.m, layout) if nm is not None else None
-        if nm is None or error:
+        error = chosen.why_not(shape) if chosen is not None else None
+        if chosen is None or error:
             report.rows.append(CheckRow(name, shape, None, note=reason or error))
             continue
-        kept = kept_per_group(tensor, nm.m, layout)
-        bad, worst = torch.stack([(kept > nm.n).sum(), kept.max()]).tolist()
-        report.rows.append(CheckRow(name, shape, nm, kept.numel(), bad, worst))
+        found = chosen.violations(tensor)
+        report.rows.append(CheckRow(name, shape, chosen, found.groups, found.violating,
+                                    found.max_kept))
     if raise_on_violation and not report.ok:
         raise NMViolationError(str(report))
     return report

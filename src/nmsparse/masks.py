@@ -1,94 +1,27 @@
-"""N:M masks: which weights a group keeps, for any weight tensor.
-
-Grouping axis (``layout``):
-
-* ``"in"`` (default, the sparse-tensor-core layout): groups of M consecutive entries along
-  dim 1, the reduction axis. A Linear weight ``(out, in)`` is grouped along ``in``; a conv
-  weight ``(out, in, *kernel)`` along ``in`` at each fixed ``(out, kernel position)``.
-* ``"flat"``: groups of M contiguous entries in the weight's memory order within each output
-  row (the grouping behind the SR-STE paper's conv numbers; not valid for hardware).
+"""Masks by magnitude, the functional API: ``nm_mask(weight, n, m)`` and friends.
 
 Each group keeps its N largest ``|w|``; ties go to the lower index, so a mask is the same on
-every device. All functions here are vectorised and work on CPU and CUDA tensors.
+every device. The geometry of the groups lives in :mod:`nmsparse.grouping`, the pattern
+object in :mod:`nmsparse.patterns`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .grouping import LAYOUTS, check_layout, grouping_error, kept_per_group
 from .patterns import NM
 
-LAYOUTS = ("in", "flat")
-
-# Above this group size counting ranks pairwise (M*(M-1) passes) loses to one stable sort.
-_PAIRWISE_MAX_M = 8
+__all__ = ["LAYOUTS", "MASK_SUFFIX", "check_layout", "compute_mask", "kept_per_group", "nm_mask",
+           "nonfinite_error", "saved_masks"]
 
 
-def check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; accepted: 'in' (groups along the input "
-                         "dimension, hardware layout) or 'flat' (contiguous in memory order)")
-    return layout
-
-
-def grouping_error(shape: tuple[int, ...], m: int, layout: str) -> str | None:
-    """Why a weight of ``shape`` cannot be split into groups of ``m``, or None if it can."""
-    check_layout(layout)
-    if not 2 <= len(shape) <= 5:
-        return f"weight of shape {tuple(shape)} is {len(shape)}-D; N:M needs a 2-D to 5-D weight"
-    if layout == "in":
-        size, what = shape[1], "input dimension (dim 1)"
-    else:
-        size, what = math.prod(shape[1:]), "row size (all dims but the first)"
-    if size % m:
-        return f"{what} {size} of weight shape {tuple(shape)} is not divisible by M={m}"
-    return None
-
-
-def to_groups(tensor: torch.Tensor, m: int, layout: str) -> torch.Tensor:
-    """View (or copy) ``tensor`` as ``(..., groups, m)`` in group order."""
-    error = grouping_error(tuple(tensor.shape), m, layout)
-    if error:
-        raise ValueError(error)
-    # "in": (out, *kernel, in), the reduction axis last; "flat": one row per output
-    tensor = tensor.movedim(1, -1) if layout == "in" else tensor.reshape(tensor.shape[0], -1)
-    return tensor.reshape(*tensor.shape[:-1], tensor.shape[-1] // m, m)
-
-
-def from_groups(groups: torch.Tensor, shape: torch.Size, layout: str) -> torch.Tensor:
-    """Inverse of :func:`to_groups`: back to a tensor of the weight's ``shape``."""
-    if layout == "in":
-        moved = (shape[0], *shape[2:], shape[1])
-        # contiguous: mask buffers are updated in place by kernels that need plain strides
-        return groups.reshape(moved).movedim(-1, 1).contiguous()
-    return groups.reshape(shape)
-
-
-def keep_largest(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Bool mask keeping the ``n`` largest entries along the last dim; ties: lower index wins."""
-    m = scores.shape[-1]
-    if m > _PAIRWISE_MAX_M:
-        # A stable descending sort keeps equal scores in index order: lower index first.
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
-    columns = scores.unbind(-1)
-    keep = []
-    for i in range(m):
-        # rank of entry i = how many entries of its group beat it (larger, or equal and earlier)
-        rank = torch.zeros(columns[i].shape, dtype=torch.uint8, device=scores.device)
-        for j in range(m):
-            if j != i:
-                rank += (columns[j] >= columns[i]) if j < i else (columns[j] > columns[i])
-        keep.append(rank < n)
-    return torch.stack(keep, dim=-1)
-
-
-def compute_mask(weight: torch.Tensor, pattern: NM, layout: str = "in") -> torch.Tensor:
-    """N:M mask of ``weight`` with no finiteness check (callers check once for many layers)."""
-    groups = to_groups(weight.detach(), pattern.m, layout)
-    return from_groups(keep_largest(groups.abs(), pattern.n), weight.shape, layout)
+def compute_mask(weight: torch.Tensor, pattern: NM, layout: str | None = None) -> torch.Tensor:
+    """Magnitude mask of ``weight`` with no finiteness check (callers check once for many
+    layers). ``layout`` overrides the pattern's grouping when given."""
+    if layout is not None and layout != pattern.layout:
+        pattern = NM(pattern.n, pattern.m, layout)
+    return pattern.mask(weight.detach().abs())
 
 
 def nonfinite_error(name: str | None) -> ValueError:
@@ -103,7 +36,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "in") -> torch.T
     Raises ``ValueError`` for an invalid pattern, a grouped dimension not divisible by M,
     a weight that is not 2-D to 5-D or not floating point, or a NaN/Inf weight.
     """
-    pattern = NM(n, m)
+    pattern = NM(n, m, layout)
     if not torch.is_floating_point(weight):
         raise ValueError(f"nm_mask needs a floating-point weight, got dtype {weight.dtype}")
     error = grouping_error(tuple(weight.shape), pattern.m, layout)
@@ -111,9 +44,46 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "in") -> torch.T
         raise ValueError(error)
     if not bool(torch.isfinite(weight).all()):
         raise nonfinite_error(None)
-    return compute_mask(weight, pattern, layout)
+    return compute_mask(weight, pattern)
 
 
-def kept_per_group(mask_or_weight: torch.Tensor, m: int, layout: str = "in") -> torch.Tensor:
-    """Number of non-zero entries in every M-group, shaped ``(..., groups)``."""
-    return (to_groups(mask_or_weight, m, layout) != 0).sum(-1)
+MASK_SUFFIX = "_mask"
+
+
+def saved_masks(source) -> dict[str, torch.Tensor]:
+    """``{weight name: bool mask}`` from a state dict, a ``.safetensors`` / ``.pt`` file or a
+    Hugging Face ``save_pretrained`` folder: every bool ``<weight>_mask`` entry, ready for
+    ``sparsify(model, ..., masks=saved_masks(path))``. Masks of fixed-mask methods cannot be
+    re-derived from the weights, so a reload needs them.
+    """
+    import os
+    from pathlib import Path
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise ValueError(f"{str(path)!r} holds no .safetensors file to read masks from")
+        state: dict = {}
+        for file in files:
+            state.update(_read_tensors(file))
+    elif isinstance(source, dict) or hasattr(source, "items"):
+        state = dict(source.items())
+    else:
+        raise ValueError(f"saved_masks takes a state dict or a path, got {type(source).__name__}")
+    return {key[:-len(MASK_SUFFIX)]: value for key, value in state.items()
+            if key.endswith(MASK_SUFFIX) and isinstance(value, torch.Tensor)
+            and value.dtype == torch.bool}
+
+
+def _read_tensors(file) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    if file.suffix in (".pt", ".pth", ".bin"):
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(loaded, dict):
+            return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    raise ValueError(f"cannot read masks from {str(file)!r}: expected .safetensors, .pt, "
+                     ".pth or .bin")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import check_layout, from_groups, grouping_error, to_groups
+from .grouping import check_layout, from_groups, grouping_error, to_groups
 from .patterns import NM
 
 _WIDTHS = (1, 2, 4, 8)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS, TRAIN_METHODS
+from ..methods import METHODS
+from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS
 from . import _errors, _notes
 from ._errors import EXIT_BAD_INPUT
 
@@ -73,10 +74,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     sparse = parser.add_argument_group("sparsity")
     sparse.add_argument("--pattern", default=keep, help="N:M (keep N of every M), or dense "
                         "(default 2:4)")
-    sparse.add_argument("--method", choices=TRAIN_METHODS, default=keep,
-                        help="srste (default), ste, fixed, or asp (dense train, one-shot "
-                        "prune, fixed-mask retrain for the same budget)")
-    sparse.add_argument("--decay", type=float, default=keep, help="SR-STE decay (2e-4)")
+    sparse.add_argument("--method", choices=METHODS.names(), default=keep,
+                        help="srste (default), ste, fixed, asp (dense train, one-shot "
+                        "prune, fixed-mask retrain for the same budget), or any registered "
+                        "method")
+    sparse.add_argument("--method-option", dest="method_options", action="append",
+                        default=keep, type=_parse_option, metavar="KEY=VALUE",
+                        help="method hyperparameter, repeatable, e.g. decay=1e-3")
+    sparse.add_argument("--decay", type=float, default=keep,
+                        help="refinement decay of methods that take one (SR-STE: 2e-4)")
     sparse.add_argument("--exclude", nargs="+", default=keep, metavar="GLOB",
                         help="layers to keep dense, e.g. fc 'layer1.*'")
     sparse.add_argument("--include", nargs="+", default=keep, metavar="GLOB",
@@ -191,8 +197,9 @@ def _threads(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    if "model_options" in overrides:
-        overrides["model_options"] = dict(overrides["model_options"])
+    for options in ("model_options", "method_options"):
+        if options in overrides:
+            overrides[options] = dict(overrides[options])
     if args.resume:  # these may change between sessions; the recipe may not
         extra = sorted(set(overrides) - {"device", "num_workers", "data_dir", "text_file"})
         if extra or args.recipe:

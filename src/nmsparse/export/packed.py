@@ -67,15 +67,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__, hooks
+from .. import __version__
 from .._atomic import atomic_open
 from .._table import format_table
 from ..check import check
-from ..layers import sparse_states
-from ..masks import LAYOUTS, from_groups, grouping_error, to_groups
+from ..grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..packing import PackedWeight, index_width, pack, pack_positions, unpack, unpack_positions
 from ..patterns import NM
 from ..selection import PatternSpec, eligible_weights, qualified
+from ..sparse_module import sparse_states
+from ..sparse_weight import refresh_stale
 
 FORMAT_NAME = "nmsparse-packed"
 FORMAT_VERSION = 1
@@ -164,7 +165,7 @@ class PackedReport:
 def _finalized_state_dict(model: nn.Module) -> dict[str, Any]:
     """``model.state_dict()`` as :func:`nmsparse.finalize` would leave it, model untouched."""
     states = [state for module in model.modules() for state in sparse_states(module).values()]
-    hooks.refresh_stale(states)  # the masks a forward pass (and finalize) would use
+    refresh_stale(states)  # the masks a forward pass (and finalize) would use
     state = model.state_dict()
     # remove_duplicate=False: a module reachable under two prefixes has keys under both
     for prefix, module in model.named_modules(remove_duplicate=False):
@@ -172,7 +173,7 @@ def _finalized_state_dict(model: nn.Module) -> dict[str, Any]:
             weight_key = qualified(prefix, param)
             mask_key = qualified(prefix, sparse.mask_name)
             if weight_key in state and mask_key in state:
-                # exactly what layers.detach does: +0.0 at every pruned entry
+                # exactly what sparse_module.detach does: +0.0 at every pruned entry
                 state[weight_key] = state[weight_key].masked_fill(~state.pop(mask_key), 0)
     return state
 

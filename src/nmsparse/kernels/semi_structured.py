@@ -59,7 +59,7 @@ from torch import nn
 
 from .._table import format_table
 from ..check import NMViolationError
-from ..layers import original_class, sparse_states
+from ..sparse_module import original_class, sparse_states
 from ._eligibility import shared_parameters, structural_reason
 
 BACKENDS = ("auto", "cusparselt", "cutlass")

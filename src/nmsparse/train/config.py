@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_open
-from ..methods import METHODS
+from ..methods import METHODS, Method, make_method
 from ..patterns import parse_pattern
 
 DENSE = "dense"
-TRAIN_METHODS = (*sorted(METHODS), "asp")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -39,8 +38,9 @@ class TrainConfig:
     seq_len: int = 128
     # sparsity
     pattern: str = "2:4"
-    method: str = "srste"
-    decay: float = 2e-4
+    method: str = "srste"  # any registered method (nmsparse.METHODS)
+    method_options: dict[str, Any] = field(default_factory=dict)  # its hyperparameters
+    decay: float = 2e-4  # the refinement decay of methods that take one (SR-STE)
     exclude: list[str] = field(default_factory=list)
     include: list[str] | None = None
     layout: str = "in"
@@ -70,6 +70,15 @@ class TrainConfig:
     def dense(self) -> bool:
         return self.pattern.strip().lower() == DENSE
 
+    def make_method(self) -> Method:
+        """The configured method: ``method`` from the registry with ``method_options``, and
+        ``decay`` for a method that takes one and was not given it as an option."""
+        cls = METHODS.get(self.method)
+        options = dict(self.method_options)
+        if "decay" in {f.name for f in dataclasses.fields(cls)}:
+            options.setdefault("decay", self.decay)
+        return make_method(cls, **options)
+
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first unusable value."""
         if not self.dense:
@@ -77,7 +86,7 @@ class TrainConfig:
                 parse_pattern(self.pattern)
             except ValueError as error:
                 raise ConfigError(f"--pattern: {error}; or 'dense'") from None
-        _choice("method", self.method, TRAIN_METHODS)
+        _choice("method", self.method, tuple(METHODS.names()))
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("amp", self.amp, AMP_MODES)
         _choice("layout", self.layout, ("in", "flat"))
@@ -91,6 +100,10 @@ class TrainConfig:
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
                                   f"got {value}")
+        try:
+            self.make_method()
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"--method {self.method}: {error}") from None
         if self.label_smoothing >= 1:
             raise ConfigError(f"--label-smoothing must be < 1, got {self.label_smoothing}")
         for name in ("limit_train_batches", "limit_test_batches", "grad_clip"):
@@ -194,14 +207,14 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def resolve(recipe: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the recipe file, then explicit flags (``overrides``). Model options
-    merge key by key: ``--model-option width=0.5`` changes one option of the recipe's
+    """Defaults, then the recipe file, then explicit flags (``overrides``). Model and method
+    options merge key by key: ``--model-option width=0.5`` changes one option of the recipe's
     ``model_options``, not the whole table."""
     values = read_recipe(recipe) if recipe else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if "model_options" in overrides:
-        overrides["model_options"] = {**values.get("model_options", {}),
-                                      **overrides["model_options"]}
+    for table in ("model_options", "method_options"):
+        if table in overrides:
+            overrides[table] = {**values.get(table, {}), **overrides[table]}
     values.update(overrides)
     return TrainConfig(**values).validate()
 

@@ -22,9 +22,9 @@ from typing import Any
 from .._atomic import atomic_open
 from ..check import check
 from ..export.packed import PackedReport, save_packed
+from ..make_sparse import finalize
 from ..packing import index_width
 from ..patterns import parse_pattern
-from ..sparse_model import finalize
 from . import run_dir as run_folders
 from .trainer import load_trained
 

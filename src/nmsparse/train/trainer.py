@@ -1,8 +1,10 @@
-"""One plain training loop for every recipe: dense, SR-STE, STE, fixed masks and ASP.
+"""One plain training loop for every recipe: dense, or any registered sparse training method.
 
-A run is a list of phases of ``config.epochs`` epochs each: one phase for dense / srste / ste
-/ fixed, two for ``asp`` (dense training, then a one-shot magnitude prune to the pattern and
-retraining with that fixed mask for the same budget). A checkpoint is written atomically at
+A run is a list of phases of ``config.epochs`` epochs each: the method says which
+(:meth:`nmsparse.Method.phases`): one sparse phase for SR-STE, STE and fixed masks; for ASP a
+dense phase, then the one-shot magnitude prune to the pattern and retraining with that fixed
+mask for the same budget. The sparsity handle's state (step count, method state) is saved in
+every checkpoint. A checkpoint is written atomically at
 the end of every epoch; resuming restarts the interrupted epoch from its beginning with the
 same data order, augmentation and RNG state, so it ends with the same weights as a run that
 was never stopped.
@@ -26,6 +28,7 @@ from .. import sparsify
 from .._atomic import atomic_open
 from ..data import DataBundle, DataError, load_dataset
 from ..data.loader import make_loader
+from ..methods import Method
 from ..models import create_model
 from ..models.trust import require_trusted
 from ..sad import SADTracker
@@ -46,15 +49,17 @@ class TrainingDiverged(FloatingPointError):
 @dataclass
 class Phase:
     name: str
-    method: str | None  # None: dense
+    method: Method | None  # None: dense
 
 
 def phases_of(config: TrainConfig) -> list[Phase]:
     if config.dense:
         return [Phase("dense", None)]
-    if config.method == "asp":
-        return [Phase("dense", None), Phase("retrain", "fixed")]
-    return [Phase(config.method, config.method)]
+    method = config.make_method()
+    kinds = method.phases()
+    return [Phase("dense", None) if kind == "dense" else
+            Phase("retrain" if index else method.name, method)
+            for index, kind in enumerate(kinds)]
 
 
 @dataclass(frozen=True)
@@ -128,14 +133,12 @@ def build(config: TrainConfig, trusted_models=(), source: str | None = None,
     return data, build_model(config, DataInfo.of(data), trusted_models, source)
 
 
-def apply_sparsity(model: nn.Module, config: TrainConfig, method: str | None):
+def apply_sparsity(model: nn.Module, config: TrainConfig, method: Method | None):
     """Sparsify ``model`` for a phase; returns the handle, or None for a dense phase."""
     if method is None:
         return None
-    return sparsify(model, config.pattern, method,
-                    decay=config.decay if method == "srste" else None,
-                    include=config.include, exclude=config.exclude or None,
-                    layout=config.layout)
+    return sparsify(model, config.pattern, method, include=config.include,
+                    exclude=config.exclude or None, layout=config.layout)
 
 
 def loss_and_correct(logits: torch.Tensor, target: torch.Tensor,
@@ -250,8 +253,8 @@ class Run:
     def _next_phase(self) -> None:
         self.phase_index += 1
         phase = self.phases[self.phase_index]
-        what = (f"one-shot {self.config.pattern} magnitude prune, retrain with the fixed mask"
-                if phase.method == "fixed" else "dense")
+        what = (f"{self.config.pattern} masks from the trained weights, then {phase.method!r}"
+                if phase.method is not None else "dense")
         self.console(f"phase {self.phase_index + 1}/{len(self.phases)}: {phase.name} ({what})")
         self.handle = apply_sparsity(self.model, self.config, phase.method)
         self.best_score = None
@@ -272,6 +275,7 @@ class Run:
             "scaler": self.scaler.state_dict(),
             "trackers": ([self.step_tracker.state_dict(), self.epoch_tracker.state_dict()]
                          if self.handle else None),
+            "sparsity": self.handle.state_dict() if self.handle else None,
             "rng": checkpoint.rng_state(),
         }
 
@@ -285,6 +289,8 @@ class Run:
         if self.handle and payload["trackers"]:
             self.step_tracker.load_state_dict(payload["trackers"][0])
             self.epoch_tracker.load_state_dict(payload["trackers"][1])
+        if self.handle and payload.get("sparsity"):
+            self.handle.load_state_dict(payload["sparsity"])
         self.epoch, self.step = payload["epoch"], payload["step"]
         self.elapsed, self.best_score = payload["elapsed"], payload["best_score"]
         checkpoint.set_rng_state(payload["rng"])

@@ -52,7 +52,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .masks import _PAIRWISE_MAX_M, compute_mask
+from .grouping import _PAIRWISE_MAX_M
 from .patterns import NM
 
 ENV_VAR = "NMSPARSE_COMPILE"
@@ -92,6 +92,11 @@ def compile_mode() -> bool | None:
     if value in ("1", "true", "on", "yes"):
         return True
     return None
+
+
+def status() -> dict[str, int | bool]:
+    """How many compiled kernels exist, and whether a failure switched to eager for good."""
+    return {"kernels": len(_kernels), "broken": _broken}
 
 
 def _wants_compiled(weight: torch.Tensor) -> bool:
@@ -247,7 +252,7 @@ def _decay_source(fmax: float, dtype: torch.dtype) -> Callable:
 
 
 def _refresh_compiled(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor,
-                      pattern: NM, layout: str, plan: tuple[int, int]) -> torch.Tensor:
+                      pattern: NM, plan: tuple[int, int]) -> torch.Tensor:
     k, row = plan
     flat, mask8, masked_flat = _flat(weight), _flat(mask, torch.uint8), _flat(masked)
     length = flat.numel()
@@ -263,15 +268,15 @@ def _refresh_compiled(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Te
     if pattern.m > _PAIRWISE_MAX_M and not bool(finite):
         # Eager's stable sort ranks NaN above +inf, pairwise comparisons cannot; the step is
         # about to fail on the NaN anyway, so redo it eagerly for identical masks.
-        return _refresh_eager(weight, mask, masked, pattern, layout, True)
+        return _refresh_eager(weight, mask, masked, pattern, True)
     return finite
 
 
 def _refresh_eager(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor,
-                   pattern: NM, layout: str, recompute: bool) -> torch.Tensor:
+                   pattern: NM, recompute: bool) -> torch.Tensor:
     finite = torch.isfinite(weight).all()
     if recompute:
-        mask.copy_(compute_mask(weight, pattern, layout))
+        mask.copy_(pattern.mask(weight.abs()))
     else:
         weight.masked_fill_(mask.logical_not(), 0)
     torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device),
@@ -280,7 +285,7 @@ def _refresh_eager(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tenso
 
 
 def refresh_(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, pattern: NM,
-             layout: str, recompute: bool) -> torch.Tensor:
+             recompute: bool) -> torch.Tensor:
     """Update ``mask`` (if ``recompute``) and ``masked = W * mask``; returns "all finite".
 
     With ``recompute=False`` the mask is authoritative and pruned weights are set to 0.
@@ -292,12 +297,12 @@ def refresh_(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, pat
                 if not recompute:
                     kernel = _kernel("fixed", weight.dtype)
                     return kernel(_flat(weight), _flat(mask, torch.uint8), _flat(masked))
-                plan = _row_plan(weight, pattern.m, layout)
+                plan = _row_plan(weight, pattern.m, pattern.layout)
                 if plan is not None and pattern.m <= _COMPILE_MAX_M:
-                    return _refresh_compiled(weight, mask, masked, pattern, layout, plan)
+                    return _refresh_compiled(weight, mask, masked, pattern, plan)
             except Exception as error:  # any compile/runtime failure: eager for good
                 _disable(error)
-        return _refresh_eager(weight, mask, masked, pattern, layout, recompute)
+        return _refresh_eager(weight, mask, masked, pattern, recompute)
 
 
 def _decay_tensor(decay: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

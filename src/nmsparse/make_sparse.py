@@ -1,0 +1,211 @@
+"""``sparsify(model, ...)`` makes a model's eligible layers sparse in place; ``finalize``
+bakes the masks in and removes every trace of nmsparse.
+
+The returned :class:`~nmsparse.handle.SparsityHandle` reports every eligible layer (made
+sparse, or why not) and owns the per-step machinery. Training then needs no extra call: the
+optimizer step hooks (:mod:`nmsparse.step_hooks`) run each method inside
+``optimizer.step()``. A later ``sparsify`` may make other, still dense, layers sparse with
+other patterns and methods; each call returns its own handle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import step_hooks
+from .grouping import check_layout
+from .handle import LayerReport, SparsityHandle
+from .masks import nonfinite_error
+from .methods import Method, make_method
+from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
+from .sparse_module import attach, attach_tied, detach, detach_tied, sparse_states, tied_states
+from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
+
+_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
+
+
+def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:4",
+             method: str | Method = "srste", decay: float | None = None, *,
+             include: str | Sequence[str] | None = None,
+             exclude: str | Sequence[str] | None = None, layout: str = "in",
+             strict: bool = False, masks: Mapping[str, torch.Tensor] | None = None,
+             tied: str = "dense", **method_options) -> SparsityHandle:
+    """Make ``model``'s eligible layers sparse in place and return the handle.
+
+    Args:
+        pattern: a pattern for every layer (``"2:4"`` keeps 2 of every 4, any
+            :class:`~nmsparse.patterns.Pattern`), or ``{glob: rule}`` per layer (first
+            matching glob wins), a rule being a pattern, ``None`` / ``"dense"``, or a pair
+            ``(pattern, method)``, e.g. ``{"layer1.*": ("4:8", "ste"), "fc": None,
+            "*": ("2:4", SRSTE(decay=2e-4))}``.
+        method: the method of rules that name none: a registered name (``"srste"``,
+            ``"ste"``, ``"fixed"``, ``"asp"``, ...) or a :class:`~nmsparse.methods.Method`.
+        decay, **method_options: hyperparameters of ``method`` given by name (``decay`` is
+            SR-STE's refinement strength, 2e-4 by default); an unknown one is an error.
+        include / exclude: globs on qualified module (or weight) names.
+        layout: grouping of ``"N:M"`` specs: ``"in"`` (input channels, the hardware
+            layout) or ``"flat"`` (memory order).
+        strict: raise instead of skipping a layer whose shape cannot take its pattern.
+        masks: ``{weight name: bool mask}`` to start from instead of the method's initial
+            mask (a one-shot pruner's result, a saved ticket); each must follow its layer's
+            pattern, and every name must be a weight this call makes sparse.
+        tied: a weight that other modules also read (an LM head tied to the input
+            embedding): ``"dense"`` (default) keeps it dense, with the reason in the report;
+            ``"sparse"`` makes it sparse for every module that reads it, so the trained and
+            the finalized model compute the same.
+    """
+    if tied not in ("dense", "sparse"):
+        raise ValueError(f"tied must be 'dense' or 'sparse', got {tied!r}")
+    default_method = make_method(method, decay, **method_options)
+    check_layout(layout)
+    candidates = list(eligible_weights(model))
+    if not candidates:
+        raise ValueError("the model has no layer nmsparse can make sparse "
+                         "(nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention)")
+    names = [(module_name, qualified(module_name, param)) for module_name, _, param in
+             candidates]
+    choices = choose(names, pattern, include, exclude, method=default_method, layout=layout)
+
+    holders = _holders(model)
+    handle = SparsityHandle(model, [])
+    plan, seen = [], {}
+    for (module_name, module, param), (_, name), (chosen, how, reason) in zip(
+            candidates, names, choices, strict=True):
+        weight = module._parameters[param]
+        if chosen is not None:
+            chosen = layer_pattern(module, chosen)
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{name} is uninitialized (a lazy module): run one forward pass "
+                             "before sparsify")
+        if getattr(weight, STATE_ATTRIBUTE, None) is not None:
+            if chosen is not None:
+                raise ValueError(f"{name} is already sparse; call nmsparse.finalize(model) "
+                                 "first, or leave it out of this call (include/exclude)")
+            continue  # sparse from an earlier call and not asked for: not this handle's
+        others = [other for other, m, p in holders.get(id(weight), ())
+                  if (m, p) != (module, param)]
+        if chosen is not None and others and tied == "dense":
+            chosen, reason = None, (f"tied to {', '.join(others)}: kept dense (tied='sparse' "
+                                    "makes it sparse for every module that reads it)")
+        if chosen is not None and id(weight) in seen:
+            chosen, reason = None, f"tied to {seen[id(weight)]}: reads its sparse weight"
+        if chosen is not None and not torch.is_floating_point(weight):
+            chosen, reason = None, f"dtype {weight.dtype} is not floating point"
+        if chosen is not None and (error := chosen.why_not(tuple(weight.shape))):
+            if strict:
+                raise ValueError(f"{name}: {error} (strict=True)")
+            chosen, reason = None, error
+        handle.layers.append(LayerReport(name, type(module).__name__, tuple(weight.shape),
+                                         chosen, reason, how if chosen is not None else None))
+        if chosen is not None:
+            seen[id(weight)] = name
+            plan.append((module_name, SparseWeight(module, param, name, chosen, how, handle)))
+    if not plan:
+        raise ValueError(f"no layer of the model can take the requested pattern:\n{handle}")
+    given = dict(masks or {})
+    unknown = sorted(set(given) - {w.name for _, w in plan})
+    if unknown:
+        raise ValueError(f"masks given for weights this call does not make sparse: {unknown}; "
+                         f"sparse here: {[w.name for _, w in plan]}")
+
+    # Every mask is computed and checked before the model is touched: an error changes nothing.
+    initial = []
+    for _, w in plan:
+        if not bool(torch.isfinite(w.dense).all()):
+            raise nonfinite_error(w.name)
+        initial.append(_initial_mask(w, given.get(w.name)))
+    for _, w in plan:
+        if w.mask_name in w.module._buffers or hasattr(w.module, w.mask_name):
+            raise ValueError(f"{w.name}: the module already has an attribute "
+                             f"{w.mask_name!r} (torch.nn.utils.prune applied?)")
+    for (_, w), mask in zip(plan, initial, strict=True):
+        attach(w.module, w, mask)
+        handle.weights[w.name] = w
+        w.refresh()
+        for _, module, param in holders.get(id(w.dense), ()):
+            if (module, param) != (w.module, w.param_name):
+                attach_tied(module, param, w)
+    # DDP would broadcast the masks every forward; they are equal on all ranks anyway
+    # because they are a deterministic function of the (synchronised) weights.
+    ignored = list(getattr(model, _DDP_IGNORE, []))
+    ignored += [qualified(module_name, w.mask_name) for module_name, w in plan]
+    setattr(model, _DDP_IGNORE, ignored)
+    step_hooks.register(handle)
+    return handle
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Every (qualified name, module, parameter name) holding each Parameter, by its id."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules():
+        for param, value in module._parameters.items():
+            if value is not None:
+                holders.setdefault(id(value), []).append(
+                    (qualified(module_name, param), module, param))
+    return holders
+
+
+def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
+    mask = w.method.initial_mask(w) if given is None else given
+    source = f"{w.method!r}.initial_mask" if given is None else "the given mask"
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+            or mask.shape != w.dense.shape:
+        raise ValueError(f"{w.name}: {source} must be a bool tensor of shape "
+                         f"{tuple(w.dense.shape)}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
+    found = w.pattern.violations(mask)
+    if not found.ok:
+        raise ValueError(f"{w.name}: {source} breaks pattern {w.pattern} in "
+                         f"{found.violating} of {found.groups} groups")
+    return mask.to(w.dense.device).contiguous()
+
+
+def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
+    """Bake ``weights``' masks in, restore their modules' classes and release their handles."""
+    chosen = {id(w) for w in weights}
+    mask_names, handles = set(), {}
+    for module_name, module in model.named_modules():
+        states = sparse_states(module)
+        names = [param for param, w in states.items() if id(w) in chosen]
+        for param in names:
+            w = states[param]
+            mask_names.add(qualified(module_name, w.mask_name))
+            if w.handle is not None:
+                handles[id(w.handle)] = w.handle
+        detach(module, names)
+    for module in model.modules():
+        if tied_states(module):
+            detach_tied(module, weights)
+    for handle in handles.values():
+        handle.weights = {name: w for name, w in handle.weights.items() if id(w) not in chosen}
+        if not handle.weights:
+            handle.release()
+    ignored = [name for name in getattr(model, _DDP_IGNORE, []) if name not in mask_names]
+    if hasattr(model, _DDP_IGNORE):
+        if ignored:
+            setattr(model, _DDP_IGNORE, ignored)
+        else:
+            delattr(model, _DDP_IGNORE)
+
+
+def handles_of(model: nn.Module) -> list[SparsityHandle]:
+    """The live handles of ``model``'s sparse weights, in the order of its modules (for
+    frameworks that build the model elsewhere, e.g. to checkpoint ``handle.state_dict()``)."""
+    found = {id(w.handle): w.handle for module in model.modules()
+             for w in sparse_states(module).values() if w.handle is not None}
+    return list(found.values())
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Bake every mask into its weight and remove all nmsparse machinery, in place.
+
+    The result has the original module classes and ``state_dict()`` keys, loads into the
+    unmodified architecture and computes the same outputs. Returns ``model``.
+    """
+    weights = [w for module in model.modules() for w in sparse_states(module).values()]
+    finalize_weights(model, weights)
+    return model

@@ -1,0 +1,16 @@
+"""Training methods, found by name in :data:`METHODS` (see :mod:`nmsparse.methods.base` for
+the protocol and how to write one)."""
+
+from .base import (
+    METHODS,
+    Method,
+    Step,
+    kept_gradient_only,
+    make_method,
+    straight_through,
+)
+from .fixed import ASP, Fixed
+from .ste import SRSTE, STE
+
+__all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
+           "make_method", "straight_through"]

@@ -1,0 +1,171 @@
+"""The method protocol: how a sparse weight's mask evolves and what gradient its dense weight
+gets, over the life of a training run.
+
+A :class:`Method` is a frozen dataclass of hyperparameters with a lifecycle of hooks, each
+given a :class:`~nmsparse.sparse_weight.SparseWeight` ``w`` (``w.dense``, ``w.mask``,
+``w.pattern``, ``w.state``) or the list of them the method drives:
+
+* :meth:`~Method.score` - what the pattern ranks (default ``|w|``);
+* :meth:`~Method.initial_mask` - the mask at ``sparsify`` time (default: the pattern applied
+  to the scores);
+* :meth:`~Method.refresh` - bring the mask and the forward weight up to date after the dense
+  weight changed (an optimizer step, ``load_state_dict``, a manual edit). Default: the mask
+  follows the scores (STE, SR-STE). Fixed masks keep the mask and zero the pruned weights;
+* :meth:`~Method.masked_weight` - what forward uses, and through it which gradient the dense
+  weight gets (default: straight through to every entry);
+* :meth:`~Method.before_step` - inside ``optimizer.step()``, once the gradients are final
+  (DDP-averaged, accumulated, unscaled, after a closure ran), before the update;
+* :meth:`~Method.after_step` - after the update, once the masks have been refreshed.
+
+Step hooks receive a :class:`Step`: the step index, the optimizer, and the method's own state
+dict, which the handle saves and restores (``handle.state_dict()``), like ``w.state`` per
+weight. Keep in both only tensors, numbers, strings, lists and dicts, so checkpoints load with
+``torch.load(weights_only=True)``.
+
+A subclass that sets ``name`` in its body is registered under it (a clash with another class
+raises); a subclass without one is an abstract intermediate and is not registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..sparse_weight import SparseWeight
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+@dataclass
+class Step:
+    """One optimizer step, as the step hooks see it."""
+
+    index: int  # optimizer steps completed on this handle's weights before this one
+    optimizer: torch.optim.Optimizer | None  # None: a hand-written update loop
+    state: dict[str, Any] = field(default_factory=dict)  # the method's saved state
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the cached ``W * mask``. Backward: the whole gradient to the dense ``W``."""
+
+    @staticmethod
+    def forward(ctx, weight, masked):
+        return masked.view_as(masked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _KeptOnly(torch.autograd.Function):
+    """Forward: the cached ``W * mask``. Backward: the gradient of the kept entries only."""
+
+    @staticmethod
+    def forward(ctx, weight, masked, mask):
+        ctx.save_for_backward(mask)
+        return masked.view_as(masked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
+def straight_through(w: SparseWeight) -> torch.Tensor:
+    """``W * mask`` whose gradient reaches every entry of the dense weight (STE)."""
+    return _StraightThrough.apply(w.dense, w.masked)
+
+
+def kept_gradient_only(w: SparseWeight) -> torch.Tensor:
+    """``W * mask`` whose gradient reaches only the kept entries (fixed masks)."""
+    return _KeptOnly.apply(w.dense, w.masked, w.mask)
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base class of every training method; its defaults are the straight-through estimator
+    whose masks follow ``|w|``. Override only the hooks your method changes."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            METHODS.add(cls.name, cls)
+
+    # -- what the mask ranks, and where it starts --------------------------------------------
+    def score(self, w: SparseWeight) -> torch.Tensor:
+        """The scores the pattern ranks (higher is kept); default ``|w|``."""
+        return w.dense.detach().abs()
+
+    def initial_mask(self, w: SparseWeight) -> torch.Tensor:
+        """The mask at ``sparsify`` time."""
+        return w.pattern.mask(self.score(w))
+
+    # -- keeping the forward weight current ----------------------------------------------------
+    def refresh(self, w: SparseWeight) -> torch.Tensor:
+        """Rebuild mask and cached forward weight after the dense weight changed; returns a
+        0-d bool "all finite" tensor (checked for many layers with one host sync)."""
+        if type(self).score is Method.score:
+            return w.recompute_mask()  # |w|: the fused fast path where it applies
+        return w.recompute_mask(self.score(w))
+
+    def masked_weight(self, w: SparseWeight) -> torch.Tensor:
+        """What forward passes use; its backward decides the dense weight's gradient."""
+        return straight_through(w)
+
+    # -- the optimizer step --------------------------------------------------------------------
+    def before_step(self, weights: list[SparseWeight], step: Step) -> None:
+        """Gradients are final; the update has not happened yet."""
+
+    def after_step(self, weights: list[SparseWeight], step: Step) -> None:
+        """The update happened and the masks were refreshed."""
+
+    def steps_matter(self) -> bool:
+        """Whether skipping the step hooks would change training (then an update loop that
+        bypasses ``torch.optim`` gets a warning)."""
+        return (type(self).before_step is not Method.before_step
+                or type(self).after_step is not Method.after_step)
+
+    # -- training recipes ----------------------------------------------------------------------
+    def phases(self) -> tuple[str, ...]:
+        """The training phases of a run with this method: ``"dense"`` (no mask) or
+        ``"sparse"`` (this method), each as long as the run's epochs."""
+        return ("sparse",)
+
+    def options(self) -> dict[str, Any]:
+        """The hyperparameters, as given to the constructor."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def make_method(method: str | Method, decay: float | None = None, **options: Any) -> Method:
+    """A method instance from a registered name and its hyperparameters, or an instance as is.
+
+    ``decay`` is the shorthand of ``options["decay"]``. An option the method does not take is
+    an error naming the options it accepts, never silently ignored.
+    """
+    if decay is not None:
+        options["decay"] = decay
+    if isinstance(method, Method):
+        conflicts = {k: v for k, v in options.items() if getattr(method, k, v) != v
+                     or not hasattr(method, k)}
+        if conflicts:
+            raise ValueError(f"options {conflicts} conflict with the method instance {method!r}")
+        return method
+    if isinstance(method, type) and issubclass(method, Method):
+        cls = method
+    else:
+        cls = METHODS.get(method.lower() if isinstance(method, str) else method)
+    accepted = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
+        raise ValueError(f"method {cls.name!r} takes no {' or '.join(unknown)} ({takes})")
+    return cls(**options)

@@ -1,0 +1,12 @@
+"""Patterns: what a sparse weight's mask may look like (see :mod:`nmsparse.patterns.base`).
+
+``parse_pattern`` is the one place where pattern specs are read: ``"2:4"`` (N:M along the
+input dimension, keep N of every M), ``"flat:2:4"``, and every registered ``"KIND:ARGS"``.
+"""
+
+from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted, parse_pattern
+from .nm import NM
+from .on_transpose import OnTranspose
+
+__all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations", "accepted",
+           "parse_pattern"]

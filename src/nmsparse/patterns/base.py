@@ -1,0 +1,132 @@
+"""The pattern protocol: what a mask may look like, and the one grammar that names patterns.
+
+A :class:`Pattern` is a frozen value that
+
+* says why a weight shape cannot take it (:meth:`Pattern.why_not`, ``None`` if it can),
+* turns a score tensor into a bool mask of the same shape (:meth:`Pattern.mask`: higher
+  scores are kept; among equal scores the lower index wins, so masks are the same on every
+  device),
+* reports how far a tensor (a mask, or a weight whose non-zeros count as kept) is from
+  complying (:meth:`Pattern.violations`).
+
+``check``, ``summary``, packing, the kernels' eligibility checks and every training method
+use these three and nothing else, so a new pattern kind works everywhere once it implements
+them and registers.
+
+Grammar (:func:`parse_pattern`): ``"N:M"`` is the N:M pattern along the input dimension (keep
+N of every M); every other kind is written ``"KIND:ARGUMENTS"`` with a registered lower-case
+``KIND`` (``"flat:2:4"`` is N:M grouped in memory order). ``str(pattern)`` gives back a spec
+that parses to an equal pattern.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class Violations:
+    """How a tensor fares against a pattern: ``groups`` units were checked (an N:M group, a
+    block, a whole tensor), ``violating`` of them keep more than the pattern allows, and the
+    fullest unit keeps ``max_kept`` entries."""
+
+    groups: int
+    violating: int
+    max_kept: int
+
+    @property
+    def ok(self) -> bool:
+        return self.violating == 0
+
+
+class Pattern(abc.ABC):
+    """Base class of every pattern kind. A subclass that sets ``kind`` in its body is
+    registered under that name (a clash raises); one without is an abstract intermediate."""
+
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            PATTERN_KINDS.add(cls.kind, cls)
+
+    @property
+    @abc.abstractmethod
+    def density(self) -> float:
+        """Fraction of the weights kept (for a shape-independent pattern)."""
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    @abc.abstractmethod
+    def why_not(self, shape: tuple[int, ...]) -> str | None:
+        """Why a weight of ``shape`` cannot take this pattern, or ``None`` if it can."""
+
+    @abc.abstractmethod
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Bool mask of ``scores``' shape keeping what the pattern allows, highest first."""
+
+    @abc.abstractmethod
+    def violations(self, tensor: torch.Tensor) -> Violations:
+        """How ``tensor`` (non-zero = kept) breaks the pattern."""
+
+    def complies(self, tensor: torch.Tensor) -> bool:
+        return self.violations(tensor).ok
+
+    @classmethod
+    @abc.abstractmethod
+    def from_arguments(cls, arguments: str, *, layout: str) -> Pattern:
+        """Build from the text after ``"KIND:"`` (``layout``: the caller's default grouping)."""
+
+    def require(self, shape: tuple[int, ...], name: str = "the weight") -> None:
+        """Raise ``ValueError`` if a weight of ``shape`` cannot take this pattern."""
+        error = self.why_not(tuple(shape))
+        if error:
+            raise ValueError(f"{name}: {error}")
+
+
+PATTERN_KINDS: Registry[type[Pattern]] = Registry("pattern kind")
+
+_KIND = re.compile(r"\s*([a-z][a-z0-9_-]*)\s*:(.*)", re.ASCII | re.DOTALL)
+
+PatternLike = str | Pattern | tuple
+
+
+def accepted() -> str:
+    kinds = ", ".join(f"'{kind}:...'" for kind in PATTERN_KINDS.names())
+    return ("'N:M' with integers 1 <= N < M (keep N of every M), e.g. '2:4', '1:8', '4:16'"
+            + (f"; or one of the kinds {kinds}" if kinds else ""))
+
+
+def parse_pattern(spec: PatternLike, *, layout: str = "in") -> Pattern:
+    """Turn a spec into a :class:`Pattern`: a ``Pattern`` is returned as is; ``"2:4"`` or
+    ``(2, 4)`` is N:M grouped by ``layout``; ``"KIND:ARGS"`` asks the registered kind.
+
+    Anything else (``"4:2"``, ``"0:4"``, ``"2/4"``, ``"a:b"``, ``"2:4:8"``) raises
+    ``ValueError`` naming what is accepted.
+    """
+    from .nm import NM  # the shorthand's pattern; imported here: nm.py imports this module
+
+    if isinstance(spec, Pattern):
+        return spec
+    if isinstance(spec, tuple) and len(spec) == 2:
+        return NM(*spec, layout=layout)
+    if isinstance(spec, str):
+        short = NM.parse_short(spec, layout=layout)
+        if short is not None:
+            return short
+        match = _KIND.fullmatch(spec)
+        if match and match.group(1) in PATTERN_KINDS:
+            return PATTERN_KINDS.get(match.group(1)).from_arguments(match.group(2).strip(),
+                                                                    layout=layout)
+        raise ValueError(f"cannot parse pattern {spec!r}; accepted: {accepted()}")
+    raise ValueError(f"cannot parse pattern {spec!r} of type {type(spec).__name__}; "
+                     f"accepted: {accepted()}")

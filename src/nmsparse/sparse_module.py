@@ -1,0 +1,139 @@
+"""Sparse modules: how a module's weight becomes the masked weight its forward reads.
+
+A sparse weight keeps its dense ``nn.Parameter`` under its usual name (so ``state_dict()``
+keys, ``named_parameters()`` and optimizers see the dense weight) and gains a persistent bool
+buffer ``<name>_mask``. The module's class is swapped for a generated subclass whose
+``<name>`` attribute returns the forward weight of the weight's method, so any code that
+reads ``module.weight`` (``nn.Linear.forward``, ``nn.MultiheadAttention``'s functional call,
+...) computes with it. :func:`detach` bakes the mask in and restores the original class.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
+
+_SPARSE_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+# Generated classes are named so pickle can find them again in a fresh process (whole-model
+# torch.save, multiprocessing spawn): the base module, base qualname and parameter names,
+# escaped into one ASCII identifier without dots (pickle protocol 2 needs both).
+_CLASS_PREFIX = "SparseModule_s"
+_ESCAPES = (("_", "_u"), (".", "_d"))
+
+
+def _escape(part: str) -> str:
+    for raw, escaped in _ESCAPES:
+        part = part.replace(raw, escaped)
+    return part
+
+
+def _unescape(part: str) -> str:
+    for raw, escaped in reversed(_ESCAPES):
+        part = part.replace(escaped, raw)
+    return part
+
+
+# On a module that reads a weight tied to another module's sparse weight: {param name: it}.
+TIED_ATTRIBUTE = "_nmsparse_tied"
+
+
+def _masked_property(param_name: str) -> property:
+    def masked(self):
+        weight = self.__dict__.get(STATE_ATTRIBUTE, {}).get(param_name)
+        if weight is None:
+            weight = self.__dict__[TIED_ATTRIBUTE][param_name]
+        return weight.forward_weight()
+
+    return property(masked, doc=f"The {param_name} forward uses (W * mask, per the method).")
+
+
+def sparse_class(base: type, param_names: tuple[str, ...]) -> type:
+    """A subclass of ``base`` whose ``param_names`` attributes return masked weights."""
+    key = (base, param_names)
+    if key not in _SPARSE_CLASSES:
+        attributes = {name: _masked_property(name) for name in param_names}
+        parts = [base.__module__, base.__qualname__, *param_names]
+        attributes.update(_nmsparse_base=base, __module__=__name__,
+                          __qualname__=_CLASS_PREFIX + "_s".join(map(_escape, parts)))
+        _SPARSE_CLASSES[key] = type(f"Sparse{base.__name__}", (base,), attributes)
+    return _SPARSE_CLASSES[key]
+
+
+def __getattr__(name: str) -> type:
+    """Rebuild a generated sparse class from its pickled name."""
+    if not name.startswith(_CLASS_PREFIX):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, qualname, *param_names = map(_unescape,
+                                              name[len(_CLASS_PREFIX):].split("_s"))
+    base = importlib.import_module(module_name)
+    for attribute in qualname.split("."):
+        base = getattr(base, attribute)
+    return sparse_class(base, tuple(param_names))
+
+
+def original_class(module: nn.Module) -> type:
+    """The module's class as the user wrote it (not the generated sparse subclass)."""
+    return getattr(type(module), "_nmsparse_base", type(module))
+
+
+def sparse_states(module: nn.Module) -> dict[str, SparseWeight]:
+    """The module's sparse weights by parameter name (empty for a dense module)."""
+    return module.__dict__.get(STATE_ATTRIBUTE, {})
+
+
+def tied_states(module: nn.Module) -> dict[str, SparseWeight]:
+    """Weights ``module`` reads that are another module's sparse weights (tied weights)."""
+    return module.__dict__.get(TIED_ATTRIBUTE, {})
+
+
+def _sync_class(module: nn.Module) -> None:
+    """The generated class for the module's sparse and tied weights, or the original one."""
+    for attribute in (STATE_ATTRIBUTE, TIED_ATTRIBUTE):
+        if attribute in module.__dict__ and not module.__dict__[attribute]:
+            del module.__dict__[attribute]
+    names = tuple(sorted({*sparse_states(module), *tied_states(module)}))
+    base = original_class(module)
+    module.__class__ = sparse_class(base, names) if names else base
+
+
+def attach(module: nn.Module, state: SparseWeight, mask: torch.Tensor) -> None:
+    """Make ``state.param_name`` of ``module`` sparse with the given initial mask."""
+    module.register_buffer(state.mask_name, mask, persistent=True)
+    module.__dict__.setdefault(STATE_ATTRIBUTE, {})[state.param_name] = state
+    _sync_class(module)
+    setattr(state.weight, STATE_ATTRIBUTE, state)
+
+
+def attach_tied(module: nn.Module, param_name: str, state: SparseWeight) -> None:
+    """Make ``module`` read ``state``'s forward weight as its ``param_name`` (the same
+    Parameter is tied to the sparse weight), so both see the masked weight."""
+    module.__dict__.setdefault(TIED_ATTRIBUTE, {})[param_name] = state
+    _sync_class(module)
+
+
+def detach_tied(module: nn.Module, states: list[SparseWeight]) -> None:
+    """Stop ``module`` reading the forward weights of ``states``."""
+    tied = tied_states(module)
+    for name in [name for name, state in tied.items() if any(state is s for s in states)]:
+        del tied[name]
+    _sync_class(module)
+
+
+def detach(module: nn.Module, param_names: list[str] | None = None) -> None:
+    """Bake the masks of ``param_names`` (default: all) into ``module``'s weights; once no
+    sparse weight is left, restore the original class."""
+    states = sparse_states(module)
+    for name in list(states) if param_names is None else param_names:
+        state = states.pop(name)
+        state.ensure_fresh()
+        weight = module._parameters[name]
+        with torch.no_grad():
+            weight.masked_fill_(state.mask.logical_not(), 0)
+        del module._buffers[state.mask_name]
+        if getattr(weight, STATE_ATTRIBUTE, None) is state:
+            delattr(weight, STATE_ATTRIBUTE)
+    _sync_class(module)
