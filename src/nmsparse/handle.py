@@ -146,10 +146,12 @@ class SparsityHandle:
         if not step_hooks.sparse_weights_of(optimizer, only=self):
             raise ValueError("the optimizer holds none of this handle's sparse weights")
 
+        @torch.compiler.disable
         def before(opt, args, kwargs):
             return step_hooks.begin_step(opt, step_hooks.sparse_weights_of(opt, only=self),
                                          args, kwargs)
 
+        @torch.compiler.disable
         def after(opt, args, kwargs):
             step_hooks.end_step(opt, step_hooks.sparse_weights_of(opt, only=self))
 

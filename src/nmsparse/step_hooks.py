@@ -107,6 +107,9 @@ def _unattached(optimizer: torch.optim.Optimizer) -> dict:
             if not handle.is_attached_to(optimizer)}
 
 
+# The hooks run eagerly even inside a compiled train step: they are bookkeeping plus the
+# fused kernels, and tracing them would split the step into many small graphs.
+@torch.compiler.disable
 def _global_before(optimizer, args, kwargs):
     if not _live:
         uninstall_if_unused()
@@ -114,6 +117,7 @@ def _global_before(optimizer, args, kwargs):
     return begin_step(optimizer, _unattached(optimizer), args, kwargs)
 
 
+@torch.compiler.disable
 def _global_after(optimizer, args, kwargs) -> None:
     if _live:
         end_step(optimizer, _unattached(optimizer))
