@@ -147,7 +147,8 @@ def check_plain_install(epochs: int | None = 2, keep: Path | None = None) -> lis
     nmsparse = str(venv / "bin" / "nmsparse")
     train = [nmsparse, "train", "--out", "run"] + ([] if epochs is None else
                                                   ["--epochs", str(epochs)])
-    trained = step("nmsparse train (defaults)", train)
+    trained = step("nmsparse train (defaults" + ("" if epochs is None else
+                                                 f", --epochs {epochs}") + ")", train)
     assert "final test accuracy" in trained.stdout, trained.stdout[-1000:]
     for png in ("curves.png", "sad.png", "density.png"):
         assert (work / "run" / png).is_file(), f"no {png}"

@@ -19,7 +19,8 @@ def test_plain_install_runs_the_main_job(tmp_path):
     spec.loader.exec_module(module)
     rows = module.check_plain_install(epochs=2, keep=tmp_path / "plain")
     steps = [row["step"] for row in rows]
-    assert "nmsparse train (defaults)" in steps and "nmsparse export --packed" in steps
+    assert "nmsparse train (defaults, --epochs 2)" in steps
+    assert "nmsparse export --packed" in steps
     assert all(row["exit"] in (0, 2) for row in rows)
 
 
