@@ -146,17 +146,15 @@ class SparsityHandle:
         if not step_hooks.sparse_weights_of(optimizer, only=self):
             raise ValueError("the optimizer holds none of this handle's sparse weights")
 
-        @torch.compiler.disable
         def before(opt, args, kwargs):
             return step_hooks.begin_step(opt, step_hooks.sparse_weights_of(opt, only=self),
                                          args, kwargs)
 
-        @torch.compiler.disable
         def after(opt, args, kwargs):
             step_hooks.end_step(opt, step_hooks.sparse_weights_of(opt, only=self))
 
-        hooks = (optimizer.register_step_pre_hook(before),
-                 optimizer.register_step_post_hook(after))
+        hooks = (optimizer.register_step_pre_hook(step_hooks.eager_only(before)),
+                 optimizer.register_step_post_hook(step_hooks.eager_only(after)))
         self._attached.append((weakref.ref(optimizer), hooks))
         return self
 
