@@ -117,7 +117,7 @@ BAD = {
     "unparsable pattern": (lambda p: ["--pattern", "2/4"], "accepted"),
     "pattern no layer takes": (lambda p: ["--pattern", "1:512"], "no layer of the model"),
     "unknown recipe key": (lambda p: bad_recipe(p, "lrr = 0.1\n"), "unknown key 'lrr'"),
-    "wrong recipe type": (lambda p: bad_recipe(p, 'epochs = "ten"\n'), "expected int"),
+    "wrong recipe type": (lambda p: bad_recipe(p, 'epochs = "ten"\n'), "expected an integer"),
     "broken recipe": (lambda p: bad_recipe(p, "epochs: [\n", ".yaml"), "does not parse"),
     "resume of an empty folder": (lambda p: ["--resume", str(p.mkdir() or p)], "holds no run"),
     "bad option": (lambda p: ["--model-option", "hiddn=3"], "hiddn"),

@@ -7,7 +7,8 @@
 
 ``list_models()`` maps each registered name to its :class:`ModelInfo` (description, tasks,
 options with defaults). ``create_model`` also takes ``"package.module:factory"`` to build
-a user model, and ``@register_model`` adds one under a name.
+a user model, and ``@register_model`` adds one under a name. Such a name read back from a
+file (a run, a recipe) is imported only when trusted: see :mod:`nmsparse.models.trust`.
 
 Registered: ``mlp``; CIFAR ResNets ``resnet20/32/56`` (option-B shortcuts); ImageNet
 ResNets ``resnet18/34/50`` (3x3 stem without max-pool below 64 px); ``vit_tiny``;
