@@ -158,3 +158,17 @@ def test_a_sparse_weight_that_changes_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="changed shape from \\(64, 32\\) to \\(72, 32\\).*"
                                          "finalize the model"):
         model(tokens())
+
+
+def test_packed_export_stores_conv1d_dense_with_the_reason(tmp_path):
+    from nmsparse.export import load_packed, save_packed
+
+    model = make("gpt2")
+    nmsparse.sparsify(model, "2:4")
+    nmsparse.finalize(model)
+    report = save_packed(model, tmp_path / "gpt2.safetensors", "2:4", exclude="lm_head")
+    conv = [layer for layer in report.layers if "c_attn" in layer.name]
+    assert conv and all("Hugging Face Conv1D): stored dense" in layer.note for layer in conv)
+    state = load_packed(tmp_path / "gpt2.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key

@@ -279,7 +279,10 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str],
             continue
         dense_bytes = weight.numel() * weight.element_size()
         note = row.note
-        if row.status == "violation":
+        if row.pattern is not None and not isinstance(row.pattern, NM):
+            note = (f"{row.pattern} on a weight stored (in, out) (Hugging Face Conv1D): stored "
+                    "dense, the packed format holds (out, in) N:M weights")
+        elif row.status == "violation":
             note = (f"not {row.pattern}: {row.violating_groups}/{row.groups} groups keep more "
                     f"than {row.pattern.n} (up to {row.max_kept})")
         elif row.status == "ok" and not torch.is_floating_point(weight):
