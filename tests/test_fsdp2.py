@@ -90,6 +90,17 @@ def refuses_grouped_dim_sharding(mesh):
                for layer in model)
 
 
+def refuses_dtensor_forward_without_fsdp(mesh):
+    """A DTensor weight FSDP does not gather would reach forward dense: an error instead."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    layer = nn.Linear(8, 4)
+    layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+    nmsparse.sparsify(layer, "2:4")
+    with pytest.raises(RuntimeError, match="reached forward as a DTensor"):
+        layer(torch.randn(2, 8))
+
+
 def worker(rank, world, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
@@ -129,6 +140,7 @@ def worker(rank, world, init_file, out_dir):
 
     srste_step_is_exact(mesh, rank, world)
     refuses_grouped_dim_sharding(mesh)
+    refuses_dtensor_forward_without_fsdp(mesh)
 
     # finalize on the sharded model: FSDP's classes stay, outputs do not change
     x = torch.randn(4, 8)

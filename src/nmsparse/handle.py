@@ -93,7 +93,8 @@ class SparsityHandle:
         return name in self.weights
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """``{qualified weight name: bool mask}``; the live buffers, updated in place."""
+        """``{qualified weight name: bool mask}``; the live buffers, updated in place (DTensors
+        sharded like their weights under FSDP2)."""
         self.refresh()
         return {name: w.mask for name, w in self.weights.items()}
 

@@ -110,6 +110,7 @@ def detach(module: nn.Module, param_names: list[str] | None = None) -> None:
     for name in list(states) if param_names is None else param_names:
         state = states.pop(name)
         state.zero_pruned()
+        state.remove_hooks()
         weight = module._parameters[name]
         del module._buffers[state.mask_name]
         if getattr(weight, STATE_ATTRIBUTE, None) is state:

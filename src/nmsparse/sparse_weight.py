@@ -69,6 +69,7 @@ class SparseWeight:
         self._decayed_grad: tuple | None = None
         self._seen_grad: tuple | None = None  # the gradient the last step hooks saw
         self._sharded: nn.Parameter | None = None  # FSDP's sharded dense Parameter, once seen
+        self._forward_guard: Any = None  # hook handle, see _refuse_sharded_forward
         if is_dtensor(self.dense):
             check_placements(self.dense, pattern, name)
 
@@ -127,7 +128,25 @@ class SparseWeight:
         setattr(dense, STATE_ATTRIBUTE, self)
         self._sharded, self._built_from = dense, None
         self.masked = None  # built per forward from the gathered mask, never kept
+        if self._forward_guard is None:  # after FSDP's own hooks, which gather the weight
+            self._forward_guard = self.module.register_forward_pre_hook(
+                self._refuse_sharded_forward)
         return dense
+
+    def _refuse_sharded_forward(self, module: nn.Module, args: tuple) -> None:
+        """Outside FSDP's forward this attribute hands out the dense shard (FSDP needs it):
+        a forward that still sees a DTensor (tensor parallelism, with or without FSDP) would
+        compute with the dense weight, so stop it."""
+        if is_dtensor(self.dense):
+            raise RuntimeError(f"{self.name}: the sharded weight reached forward as a DTensor; "
+                               "nmsparse supports sharded weights under FSDP2's fully_shard, "
+                               "which gathers them before forward (not tensor parallelism)")
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hook a sharded weight installed (called by ``finalize``)."""
+        if self._forward_guard is not None:
+            self._forward_guard.remove()
+            self._forward_guard = None
 
     def claim(self) -> None:
         """Tag the current dense Parameter so that the step hooks find it in an optimizer
