@@ -26,11 +26,11 @@ from torch import nn
 
 from .patterns import NM, Pattern
 
-_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+PLAIN_TYPES = (torch.Tensor, nn.Parameter)  # checked first: the common case costs no call
 
 
 def is_dtensor(tensor: object) -> bool:
-    if type(tensor) in _PLAIN_TYPES:
+    if type(tensor) in PLAIN_TYPES:
         return False
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)
@@ -49,7 +49,7 @@ def version(tensor: torch.Tensor) -> int | tuple[int, int]:
     """What changes when ``tensor`` is modified in place. A DTensor has two counters: ops
     through the DTensor (an optimizer step) bump the wrapper's, edits of the local shard
     bump the shard's."""
-    if not is_dtensor(tensor):
+    if type(tensor) in PLAIN_TYPES or not is_dtensor(tensor):
         return tensor._version
     return tensor._version, local(tensor)._version
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._dtensor import (
+    PLAIN_TYPES,
     check_placements,
     gather,
     grad_key,
@@ -117,8 +118,8 @@ class SparseWeight:
         A newly sharded Parameter (``fully_shard`` after ``sparsify``, FSDP re-creating it) is
         adopted here: its placements are checked, the mask is sharded like it, and it is
         tagged so that the step hooks find it in the optimizer."""
-        dense = self.dense
-        if dense is self._sharded or not is_dtensor(dense):
+        dense = self.module._parameters[self.param_name]
+        if dense is self._sharded or type(dense) in PLAIN_TYPES or not is_dtensor(dense):
             return self._sharded  # plain, or FSDP's forward (the all-gathered plain weight)
         check_placements(dense, self.pattern, self.name)
         mask = self.mask
