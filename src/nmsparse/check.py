@@ -7,6 +7,9 @@ checked; otherwise the weight's non-zeros are (a finalized or exported model).
 For a model the eligible weights are checked (Linear, Conv, MultiheadAttention); for a state
 dict every floating 2-D to 5-D tensor whose key ends in ``weight``: narrow it with
 ``include`` / ``exclude``.
+
+Sharded models and state dicts (FSDP2, DTensors) are checked whole: each checked tensor is
+all-gathered in turn, so call ``check`` on every rank; every rank gets the same report.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._dtensor import gather
 from .grouping import check_layout
 from .patterns import Pattern
 from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
@@ -114,7 +118,7 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
         if chosen is None or error:
             report.rows.append(CheckRow(name, shape, None, note=reason or error))
             continue
-        found = chosen.violations(tensor)
+        found = chosen.violations(gather(tensor))
         report.rows.append(CheckRow(name, shape, chosen, found.groups, found.violating,
                                     found.max_kept))
     if raise_on_violation and not report.ok:

@@ -94,7 +94,8 @@ class SparsityHandle:
         return name in self.weights
 
     def masks(self) -> dict[str, torch.Tensor]:
-        """``{qualified weight name: bool mask}``; the live buffers, updated in place."""
+        """``{qualified weight name: bool mask}``; the live buffers, updated in place (DTensors
+        sharded like their weights under FSDP2)."""
         self.refresh()
         return {name: w.mask for name, w in self.weights.items()}
 
@@ -143,6 +144,8 @@ class SparsityHandle:
             raise ValueError("this handle was finalized: its model has no sparse weights left")
         if self.is_attached_to(optimizer):
             return self
+        for w in self.weights.values():
+            w.claim()  # FSDP2 may have replaced the Parameters since sparsify: tag the new ones
         if not step_hooks.sparse_weights_of(optimizer, only=self):
             raise ValueError("the optimizer holds none of this handle's sparse weights")
 

@@ -149,7 +149,7 @@ def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
 
 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
-    mask = w.method.initial_mask(w) if given is None else given
+    mask = w.initial_mask() if given is None else given
     source = f"{w.method!r}.initial_mask" if given is None else "the given mask"
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
             or mask.shape != w.dense.shape:

@@ -77,7 +77,23 @@ def __getattr__(name: str) -> type:
 
 def original_class(module: nn.Module) -> type:
     """The module's class as the user wrote it (not the generated sparse subclass)."""
-    return getattr(type(module), "_nmsparse_base", type(module))
+    return _without_sparse(type(module))
+
+
+def _without_sparse(cls: type) -> type:
+    if "_nmsparse_base" in cls.__dict__:
+        return cls._nmsparse_base
+    if not hasattr(cls, "_nmsparse_base"):
+        return cls
+    # Derived from a sparse class after sparsify (FSDP2's fully_shard makes FSDP<class>):
+    # the same derivation of the original class, so that FSDP's own class survives.
+    if cls not in _UNDERIVED:
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        _UNDERIVED[cls] = type(cls.__name__, tuple(map(_without_sparse, cls.__bases__)), body)
+    return _UNDERIVED[cls]
+
+
+_UNDERIVED: dict[type, type] = {}
 
 
 def sparse_states(module: nn.Module) -> dict[str, SparseWeight]:
@@ -129,10 +145,9 @@ def detach(module: nn.Module, param_names: list[str] | None = None) -> None:
     states = sparse_states(module)
     for name in list(states) if param_names is None else param_names:
         state = states.pop(name)
-        state.ensure_fresh()
+        state.zero_pruned()
+        state.remove_hooks()
         weight = module._parameters[name]
-        with torch.no_grad():
-            weight.masked_fill_(state.mask.logical_not(), 0)
         del module._buffers[state.mask_name]
         if getattr(weight, STATE_ATTRIBUTE, None) is state:
             delattr(weight, STATE_ATTRIBUTE)

@@ -8,16 +8,39 @@ the cached ``W * mask``, ``w.state`` the method's per-weight state (saved by the
 The cached masked weight is rebuilt only when the weight or mask tensor changed (their
 version counters say so): after an optimizer step, ``load_state_dict``, ``.to()`` or a manual
 edit. Evaluation and inference therefore cost no masking work at all.
+
+Sharded weights (FSDP2's ``fully_shard``, before or after ``sparsify``): the dense Parameter
+is a DTensor between forward passes and FSDP swaps in the all-gathered plain weight for the
+forward and backward. The mask buffer becomes a DTensor placed like the weight; refreshes, the
+SR-STE term and fixed-mask re-zeroing work on the local shards (exact: shards hold whole
+groups, see :mod:`nmsparse._dtensor`). In FSDP's forward the mask is all-gathered and the
+masked weight is built afresh (not cached, so the full-size tensors live only as long as
+autograd needs them). Outside forward, ``module.weight`` is FSDP's sharded dense Parameter
+itself: FSDP reads its parameters back through that attribute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ._dtensor import (
+    PLAIN_TYPES,
+    check_placements,
+    gather,
+    grad_key,
+    is_dtensor,
+    local,
+    local_like,
+    same_grad,
+    shard_like,
+    version,
+)
 from .fused import add_decay_, refresh_
 from .masks import nonfinite_error
 from .patterns import NM, Pattern
@@ -46,6 +69,10 @@ class SparseWeight:
         self._built_from: tuple | None = None
         self._decayed_grad: tuple | None = None
         self._seen_grad: tuple | None = None  # the gradient the last step hooks saw
+        self._sharded: nn.Parameter | None = None  # FSDP's sharded dense Parameter, once seen
+        self._forward_guard: Any = None  # hook handle, see _refuse_sharded_forward
+        if is_dtensor(self.dense):
+            check_placements(self.dense, pattern, name)
 
     def __repr__(self) -> str:
         return (f"SparseWeight({self.name!r}, pattern={str(self.pattern)!r}, "
@@ -73,12 +100,127 @@ class SparseWeight:
         if mask.shape != self.dense.shape:
             raise ValueError(f"{self.name}: mask shape {tuple(mask.shape)} differs from the "
                              f"weight shape {tuple(self.dense.shape)}")
-        found = self.pattern.violations(mask)
+        found = self.pattern.violations(gather(mask))  # every rank judges the whole mask
         if not found.ok:
             raise ValueError(f"{self.name}: the mask breaks pattern {self.pattern} in "
                              f"{found.violating} of {found.groups} groups")
+        shard = self._shard()
         with torch.no_grad():
-            self.mask.copy_(mask)
+            if shard is None:
+                self.mask.copy_(mask)
+            else:
+                local(self.mask).copy_(local_like(mask, shard))
+
+    # -- sharded dense weights (FSDP2) ---------------------------------------------------------
+    def _shard(self) -> nn.Parameter | None:
+        """FSDP's sharded dense Parameter (a DTensor), or ``None`` for a plain weight.
+
+        A newly sharded Parameter (``fully_shard`` after ``sparsify``, FSDP re-creating it) is
+        adopted here: its placements are checked, the mask is sharded like it, and it is
+        tagged so that the step hooks find it in the optimizer."""
+        dense = self.module._parameters[self.param_name]
+        if dense is self._sharded or type(dense) in PLAIN_TYPES or not is_dtensor(dense):
+            return self._sharded  # plain, or FSDP's forward (the all-gathered plain weight)
+        check_placements(dense, self.pattern, self.name)
+        mask = self.mask
+        if not is_dtensor(mask) or mask.device_mesh != dense.device_mesh \
+                or mask.placements != dense.placements:
+            self.module._buffers[self.mask_name] = shard_like(mask, dense)
+        setattr(dense, STATE_ATTRIBUTE, self)
+        self._sharded, self._built_from = dense, None
+        self.masked = None  # built per forward from the gathered mask, never kept
+        if self._forward_guard is None:  # after FSDP's own hooks, which gather the weight
+            self._forward_guard = self.module.register_forward_pre_hook(
+                self._refuse_sharded_forward)
+        return dense
+
+    def _refuse_sharded_forward(self, module: nn.Module, args: tuple) -> None:
+        """Outside FSDP's forward this attribute hands out the dense shard (FSDP needs it):
+        a forward that still sees a DTensor (tensor parallelism, with or without FSDP) would
+        compute with the dense weight, so stop it."""
+        if is_dtensor(self.dense):
+            raise RuntimeError(f"{self.name}: the sharded weight reached forward as a DTensor; "
+                               "nmsparse supports sharded weights under FSDP2's fully_shard, "
+                               "which gathers them before forward (not tensor parallelism)")
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hook a sharded weight installed (called by ``finalize``)."""
+        if self._forward_guard is not None:
+            self._forward_guard.remove()
+            self._forward_guard = None
+
+    def claim(self) -> None:
+        """Tag the current dense Parameter so that the step hooks find it in an optimizer
+        (adopting it if FSDP sharded it since)."""
+        if self._shard() is None:
+            setattr(self.dense, STATE_ATTRIBUTE, self)
+
+    def initial_mask(self) -> torch.Tensor:
+        """The method's mask at ``sparsify`` time. For a sharded weight the method ranks this
+        rank's shard (whole groups) and the full mask is gathered from all ranks."""
+        dense = self.dense
+        if not is_dtensor(dense):
+            return self.method.initial_mask(self)
+        shard = local(dense)
+        mask = self.method.initial_mask(_View(self, shard, None, None))
+        if not isinstance(mask, torch.Tensor) or mask.shape != shard.shape:
+            return mask  # wrong: the caller's check says what was expected
+        from torch.distributed.tensor import DTensor
+
+        return gather(DTensor.from_local(mask, dense.device_mesh, dense.placements,
+                                         run_check=False, shape=dense.shape,
+                                         stride=dense.stride()))
+
+    @contextlib.contextmanager
+    def _shard_installed(self, shard: nn.Parameter) -> Iterator[None]:
+        """Let the method see the shard as ``dense`` during FSDP's forward, then put FSDP's
+        all-gathered weight back."""
+        params = self.module._parameters
+        current = params[self.param_name]
+        if current is shard:
+            yield
+            return
+        params[self.param_name] = shard
+        try:
+            yield
+        finally:
+            params[self.param_name] = current
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, mask, masked)`` to compute on: the layer's own (``masked`` being the
+        forward cache), or for a sharded weight the local shards and a scratch ``masked``."""
+        shard = self._shard()
+        if shard is None:
+            self._prepare_cache()
+            return self.dense, self.mask, self.masked
+        if self.dense is not shard:
+            raise RuntimeError(f"{self.name}: the mask of a sharded weight cannot be rebuilt "
+                               "inside FSDP's forward; call it between steps")
+        weight = local(shard)
+        return weight, local(self.mask), torch.empty_like(weight)
+
+    def _shard_fingerprint(self, shard: nn.Parameter) -> tuple:
+        mask = self.mask
+        weight_shard, mask_shard = local(shard), local(mask)
+        return (version(shard), weight_shard.data_ptr(), weight_shard.dtype,
+                weight_shard.device, version(mask), mask_shard.data_ptr(), mask_shard.device)
+
+    def _sharded_forward_weight(self, shard: nn.Parameter) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()
+        dense = self.dense
+        if dense is shard:
+            # Between forward passes FSDP reads its sharded Parameter back through this
+            # attribute (lazy init, load_state_dict): it must get the Parameter itself.
+            if not compiling:
+                self.ensure_fresh()
+            return shard
+        if not compiling:
+            self.ensure_fresh()  # a shard edited since its last refresh is redone first
+        with torch.no_grad():
+            mask = gather(self.mask)  # all ranks run the same forward: one all-gather each
+            masked = torch.where(mask, dense, torch.zeros((), dtype=dense.dtype,
+                                                          device=dense.device))
+        return self.method.masked_weight(_View(self, dense, mask, masked))
 
     # -- keeping the forward weight current ----------------------------------------------------
     def _fingerprint(self) -> tuple:
@@ -87,9 +229,12 @@ class SparseWeight:
                 mask._version, mask.data_ptr(), mask.device)
 
     def is_fresh(self) -> bool:
-        if self._built_from is None or self.masked is None:
+        shard = self._shard()
+        if self._built_from is None:
             return False
-        if self._built_from[:-1] != self._fingerprint():
+        if shard is not None:
+            return self._built_from == self._shard_fingerprint(shard)
+        if self.masked is None or self._built_from[:-1] != self._fingerprint():
             return False
         if self.masked._version != self._built_from[-1]:
             raise RuntimeError(
@@ -114,6 +259,12 @@ class SparseWeight:
 
     def refresh(self) -> torch.Tensor:
         """Rebuild mask and forward weight per the method; returns a 0-d "all finite" tensor."""
+        shard = self._shard()
+        if shard is not None:
+            with self._shard_installed(shard):
+                finite = self.method.refresh(self)
+            self._built_from = self._shard_fingerprint(shard)
+            return finite
         self._prepare_cache()
         finite = self.method.refresh(self)
         self._built_from = (*self._fingerprint(), self.masked._version)
@@ -126,57 +277,79 @@ class SparseWeight:
 
     def forward_weight(self) -> torch.Tensor:
         """What forward passes use (per the method), rebuilt first if stale."""
+        shard = self._shard()
+        if shard is not None:
+            return self._sharded_forward_weight(shard)
         if not torch.compiler.is_compiling():
             self.ensure_fresh()
         return self.method.masked_weight(self)
+
+    def zero_pruned(self) -> None:
+        """Set the pruned dense weights to 0 for good (what ``finalize`` does)."""
+        self.ensure_fresh()
+        shard = self._shard()
+        weight = self.dense if shard is None else local(shard)
+        with torch.no_grad():
+            weight.masked_fill_(local(self.mask).logical_not(), 0)
 
     # -- building blocks for methods -------------------------------------------------------------
     def recompute_mask(self, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Set the mask to the pattern applied to ``scores`` (``None``: ``|w|``, on the fused
         fast path where it applies) and rebuild ``masked``; returns "all finite"."""
-        self._prepare_cache()
-        weight = self.dense
+        weight, mask, masked = self._tensors()
         if scores is None and isinstance(self.pattern, NM):
-            return refresh_(weight, self.mask, self.masked, self.pattern, recompute=True)
+            return refresh_(weight, mask, masked, self.pattern, recompute=True)
         with torch.no_grad():
             finite = torch.isfinite(weight).all()
             if scores is None:
                 scores = weight.detach().abs()
-            self.mask.copy_(self.pattern.mask(scores))
-            torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype,
-                                                       device=weight.device), out=self.masked)
+            elif self._sharded is not None:
+                scores = local_like(scores, self._sharded)  # row-local: shards hold whole groups
+            mask.copy_(self.pattern.mask(scores))
+            torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device),
+                        out=masked)
         return finite
 
     def enforce_mask(self) -> torch.Tensor:
         """Keep the mask, set the pruned dense weights to 0 and rebuild ``masked``."""
-        self._prepare_cache()
-        return refresh_(self.dense, self.mask, self.masked, self.pattern, recompute=False)
+        weight, mask, masked = self._tensors()
+        return refresh_(weight, mask, masked, self.pattern, recompute=False)
 
     def add_pruned_to_grad(self, decay: float) -> None:
         """Add ``decay * (1 - mask) * W`` to the dense weight's gradient, once per gradient."""
-        grad = self.dense.grad
+        shard = self._shard()
+        weight = self.dense if shard is None else shard
+        grad = weight.grad
         if grad is None or decay == 0:
             return
         # A nested optimizer (e.g. ZeroRedundancyOptimizer) steps twice on the same gradient.
-        if self._decayed_grad == (id(grad), grad._version):
+        if same_grad(self._decayed_grad, grad):
             return
-        add_decay_(grad, self.dense, self.mask, decay)
-        self._decayed_grad = (id(grad), grad._version)
+        if shard is None:
+            add_decay_(grad, weight, self.mask, decay)
+        else:  # FSDP has reduce-scattered the gradient: this rank's rows, all local
+            add_decay_(local_like(grad, shard), local(shard), local(self.mask), decay)
+        self._decayed_grad = grad_key(grad)
 
     # -- the bypass check ----------------------------------------------------------------------
+    def _owned(self) -> nn.Parameter:
+        """The dense Parameter the optimizer updates (FSDP's shard, if sharded)."""
+        return self.dense if self._sharded is None else self._sharded
+
     def saw_gradient(self) -> None:
         """The step hooks ran on the current gradient (called by the handle)."""
-        grad = self.dense.grad
-        self._seen_grad = None if grad is None else (id(grad), grad._version)
+        grad = self._owned().grad
+        self._seen_grad = None if grad is None else grad_key(grad)
 
     def _warn_if_step_skipped(self) -> None:
         """A gradient the step hooks never saw, and a weight that changed since: an update
         loop bypassed ``torch.optim``, so the method's step hooks (the SR-STE term, mask
         updates) were skipped. Say so once per handle rather than train silently as STE."""
-        grad, handle = self.dense.grad, self.handle
+        weight, handle = self._owned(), self.handle
+        grad = weight.grad
         if (grad is None or self._built_from is None or handle is None
-                or self._built_from[0] == self.dense._version
-                or self._seen_grad == (id(grad), grad._version)
+                or self._built_from[0] == version(weight)
+                or same_grad(self._seen_grad, grad)
                 or not self.method.steps_matter() or handle.warned_bypass):
             return
         handle.warned_bypass = True
@@ -191,6 +364,20 @@ class SparseWeight:
         state = dict(self.__dict__)
         state.update(_built_from=None, _decayed_grad=None, _seen_grad=None)
         return state
+
+
+
+class _View:
+    """A sparse weight as a method sees it through other tensors: in FSDP's forward the
+    all-gathered dense weight, the gathered mask and their product; at ``sparsify`` time the
+    local shard. Anything else is the sparse weight's own."""
+
+    def __init__(self, weight: SparseWeight, dense: torch.Tensor, mask: torch.Tensor | None,
+                 masked: torch.Tensor | None) -> None:
+        self._weight, self.dense, self.mask, self.masked = weight, dense, mask, masked
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._weight, name)
 
 
 def raise_if_nonfinite(states: list[SparseWeight], finite_flags: list[torch.Tensor]) -> None:
