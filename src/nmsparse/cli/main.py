@@ -15,6 +15,7 @@ from typing import Any
 
 from ..methods import METHODS
 from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS
+from .prune import add_prune_command, run_prune
 
 EXIT_BAD_INPUT = 2
 
@@ -77,6 +78,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--recipe", help="TOML or YAML file of settings; flags override it")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    run.add_argument("--init", default=keep, metavar="RUN_DIR|CHECKPOINT",
+                     help="start from these weights and masks (a run, or 'nmsparse prune' "
+                     "output); its model, data and sparsity settings are the defaults")
     run.add_argument("--out", default=keep, help="run folder (default runs/<name>-<time>)")
     run.add_argument("--seed", type=int, default=keep)
     run.add_argument("--device", default=keep, help="auto (CUDA if present), cpu, cuda[:N]")
@@ -111,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write the export into")
     export.add_argument("--packed", action="store_true", help="one packed N:M file "
                         "(model.packed.safetensors) instead of dense-with-zeros")
+    add_prune_command(commands, _parse_option)
     commands.add_parser("bench", help="GPU kernel benchmark (nmsparse bench --help)",
                         add_help=False, prefix_chars="\0")
     commands.add_parser("models", help="list the registered models")
@@ -152,6 +157,10 @@ def _train(args: argparse.Namespace) -> int:
         payload = checkpoint.load(args.resume)
         config = from_dict({**payload["config"], **overrides, "out": args.resume}).validate()
     else:
+        if "init" in overrides:
+            from ..train.init import inherited_settings
+
+            overrides = {**inherited_settings(overrides["init"]), **overrides}
         config = resolve(args.recipe, overrides)
     world = distributed.setup(config.device)
     try:
@@ -251,7 +260,7 @@ def _datasets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "summary": _summary, "export": _export,
-            "bench": _bench, "models": _models, "datasets": _datasets}
+            "prune": run_prune, "bench": _bench, "models": _models, "datasets": _datasets}
 
 
 def main(argv: list[str] | None = None) -> int:
