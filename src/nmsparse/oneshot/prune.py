@@ -138,6 +138,7 @@ def _plan(model: nn.Module, pattern: Pattern, pruner: Pruner, include, exclude
 
 def _prune_one(target: Target, pruner: Pruner, statistic, pattern: Pattern
                ) -> torch.Tensor:
+    """Prune one weight in place; returns its mask as the Parameter is stored."""
     matrix = target.matrix()
     pruned, mask = pruner.prune(matrix, statistic, pattern)
     found = pattern.violations(mask)
@@ -145,7 +146,7 @@ def _prune_one(target: Target, pruner: Pruner, statistic, pattern: Pattern
         raise RuntimeError(f"{pruner.name} produced a mask for {target.name} that breaks "
                            f"{pattern} in {found.violating} of {found.groups} groups")
     target.write(pruned * mask)
-    return mask
+    return target.to_parameter_layout(mask)
 
 
 def _prune_with_statistics(targets: Sequence[Target], pruner: Pruner, pattern: Pattern,
@@ -275,7 +276,7 @@ def _hold_masks(model: nn.Module, pattern: Pattern, targets: list[Target],
                 masks: Mapping[str, torch.Tensor], then) -> object | None:
     """Hand the masks of the weights ``sparsify`` can hold to it (the one place that decides
     how a pruned weight is kept sparse); the others stay pruned by their zeros."""
-    held = {t.name: t.to_parameter_layout(masks[t.name]) for t in targets if t.sparsifiable}
+    held = {t.name: masks[t.name] for t in targets if t.sparsifiable}
     if then is None or not held:
         return None
     rules = {glob.escape(name): pattern for name in held}
