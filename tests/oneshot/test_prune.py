@@ -249,3 +249,23 @@ def test_include_and_exclude_select_layers():
     result = prune(model, "2:4", "magnitude", exclude="lm_head")
     assert not next(x for x in result.layers if x.name == "lm_head.weight").pruned
     assert "lm_head.weight" not in result.handle.weights
+
+
+class _WithUnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_layer_no_calibration_input_reaches_is_named():
+    model = _WithUnusedLayer()
+    before = model.unused.weight.detach().clone()
+    with pytest.raises(ValueError, match="unused.weight: no calibration input"):
+        prune(model, "2:4", "wanda", calibration=[torch.randn(4, 8)])
+    assert torch.equal(model.unused.weight, before) and _hook_count(model) == 0
+    result = prune(model, "2:4", "wanda", calibration=[torch.randn(4, 8)], exclude="unused")
+    assert [layer.pruned for layer in result.layers] == [True, False]

@@ -157,6 +157,10 @@ def _prune_with_statistics(targets: Sequence[Target], pruner: Pruner, pattern: P
     with collecting(statistics):
         feed()
     for target in targets:
+        if statistics[target.module].rows == 0:
+            raise ValueError(f"{target.name}: no calibration input reached this layer (is it "
+                             "used in the forward pass?); leave it out with exclude=")
+    for target in targets:
         masks[target.name] = _prune_one(target, pruner, statistics[target.module], pattern)
     return statistics[targets[0].module].rows
 
