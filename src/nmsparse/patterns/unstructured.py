@@ -58,7 +58,7 @@ class Unstructured(Pattern):
     def why_not(self, shape: tuple[int, ...]) -> str | None:
         if len(shape) < 2:
             return (f"weight of shape {tuple(shape)} is {len(shape)}-D; unstructured pruning "
-                    "is applied to 2-D and larger weights")
+                    "needs a 2-D or larger weight")
         return None
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
