@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse import _fused
-from nmsparse._machine import cpu_model
-from nmsparse.masks import compute_mask
+from nmsparse import fused
+from nmsparse.machine import cpu_model
 from nmsparse.patterns import NM
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.md"
@@ -193,22 +192,22 @@ def run_case(case: Case, method: str, device: torch.device, warmup: int, steps: 
 
 
 def kernel_times(handle, method: str, device: torch.device, reps: int) -> dict:
-    """Median time of all layers' add_decay_ and refresh_ calls (what the hooks run)."""
-    states = handle.states()
-    decay = handle.method.decay
-    scratch = [torch.zeros_like(state.weight) for state in states]
+    """Median time of all layers' SR-STE term and mask refresh (what the step hooks run)."""
+    weights = list(handle)
+    decay = getattr(handle.method, "decay", 0.0)
     parts: dict[str, list[float]] = {"add_decay_": [], "refresh_": []}
     for _ in range(reps + 1):
+        for w in weights:
+            w.dense.grad = torch.zeros_like(w.dense)
         sync(device)
         t0 = time.perf_counter()
         if decay:
-            for state, grad in zip(states, scratch, strict=True):
-                _fused.add_decay_(grad, state.weight, state.mask, decay)
+            for w in weights:
+                w.add_pruned_to_grad(decay)
         sync(device)
         t1 = time.perf_counter()
-        for state in states:
-            _fused.refresh_(state.weight, state.mask, state.masked, state.pattern,
-                            state.layout, state.method.recomputes_mask)
+        for w in weights:
+            w.refresh()
         sync(device)
         t2 = time.perf_counter()
         parts["add_decay_"].append((t1 - t0) * 1e3)
@@ -255,7 +254,7 @@ def benchmark(args: argparse.Namespace) -> str:
         f"- command: `{shlex.join(['python', *sys.argv])}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"- fused compiled kernels: NMSPARSE_COMPILE={os.environ.get('NMSPARSE_COMPILE', 'auto')}"
-        f" (auto: CPU weights of >= {_fused.COMPILE_MIN_NUMEL} elements)",
+        f" (auto: CPU weights of >= {fused.COMPILE_MIN_NUMEL} elements)",
         f"- {warmup} warm-up steps (not timed, they include compiling), then the median of "
         f"{steps} steps; dense and sparse steps alternate, and a pair of steps during which "
         "other processes used the CPU is dropped and repeated (at most 4x; before each pair "
@@ -359,47 +358,48 @@ def check(args: argparse.Namespace) -> bool:
                         if not ok:
                             failures += 1
                             print(f"MISMATCH {pattern} {dtype} {layout} {shape} {kind}")
-    _fused.set_compile(None)
+    fused.set_compile(None)
     print(f"check: {compared} cases, {failures} mismatches in masks / masked weights / "
           f"finite flags / fixed-mask refresh; add_decay_: {decay_diffs} of {decay_total} "
           f"entries differ from eager (allowed: rounding of eager's fused multiply-add); "
-          f"compiled kernels: {len(_fused._kernels)}, dynamo graphs: "
+          f"compiled kernels: {fused.status()['kernels']}, dynamo graphs: "
           f"{torch._dynamo.utils.counters['stats']['unique_graphs']} (equal: no recompiles "
           f"across shapes and layouts); {time.perf_counter() - start:.0f} s"
-          + (" -- compiled path FAILED, fell back to eager" if _fused._broken else ""))
-    return failures == 0 and not _fused._broken
+          + (" -- compiled path FAILED, fell back to eager" if fused.status()["broken"] else ""))
+    return failures == 0 and not fused.status()["broken"]
 
 
 def _check_one(weight: torch.Tensor, pattern: NM, layout: str) -> tuple[bool, int]:
     results = {}
     for compiled in (False, True):
-        _fused.set_compile(compiled)
+        fused.set_compile(compiled)
         w = weight.clone()
         mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)  # contiguous
         masked = torch.empty_like(w)
-        finite = _fused.refresh_(w, mask, masked, pattern, layout, recompute=True)
+        grouped = NM(pattern.n, pattern.m, layout)
+        finite = fused.refresh_(w, mask, masked, grouped, recompute=True)
         fixed_w = weight.clone()
         fixed_masked = torch.empty_like(w)
-        fixed_finite = _fused.refresh_(fixed_w, mask, fixed_masked, pattern, layout,
-                                       recompute=False)
+        fixed_finite = fused.refresh_(fixed_w, mask, fixed_masked, grouped, recompute=False)
         grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(1)).to(w)
-        _fused.add_decay_(grad, w, mask, 2e-4)
+        fused.add_decay_(grad, w, mask, 2e-4)
         results[compiled] = (mask, masked, bool(finite), fixed_w, fixed_masked,
                              bool(fixed_finite), grad)
-    eager, fused = results[False], results[True]
-    reference_mask = compute_mask(weight, pattern, layout)
+    eager, compiled_result = results[False], results[True]
+    reference_mask = NM(pattern.n, pattern.m, layout).mask(weight.abs())
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    ok = (torch.equal(eager[0], reference_mask) and torch.equal(fused[0], eager[0])
-          and _same(fused[1], torch.where(eager[0], weight, zero))
-          and fused[2] == eager[2] == bool(torch.isfinite(weight).all())
-          and _same(fused[3], eager[3]) and _same(fused[4], eager[4])
-          and fused[5] == eager[5])
+    ok = (torch.equal(eager[0], reference_mask) and torch.equal(compiled_result[0], eager[0])
+          and _same(compiled_result[1], torch.where(eager[0], weight, zero))
+          and compiled_result[2] == eager[2] == bool(torch.isfinite(weight).all())
+          and _same(compiled_result[3], eager[3]) and _same(compiled_result[4], eager[4])
+          and compiled_result[5] == eager[5])
     finite = torch.isfinite(weight)
     if bool(finite.all()):
-        diff = fused[6] != eager[6]
+        diff = compiled_result[6] != eager[6]
         # a difference must be one rounding step: at most one unit in the last place
         spacing = torch.finfo(weight.dtype).eps * eager[6].abs().float().clamp_min(1e-30)
-        ok = ok and bool(((fused[6].float() - eager[6].float()).abs() <= spacing).all())
+        gap = (compiled_result[6].float() - eager[6].float()).abs()
+        ok = ok and bool((gap <= spacing).all())
         return ok, int(diff.sum())
     return ok, 0
 

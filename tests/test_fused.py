@@ -1,4 +1,4 @@
-"""Tests for nmsparse._fused: the compiled kernels reproduce the eager path bit for bit.
+"""Tests for nmsparse.fused: the compiled kernels reproduce the eager path bit for bit.
 
 Compiling is slow (about 10 s for inductor's first use in a process, then 5-20 s per mask
 kernel and ~1 s for each small one), so the shape and edge-case tests use 2:4 on float32;
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse import _fused
+from nmsparse import fused as fused_path
 from nmsparse.patterns import NM
 
 P24 = NM(2, 4)
@@ -26,9 +26,9 @@ SHAPES = [(48, 64), (33, 112), (40, 32, 3, 3), (16, 48, 3)]
 
 @pytest.fixture
 def compiled():
-    _fused.set_compile(True)
+    fused_path.set_compile(True)
     yield
-    _fused.set_compile(None)
+    fused_path.set_compile(None)
 
 
 def weights(shape, kind: str, seed: int = 0) -> torch.Tensor:
@@ -53,7 +53,7 @@ def refresh(weight: torch.Tensor, layout: str, recompute: bool = True,
     mask = torch.zeros(weight.shape, dtype=torch.bool) if mask is None else mask.clone()
     masked = torch.empty_like(weight)
     nm = NM(pattern.n, pattern.m, layout)
-    finite = _fused.refresh_(weight, mask, masked, nm, recompute)
+    finite = fused_path.refresh_(weight, mask, masked, nm, recompute)
     return weight, mask, masked, bool(finite)
 
 
@@ -69,11 +69,11 @@ def test_compiled_refresh_is_bit_identical(compiled, shape, layout, kind):
 
 
 def _eager(fn):
-    _fused.set_compile(False)
+    fused_path.set_compile(False)
     try:
         return fn()
     finally:
-        _fused.set_compile(True)
+        fused_path.set_compile(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -98,8 +98,8 @@ def test_every_group_size_and_dtype(compiled, pattern, dtype):
         assert torch.equal(fixed[0], fixed_eager[0]) and torch.equal(fixed[2], fixed_eager[2])
         grad = weights(shape, "normal", seed=2).to(dtype)
         decayed, decayed_eager = grad.clone(), grad.clone()
-        _fused.add_decay_(decayed, weight, kept.contiguous(), 1e-2)
-        _eager(lambda d=decayed_eager, w=weight, k=kept: _fused.add_decay_(d, w, k.contiguous(),
+        fused_path.add_decay_(decayed, weight, kept.contiguous(), 1e-2)
+        _eager(lambda d=decayed_eager, w=weight, k=kept: fused_path.add_decay_(d, w, k.contiguous(),
                                                                              1e-2))
         torch.testing.assert_close(decayed, decayed_eager, rtol=torch.finfo(dtype).eps, atol=0)
         assert torch.equal(decayed[kept], grad[kept])
@@ -125,7 +125,7 @@ def test_compiled_fixed_mask_refresh_matches_eager(compiled, shape):
     weight = weights(shape, "ties")
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.5
     fused = refresh(weight, "in", recompute=False, mask=mask)
-    _fused.set_compile(False)
+    fused_path.set_compile(False)
     eager = refresh(weight, "in", recompute=False, mask=mask)
     assert torch.equal(bits(fused[0]), bits(eager[0]))  # pruned weights zeroed
     assert torch.equal(bits(fused[2]), bits(eager[2]))
@@ -138,9 +138,9 @@ def test_compiled_add_decay_matches_eager(compiled, shape):
     mask = compute_mask(weight, P24, "in").contiguous()
     grad = weights(shape, "normal", seed=2)
     fused, eager = grad.clone(), grad.clone()
-    _fused.add_decay_(fused, weight, mask, 2e-4)
-    _fused.set_compile(False)
-    _fused.add_decay_(eager, weight, mask, 2e-4)
+    fused_path.add_decay_(fused, weight, mask, 2e-4)
+    fused_path.set_compile(False)
+    fused_path.add_decay_(eager, weight, mask, 2e-4)
     # Eager CPU uses a fused multiply-add; the kernel computes exactly in float64 and rounds
     # once, so they agree unless double rounding hits a tie: allow one rounding step.
     torch.testing.assert_close(fused, eager, rtol=torch.finfo(torch.float32).eps, atol=0)
@@ -150,18 +150,18 @@ def test_compiled_add_decay_matches_eager(compiled, shape):
 def test_new_layer_shapes_do_not_recompile(compiled):
     for shape in SHAPES[:1]:  # warm: the kernels exist after this
         _, mask, _, _ = refresh(weights(shape, "normal"), "in")
-        _fused.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask, 1e-3)
+        fused_path.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask, 1e-3)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for shape in [(64, 96), (128, 32), (96, 64), (24, 64, 5, 5)]:
         _, mask, _, _ = refresh(weights(shape, "normal"), "in")
-        _fused.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask.contiguous(),
+        fused_path.add_decay_(torch.zeros(shape), weights(shape, "normal"), mask.contiguous(),
                           1e-3)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_training_with_compiled_kernels_matches_eager():
     def train(compile_on: bool):
-        _fused.set_compile(compile_on)
+        fused_path.set_compile(compile_on)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
         nmsparse.sparsify(model, "2:4", method="srste", decay=1e-2)
@@ -176,7 +176,7 @@ def test_training_with_compiled_kernels_matches_eager():
     try:
         fused, eager = train(True), train(False)
     finally:
-        _fused.set_compile(None)
+        fused_path.set_compile(None)
     for name, value in eager.items():
         if value.dtype == torch.bool:
             assert torch.equal(fused[name], value), name
@@ -188,9 +188,9 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(_fused, "_kernel", broken)
-    monkeypatch.setattr(_fused, "_broken", False)
-    _fused.set_compile(True)
+    monkeypatch.setattr(fused_path, "_kernel", broken)
+    monkeypatch.setattr(fused_path, "_broken", False)
+    fused_path.set_compile(True)
     try:
         weight = weights((48, 64), "ties")
         with pytest.warns(RuntimeWarning, match="eager path"):
@@ -200,25 +200,25 @@ def test_compile_failure_warns_once_and_falls_back(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no second warning
             refresh(weight, "in")
-            _fused.add_decay_(torch.zeros(48, 64), weight, mask, 1e-3)
+            fused_path.add_decay_(torch.zeros(48, 64), weight, mask, 1e-3)
     finally:
-        _fused.set_compile(None)
+        fused_path.set_compile(None)
 
 
 def test_compile_mode_from_environment_and_setter(monkeypatch):
-    monkeypatch.setenv(_fused.ENV_VAR, "0")
-    assert _fused.compile_mode() is False
-    monkeypatch.setenv(_fused.ENV_VAR, "1")
-    assert _fused.compile_mode() is True
-    monkeypatch.delenv(_fused.ENV_VAR)
-    assert _fused.compile_mode() is None
-    _fused.set_compile(False)
+    monkeypatch.setenv(fused_path.ENV_VAR, "0")
+    assert fused_path.compile_mode() is False
+    monkeypatch.setenv(fused_path.ENV_VAR, "1")
+    assert fused_path.compile_mode() is True
+    monkeypatch.delenv(fused_path.ENV_VAR)
+    assert fused_path.compile_mode() is None
+    fused_path.set_compile(False)
     try:
-        assert _fused.compile_mode() is False
+        assert fused_path.compile_mode() is False
     finally:
-        _fused.set_compile(None)
+        fused_path.set_compile(None)
     with pytest.raises(ValueError):
-        _fused.set_compile("yes")
+        fused_path.set_compile("yes")
 
 
 def test_automatic_mode_compiles_only_large_cpu_weights(monkeypatch):
@@ -228,11 +228,11 @@ def test_automatic_mode_compiles_only_large_cpu_weights(monkeypatch):
         calls.append(kind)
         raise RuntimeError("stop here")
 
-    monkeypatch.delenv(_fused.ENV_VAR, raising=False)
-    monkeypatch.setattr(_fused, "_kernel", recording)
-    monkeypatch.setattr(_fused, "_broken", False)
+    monkeypatch.delenv(fused_path.ENV_VAR, raising=False)
+    monkeypatch.setattr(fused_path, "_kernel", recording)
+    monkeypatch.setattr(fused_path, "_broken", False)
     refresh(weights((64, 64), "normal"), "in")  # small: eager, no compile attempt
     assert calls == []
     with pytest.warns(RuntimeWarning):
-        refresh(weights((512, _fused.COMPILE_MIN_NUMEL // 512), "normal"), "in")
+        refresh(weights((512, fused_path.COMPILE_MIN_NUMEL // 512), "normal"), "in")
     assert calls == ["refresh"]

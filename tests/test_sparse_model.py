@@ -154,12 +154,26 @@ def test_sparsify_twice_is_an_error_and_no_eligible_layer_is_an_error():
         nmsparse.sparsify(nn.LazyLinear(4), "2:4")
 
 
-def test_tied_weights_are_sparsified_once():
+def test_tied_weights_stay_dense_unless_asked_and_then_every_reader_is_sparse():
     a, b = nn.Linear(8, 8), nn.Linear(8, 8)
     b.weight = a.weight
-    handle = nmsparse.sparsify(nn.Sequential(a, b), "2:4")
+    handle = nmsparse.sparsify(nn.Sequential(a, b, nn.Linear(8, 4)), "2:4")
+    assert [layer.sparse for layer in handle.layers] == [False, False, True]
+    assert "tied to 1.weight: kept dense (tied='sparse'" in handle.layers[0].reason
+    assert "tied to 0.weight: kept dense" in handle.layers[1].reason
+
+    model = nn.Sequential(a, b)
+    handle = nmsparse.sparsify(model, "2:4", tied="sparse")
     assert [layer.sparse for layer in handle.layers] == [True, False]
-    assert "shares its Parameter with 0.weight" in handle.layers[1].reason
+    assert handle.layers[1].reason == "tied to 0.weight: reads its sparse weight"
+    assert torch.equal(b.weight, a.weight) and (a.weight == 0).sum() == 32  # both masked
+    x = torch.randn(3, 8)
+    expected = model(x)
+    nmsparse.finalize(model)
+    assert type(a) is nn.Linear and type(b) is nn.Linear and "_nmsparse_tied" not in b.__dict__
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tied must be 'dense' or 'sparse'"):
+        nmsparse.sparsify(model, "2:4", tied="yes")
 
 
 def train(model, steps, seed, opt=None):

@@ -137,7 +137,7 @@ def test_nested_optimizer_step_adds_term_once():
             return self.inner.step(closure)
 
     layer = nn.Linear(8, 4)
-    nmsparse.sparsify(layer, "2:4", decay=0.05)
+    handle = nmsparse.sparsify(layer, "2:4", decay=0.05)
     opt = Wrapper(layer.parameters())
     w0, m0 = dense(layer).detach().clone(), layer.weight_mask.clone()
     layer(torch.randn(3, 8)).sum().backward()
@@ -145,6 +145,18 @@ def test_nested_optimizer_step_adds_term_once():
     opt.step()
     torch.testing.assert_close(dense(layer).detach(), expected_step(w0, g, m0, decay=0.05),
                                rtol=0, atol=1e-7)
+    assert handle.steps == 1  # the outer step ran the methods; the inner one did not again
+
+    def failing(closure=None):
+        raise RuntimeError("boom")
+
+    opt.inner.step, real_step = failing, opt.inner.step
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    opt.inner.step = real_step
+    layer(torch.randn(3, 8)).sum().backward()
+    opt.step()  # a step that raised does not leave the handle stuck
+    assert handle.steps == 2
 
 
 @pytest.mark.parametrize("make_opt", [

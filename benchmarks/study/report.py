@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nmsparse._machine import cpu_model
+from nmsparse.machine import cpu_model
+from nmsparse.train import metrics_log
 
 from .runner import STUDY_FILE
 
@@ -97,9 +98,8 @@ def load_run(run_dir: Path) -> RunRecord | None:
                        _read_json(run_dir / "summary.json"))
     if (run_dir / STUDY_FILE).is_file():
         record.meta = _read_json(run_dir / STUDY_FILE)
-    if (run_dir / "metrics.jsonl").is_file():
-        with (run_dir / "metrics.jsonl").open(encoding="utf-8") as file:
-            record.metrics = [json.loads(line) for line in file if line.strip()]
+    if (run_dir / metrics_log.METRICS).is_file():  # the trainer's own reader: a line cut
+        record.metrics = metrics_log.read(run_dir / metrics_log.METRICS)  # by a crash ends it
     if (run_dir / "sad.csv").is_file():
         with (run_dir / "sad.csv").open(encoding="utf-8") as file:
             record.sad = [{k: float(v) for k, v in row.items() if v != ""}

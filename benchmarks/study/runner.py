@@ -37,9 +37,9 @@ def train_args(config: TrainConfig, out: Path) -> list[str]:
             continue
         if key == "plots":
             args += [] if value else ["--no-plots"]
-        elif key == "model_options":
+        elif key in ("model_options", "method_options"):  # --model-option KEY=VALUE ...
             for name, option in value.items():
-                args += ["--model-option", f"{name}={json.dumps(option)}"]
+                args += [flag[:-1], f"{name}={json.dumps(option)}"]
         elif isinstance(value, list):
             if value:
                 args += [flag, *value]

@@ -20,7 +20,7 @@ from torch import nn
 from ._table import format_table
 from .grouping import check_layout
 from .patterns import Pattern
-from .selection import PatternSpec, choose, eligible_weights, qualified
+from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
 from .sparse_module import sparse_states
 
 
@@ -75,7 +75,7 @@ def _tensors_of_model(model: nn.Module):
     for module_name, module, param in eligible_weights(model):
         state = sparse_states(module).get(param)
         tensor = state.mask if state is not None else module._parameters[param].detach()
-        yield module_name, qualified(module_name, param), tensor
+        yield module_name, qualified(module_name, param), tensor, module
 
 
 def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
@@ -84,7 +84,7 @@ def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
                 or not torch.is_floating_point(tensor) or not 2 <= tensor.dim() <= 5):
             continue
         module_name = key.rsplit(".", 1)[0] if "." in key else ""
-        yield module_name, key, state_dict.get(f"{key}_mask", tensor)
+        yield module_name, key, state_dict.get(f"{key}_mask", tensor), None
 
 
 def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
@@ -103,10 +103,12 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
                          f"tensors), got {type(model_or_state_dict).__name__}")
     if not tensors:
         raise ValueError("nothing to check: no eligible weight found")
-    choices = choose([(module, name) for module, name, _ in tensors], pattern, include,
-                     exclude, layout=layout)
+    choices = choose([(module_name, name) for module_name, name, _, _ in tensors], pattern,
+                     include, exclude, layout=layout)
     report = CheckReport()
-    for (_, name, tensor), (chosen, _, reason) in zip(tensors, choices, strict=True):
+    for (_, name, tensor, module), (chosen, _, reason) in zip(tensors, choices, strict=True):
+        if chosen is not None and module is not None:
+            chosen = layer_pattern(module, chosen)
         shape = tuple(tensor.shape)
         error = chosen.why_not(shape) if chosen is not None else None
         if chosen is None or error:

@@ -53,6 +53,7 @@ class SparsityHandle:
         self.steps = 0  # optimizer steps taken by this handle's weights
         self.method_states: dict[str, dict[str, Any]] = {}
         self.warned_bypass = False
+        self.stepping: torch.optim.Optimizer | None = None  # the optimizer mid-step
         self.finalized = False
         self._attached: list[tuple[weakref.ref, tuple]] = []
 
@@ -145,10 +146,12 @@ class SparsityHandle:
         if not step_hooks.sparse_weights_of(optimizer, only=self):
             raise ValueError("the optimizer holds none of this handle's sparse weights")
 
+        @torch.compiler.disable
         def before(opt, args, kwargs):
             return step_hooks.begin_step(opt, step_hooks.sparse_weights_of(opt, only=self),
                                          args, kwargs)
 
+        @torch.compiler.disable
         def after(opt, args, kwargs):
             step_hooks.end_step(opt, step_hooks.sparse_weights_of(opt, only=self))
 
@@ -205,6 +208,7 @@ class SparsityHandle:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_attached"] = []  # hooks belong to this process's optimizers
+        state["stepping"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -20,8 +20,8 @@ from .grouping import check_layout
 from .handle import LayerReport, SparsityHandle
 from .masks import nonfinite_error
 from .methods import Method, make_method
-from .selection import PatternSpec, choose, eligible_weights, qualified
-from .sparse_module import attach, detach, sparse_states
+from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
+from .sparse_module import attach, attach_tied, detach, detach_tied, sparse_states, tied_states
 from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
@@ -32,7 +32,7 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
              include: str | Sequence[str] | None = None,
              exclude: str | Sequence[str] | None = None, layout: str = "in",
              strict: bool = False, masks: Mapping[str, torch.Tensor] | None = None,
-             **method_options) -> SparsityHandle:
+             tied: str = "dense", **method_options) -> SparsityHandle:
     """Make ``model``'s eligible layers sparse in place and return the handle.
 
     Args:
@@ -52,7 +52,13 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
         masks: ``{weight name: bool mask}`` to start from instead of the method's initial
             mask (a one-shot pruner's result, a saved ticket); each must follow its layer's
             pattern, and every name must be a weight this call makes sparse.
+        tied: a weight that other modules also read (an LM head tied to the input
+            embedding): ``"dense"`` (default) keeps it dense, with the reason in the report;
+            ``"sparse"`` makes it sparse for every module that reads it, so the trained and
+            the finalized model compute the same.
     """
+    if tied not in ("dense", "sparse"):
+        raise ValueError(f"tied must be 'dense' or 'sparse', got {tied!r}")
     default_method = make_method(method, decay, **method_options)
     check_layout(layout)
     candidates = list(eligible_weights(model))
@@ -63,11 +69,14 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
              candidates]
     choices = choose(names, pattern, include, exclude, method=default_method, layout=layout)
 
+    holders = _holders(model)
     handle = SparsityHandle(model, [])
     plan, seen = [], {}
     for (module_name, module, param), (_, name), (chosen, how, reason) in zip(
             candidates, names, choices, strict=True):
         weight = module._parameters[param]
+        if chosen is not None:
+            chosen = layer_pattern(module, chosen)
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"{name} is uninitialized (a lazy module): run one forward pass "
                              "before sparsify")
@@ -76,8 +85,13 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
                 raise ValueError(f"{name} is already sparse; call nmsparse.finalize(model) "
                                  "first, or leave it out of this call (include/exclude)")
             continue  # sparse from an earlier call and not asked for: not this handle's
+        others = [other for other, m, p in holders.get(id(weight), ())
+                  if (m, p) != (module, param)]
+        if chosen is not None and others and tied == "dense":
+            chosen, reason = None, (f"tied to {', '.join(others)}: kept dense (tied='sparse' "
+                                    "makes it sparse for every module that reads it)")
         if chosen is not None and id(weight) in seen:
-            chosen, reason = None, f"shares its Parameter with {seen[id(weight)]} (kept dense)"
+            chosen, reason = None, f"tied to {seen[id(weight)]}: reads its sparse weight"
         if chosen is not None and not torch.is_floating_point(weight):
             chosen, reason = None, f"dtype {weight.dtype} is not floating point"
         if chosen is not None and (error := chosen.why_not(tuple(weight.shape))):
@@ -111,6 +125,9 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
         attach(w.module, w, mask)
         handle.weights[w.name] = w
         w.refresh()
+        for _, module, param in holders.get(id(w.dense), ()):
+            if (module, param) != (w.module, w.param_name):
+                attach_tied(module, param, w)
     # DDP would broadcast the masks every forward; they are equal on all ranks anyway
     # because they are a deterministic function of the (synchronised) weights.
     ignored = list(getattr(model, _DDP_IGNORE, []))
@@ -118,6 +135,17 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
     setattr(model, _DDP_IGNORE, ignored)
     step_hooks.register(handle)
     return handle
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Every (qualified name, module, parameter name) holding each Parameter, by its id."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules():
+        for param, value in module._parameters.items():
+            if value is not None:
+                holders.setdefault(id(value), []).append(
+                    (qualified(module_name, param), module, param))
+    return holders
 
 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
@@ -149,6 +177,9 @@ def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
             if w.handle is not None:
                 handles[id(w.handle)] = w.handle
         detach(module, names)
+    for module in model.modules():
+        if tied_states(module):
+            detach_tied(module, weights)
     for handle in handles.values():
         handle.weights = {name: w for name, w in handle.weights.items() if id(w) not in chosen}
         if not handle.weights:
@@ -159,6 +190,14 @@ def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
             setattr(model, _DDP_IGNORE, ignored)
         else:
             delattr(model, _DDP_IGNORE)
+
+
+def handles_of(model: nn.Module) -> list[SparsityHandle]:
+    """The live handles of ``model``'s sparse weights, in the order of its modules (for
+    frameworks that build the model elsewhere, e.g. to checkpoint ``handle.state_dict()``)."""
+    found = {id(w.handle): w.handle for module in model.modules()
+             for w in sparse_states(module).values() if w.handle is not None}
+    return list(found.values())
 
 
 def finalize(model: nn.Module) -> nn.Module:

@@ -12,8 +12,8 @@ import torch
 from .grouping import LAYOUTS, check_layout, grouping_error, kept_per_group
 from .patterns import NM
 
-__all__ = ["LAYOUTS", "check_layout", "compute_mask", "kept_per_group", "nm_mask",
-           "nonfinite_error"]
+__all__ = ["LAYOUTS", "MASK_SUFFIX", "check_layout", "compute_mask", "kept_per_group", "nm_mask",
+           "nonfinite_error", "saved_masks"]
 
 
 def compute_mask(weight: torch.Tensor, pattern: NM, layout: str | None = None) -> torch.Tensor:
@@ -45,3 +45,45 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, layout: str = "in") -> torch.T
     if not bool(torch.isfinite(weight).all()):
         raise nonfinite_error(None)
     return compute_mask(weight, pattern)
+
+
+MASK_SUFFIX = "_mask"
+
+
+def saved_masks(source) -> dict[str, torch.Tensor]:
+    """``{weight name: bool mask}`` from a state dict, a ``.safetensors`` / ``.pt`` file or a
+    Hugging Face ``save_pretrained`` folder: every bool ``<weight>_mask`` entry, ready for
+    ``sparsify(model, ..., masks=saved_masks(path))``. Masks of fixed-mask methods cannot be
+    re-derived from the weights, so a reload needs them.
+    """
+    import os
+    from pathlib import Path
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise ValueError(f"{str(path)!r} holds no .safetensors file to read masks from")
+        state: dict = {}
+        for file in files:
+            state.update(_read_tensors(file))
+    elif isinstance(source, dict) or hasattr(source, "items"):
+        state = dict(source.items())
+    else:
+        raise ValueError(f"saved_masks takes a state dict or a path, got {type(source).__name__}")
+    return {key[:-len(MASK_SUFFIX)]: value for key, value in state.items()
+            if key.endswith(MASK_SUFFIX) and isinstance(value, torch.Tensor)
+            and value.dtype == torch.bool}
+
+
+def _read_tensors(file) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    if file.suffix in (".pt", ".pth", ".bin"):
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(loaded, dict):
+            return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    raise ValueError(f"cannot read masks from {str(file)!r}: expected .safetensors, .pt, "
+                     ".pth or .bin")

@@ -49,6 +49,12 @@ class Registry(Generic[T]):
         self._origins[key] = source
         return entry
 
+    def copy(self) -> Registry[T]:
+        """An independent registry with the same entries (tests register into copies)."""
+        other = Registry(self.kind, normalize=self._normalize, error=self._error)
+        other._entries, other._origins = dict(self._entries), dict(self._origins)
+        return other
+
     def remove(self, name: str) -> None:
         key = self.key(name)
         self._entries.pop(key, None)

@@ -1,8 +1,10 @@
 """Which layers get which pattern and method: eligible weights and glob-based selection.
 
 Eligible weights: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (a grouped conv by its per-group input
-dimension) and the input projections of ``nn.MultiheadAttention`` (its output projection is
-an ``nn.Linear`` child and is eligible as such). Globs (``fnmatch``, ``*`` also crosses dots)
+dimension), the input projections of ``nn.MultiheadAttention`` (its output projection is
+an ``nn.Linear`` child and is eligible as such) and Hugging Face's ``Conv1D``, whose
+``(in, out)`` weight is grouped along its input dimension (dim 0) through
+:class:`~nmsparse.patterns.OnTranspose`. Globs (``fnmatch``, ``*`` also crosses dots)
 are matched against the qualified module name and the qualified weight name.
 
 A rule's value is a pattern spec (``"2:4"``, an :class:`~nmsparse.patterns.Pattern`, ``(2, 4)``),
@@ -18,10 +20,24 @@ from collections.abc import Iterator, Mapping, Sequence
 from torch import nn
 
 from .methods import Method, make_method
-from .patterns import Pattern, parse_pattern
+from .patterns import OnTranspose, Pattern, parse_pattern
+from .sparse_module import original_class
 
 PatternSpec = str | Pattern | tuple | None
 DENSE = "dense"
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (a Linear whose weight is stored ``(in, out)``), recognised
+    without importing transformers."""
+    cls = original_class(module)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+            and isinstance(getattr(module, "nf", None), int))
+
+
+def layer_pattern(module: nn.Module, pattern: Pattern) -> Pattern:
+    """The pattern as it applies to ``module``'s weight (transposed for ``Conv1D``)."""
+    return OnTranspose(pattern) if is_hf_conv1d(module) else pattern
 
 
 def eligible_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
@@ -30,7 +46,8 @@ def eligible_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
         if isinstance(module, nn.MultiheadAttention):
             names = (["in_proj_weight"] if module._qkv_same_embed_dim
                      else ["q_proj_weight", "k_proj_weight", "v_proj_weight"])
-        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) \
+                or is_hf_conv1d(module):
             names = ["weight"]
         else:
             continue

@@ -37,9 +37,16 @@ def _unescape(part: str) -> str:
     return part
 
 
+# On a module that reads a weight tied to another module's sparse weight: {param name: it}.
+TIED_ATTRIBUTE = "_nmsparse_tied"
+
+
 def _masked_property(param_name: str) -> property:
     def masked(self):
-        return self.__dict__[STATE_ATTRIBUTE][param_name].forward_weight()
+        weight = self.__dict__.get(STATE_ATTRIBUTE, {}).get(param_name)
+        if weight is None:
+            weight = self.__dict__[TIED_ATTRIBUTE][param_name]
+        return weight.forward_weight()
 
     return property(masked, doc=f"The {param_name} forward uses (W * mask, per the method).")
 
@@ -78,13 +85,42 @@ def sparse_states(module: nn.Module) -> dict[str, SparseWeight]:
     return module.__dict__.get(STATE_ATTRIBUTE, {})
 
 
+def tied_states(module: nn.Module) -> dict[str, SparseWeight]:
+    """Weights ``module`` reads that are another module's sparse weights (tied weights)."""
+    return module.__dict__.get(TIED_ATTRIBUTE, {})
+
+
+def _sync_class(module: nn.Module) -> None:
+    """The generated class for the module's sparse and tied weights, or the original one."""
+    for attribute in (STATE_ATTRIBUTE, TIED_ATTRIBUTE):
+        if attribute in module.__dict__ and not module.__dict__[attribute]:
+            del module.__dict__[attribute]
+    names = tuple(sorted({*sparse_states(module), *tied_states(module)}))
+    base = original_class(module)
+    module.__class__ = sparse_class(base, names) if names else base
+
+
 def attach(module: nn.Module, state: SparseWeight, mask: torch.Tensor) -> None:
     """Make ``state.param_name`` of ``module`` sparse with the given initial mask."""
     module.register_buffer(state.mask_name, mask, persistent=True)
-    states = module.__dict__.setdefault(STATE_ATTRIBUTE, {})
-    states[state.param_name] = state
-    module.__class__ = sparse_class(original_class(module), tuple(sorted(states)))
+    module.__dict__.setdefault(STATE_ATTRIBUTE, {})[state.param_name] = state
+    _sync_class(module)
     setattr(state.weight, STATE_ATTRIBUTE, state)
+
+
+def attach_tied(module: nn.Module, param_name: str, state: SparseWeight) -> None:
+    """Make ``module`` read ``state``'s forward weight as its ``param_name`` (the same
+    Parameter is tied to the sparse weight), so both see the masked weight."""
+    module.__dict__.setdefault(TIED_ATTRIBUTE, {})[param_name] = state
+    _sync_class(module)
+
+
+def detach_tied(module: nn.Module, states: list[SparseWeight]) -> None:
+    """Stop ``module`` reading the forward weights of ``states``."""
+    tied = tied_states(module)
+    for name in [name for name, state in tied.items() if any(state is s for s in states)]:
+        del tied[name]
+    _sync_class(module)
 
 
 def detach(module: nn.Module, param_names: list[str] | None = None) -> None:
@@ -100,9 +136,4 @@ def detach(module: nn.Module, param_names: list[str] | None = None) -> None:
         del module._buffers[state.mask_name]
         if getattr(weight, STATE_ATTRIBUTE, None) is state:
             delattr(weight, STATE_ATTRIBUTE)
-    if STATE_ATTRIBUTE in module.__dict__:
-        if states:
-            module.__class__ = sparse_class(original_class(module), tuple(sorted(states)))
-        else:
-            del module.__dict__[STATE_ATTRIBUTE]
-            module.__class__ = original_class(module)
+    _sync_class(module)

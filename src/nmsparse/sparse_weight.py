@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._fused import add_decay_, refresh_
+from .fused import add_decay_, refresh_
 from .masks import nonfinite_error
 from .patterns import NM, Pattern
 
@@ -100,6 +100,12 @@ class SparseWeight:
 
     def _prepare_cache(self) -> None:
         weight = self.dense
+        if weight.shape != self.mask.shape:
+            raise ValueError(
+                f"the dense weight of sparse layer {self.name!r} changed shape from "
+                f"{tuple(self.mask.shape)} to {tuple(weight.shape)} (resize_token_embeddings?); "
+                "finalize the model (nmsparse.finalize) before changing shapes, then sparsify "
+                "again")
         setattr(weight, STATE_ATTRIBUTE, self)  # a replaced Parameter must be found by hooks
         if (self.masked is None or self.masked.shape != weight.shape
                 or self.masked.dtype != weight.dtype or self.masked.device != weight.device):

@@ -59,8 +59,22 @@ def _closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, bool]:
     return (args[1], False) if len(args) > 1 and callable(args[1]) else (None, False)
 
 
+def _claim(optimizer: torch.optim.Optimizer, found: dict) -> dict:
+    """The handles this step drives. An optimizer that wraps another (accelerate's
+    AcceleratedOptimizer, ZeroRedundancyOptimizer) steps the inner one inside its own step:
+    only the outermost step runs the methods, once. A handle still marked by the same
+    optimizer had its last step raise: it is claimed afresh."""
+    claimed = {}
+    for handle, weights in found.items():
+        if handle.stepping is None or handle.stepping is optimizer:
+            handle.stepping = optimizer
+            claimed[handle] = weights
+    return claimed
+
+
 def begin_step(optimizer: torch.optim.Optimizer, found: dict, args: tuple, kwargs: dict):
     """Run ``before_step`` now, or after the closure if ``step`` was given one."""
+    found = _claim(optimizer, found)
     if not found:
         return None
     closure, by_keyword = _closure_of(args, kwargs)
@@ -82,7 +96,9 @@ def begin_step(optimizer: torch.optim.Optimizer, found: dict, args: tuple, kwarg
 
 def end_step(optimizer: torch.optim.Optimizer, found: dict) -> None:
     for handle, weights in found.items():
-        handle.run_after_step(weights, optimizer)
+        if handle.stepping is optimizer:
+            handle.stepping = None
+            handle.run_after_step(weights, optimizer)
 
 
 def _unattached(optimizer: torch.optim.Optimizer) -> dict:
@@ -91,6 +107,9 @@ def _unattached(optimizer: torch.optim.Optimizer) -> dict:
             if not handle.is_attached_to(optimizer)}
 
 
+# The hooks run eagerly even inside a compiled train step: they are bookkeeping plus the
+# fused kernels, and tracing them would split the step into many small graphs.
+@torch.compiler.disable
 def _global_before(optimizer, args, kwargs):
     if not _live:
         uninstall_if_unused()
@@ -98,6 +117,7 @@ def _global_before(optimizer, args, kwargs):
     return begin_step(optimizer, _unattached(optimizer), args, kwargs)
 
 
+@torch.compiler.disable
 def _global_after(optimizer, args, kwargs) -> None:
     if _live:
         end_step(optimizer, _unattached(optimizer))

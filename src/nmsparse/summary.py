@@ -8,15 +8,16 @@ Contract of :func:`summary`:
 * Every module with parameters of its own gets a row, so ``total.params_dense`` equals
   ``sum(p.numel() for p in model.parameters())``. A parameter shared by several modules is
   counted once, in the first module (in ``named_modules()`` order) that owns it.
-* Weights of ``nn.Linear``, ``nn.Conv{1,2,3}d``, ``nn.ConvTranspose{1,2,3}d`` and
-  ``nn.MultiheadAttention`` (``in_proj_weight`` or ``q/k/v_proj_weight``), and any parameter
-  that has a ``<name>_mask`` buffer, are *sparsifiable weights*: their kept count is the
-  number of True entries of the mask buffer when it exists, otherwise the number of nonzero
-  entries (so a finalized model counts its kept weights). Every other parameter (biases,
+* Weights of ``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Conv{1,2,3}d``,
+  ``nn.ConvTranspose{1,2,3}d`` and ``nn.MultiheadAttention`` (``in_proj_weight`` or
+  ``q/k/v_proj_weight``), and any parameter that has a ``<name>_mask`` buffer, are
+  *sparsifiable weights*: their kept count is the number of True entries of the mask
+  buffer when it exists, otherwise the number of nonzero entries (so a finalized model
+  counts its kept weights). Every other parameter (biases,
   norm and embedding parameters) counts in full.
 * MACs (multiply-accumulates) are counted for every call of those layer types, so a module
-  called twice counts twice. Each weight element is used ``uses`` times per call (Linear:
-  output rows; Conv: batch * output positions; ConvTranspose: batch * input positions;
+  called twice counts twice. Each weight element is used ``uses`` times per call (Linear and
+  Conv1D: output rows; Conv: batch * output positions; ConvTranspose: batch * input positions;
   attention projections: batch * sequence length), giving ``macs_dense = uses * numel`` and
   ``macs_sparse = uses * kept`` per weight tensor, exact integers. ``in_proj_weight`` is
   counted as its q, k and v thirds, each with its own sequence length and kept count.
@@ -43,6 +44,7 @@ import torch
 from torch import nn
 
 from ._table import format_table
+from .selection import is_hf_conv1d
 from .sparse_module import original_class
 
 __all__ = ["LayerRow", "ModelSummary", "summary"]
@@ -208,7 +210,8 @@ class _Tally:
 
 
 def _counts_macs(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, *_CONV, *_CONV_TRANSPOSE, nn.MultiheadAttention))
+    return (isinstance(module, (nn.Linear, *_CONV, *_CONV_TRANSPOSE, nn.MultiheadAttention))
+            or is_hf_conv1d(module))
 
 
 def _sparsifiable_weights(module: nn.Module,
@@ -261,6 +264,8 @@ def _layer_hook(tallies: dict[nn.Module, _Tally]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         if isinstance(module, nn.Linear):
             uses = output.numel() // module.out_features
+        elif is_hf_conv1d(module):  # weight (in, out): one use per output row
+            uses = output.numel() // module.nf
         elif isinstance(module, _CONV):
             uses = output.numel() // module.out_channels
         else:  # transposed conv: each input element meets every weight of its group once

@@ -174,7 +174,7 @@ def test_kept_negative_zero_survives_bit_exact(tmp_path):
 def test_tied_weights_and_fp16(tmp_path):
     model = mlp(dtype=torch.float16)
     model[1].weight = model[0].weight  # one shared Parameter under two keys
-    finalized(model)
+    finalized(model, tied="sparse")  # both readers use the masked weight
     path = tmp_path / "tied.nmp"
     report = save_packed(model, path, "2:4")
     assert len(report.packed_layers) == 4  # masked once through layer 0: both keys are 2:4

@@ -328,7 +328,7 @@ def test_user_factory_import_errors_name_the_module_and_reason(user_module: str)
 def test_register_model_validates_and_rejects_clashes(monkeypatch):
     from nmsparse.models import _registry
 
-    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
+    monkeypatch.setattr(_registry, "MODELS", _registry.MODELS.copy())
 
     @register_model("test_linear", description="a linear layer", tasks=("classification",),
                     smoke_options={"bias": False})

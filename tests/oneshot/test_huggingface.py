@@ -68,7 +68,7 @@ def test_llama_sparsegpt_is_closer_to_dense_than_magnitude():
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_gpt2_conv1d_is_pruned_along_its_input_dimension(method):
+def test_gpt2_conv1d_is_pruned_along_its_input_dimension_and_held(method):
     torch.manual_seed(0)
     model = _gpt2()
     result = prune(model, "2:4", method, calibration=_batches())
@@ -79,8 +79,10 @@ def test_gpt2_conv1d_is_pruned_along_its_input_dimension(method):
     assert not head.pruned and "shares its Parameter" in head.reason  # tied to wte
     pattern = parse_pattern("2:4")
     for layer in conv1d:
-        weight = model.get_parameter(layer.name)  # stored (in, out)
+        module = model.get_submodule(layer.name.rsplit(".", 1)[0])
+        weight = module._parameters["weight"]  # the dense Parameter, stored (in, out)
         mask = result.masks[layer.name]
+        assert torch.equal(result.handle[layer.name].mask, mask)  # held by sparsify
         assert mask.shape == weight.shape
         assert pattern.violations(weight.detach().t()).ok  # groups along the input dim
         assert pattern.violations(mask.t()).ok

@@ -95,7 +95,6 @@ def run_prune(args: argparse.Namespace) -> int:
         "layers": [{"name": layer.name, "shape": list(layer.shape),
                     "density": layer.density, "note": layer.reason}
                    for layer in result.layers],
-        "zeroed_only": result.zeroed_only,
     }
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.save(out / checkpoint.LATEST, {

@@ -36,7 +36,7 @@ __all__ = [
 
 def list_datasets() -> dict[str, str]:
     """``{name: one-line description}`` of every registered dataset, sorted by name."""
-    return {name: REGISTRY[name].description for name in sorted(REGISTRY)}
+    return {name: REGISTRY.get(name).description for name in REGISTRY.names()}
 
 
 def load_dataset(
@@ -60,7 +60,7 @@ def load_dataset(
     Raises :class:`DataError` (a ``ValueError``) with a one-line message for any bad input.
     """
     key = canonical_name(name)
-    spec = REGISTRY[key]
+    spec = REGISTRY.get(key)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
     if not isinstance(augment, bool):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..registry import Registry
 from ._base import DataBundle, DataError
 
 
@@ -36,7 +37,11 @@ class DatasetSpec:
     takes: frozenset[str]
 
 
-REGISTRY: dict[str, DatasetSpec] = {}
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+REGISTRY: Registry[DatasetSpec] = Registry("dataset", normalize=_canonical, error=DataError)
 
 
 def register(
@@ -48,9 +53,7 @@ def register(
         raise ValueError(f"takes may name data_dir and text_file, not {sorted(unknown)}")
 
     def decorate(fn: Loader) -> Loader:
-        if name in REGISTRY:
-            raise ValueError(f"dataset {name!r} is already registered")
-        REGISTRY[name] = DatasetSpec(name, description, fn, frozenset(takes))
+        REGISTRY.add(name, DatasetSpec(name, description, fn, frozenset(takes)), where=fn)
         return fn
 
     return decorate
@@ -60,9 +63,9 @@ def canonical_name(name: object) -> str:
     """``"Fashion_MNIST"`` -> ``"fashion-mnist"``; unknown names raise DataError."""
     if not isinstance(name, str):
         raise DataError(f"dataset name must be a string, got {type(name).__name__}")
-    key = name.strip().lower().replace("_", "-")
+    key = REGISTRY.key(name)
     if key not in REGISTRY:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(REGISTRY.names())}")
     return key
 
 

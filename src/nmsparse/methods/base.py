@@ -78,13 +78,23 @@ class _KeptOnly(torch.autograd.Function):
         return grad * mask, None, None
 
 
+# Under torch.compile the forward weight is computed in the graph from the dense weight and
+# the mask buffer (never from the eager cache, which a compiled forward cannot check for
+# staleness): the same values bit for bit, with the same gradient rule.
+
+
 def straight_through(w: SparseWeight) -> torch.Tensor:
     """``W * mask`` whose gradient reaches every entry of the dense weight (STE)."""
+    if torch.compiler.is_compiling():
+        dense = w.dense
+        return dense - torch.where(w.mask, 0.0, dense).detach()  # pruned: x - x = +0.0
     return _StraightThrough.apply(w.dense, w.masked)
 
 
 def kept_gradient_only(w: SparseWeight) -> torch.Tensor:
     """``W * mask`` whose gradient reaches only the kept entries (fixed masks)."""
+    if torch.compiler.is_compiling():
+        return torch.where(w.mask, w.dense, 0.0)
     return _KeptOnly.apply(w.dense, w.masked, w.mask)
 
 

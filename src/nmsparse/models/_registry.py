@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import nn
 
+from ..registry import Registry
+
 TASKS = ("classification", "language_model")
 # Arguments every factory may receive from create_model; anything else is a model option.
 _DATA_ARGUMENTS = ("input_shape", "num_classes", "task")
@@ -46,7 +48,7 @@ class ModelInfo:
     large: bool = False
 
 
-_REGISTRY: dict[str, tuple[ModelInfo, Factory]] = {}
+MODELS: Registry[tuple[ModelInfo, Factory]] = Registry("model", normalize=lambda name: name)
 
 
 def _one_line(text: object) -> str:
@@ -103,28 +105,18 @@ def register_model(name: str, *, description: str, tasks: tuple[str, ...],
         if unknown_smoke := sorted(set(smoke) - set(options)):
             raise ValueError(f"{label}: smoke_options {unknown_smoke} are not options of the "
                              f"factory (options: {sorted(options)})")
-        if name in _REGISTRY:
-            _, previous = _REGISTRY[name]
-            # Re-registering the same function (a module reload) is fine; a clash is not.
-            if _qualname(previous) != _qualname(factory):
-                raise ValueError(f"model name {name!r} is already registered by "
-                                 f"{_qualname(previous)}")
         info = ModelInfo(name, description, tasks, MappingProxyType(options),
                          MappingProxyType(smoke), bool(large))
-        _REGISTRY[name] = (info, factory)
+        # Re-registering the same function (a module reload) is fine; a clash is not.
+        MODELS.add(name, (info, factory), where=factory)
         return factory
 
     return decorator
 
 
-
-def _qualname(factory: Callable) -> str:
-    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', '?')}"
-
-
 def list_models() -> dict[str, ModelInfo]:
     """``{name: ModelInfo}`` of every registered model, sorted by name."""
-    return {name: _REGISTRY[name][0] for name in sorted(_REGISTRY)}
+    return {name: MODELS.get(name)[0] for name in MODELS.names()}
 
 
 def _load_factory(spec: str) -> Factory:
@@ -204,12 +196,12 @@ def create_model(name: str, *, input_shape: tuple[int, ...], num_classes: int,
     data = {"input_shape": shape, "num_classes": num_classes, "task": task}
     if ":" in name:
         return _call_factory(_load_factory(name), f"model {name!r}", data, options)
-    if name not in _REGISTRY:
+    if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered models: "
-                         f"{', '.join(sorted(_REGISTRY))} (or 'package.module:factory')")
-    info, factory = _REGISTRY[name]
+                         f"{', '.join(MODELS.names())} (or 'package.module:factory')")
+    info, factory = MODELS.get(name)
     if task not in info.tasks:
-        fitting = sorted(n for n, (i, _) in _REGISTRY.items() if task in i.tasks)
+        fitting = sorted(n for n, (i, _) in MODELS.items() if task in i.tasks)
         raise ValueError(f"model {name!r} does not support task {task!r} (it supports "
                          f"{', '.join(info.tasks)}); models for {task}: "
                          f"{', '.join(fitting) or 'none'}")

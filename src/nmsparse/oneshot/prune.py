@@ -16,9 +16,7 @@ The pruned weights are written into the model (zero where pruned; SparseGPT also
 kept weights). The masks are then handed to ``nmsparse.sparsify(..., masks=...)`` with the
 method ``then`` (``"fixed"``: masks held during any later training, the ASP recipe;
 ``"srste"``: SR-STE continuing from the one-shot mask), so the model is ready for
-``finalize``, packing, or fine-tuning. Weights ``sparsify`` cannot hold (Hugging Face's GPT-2
-``Conv1D`` until the engine supports it) stay pruned by their zeros; their masks are in the
-result.
+``finalize``, packing, or fine-tuning.
 
 Calibration statistics are gathered by forward hooks that are always removed, also on error.
 """
@@ -30,7 +28,7 @@ import fnmatch
 import glob
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -71,8 +69,7 @@ class PruneResult:
     pattern: Pattern
     layers: list[PrunedLayer]
     masks: dict[str, torch.Tensor]  # weight name -> bool mask as the Parameter is stored
-    handle: object | None  # the SparsityHandle holding the masks (None if none could)
-    zeroed_only: list[str] = field(default_factory=list)  # pruned, but not held by sparsify
+    handle: object | None  # the SparsityHandle holding the masks (None with then=None)
     mode: str = NO_DATA
     calibration_batches: int = 0
     calibration_rows: int = 0  # input rows (tokens) seen by the first pruned layer
@@ -229,7 +226,6 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
         if layer.name in masks:
             mask = masks[layer.name]
             layer.density = float(mask.sum()) / mask.numel()
-    result.zeroed_only = [t.name for t in targets if not t.sparsifiable]
     result.handle = _hold_masks(model, pattern, targets, masks, then)
     result.seconds = time.perf_counter() - started
     return result
@@ -278,10 +274,10 @@ def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
 
 def _hold_masks(model: nn.Module, pattern: Pattern, targets: list[Target],
                 masks: Mapping[str, torch.Tensor], then) -> object | None:
-    """Hand the masks of the weights ``sparsify`` can hold to it (the one place that decides
-    how a pruned weight is kept sparse); the others stay pruned by their zeros."""
-    held = {t.name: masks[t.name] for t in targets if t.sparsifiable}
-    if then is None or not held:
+    """Hand the masks to ``sparsify`` (the one place that decides how a pruned weight is kept
+    sparse afterwards)."""
+    held = {t.name: masks[t.name] for t in targets}
+    if then is None:
         return None
     rules = {glob.escape(name): pattern for name in held}
     return sparsify(model, rules, method=then, masks=held)

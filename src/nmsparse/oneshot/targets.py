@@ -1,9 +1,9 @@
 """Which weights a one-shot pruner works on, and how each reads as an ``(out, in)`` matrix.
 
-A :class:`Target` is one weight: every weight ``nmsparse.sparsify`` can make sparse
+A :class:`Target` is one weight that ``nmsparse.sparsify`` can make sparse
 (:func:`nmsparse.selection.eligible_weights`: Linear, Conv1d/2d/3d, the input projections of
-MultiheadAttention) plus Hugging Face's GPT-2 ``Conv1D``, whose weight is stored transposed,
-``(in, out)``. ``matrix()`` gives the weight as ``(out, in)`` in both cases, so the N:M groups
+MultiheadAttention, and Hugging Face's GPT-2 ``Conv1D``, whose weight is stored transposed,
+``(in, out)``). ``matrix()`` gives the weight as ``(out, in)`` in both cases, so the N:M groups
 (consecutive input features) are consecutive columns; ``write`` puts a pruned matrix back.
 
 Calibrated methods (Wanda, SparseGPT) need the layer's input as rows of ``in`` features; that
@@ -18,15 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..selection import eligible_weights, qualified
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``.
-    Recognised by name and shape so that nmsparse need not import transformers."""
-    weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter)
-            and weight.dim() == 2 and getattr(module, "nf", None) == weight.shape[1])
+from ..selection import eligible_weights, is_hf_conv1d, qualified
 
 
 @dataclass
@@ -38,7 +30,6 @@ class Target:
     module: nn.Module
     param: str
     transposed: bool  # HF Conv1D: the Parameter is (in, out)
-    sparsifiable: bool  # nmsparse.sparsify can hold its mask (else: weights zeroed)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -73,20 +64,13 @@ class Target:
 
 
 def find_targets(model: nn.Module) -> list[Target]:
-    """Every prunable weight of ``model``, in module order."""
-    sparsifiable: dict[str, list[str]] = {}
-    for module_name, _, param in eligible_weights(model):
-        sparsifiable.setdefault(module_name, []).append(param)
+    """Every prunable weight of ``model``, in module order; a shared Parameter once."""
     found, seen = [], set()
-    for module_name, module in model.named_modules():
-        conv1d = is_hf_conv1d(module)
-        params = sparsifiable.get(module_name, ["weight"] if conv1d else [])
-        for param in params:
-            weight = module._parameters[param]
-            if id(weight) in seen:  # a shared Parameter is pruned once
-                continue
-            seen.add(id(weight))
-            found.append(Target(qualified(module_name, param), module_name, module, param,
-                                transposed=conv1d,
-                                sparsifiable=param in sparsifiable.get(module_name, ())))
+    for module_name, module, param in eligible_weights(model):
+        weight = module._parameters[param]
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        found.append(Target(qualified(module_name, param), module_name, module, param,
+                            transposed=is_hf_conv1d(module)))
     return found

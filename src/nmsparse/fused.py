@@ -94,6 +94,11 @@ def compile_mode() -> bool | None:
     return None
 
 
+def status() -> dict[str, int | bool]:
+    """How many compiled kernels exist, and whether a failure switched to eager for good."""
+    return {"kernels": len(_kernels), "broken": _broken}
+
+
 def _wants_compiled(weight: torch.Tensor) -> bool:
     if _broken or torch.compiler.is_compiling():
         return False

@@ -1,0 +1,160 @@
+"""Hugging Face transformers: Conv1D (GPT-2), tied embeddings, save_pretrained round trips,
+shape changes. Tiny models are built from configs; nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import nmsparse
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=32)
+    return transformers.BertForMaskedLM(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=32,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config)
+
+
+MODELS = {"gpt2": gpt2, "bert": bert, "llama": llama}
+
+
+def tokens(seed=0, batch=2, length=16):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def train(model, opt, steps, seed):
+    model.train()
+    for step in range(steps):
+        torch.manual_seed(seed + step)  # dropout draws the same on both sides of a reload
+        x = tokens(seed + step)
+        opt.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+
+
+def make(name, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    return model
+
+
+def test_gpt2_conv1d_is_sparse_along_its_input_axis():
+    model = make("gpt2")
+    handle = nmsparse.sparsify(model, "2:4")
+    w = handle["transformer.h.0.attn.c_attn.weight"]
+    assert w.dense.shape == (32, 96)  # (in, out)
+    # every group of 4 consecutive *input* rows of each output column keeps 2
+    assert w.mask.reshape(8, 4, 96).sum(1).eq(2).all()
+    train(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, seed=1)
+    assert nmsparse.check(model, "2:4", exclude="lm_head").ok  # the tied head stays dense
+    row = next(r for r in nmsparse.check(model, "2:4").rows if r.name == w.name)
+    assert row.groups == 8 * 96 and row.violating_groups == 0
+    table = nmsparse.summary(model, tokens())
+    c_attn = next(r for r in table.rows if r.name == "transformer.h.0.attn.c_attn")
+    assert c_attn.macs_dense == 32 * 32 * 96 and c_attn.macs_sparse == 32 * 32 * 96 // 2
+    model.eval()
+    x = tokens(5)
+    expected = model(x).logits
+    nmsparse.finalize(model)
+    torch.testing.assert_close(model(x).logits, expected, rtol=0, atol=0)
+    assert nmsparse.check(model, "2:4", exclude="lm_head").ok  # the finalized weights
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_tied_lm_head_stays_dense_by_default_and_sparse_when_asked(name):
+    model = make(name)
+    handle = nmsparse.sparsify(model, "2:4")
+    head = [layer for layer in handle.layers if "tied to" in layer.reason]
+    assert head and not head[0].sparse
+    model = make(name)
+    handle = nmsparse.sparsify(model, "2:4", tied="sparse")
+    train(model, torch.optim.SGD(model.parameters(), lr=0.5), 3, seed=1)
+    model.eval()
+    x = tokens(7)
+    expected = model(input_ids=x).logits
+    nmsparse.finalize(model)
+    torch.testing.assert_close(model(input_ids=x).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", ["srste", "fixed"])
+def test_save_pretrained_round_trip_restores_masks_and_training_continues(name, method,
+                                                                          tmp_path):
+    model = make(name)
+    handle = nmsparse.sparsify(model, "2:4", method, tied="sparse")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, opt, 2, seed=1)
+    model.save_pretrained(tmp_path / "run")
+    saved_opt = copy.deepcopy(opt.state_dict())  # the live one keeps changing
+    saved_handle = handle.state_dict()
+    train(model, opt, 2, seed=3)
+
+    reloaded = type(model).from_pretrained(tmp_path / "run")
+    masks = nmsparse.saved_masks(tmp_path / "run")
+    assert set(masks) == set(handle.weights)
+    resumed = nmsparse.sparsify(reloaded, "2:4", method, tied="sparse", masks=masks)
+    for weight_name, mask in masks.items():
+        assert torch.equal(resumed[weight_name].mask, mask), weight_name
+    opt2 = torch.optim.SGD(reloaded.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(saved_opt)
+    resumed.load_state_dict(saved_handle)
+    train(reloaded, opt2, 2, seed=3)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0,
+                                   msg=key)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_finalize_save_pretrained_from_pretrained(name, tmp_path):
+    model = make(name)
+    nmsparse.sparsify(model, "2:4")
+    train(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, seed=1)
+    model.eval()
+    x = tokens(9)
+    expected = model(input_ids=x).logits
+    nmsparse.finalize(model)
+    model.save_pretrained(tmp_path / "final")
+    plain = type(model).from_pretrained(tmp_path / "final").eval()
+    assert nmsparse.check(plain, "2:4", exclude=[
+        layer for layer in ("lm_head", "cls.predictions.decoder")
+        if any(n.startswith(layer) for n, _ in plain.named_modules())]).ok
+    torch.testing.assert_close(plain(input_ids=x).logits, expected, rtol=0, atol=0)
+
+
+def test_resize_token_embeddings_with_the_tied_head_dense_just_works():
+    model = make("gpt2")
+    nmsparse.sparsify(model, "2:4")  # the tied head stays dense
+    model.resize_token_embeddings(VOCAB + 8)
+    assert model(tokens()).logits.shape[-1] == VOCAB + 8
+    assert nmsparse.check(model, "2:4", exclude="lm_head").ok
+
+
+def test_a_sparse_weight_that_changes_shape_is_a_clear_error():
+    model = make("llama")
+    handle = nmsparse.sparsify(model, "2:4")
+    head = handle["lm_head.weight"]
+    head.dense.data = torch.zeros(VOCAB + 8, 32)  # what an in-place resize would do
+    with pytest.raises(ValueError, match="changed shape from \\(64, 32\\) to \\(72, 32\\).*"
+                                         "finalize the model"):
+        model(tokens())
