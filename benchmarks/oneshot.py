@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import nmsparse
-from nmsparse._machine import cpu_model
 from nmsparse.cli.prune import calibration_batches
+from nmsparse.machine import cpu_model
 from nmsparse.train import checkpoint
 from nmsparse.train.config import from_dict
 from nmsparse.train.trainer import build, loss_and_correct
