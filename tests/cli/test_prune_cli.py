@@ -115,3 +115,19 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_prune_a_sparse_run_bakes_its_masks_in_first(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("for i in range(10):\n    print(i)\n" * 300)
+    sparse = tmp_path / "sparse"
+    assert main(["train", "--data", "text", "--text-file", str(corpus), "--seq-len", "16",
+                 "--model", "gpt_tiny", "--model-option", "n_layer=1", "--model-option",
+                 "n_head=2", "--model-option", "d_model=16", "--pattern", "2:4",
+                 "--out", str(sparse), *FAST]) == 0
+    out = tmp_path / "pruned"
+    assert main(["prune", str(sparse), "--method", "wanda", "--pattern", "1:4",
+                 "--calibration", "8", "--out", str(out)]) == 0
+    masks = _masks(out)
+    assert masks and all(parse_pattern("1:4").violations(m).ok for m in masks.values())
+    assert json.loads((out / "config.json").read_text())["pattern"] == "1:4"
