@@ -1,8 +1,9 @@
 """Train a 2:4 sparse MLP from scratch with SR-STE on scikit-learn's 8x8 digits.
 
-The main job of nmsparse until the `nmsparse train` command lands: an ordinary PyTorch loop,
-one `sparsify` call, and the analysis the library offers (SAD, params/MACs, check, finalize).
-Runs in a few seconds on 2 CPU cores with no download.
+The library side of what `nmsparse train` does with its defaults, written out as an ordinary
+PyTorch loop: one `sparsify` call, then the analysis the library offers (SAD, params/MACs,
+check, finalize). Use it as a template for your own loop; `nmsparse train` adds run folders,
+checkpoints, resuming and plots. Runs in a few seconds on 2 CPU cores with no download.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._table import format_table
 from .grouping import check_layout
 from .patterns import Pattern
 from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
 from .sparse_module import sparse_states
+from .tables import format_table
 
 
 class NMViolationError(ValueError):

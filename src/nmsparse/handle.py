@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from . import step_hooks
-from ._table import format_table
 from .methods import Method, Step
 from .patterns import Pattern
 from .sparse_weight import SparseWeight, refresh_stale
+from .tables import format_table
 
 STATE_FORMAT = 1
 
@@ -146,17 +146,15 @@ class SparsityHandle:
         if not step_hooks.sparse_weights_of(optimizer, only=self):
             raise ValueError("the optimizer holds none of this handle's sparse weights")
 
-        @torch.compiler.disable
         def before(opt, args, kwargs):
             return step_hooks.begin_step(opt, step_hooks.sparse_weights_of(opt, only=self),
                                          args, kwargs)
 
-        @torch.compiler.disable
         def after(opt, args, kwargs):
             step_hooks.end_step(opt, step_hooks.sparse_weights_of(opt, only=self))
 
-        hooks = (optimizer.register_step_pre_hook(before),
-                 optimizer.register_step_post_hook(after))
+        hooks = (optimizer.register_step_pre_hook(step_hooks.eager_only(before)),
+                 optimizer.register_step_post_hook(step_hooks.eager_only(after)))
         self._attached.append((weakref.ref(optimizer), hooks))
         return self
 

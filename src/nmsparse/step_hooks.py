@@ -107,9 +107,14 @@ def _unattached(optimizer: torch.optim.Optimizer) -> dict:
             if not handle.is_attached_to(optimizer)}
 
 
-# The hooks run eagerly even inside a compiled train step: they are bookkeeping plus the
-# fused kernels, and tracing them would split the step into many small graphs.
-@torch.compiler.disable
+def eager_only(hook: Callable) -> Callable:
+    """``hook`` run eagerly even inside a compiled train step: it is bookkeeping plus the
+    fused kernels, and tracing it would split the step into many small graphs. Applied when
+    the first handle registers, not at import: ``torch.compiler.disable`` imports dynamo
+    (about 1.5 s), which ``import nmsparse`` must not pay."""
+    return torch.compiler.disable(hook)
+
+
 def _global_before(optimizer, args, kwargs):
     if not _live:
         uninstall_if_unused()
@@ -117,7 +122,6 @@ def _global_before(optimizer, args, kwargs):
     return begin_step(optimizer, _unattached(optimizer), args, kwargs)
 
 
-@torch.compiler.disable
 def _global_after(optimizer, args, kwargs) -> None:
     if _live:
         end_step(optimizer, _unattached(optimizer))
@@ -128,8 +132,8 @@ def register(handle: SparsityHandle) -> None:
     global _global
     _live.add(handle)
     if _global is None:
-        _global = (register_optimizer_step_pre_hook(_global_before),
-                   register_optimizer_step_post_hook(_global_after))
+        _global = (register_optimizer_step_pre_hook(eager_only(_global_before)),
+                   register_optimizer_step_post_hook(eager_only(_global_after)))
 
 
 def unregister(handle: SparsityHandle) -> None:

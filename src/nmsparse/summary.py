@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._table import format_table
 from .selection import is_hf_conv1d
 from .sparse_module import original_class
+from .tables import format_table
 
 __all__ = ["LayerRow", "ModelSummary", "summary"]
 

@@ -117,7 +117,7 @@ BAD = {
     "unparsable pattern": (lambda p: ["--pattern", "2/4"], "accepted"),
     "pattern no layer takes": (lambda p: ["--pattern", "1:512"], "no layer of the model"),
     "unknown recipe key": (lambda p: bad_recipe(p, "lrr = 0.1\n"), "unknown key 'lrr'"),
-    "wrong recipe type": (lambda p: bad_recipe(p, 'epochs = "ten"\n'), "expected int"),
+    "wrong recipe type": (lambda p: bad_recipe(p, 'epochs = "ten"\n'), "expected an integer"),
     "broken recipe": (lambda p: bad_recipe(p, "epochs: [\n", ".yaml"), "does not parse"),
     "resume of an empty folder": (lambda p: ["--resume", str(p.mkdir() or p)], "holds no run"),
     "bad option": (lambda p: ["--model-option", "hiddn=3"], "hiddn"),
@@ -203,6 +203,8 @@ def test_listing_commands(capsys):
     assert "fashion-mnist" in capsys.readouterr().out
 
 
-def test_bench_command_without_gpu_exits_2(capsys):
+def test_bench_command_points_to_the_moved_benchmark(capsys):
     assert main(["bench", "--quick", "--no-write"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "python -m benchmarks.kernels" in err and "make gpu-check" in err
+    assert err.count("\n") == 1  # one line, no traceback

@@ -9,6 +9,7 @@ CODE = """
 import sys, torch
 import nmsparse
 assert "triton" not in sys.modules, "import nmsparse imported triton"
+assert "torch._dynamo" not in sys.modules, "import nmsparse imported dynamo"
 import nmsparse.packing, nmsparse.kernels
 from nmsparse.kernels import NMLinear
 layer = torch.nn.Linear(16, 4)

@@ -1,23 +1,35 @@
 """``nmsparse`` command line: thin commands over ``nmsparse.train`` and the core.
 
-Bad input (a flag, a recipe key, a data file, a checkpoint) ends with a one-line error on
-stderr and exit status 2, without a traceback unless ``--debug`` is given.
+Bad input (a flag, a recipe key, a data file, a checkpoint, a run folder) ends with a one-line
+error on stderr and exit status 2, without a traceback unless ``--debug`` is given (before or
+after the command). No command imports code because a file names it: a run whose model is a
+``module:factory`` is rebuilt only with ``--trust-model`` (see :mod:`nmsparse.models.trust`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..methods import METHODS
 from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS
+from . import _errors, _notes
+from ._errors import EXIT_BAD_INPUT
 from .prune import add_prune_command, run_prune
 
-EXIT_BAD_INPUT = 2
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (exit status 2 as before)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_errors.one_line(message)} (see "
+                                  f"{self.prog} --help)\n")
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -29,6 +41,20 @@ def _parse_option(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         value = raw  # a bare word is a string
     return key.replace("-", "_"), value
+
+
+def _add_common(parser: argparse.ArgumentParser, *, trust: bool = True) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+    if trust:
+        parser.add_argument("--trust-model", action="append", default=[], metavar="MODULE:FN",
+                            help="import this model factory when a run or recipe names it "
+                            "(never done otherwise; repeatable)")
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch "
+                        "(default: PyTorch's; 1 is often much faster on a busy machine)")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +103,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--amp", choices=AMP_MODES, default=keep)
     run = parser.add_argument_group("run")
     run.add_argument("--recipe", help="TOML or YAML file of settings; flags override it")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (with "
+                     "--data-dir / --text-file if its data moved)")
     run.add_argument("--init", default=keep, metavar="RUN_DIR|CHECKPOINT",
                      help="start from these weights and masks (a run, or 'nmsparse prune' "
                      "output); its model, data and sparsity settings are the defaults")
@@ -93,33 +120,51 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nmsparse", description="N:M sparse training from scratch (SR-STE) and tools.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"nmsparse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="train a model with a sparsity recipe")
     _add_train_arguments(train)
+    _add_common(train)
+    _add_threads(train)
     evaluate = commands.add_parser("eval", help="re-evaluate a run on its test split")
     evaluate.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--data-dir", help="where the data set's files are now")
+    evaluate.add_argument("--text-file", help="where the text corpus is now (--data text)")
+    _add_common(evaluate)
+    _add_threads(evaluate)
     summary = commands.add_parser("summary", help="per-layer sparsity, params and MACs")
     summary.add_argument("path", nargs="?", metavar="RUN_DIR|CHECKPOINT")
     summary.add_argument("--model", help="summarise a fresh model instead of a run")
-    summary.add_argument("--data", default="digits", help="data set giving the input shape")
-    summary.add_argument("--data-dir")
+    summary.add_argument("--data", help="data set giving the input shape (default digits)")
+    summary.add_argument("--input-shape", metavar="D,D,...", help="input shape of one "
+                         "sample instead of --data, e.g. 3,32,32")
+    summary.add_argument("--num-classes", type=int, help="classes, with --input-shape")
+    summary.add_argument("--data-dir", help="--data's files (or an old run's data: runs "
+                         "record their input shape and need none)")
     summary.add_argument("--pattern", default="dense")
     summary.add_argument("--exclude", nargs="+", default=None, metavar="GLOB")
+    _add_common(summary)
     export = commands.add_parser("export", help="finalized model as safetensors + JSON")
     export.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
-    export.add_argument("--out", required=True, help="folder to write the export into")
+    export.add_argument("--out", required=True, help="folder to write the export into (new, "
+                        "empty, or an earlier export)")
     export.add_argument("--packed", action="store_true", help="one packed N:M file "
                         "(model.packed.safetensors) instead of dense-with-zeros")
-    add_prune_command(commands, _parse_option)
-    commands.add_parser("bench", help="GPU kernel benchmark (nmsparse bench --help)",
-                        add_help=False, prefix_chars="\0")
-    commands.add_parser("models", help="list the registered models")
-    commands.add_parser("datasets", help="list the data sets")
+    export.add_argument("--data-dir", help="only for runs older than 0.1 that do not record "
+                        "their input shape")
+    _add_common(export)
+    prune = add_prune_command(commands, _parse_option)
+    _add_common(prune)
+    _add_threads(prune)
+    commands.add_parser("bench", help="moved: the GPU kernel benchmark runs from a source "
+                        "checkout, python -m benchmarks.kernels", add_help=False,
+                        prefix_chars="\0")
+    _add_common(commands.add_parser("models", help="list the registered models"), trust=False)
+    _add_common(commands.add_parser("datasets", help="list the data sets"), trust=False)
     return parser
 
 
@@ -139,41 +184,84 @@ def _default_out(config, world) -> str:
     return str(Path("runs") / f"{config.data}-{config.model.replace(':', '.')}-{name}-{stamp}")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from ..train import checkpoint, distributed
-    from ..train.config import from_dict, resolve
-    from ..train.trainer import Run, prepare_run_dir, save_config
+def _trust(args: argparse.Namespace, *given: str) -> list[str]:
+    """The factories this command may import: --trust-model and names typed on the command
+    line. Like ``python -m``, such a factory may live in the current folder (appended to the
+    path, so it never shadows an installed module)."""
+    trusted = [*getattr(args, "trust_model", []), *[name for name in given if name]]
+    if any(":" in name for name in trusted) and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    return trusted
 
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     for options in ("model_options", "method_options"):
         if options in overrides:
             overrides[options] = dict(overrides[options])
-    if args.resume:
-        extra = sorted(set(overrides) - {"device", "num_workers"})
+    if args.resume:  # these may change between sessions; the recipe may not
+        extra = sorted(set(overrides) - {"device", "num_workers", "data_dir", "text_file"})
         if extra or args.recipe:
             given = ", ".join("--" + e.replace("_", "-") for e in extra) or "--recipe"
             raise ValueError("--resume continues a run with its saved configuration; do not "
-                             f"also give {given}")
+                             f"also give {given} (only --data-dir, --text-file, --device, "
+                             "--num-workers, --threads)")
+    if os.environ.get("RANK", "0") == "0":  # start-up takes seconds: say something at once
+        _say("nmsparse train: setting up (the data and the model) ...")
+    _threads(args)
+    from ..train import checkpoint, distributed
+    from ..train.config import from_dict, resolve
+    from ..train.trainer import Run, prepare_run_dir, save_config
+
+    trusted = _trust(args, overrides.get("model", ""))
+    if args.resume:
         payload = checkpoint.load(args.resume)
-        config = from_dict({**payload["config"], **overrides, "out": args.resume}).validate()
+        source = f"the run {args.resume!r}"
+        config = from_dict({**payload["config"], **overrides, "out": args.resume},
+                           source=source)
     else:
         if "init" in overrides:
             from ..train.init import inherited_settings
 
             overrides = {**inherited_settings(overrides["init"]), **overrides}
-        config = resolve(args.recipe, overrides)
+        payload, config = None, resolve(args.recipe, overrides)
+        source = f"recipe {args.recipe!r}" if args.recipe and "model" not in overrides else None
+    if config.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: "
+                             "pip install 'nmsparse[tensorboard]'")
     world = distributed.setup(config.device)
+    folder = None
     try:
+        if world.main:
+            _notes.say(_notes.cpu_amp_note(world.device.type, config.amp))
         if config.out is None:
             config.out = _default_out(config, world)
-        run = Run(config, world, console=_say if world.main else lambda message: None)
+        args.run_folder = config.out  # for the interruption message
+        run = Run(config, world, console=_say if world.main else lambda message: None,
+                  trusted_models=trusted, source=source, resuming=payload is not None)
         if world.main:
-            run_dir = prepare_run_dir(config, resume=bool(args.resume))
-            run.use_run_dir(run_dir)
-            save_config(config, run_dir)
-            _say(f"run folder: {run_dir}")
+            folder = prepare_run_dir(config, resume=bool(args.resume))
+            run.use_run_dir(folder.path)
+            save_config(config, folder.path)
+            _say(f"run folder: {folder.path}")
+            if folder.removed_temp_files:
+                _say(f"removed {len(folder.removed_temp_files)} temporary file(s) of an "
+                     "interrupted write")
             _say(str(run.handle) if run.handle else "dense training (no sparsity)")
-        if args.resume:
+            _notes.say(_notes.busy_machine_note(args.threads is not None))
+        if payload is not None:
             run.restore(payload)
             _say(f"resumed at epoch {run.epoch}, step {run.step}")
         result = run.fit()
@@ -185,62 +273,112 @@ def _train(args: argparse.Namespace) -> int:
             _say(f"\nfinal {metric}  ({result['wall_seconds']:.1f} s training)  "
                  f"results in {config.out}")
     finally:
+        if folder is not None:
+            folder.release()
         distributed.teardown(world)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _threads(args)
     from ..data.loader import make_loader
     from ..train import distributed
     from ..train.trainer import evaluate, load_trained
 
     device = distributed.pick_device(args.device)
-    config, data, model, _ = load_trained(args.path, device, data_dir=args.data_dir)
+    config, data, model, _ = load_trained(args.path, device, data_dir=args.data_dir,
+                                          text_file=args.text_file,
+                                          trusted_models=_trust(args))
     loader = make_loader(data.test, config.batch_size, shuffle=False, seed=config.seed)
     result = evaluate(model, loader, config, distributed.World(device=device), data.task)
     print(json.dumps({"path": str(args.path), **result}))
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    _threads(args)
+    return run_prune(args, trusted_models=_trust(args))
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    shape = tuple(int(part) for part in parts if part.isdigit())
+    if not shape or len(shape) != len(parts) or min(shape) < 1:
+        raise ValueError(f"--input-shape: expected positive integers like 3,32,32, got {text!r}")
+    return shape
+
+
 def _summary(args: argparse.Namespace) -> int:
     from .. import sparsify, summary
-    from ..data import load_dataset
-    from ..models import create_model
-    from ..train.trainer import load_trained
+    from ..train.config import TrainConfig
+    from ..train.trainer import DataInfo, build_model, load_trained
 
     if args.path and args.model:
         raise ValueError("give either a RUN_DIR|CHECKPOINT or --model, not both")
     if args.path:
-        _, data, model, _ = load_trained(args.path)
+        if args.data or args.input_shape or args.num_classes:
+            raise ValueError("a run records its data: --data, --input-shape and --num-classes "
+                             "are only for --model")
+        _, info, model, payload = load_trained(args.path, data_dir=args.data_dir,
+                                               trusted_models=_trust(args), with_data=False)
+        if args.data_dir and isinstance(info, DataInfo):
+            _notes.say("note: --data-dir not needed: the run records its input shape and "
+                       "classes")
+        example = info.example() if isinstance(info, DataInfo) else info.test[0][0][None]
     elif args.model:
-        data = load_dataset(args.data, data_dir=args.data_dir)
-        model = create_model(args.model, input_shape=data.input_shape,
-                             num_classes=data.num_classes, task=data.task)
+        if args.input_shape:
+            if args.data or args.data_dir:
+                raise ValueError("give --input-shape or --data, not both")
+            if args.num_classes is None or args.num_classes < 1:
+                raise ValueError("--input-shape needs --num-classes K (K >= 1)")
+            info = DataInfo(_shape(args.input_shape), args.num_classes, "classification")
+        else:
+            if args.num_classes is not None:
+                raise ValueError("--num-classes goes with --input-shape; --data gives both")
+            from ..data import load_dataset
+
+            data = load_dataset(args.data or "digits", data_dir=args.data_dir)
+            info = DataInfo.of(data)
+        config = TrainConfig(model=args.model)
+        model = build_model(config, info, _trust(args, args.model))
         if args.pattern != "dense":
             print(sparsify(model, args.pattern, "fixed", exclude=args.exclude), end="\n\n")
+        example = info.example()
     else:
-        raise ValueError("give a RUN_DIR|CHECKPOINT, or --model NAME [--data NAME]")
-    print(summary(model, data.test[0][0].unsqueeze(0)))
+        raise ValueError("give a RUN_DIR|CHECKPOINT, or --model NAME [--data NAME | "
+                         "--input-shape D,D,.. --num-classes K]")
+    print(summary(model, example))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from ..train.export import export_run, export_run_packed
 
+    options = {"trusted_models": _trust(args), "data_dir": args.data_dir}
     if args.packed:
-        written, report = export_run_packed(args.path, Path(args.out))
+        written, report = export_run_packed(args.path, Path(args.out), **options)
         print(report)
+        if report.packed_bytes >= report.dense_bytes:
+            _notes.say(f"note: packed is not smaller than dense here ({report.packed_bytes:,} "
+                       f"vs {report.dense_bytes:,} bytes): the stored positions outweigh the "
+                       "pruned values at this density; the dense export is the smaller file")
     else:
-        written = export_run(args.path, Path(args.out))
+        written = export_run(args.path, Path(args.out), **options)
     for path in written:
         print(path)
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from ..kernels.bench import main as bench_main
+BENCH_MOVED = ("nmsparse bench: the GPU kernel benchmark is not installed with nmsparse; from a "
+               "source checkout run `python -m benchmarks.kernels` (same options) or "
+               "`make gpu-check OUT=DIR` (docs/gpu.md)")
 
-    return bench_main(args.bench_args)
+
+def _bench(args: argparse.Namespace) -> int:
+    # The benchmark lives in benchmarks/ (a study, not library code); the command stays as a
+    # pointer so that scripts and habits calling it get told where it went.
+    print(BENCH_MOVED, file=sys.stderr)
+    return 2
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -260,7 +398,17 @@ def _datasets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "summary": _summary, "export": _export,
-            "prune": run_prune, "bench": _bench, "models": _models, "datasets": _datasets}
+            "prune": _prune, "bench": _bench, "models": _models, "datasets": _datasets}
+
+
+def _interrupted(args: argparse.Namespace, why: str) -> str:
+    folder = getattr(args, "run_folder", None)
+    if args.command != "train" or folder is None:
+        return why
+    if (Path(folder) / "latest.pt").is_file():
+        return (f"{why}; continue from the last checkpoint with: nmsparse train --resume "
+                f"{folder}")
+    return f"{why} before the first checkpoint; nothing to resume (start the run again)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,17 +418,22 @@ def main(argv: list[str] | None = None) -> int:
         args.bench_args = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    previous = _errors.catch_sigterm()
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, OSError) as error:
+    except _errors.EXPECTED as error:
         if args.debug:
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"nmsparse {args.command}: error: {message}", file=sys.stderr)
+        _errors.report(args.command, f"error: {_errors.describe(error)}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("nmsparse: interrupted", file=sys.stderr)
-        return 130
+        _errors.report(args.command, _interrupted(args, "interrupted"))
+        return _errors.EXIT_INTERRUPTED
+    except _errors.Terminated:
+        _errors.report(args.command, _interrupted(args, "terminated (SIGTERM)"))
+        return _errors.EXIT_TERMINATED
+    finally:
+        _errors.restore_sigterm(previous)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 from ..oneshot import PRUNERS
 
 
-def add_prune_command(commands, parse_option) -> None:
+def add_prune_command(commands, parse_option) -> argparse.ArgumentParser:
     parser = commands.add_parser("prune", help="one-shot prune a trained run "
                                  "(magnitude, wanda, sparsegpt)")
     parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
@@ -40,6 +40,7 @@ def add_prune_command(commands, parse_option) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0, help="which samples calibrate")
     parser.add_argument("--limit-test-batches", type=int, default=None)
+    return parser
 
 
 def calibration_batches(dataset, count: int, batch_size: int, seed: int) -> list:
@@ -60,7 +61,7 @@ def calibration_batches(dataset, count: int, batch_size: int, seed: int) -> list
     return batches
 
 
-def run_prune(args: argparse.Namespace) -> int:
+def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
     from .. import finalize, prune
     from ..data.loader import make_loader
     from ..train import checkpoint, distributed
@@ -72,7 +73,7 @@ def run_prune(args: argparse.Namespace) -> int:
         raise checkpoint.CheckpointError(f"{str(out)!r} already holds a run; choose another "
                                          "--out")
     device = distributed.pick_device(args.device)
-    config, data, model, _ = load_trained(args.path, device)
+    config, data, model, _ = load_trained(args.path, device, trusted_models=trusted_models)
     finalize(model)  # a sparse run's masks are baked in; pruning starts from its weights
     batches = calibration_batches(data.train, args.calibration, args.calibration_batch_size,
                                   args.seed)

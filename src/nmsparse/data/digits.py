@@ -26,13 +26,13 @@ TEST_FRACTION = 0.2
     takes=(),
 )
 def load_digits(opts: LoadOptions) -> DataBundle:
-    try:  # scikit-learn is optional (the "data" extra): imported only when asked for
+    try:  # a base dependency, imported only when asked for (a broken install still gets a hint)
         from sklearn.datasets import load_digits as sk_load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
         raise DataError(
             "digits needs scikit-learn, which is not installed; install it with "
-            "pip install 'nmsparse[data]' (or pip install scikit-learn)"
+            "pip install scikit-learn (a dependency of nmsparse: pip install nmsparse installs it)"
         ) from exc
 
     x, y = sk_load_digits(return_X_y=True)

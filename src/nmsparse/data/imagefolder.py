@@ -140,7 +140,7 @@ def load_imagefolder(opts: LoadOptions) -> DataBundle:
     except ImportError as exc:
         raise DataError(
             "imagefolder needs Pillow to decode images, which is not installed; "
-            "pip install pillow"
+            "pip install 'nmsparse[images]' (or pip install pillow)"
         ) from exc
     train_x, train_y = _tensors(train_split)
     test_x, test_y = _tensors(test_split)

@@ -69,7 +69,6 @@ from torch import nn
 
 from .. import __version__
 from .._atomic import atomic_open
-from .._table import format_table
 from ..check import check
 from ..grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..packing import PackedWeight, index_width, pack, pack_positions, unpack, unpack_positions
@@ -77,6 +76,7 @@ from ..patterns import NM
 from ..selection import PatternSpec, eligible_weights, qualified
 from ..sparse_module import sparse_states
 from ..sparse_weight import refresh_stale
+from ..tables import format_table
 
 FORMAT_NAME = "nmsparse-packed"
 FORMAT_VERSION = 1

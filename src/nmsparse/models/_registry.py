@@ -127,6 +127,14 @@ def _load_factory(spec: str) -> Factory:
         raise ValueError(f"model {spec!r}: expected 'package.module:factory'")
     try:
         target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not module_name.startswith(error.name):
+            raise ValueError(f"model {spec!r}: importing {module_name!r} failed: "
+                             f"{_one_line(error)}") from error
+        raise ValueError(f"model {spec!r}: no module {error.name!r} on the Python path; "
+                         "install its package, run from the folder that holds it (the "
+                         "command line looks there), or add that folder to PYTHONPATH"
+                         ) from error
     except Exception as error:  # any failure while importing user code, reported uniformly
         raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: "
                          f"{type(error).__name__}: {_one_line(error)}") from error

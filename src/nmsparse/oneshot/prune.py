@@ -33,11 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._table import format_table
 from ..make_sparse import sparsify
 from ..methods import Method
 from ..patterns import Pattern, PatternLike, parse_pattern
 from ..sparse_weight import STATE_ATTRIBUTE
+from ..tables import format_table
 from .base import PRUNERS, Pruner
 from .blocks import BlockRunner, call_model, find_blocks, is_chain
 from .statistics import collecting

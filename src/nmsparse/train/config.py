@@ -125,26 +125,44 @@ def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Check a recipe value against the field's default type (recipes are hand-written)."""
-    default = getattr(TrainConfig(), name)
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
+def _field_type(name: str) -> tuple[str, bool]:
+    """``(base type, None allowed)`` from the field's annotation, e.g. ``("float", True)``."""
+    parts = [part.strip() for part in str(FIELDS[name].type).split("|")]
+    base = [part for part in parts if part != "None"]
+    return base[0].split("[")[0], len(base) < len(parts)
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number",
+               "bool": "true or false", "list": "a list of strings",
+               "dict": "a table of options"}
+
+
+def _coerce(name: str, value: Any, where: str = "recipe key") -> Any:
+    """Check a value against the field's declared type (recipes are hand-written, saved
+    configurations may be damaged): a wrong type is a one-line ConfigError."""
+    kind, optional = _field_type(name)
+    if value is None:
+        if optional:
+            return value
+        ok = False
+    elif kind == "bool":
         ok = isinstance(value, bool)
-    elif isinstance(default, int):
+    elif kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
+    elif kind == "float":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
-    elif isinstance(default, list):
+    elif kind == "list":
         value = [value] if isinstance(value, str) else value
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif kind == "dict":
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
     else:
-        ok = isinstance(value, type(default))
+        ok = isinstance(value, str)
     if not ok:
-        raise ConfigError(f"recipe key {name!r}: expected {type(default).__name__}, "
-                          f"got {value!r}")
+        expected = _TYPE_WORDS.get(kind, kind) + (" or nothing" if optional else "")
+        raise ConfigError(f"{where} {name!r}: expected {expected}, got {value!r} "
+                          f"({type(value).__name__})")
     return value
 
 
@@ -162,7 +180,11 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
                 import tomli as tomllib
             raw = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"recipe {str(path)!r}: YAML recipes need PyYAML: pip install "
+                                  "'nmsparse[yaml]' (or write the recipe as .toml)") from None
 
             raw = yaml.safe_load(text) or {}
         else:
@@ -181,23 +203,38 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         if name not in FIELDS or name == "out":
             known = ", ".join(n for n in FIELDS if n != "out")
             raise ConfigError(f"recipe {str(path)!r}: unknown key {key!r}; known keys: {known}")
-        values[name] = _coerce(name, value)
+        values[name] = _coerce(name, value, f"recipe {str(path)!r}: key")
     return values
 
 
 def resolve(recipe: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the recipe file, then explicit flags (``overrides``)."""
+    """Defaults, then the recipe file, then explicit flags (``overrides``). Model and method
+    options merge key by key: ``--model-option width=0.5`` changes one option of the recipe's
+    ``model_options``, not the whole table."""
     values = read_recipe(recipe) if recipe else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for table in ("model_options", "method_options"):
+        if table in overrides:
+            overrides[table] = {**values.get(table, {}), **overrides[table]}
+    values.update(overrides)
     return TrainConfig(**values).validate()
 
 
-def from_dict(values: dict[str, Any]) -> TrainConfig:
-    """Rebuild a configuration saved by :meth:`TrainConfig.to_dict` (checkpoints, runs)."""
+def from_dict(values: dict[str, Any], source: str = "the saved configuration") -> TrainConfig:
+    """Rebuild a configuration saved by :meth:`TrainConfig.to_dict` (checkpoints, runs),
+    checking every key and type: ``source`` names the file in the one-line error."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: the configuration is a {type(values).__name__}, not a "
+                          "table")
     unknown = set(values) - set(FIELDS)
     if unknown:
-        raise ConfigError(f"saved configuration has unknown keys {sorted(unknown)}")
-    return TrainConfig(**values)
+        raise ConfigError(f"{source}: the configuration has unknown keys {sorted(unknown)}")
+    checked = {name: _coerce(name, value, f"{source}: configuration key")
+               for name, value in values.items()}
+    try:
+        return TrainConfig(**checked).validate()
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
 
 
 def write_json(config: TrainConfig, path: Path) -> None:

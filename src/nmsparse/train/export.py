@@ -8,7 +8,9 @@
 
 Both describe the architecture so ``nmsparse.models.create_model(model, input_shape=...,
 num_classes=..., **model_options)`` rebuilds it. Everything is computed before the first byte
-is written.
+is written. Neither needs the run's data set: the input shape and classes come from the run.
+The output folder is claimed like a run folder (:mod:`nmsparse.train.run_dir`): new, empty or
+an earlier export, never a folder of other files; a failed export leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .._atomic import atomic_open
 from ..check import check
 from ..export.packed import PackedReport, save_packed
 from ..make_sparse import finalize
+from ..packing import index_width
+from ..patterns import parse_pattern
+from . import run_dir as run_folders
 from .trainer import load_trained
 
 EXPORT_FORMAT = "nmsparse-dense-with-zeros"
@@ -28,8 +33,9 @@ EXPORT_VERSION = 1
 PACKED_NAME = "model.packed.safetensors"
 
 
-def _finalized_run(path: str | Path):
-    config, data, model, payload = load_trained(path)
+def _finalized_run(path: str | Path, trusted_models=(), data_dir: str | None = None):
+    config, data, model, payload = load_trained(path, trusted_models=trusted_models,
+                                                data_dir=data_dir, with_data=False)
     finalize(model)
     description = {
         "model": config.model, "model_options": config.model_options,
@@ -41,10 +47,33 @@ def _finalized_run(path: str | Path):
     return config, model, description
 
 
-def export_run(path: str | Path, out_dir: Path) -> list[Path]:
+def _write_into(out_dir: str | Path, files: dict[str, Any]) -> list[Path]:
+    """Claim ``out_dir`` and write ``{name: bytes or a callable(path)}`` atomically."""
+    folder = run_folders.claim(out_dir, "export")
+    written = []
+    try:
+        for name, content in files.items():
+            target = folder.path / name
+            if callable(content):
+                content(target)
+            else:
+                with atomic_open(target, "wb") as file:
+                    file.write(content)
+            written.append(target)
+    except BaseException:
+        folder.abandon()
+        raise
+    folder.release()
+    return written
+
+
+def export_run(path: str | Path, out_dir: Path, *, trusted_models=(),
+               data_dir: str | None = None) -> list[Path]:
+    """Export the run at ``path`` dense-with-zeros into ``out_dir``; ``trusted_models``: the
+    ``module:factory`` names that may be imported to rebuild it."""
     from safetensors.torch import save
 
-    config, model, description = _finalized_run(path)
+    config, model, description = _finalized_run(path, trusted_models, data_dir)
     layers: list[dict[str, Any]] = []
     if not config.dense:
         report = check(model, config.pattern, include=config.include,
@@ -60,26 +89,31 @@ def export_run(path: str | Path, out_dir: Path) -> list[Path]:
     description = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **description,
                    "all_layers_nm": all(layer["status"] != "violation" for layer in layers),
                    "layers": layers}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights, info = out_dir / "model.safetensors", out_dir / "model.json"
-    with atomic_open(weights, "wb") as file:
-        file.write(blob)
-    with atomic_open(info, "w", encoding="utf-8") as file:
-        json.dump(description, file, indent=2)
-    return [weights, info]
+    text = (json.dumps(description, indent=2) + "\n").encode("utf-8")
+    return _write_into(out_dir, {"model.safetensors": blob, "model.json": text})
 
 
-def export_run_packed(path: str | Path, out_dir: str | Path) -> tuple[list[Path], PackedReport]:
-    """The run at ``path`` finalized and saved packed into ``out_dir``; a dense run has
-    nothing to pack (``ValueError``)."""
-    config, model, description = _finalized_run(path)
+def export_run_packed(path: str | Path, out_dir: str | Path, *, trusted_models=(),
+                      data_dir: str | None = None) -> tuple[list[Path], PackedReport]:
+    """The run at ``path`` finalized and saved packed into ``out_dir``; a dense run, or a
+    group size the format cannot store, is a ``ValueError`` before anything is written."""
+    import safetensors  # noqa: F401  (missing: fail before the folder is made)
+
+    config, model, description = _finalized_run(path, trusted_models, data_dir)
     if config.dense:
         raise ValueError(f"{path} was trained dense: nothing to pack (export it without "
                          "--packed)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / PACKED_NAME
-    report = save_packed(model, target, config.pattern, include=config.include,
-                         exclude=config.exclude or None, layout=config.layout,
-                         metadata=description)
-    return [target], report
+    try:
+        index_width(parse_pattern(config.pattern).m)
+    except ValueError as error:
+        raise ValueError(f"{path}: {config.pattern} cannot be exported packed: {error}; "
+                         "export it without --packed") from None
+    reports = []
+
+    def save(target: Path) -> None:
+        reports.append(save_packed(model, target, config.pattern, include=config.include,
+                                   exclude=config.exclude or None, layout=config.layout,
+                                   metadata=description))
+
+    written = _write_into(out_dir, {PACKED_NAME: save})
+    return written, reports[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_open
+from .run_dir import append_text
 
 METRICS = "metrics.jsonl"
 
@@ -31,8 +32,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("--tensorboard needs the tensorboard package "
-                                 "(pip install tensorboard)") from None
+                raise ValueError("--tensorboard needs the tensorboard package: "
+                                 "pip install 'nmsparse[tensorboard]'") from None
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
@@ -48,8 +49,7 @@ class MetricsLog:
         if self.path is None:
             return
         record = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
-        with self.path.open("a", encoding="utf-8") as file:
-            file.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")  # never through a planted link
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -26,19 +26,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import sparsify
 from .._atomic import atomic_open
-from ..data import DataBundle, load_dataset
+from ..data import DataBundle, DataError, load_dataset
 from ..data.loader import make_loader
 from ..methods import Method
 from ..models import create_model
+from ..models.trust import require_trusted
 from ..sad import SADTracker
 from ..summary import summary
 from . import checkpoint, distributed, metrics_log, plots
+from . import run_dir as run_folders
 from .config import TrainConfig, from_dict, write_json
 from .init import load_init
 from .progress import Progress
 from .schedule import warmup_cosine
 
 LANGUAGE_MODEL = "language_model"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or Inf; the message says where and what to change."""
 
 
 @dataclass
@@ -57,15 +63,75 @@ def phases_of(config: TrainConfig) -> list[Phase]:
             for index, kind in enumerate(kinds)]
 
 
-def build(config: TrainConfig) -> tuple[DataBundle, nn.Module]:
-    """The data and the freshly initialised model a configuration describes."""
-    data = load_dataset(config.data, data_dir=config.data_dir, text_file=config.text_file,
-                        seq_len=config.seq_len, seed=config.seed)
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model is built for, recorded in every checkpoint: enough to rebuild, summarise
+    and export a run without its data set."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    task: str
+    input_dtype: str = "float32"
+
+    @classmethod
+    def of(cls, data: DataBundle) -> DataInfo:
+        example = data.test[0][0]
+        return cls(tuple(data.input_shape), data.num_classes, data.task,
+                   str(example.dtype).removeprefix("torch."))
+
+    @classmethod
+    def from_payload(cls, info: dict[str, Any]) -> DataInfo:
+        return cls(tuple(int(d) for d in info["input_shape"]), int(info["num_classes"]),
+                   str(info["task"]), str(info.get("input_dtype", "float32")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_shape": list(self.input_shape), "num_classes": self.num_classes,
+                "task": self.task, "input_dtype": self.input_dtype}
+
+    def example(self) -> torch.Tensor:
+        """One all-zero input (batch of 1): enough to count parameters and MACs."""
+        dtype = getattr(torch, self.input_dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"the run records an unknown input dtype {self.input_dtype!r}")
+        return torch.zeros(1, *self.input_shape, dtype=dtype)
+
+
+def load_data(config: TrainConfig, saved_run: bool = False) -> DataBundle:
+    """The data of ``config``; for a ``saved_run`` a failure says how to point at data that
+    moved since training."""
+    try:
+        return load_dataset(config.data, data_dir=config.data_dir,
+                            text_file=config.text_file, seq_len=config.seq_len,
+                            seed=config.seed)
+    except DataError as error:
+        if not saved_run or config.data == "digits":
+            raise
+        option = "--text-file" if config.data == "text" else "--data-dir"
+        raise DataError(f"{error} (if the data moved since training, give {option} with "
+                        "its new place)") from None
+
+
+def build_model(config: TrainConfig, info: DataInfo, trusted_models=(),
+                source: str | None = None) -> nn.Module:
+    """The freshly initialised model of ``config`` for data ``info``. A ``module:factory``
+    model named by a file (``source``) is imported only if trusted (see
+    :mod:`nmsparse.models.trust`)."""
+    if source is not None:
+        require_trusted(config.model, trusted_models, source)
     torch.manual_seed(config.seed)
-    model = create_model(config.model, input_shape=data.input_shape,
-                         num_classes=data.num_classes, task=data.task,
-                         **config.model_options)
-    return data, model
+    return create_model(config.model, input_shape=info.input_shape,
+                        num_classes=info.num_classes, task=info.task,
+                        **config.model_options)
+
+
+def build(config: TrainConfig, trusted_models=(), source: str | None = None,
+          saved_run: bool = False) -> tuple[DataBundle, nn.Module]:
+    """The data and the freshly initialised model a configuration describes (``saved_run``:
+    the configuration comes from a run being resumed)."""
+    if source is not None:  # refuse an untrusted factory before touching the data
+        require_trusted(config.model, trusted_models, source)
+    data = load_data(config, saved_run)
+    return data, build_model(config, DataInfo.of(data), trusted_models, source)
 
 
 def apply_sparsity(model: nn.Module, config: TrainConfig, method: Method | None,
@@ -124,11 +190,15 @@ def evaluate(model: nn.Module, loader, config: TrainConfig, world: distributed.W
 class Run:
     """Everything one training run holds; ``fit()`` runs it to the end."""
 
-    def __init__(self, config: TrainConfig, world: distributed.World, *, console=None) -> None:
+    def __init__(self, config: TrainConfig, world: distributed.World, *, console=None,
+                 trusted_models=(), source: str | None = None, resuming: bool = False) -> None:
+        """``source``: the file ``config`` was read from (a checkpoint, a recipe), if its
+        model name came from one; ``trusted_models``: factories the user trusts."""
         self.config, self.world = config, world
         self.run_dir: Path | None = None
         self.console = console or (lambda message: None)
-        self.data, self.model = build(config)
+        self.data, self.model = build(config, trusted_models, source, resuming)
+        self.data_info = DataInfo.of(self.data)
         self.model.to(world.device)
         self.phases = phases_of(config)
         self.phase_index = 0
@@ -238,7 +308,7 @@ class Run:
             self.best_score = score
         if self.run_dir is None:
             return
-        payload = self.state()
+        payload = {**self.state(), "data_info": self.data_info.to_dict()}
         checkpoint.save(self.run_dir / checkpoint.LATEST, payload)
         if improved:
             checkpoint.save(self.run_dir / checkpoint.BEST, payload)
@@ -284,8 +354,7 @@ class Run:
             self.step += 1
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"the loss became {loss_value} at step {self.step}; "
-                                         "lower --lr or use --amp bf16 instead of fp16")
+                raise TrainingDiverged(self._divergence(loss_value))
             items = y.numel()
             loss_sum += loss_value * items
             correct += right.item()
@@ -311,6 +380,16 @@ class Run:
         self.log.write("epoch", self.step, **metrics)
         self.console(self._epoch_line(metrics))
         self._save(self._score(metrics))
+
+    def _divergence(self, loss: float) -> str:
+        phase = self.phases[self.phase_index].name
+        advice = "lower --lr or set --grad-clip"
+        if self.config.amp == "fp16":
+            advice += ", or use --amp bf16 instead of fp16"
+        saved = (f"; the last checkpoint (epoch {self.epoch}) is in {self.run_dir}"
+                 if self.run_dir is not None and self.epoch else "")
+        return (f"training diverged: the loss became {loss} at step {self.step} (epoch "
+                f"{self.epoch + 1}, {phase} phase); {advice}{saved}")
 
     def _log_step(self, loss: float, accuracy: float) -> None:
         values = {"loss": loss, "acc": accuracy, "lr": self.scheduler.get_last_lr()[0]}
@@ -359,26 +438,45 @@ class Run:
             with atomic_open(self.run_dir / "summary.json", "w", encoding="utf-8") as file:
                 json.dump(result, file, indent=2)
             if config.plots:
-                densities = {row.name: row.density for row in table.rows if row.macs_dense}
-                history = self.step_tracker.to_dict() if self.handle else {}
-                plots.plot_run(self.run_dir, metrics_log.read(self.run_dir /
-                                                              metrics_log.METRICS),
-                               history, densities, config.log_every)
+                self._plot(table)
         return result
 
+    def _plot(self, table) -> None:
+        """Plots are a bonus: a missing matplotlib or a drawing failure is a one-line note,
+        never an error after the training has succeeded."""
+        densities = {row.name: row.density for row in table.rows if row.macs_dense}
+        history = self.step_tracker.to_dict() if self.handle else {}
+        try:
+            plots.plot_run(self.run_dir, metrics_log.read(self.run_dir / metrics_log.METRICS),
+                           history, densities, self.config.log_every)
+        except plots.PlotsUnavailable as error:
+            self.console(f"note: no plots: {error}")
+        except Exception as error:  # noqa: BLE001  (a drawing failure must not lose the run)
+            self.console(f"note: no plots: drawing failed: {type(error).__name__}: "
+                         f"{' '.join(str(error).split())}")
 
-def prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    """The run folder: must hold a run to resume, and must not hold one otherwise."""
-    run_dir = Path(config.out)
-    has_run = (run_dir / checkpoint.LATEST).is_file()
-    if resume and not has_run:
-        raise checkpoint.CheckpointError(f"--resume {str(run_dir)!r}: the folder holds no run "
+
+def prepare_run_dir(config: TrainConfig, resume: bool) -> run_folders.ClaimedFolder:
+    """Claim the run folder for this process (see :mod:`nmsparse.train.run_dir`): it must
+    hold a run to resume, and must not hold one otherwise. Release it when the run ends."""
+    if resume and not (Path(config.out) / checkpoint.LATEST).is_file():
+        raise checkpoint.CheckpointError(f"--resume {config.out!r}: the folder holds no run "
                                          f"(no {checkpoint.LATEST})")
-    if not resume and has_run:
-        raise checkpoint.CheckpointError(f"{str(run_dir)!r} already holds a run; continue it "
-                                         "with --resume or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    claimed = run_folders.claim(config.out, "run")
+    try:
+        has_run = (claimed.path / checkpoint.LATEST).is_file()
+        if resume and not has_run:
+            raise checkpoint.CheckpointError(f"--resume {config.out!r}: the folder holds no "
+                                             f"run (no {checkpoint.LATEST})")
+        if not resume and has_run:
+            raise checkpoint.CheckpointError(f"{config.out!r} already holds a run; continue "
+                                             "it with --resume or choose another --out")
+        if not resume:  # an earlier attempt that never reached a checkpoint: start clean
+            (claimed.path / metrics_log.METRICS).unlink(missing_ok=True)
+    except BaseException:
+        claimed.release()
+        raise
+    return claimed
 
 
 def save_config(config: TrainConfig, run_dir: Path) -> None:
@@ -386,14 +484,42 @@ def save_config(config: TrainConfig, run_dir: Path) -> None:
 
 
 def load_trained(path: str | Path, device: torch.device | str = "cpu", *,
-                 data_dir: str | None = None):
+                 data_dir: str | None = None, text_file: str | None = None,
+                 trusted_models=(), with_data: bool = True):
     """Rebuild a trained model from a run folder or checkpoint: ``(config, data, model,
-    payload)``, with the model sparsified as it was when the checkpoint was written."""
+    payload)``, with the model sparsified as it was when the checkpoint was written.
+
+    ``data`` is the :class:`DataBundle` (its files read from ``data_dir`` / ``text_file`` when
+    given: the data may have moved since training), or with ``with_data=False`` only the
+    run's :class:`DataInfo` (input shape, classes, task), which needs no data at all for a
+    checkpoint that records it. A ``module:factory`` model is imported only if listed in
+    ``trusted_models`` or configured as trusted (:mod:`nmsparse.models.trust`): never because
+    the checkpoint names it.
+    """
     payload = checkpoint.load(path)
-    config = from_dict(payload["config"])
+    source = f"the run {str(path)!r}"
+    config = from_dict(payload["config"], source=source)
     if data_dir is not None:
         config.data_dir = data_dir
-    data, model = build(config)
-    apply_sparsity(model, config, phases_of(config)[payload["phase"]].method)
-    model.load_state_dict(payload["model"])
+    if text_file is not None:
+        config.text_file = text_file
+    require_trusted(config.model, trusted_models, source)
+    phases = phases_of(config)
+    if not isinstance(payload["phase"], int) or not 0 <= payload["phase"] < len(phases):
+        raise checkpoint.CheckpointError(f"{source}: phase {payload['phase']!r} does not fit "
+                                         f"its configuration")
+    if with_data or not checkpoint.describes_data(payload):
+        data = load_data(config, saved_run=True)
+        info = DataInfo.of(data)
+    else:
+        info = DataInfo.from_payload(payload["data_info"])
+        data = info
+    model = build_model(config, info, trusted_models, source)
+    apply_sparsity(model, config, phases[payload["phase"]].method)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise checkpoint.CheckpointError(f"{source}: the saved weights do not fit the model "
+                                         f"its configuration builds: "
+                                         f"{' '.join(str(error).split())[:300]}") from None
     return config, data, model.to(device), payload
