@@ -17,8 +17,9 @@ from .handle import LayerReport, SparsityHandle
 from .make_sparse import finalize, handles_of, sparsify
 from .masks import nm_mask, saved_masks
 from .methods import ASP, METHODS, SRSTE, STE, Fixed, Method, Step, make_method
+from .oneshot import PruneResult, prune
 from .packing import PackedWeight, pack, unpack
-from .patterns import NM, PATTERN_KINDS, Pattern, Violations, parse_pattern
+from .patterns import NM, PATTERN_KINDS, Pattern, Unstructured, Violations, parse_pattern
 from .sad import SADResult, SADTracker, sad
 from .sparse_weight import SparseWeight
 from .summary import ModelSummary, summary
@@ -28,8 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ASP", "METHODS", "NM", "PATTERN_KINDS", "STE", "SRSTE", "CheckReport", "Fixed",
     "LayerReport", "Method", "ModelSummary", "NMViolationError", "PackedWeight", "Pattern",
-    "SADResult", "SADTracker", "SparseWeight", "SparsityHandle", "Step", "Violations", "check",
-    "finalize", "handles_of", "make_method", "nm_mask", "pack", "parse_pattern", "sad",
-    "saved_masks", "sparsify",
+    "PruneResult", "SADResult", "SADTracker", "SparseWeight", "SparsityHandle", "Step",
+    "Unstructured", "Violations", "check", "finalize", "handles_of", "make_method", "nm_mask",
+    "pack", "parse_pattern", "prune", "sad", "saved_masks", "sparsify",
     "summary", "unpack",
 ]

@@ -21,6 +21,7 @@ from ..methods import METHODS
 from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS
 from . import _errors, _notes
 from ._errors import EXIT_BAD_INPUT
+from .prune import add_prune_command, run_prune
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,6 +105,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--recipe", help="TOML or YAML file of settings; flags override it")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (with "
                      "--data-dir / --text-file if its data moved)")
+    run.add_argument("--init", default=keep, metavar="RUN_DIR|CHECKPOINT",
+                     help="start from these weights and masks (a run, or 'nmsparse prune' "
+                     "output); its model, data and sparsity settings are the defaults")
     run.add_argument("--out", default=keep, help="run folder (default runs/<name>-<time>)")
     run.add_argument("--seed", type=int, default=keep)
     run.add_argument("--device", default=keep, help="auto (CUDA if present), cpu, cuda[:N]")
@@ -153,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data-dir", help="only for runs older than 0.1 that do not record "
                         "their input shape")
     _add_common(export)
+    prune = add_prune_command(commands, _parse_option)
+    _add_common(prune)
+    _add_threads(prune)
     commands.add_parser("bench", help="moved: the GPU kernel benchmark runs from a source "
                         "checkout, python -m benchmarks.kernels", add_help=False,
                         prefix_chars="\0")
@@ -222,6 +229,10 @@ def _train(args: argparse.Namespace) -> int:
         config = from_dict({**payload["config"], **overrides, "out": args.resume},
                            source=source)
     else:
+        if "init" in overrides:
+            from ..train.init import inherited_settings
+
+            overrides = {**inherited_settings(overrides["init"]), **overrides}
         payload, config = None, resolve(args.recipe, overrides)
         source = f"recipe {args.recipe!r}" if args.recipe and "model" not in overrides else None
     if config.tensorboard:
@@ -282,6 +293,11 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(model, loader, config, distributed.World(device=device), data.task)
     print(json.dumps({"path": str(args.path), **result}))
     return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    _threads(args)
+    return run_prune(args, trusted_models=_trust(args))
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -382,7 +398,7 @@ def _datasets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "summary": _summary, "export": _export,
-            "bench": _bench, "models": _models, "datasets": _datasets}
+            "prune": _prune, "bench": _bench, "models": _models, "datasets": _datasets}
 
 
 def _interrupted(args: argparse.Namespace, why: str) -> str:

@@ -36,6 +36,7 @@ class TrainConfig:
     data_dir: str | None = None
     text_file: str | None = None
     seq_len: int = 128
+    init: str | None = None  # start from this run's or pruned checkpoint's weights and masks
     # sparsity
     pattern: str = "2:4"
     method: str = "srste"  # any registered method (nmsparse.METHODS)

@@ -36,6 +36,7 @@ from ..summary import summary
 from . import checkpoint, distributed, metrics_log, plots
 from . import run_dir as run_folders
 from .config import TrainConfig, from_dict, write_json
+from .init import load_init
 from .progress import Progress
 from .schedule import warmup_cosine
 
@@ -133,12 +134,14 @@ def build(config: TrainConfig, trusted_models=(), source: str | None = None,
     return data, build_model(config, DataInfo.of(data), trusted_models, source)
 
 
-def apply_sparsity(model: nn.Module, config: TrainConfig, method: Method | None):
-    """Sparsify ``model`` for a phase; returns the handle, or None for a dense phase."""
+def apply_sparsity(model: nn.Module, config: TrainConfig, method: Method | None,
+                   masks: dict[str, torch.Tensor] | None = None):
+    """Sparsify ``model`` for a phase (starting from ``masks`` if given); returns the handle,
+    or None for a dense phase."""
     if method is None:
         return None
     return sparsify(model, config.pattern, method, include=config.include,
-                    exclude=config.exclude or None, layout=config.layout)
+                    exclude=config.exclude or None, layout=config.layout, masks=masks)
 
 
 def loss_and_correct(logits: torch.Tensor, target: torch.Tensor,
@@ -199,7 +202,8 @@ class Run:
         self.model.to(world.device)
         self.phases = phases_of(config)
         self.phase_index = 0
-        self.handle = apply_sparsity(self.model, config, self.phases[0].method)
+        masks = load_init(self.model, config.init) if config.init else None
+        self.handle = apply_sparsity(self.model, config, self.phases[0].method, masks)
         self.epoch = self.step = 0
         self.elapsed = 0.0
         self.best_score: float | None = None

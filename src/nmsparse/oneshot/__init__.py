@@ -1,0 +1,18 @@
+"""One-shot pruning of trained models: magnitude, Wanda and SparseGPT, to any pattern.
+
+    import nmsparse
+    result = nmsparse.prune(model, "2:4", method="sparsegpt", calibration=batches)
+    print(result)  # per layer: density, or why it stayed dense
+    ...            # optionally fine-tune: the masks are held (method "fixed" by default)
+    nmsparse.finalize(model)
+
+See :mod:`nmsparse.oneshot.prune` for the order of work and :data:`PRUNERS` for the methods.
+"""
+
+from . import magnitude, sparsegpt, wanda  # noqa: F401  (register the pruners)
+from .base import PRUNERS, Pruner
+from .prune import PrunedLayer, PruneResult, prune
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
+
+__all__ = ["PRUNERS", "PruneResult", "PrunedLayer", "Pruner", "SparseGPT", "Wanda", "prune"]

@@ -1,0 +1,117 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune column by column and let the not yet
+processed columns of each row absorb the error (an Optimal Brain Surgeon update).
+
+The layer's reconstruction loss for one row ``w`` is ``(w - w') H (w - w')^T`` with the input
+Hessian ``H = 2 X^T X / rows``. ``H`` is damped (``damp`` times its mean diagonal added to the
+diagonal; inputs that never fired get a unit diagonal and zero weight). With ``U`` the upper
+Cholesky factor of ``H^-1``, column ``j`` is processed as: the pruned part of the column,
+``e = (w_j - q_j) / U[j, j]``, is subtracted as ``e * U[j, j:]`` from the columns still to come.
+Row ``j`` of ``U`` divided by ``U[j, j]`` is the OBS update of the remaining columns
+``j..end`` (``H_F^-1[0, :] / H_F^-1[0, 0]``), so this is the sequential OBS solution without
+inverting one matrix per column.
+
+Columns are handled in blocks of ``blocksize`` (lazy batch updates): the update is applied
+inside the block column by column and to the rest of the matrix once per block.
+
+Masks: N:M chooses each group of M columns when its first column is reached, by the OBS
+saliency ``w^2 / U[j, j]^2`` of the current (already updated) weights; an unstructured density
+chooses per block of columns across all rows (``floor(density * block size)`` kept, so the
+layer keeps no more than allowed); any other pattern kind, or a given ``mask``, fixes the
+mask before the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..patterns import Pattern, Unstructured
+from .base import Pruner, nm_of, top_count
+from .statistics import InputHessian
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of the damped ``H^-1``, and the inputs whose
+    Hessian diagonal is zero (they never fired)."""
+    hessian = hessian.clone()
+    dead = torch.diagonal(hessian) == 0
+    hessian[dead, dead] = 1.0
+    if damp > 0:
+        diagonal = torch.diagonal(hessian)
+        diagonal += damp * diagonal.mean()
+    try:
+        lower = torch.linalg.cholesky(hessian)
+        inverse = torch.cholesky_inverse(lower)
+        upper = torch.linalg.cholesky(inverse, upper=True)
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"the input Hessian is not positive definite with damp={damp}; "
+                         "use more calibration data or a larger damp (e.g. 0.1)") from None
+    return upper, dead
+
+
+def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *,
+              blocksize: int = 128, damp: float = 0.01,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``matrix`` ``(out, in)`` to ``pattern`` given the input Hessian ``(in, in)``;
+    returns ``(pruned matrix, mask)``. ``mask`` fixes the mask instead of choosing it."""
+    weight = matrix.clone()
+    rows, columns = weight.shape
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not fit a weight with "
+                         f"{columns} input features")
+    upper, dead = inverse_hessian_factor(hessian.to(weight.dtype), damp)
+    weight[:, dead] = 0
+    nm = nm_of(pattern) if mask is None else None
+    if nm is not None:
+        blocksize = max(nm.m, blocksize // nm.m * nm.m)  # whole groups per block
+    if mask is None and nm is None and not isinstance(pattern, Unstructured):
+        mask = pattern.mask(weight.pow(2) / torch.diagonal(upper).pow(2).unsqueeze(0))
+    chosen = torch.zeros_like(weight, dtype=torch.bool) if mask is None else mask.clone()
+
+    for start in range(0, columns, blocksize):
+        end = min(start + blocksize, columns)
+        block = weight[:, start:end].clone()
+        factor = upper[start:end, start:end]
+        diagonal = torch.diagonal(factor)
+        errors = torch.zeros_like(block)
+        if mask is None and isinstance(pattern, Unstructured):
+            keep = math.floor(pattern.keep * block.numel() + 1e-9)
+            chosen[:, start:end] = top_count(block.pow(2) / diagonal.pow(2), keep)
+        for j in range(end - start):
+            if nm is not None and j % nm.m == 0:
+                group = slice(j, j + nm.m)
+                scores = block[:, group].pow(2) / diagonal[group].pow(2)
+                chosen[:, start + j:start + j + nm.m] = nm.mask(scores)
+            column = block[:, j]
+            kept = column * chosen[:, start + j]
+            error = (column - kept) / factor[j, j]
+            block[:, j:] -= error.unsqueeze(1) * factor[j, j:].unsqueeze(0)
+            block[:, j] = kept  # exact zeros where pruned
+            errors[:, j] = error
+        weight[:, start:end] = block
+        weight[:, end:] -= errors @ upper[start:end, end:]
+    return weight, chosen
+
+
+@dataclass(frozen=True)
+class SparseGPT(Pruner):
+    name: ClassVar[str] = "sparsegpt"
+    statistic: ClassVar[type] = InputHessian
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) \
+                or self.blocksize < 1:
+            raise ValueError(f"sparsegpt blocksize must be an integer >= 1, got "
+                             f"{self.blocksize!r}")
+        if not isinstance(self.damp, (int, float)) or not 0 <= self.damp < math.inf:
+            raise ValueError(f"sparsegpt damp must be a finite number >= 0, got {self.damp!r}")
+
+    def prune(self, matrix, statistic, pattern):
+        return sparsegpt(matrix, statistic.matrix().to(matrix.device), pattern,
+                         blocksize=self.blocksize, damp=self.damp)
