@@ -1,5 +1,9 @@
 """Shared fixtures. Tests use the eager mask path unless a test asks for the compiled one:
-compiling takes seconds per pattern, which a fast suite cannot afford everywhere."""
+compiling takes seconds per pattern, which a fast suite cannot afford everywhere.
+
+Tests that need a CUDA GPU carry ``@pytest.mark.cuda``: skipped without one, and
+``pytest -m cuda`` (what ``make gpu-check`` runs) selects exactly them. A test that skips
+itself for want of CUDA without the marker is a collection error, so none is left out."""
 
 import os
 
@@ -12,3 +16,19 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU (marked cuda)")
+    has_cuda = torch.cuda.is_available()
+    unmarked = []
+    for item in items:
+        marked = item.get_closest_marker("cuda") is not None
+        if marked and not has_cuda:
+            item.add_marker(no_cuda)
+        reasons = [str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")]
+        if not marked and any(r.startswith("needs") and "CUDA" in r for r in reasons):
+            unmarked.append(item.nodeid)
+    if unmarked:
+        raise pytest.UsageError("tests that need CUDA lack @pytest.mark.cuda (so `pytest -m "
+                                f"cuda` would miss them): {', '.join(unmarked[:5])}")

@@ -610,7 +610,7 @@ def test_returns_bool_of_same_shape_and_device(dtype: torch.dtype) -> None:
     assert mask.device == weight.device
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["in", "flat"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 8), (2, 16)])

@@ -204,14 +204,14 @@ def test_error_unsupported_types() -> None:
         sad({"w": A24}, {"w": [[True]]})  # type: ignore[dict-item]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_b_is_moved_to_a_device() -> None:
     r = sad({"w": A24.cuda()}, {"w": B24})
     assert r.total == 4
     assert sad(A24, B24.cuda()).total == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_tracker_follows_training_device() -> None:
     t = SADTracker(M0)  # reference masks start on the CPU
     row = t.record(1, {k: v.cuda() for k, v in M1.items()})

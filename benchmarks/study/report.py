@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nmsparse._machine import cpu_model
+from nmsparse.tables import format_table
 
 from .runner import STUDY_FILE
 
@@ -327,9 +328,7 @@ def _count(n: float) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    return format_table(headers, rows, markdown=True)
 
 
 _PATTERN_ORDER = {p: i for i, p in enumerate(("dense", "2:4", "4:8", "1:4", "2:8", "1:8",

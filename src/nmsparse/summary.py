@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._table import format_table
 from .layers import original_class
+from .tables import format_table
 
 __all__ = ["LayerRow", "ModelSummary", "summary"]
 

@@ -203,6 +203,8 @@ def test_listing_commands(capsys):
     assert "fashion-mnist" in capsys.readouterr().out
 
 
-def test_bench_command_without_gpu_exits_2(capsys):
+def test_bench_command_points_to_the_moved_benchmark(capsys):
     assert main(["bench", "--quick", "--no-write"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "python -m benchmarks.kernels" in err and "make gpu-check" in err
+    assert err.count("\n") == 1  # one line, no traceback

@@ -1,7 +1,7 @@
-"""The kernel benchmark (nmsparse.kernels.bench; benchmarks/kernels.py and `nmsparse bench`)
-on the CPU: the exit without a GPU, argument parsing, the table and
-markdown formatting (unit tests on fake timings written out below, not measurements), the
-L2 rotation rule, and the static-KV-cache decoder against the model's full forward."""
+"""The kernel benchmark (``python -m benchmarks.kernels``) on the CPU: the exit without a GPU,
+argument parsing, the table and markdown formatting (unit tests on fake timings written out
+below, not measurements), the L2 rotation rule, and the runs with the GPU-only pieces faked.
+The decoder it times is the model's own (tests/models/test_gpt_decoder.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,19 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "kernels.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    from nmsparse.kernels import bench as module
+    """The benchmark's modules under one name, as the tests knew them."""
+    from types import SimpleNamespace
 
-    return module
+    from benchmarks.kernels import cli, decode, linear, page, results, timing
+
+    names = {}
+    for module in (results, timing, page, linear, decode, cli):
+        names.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    return SimpleNamespace(**names)
 
 
 # ------------------------------------------------------------------ no GPU
@@ -29,8 +34,9 @@ def bench():
 def test_script_exits_2_without_cuda(tmp_path):
     out = tmp_path / "kernels.md"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--quick", "--out",
+                           str(out)], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "no CUDA GPU" in proc.stderr and "Nothing was measured" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -166,27 +172,24 @@ def test_markdown_measured_vs_placeholder(bench):
     assert "GPU figures not yet measured" in placeholder
     assert bench.COMMAND in placeholder and "These figures are measured" not in placeholder
     measured = bench.render_markdown(
-        "python benchmarks/kernels.py --quick", {"GPU": "fake GPU (formatting test)"},
+        "python -m benchmarks.kernels --quick", {"GPU": "fake GPU (formatting test)"},
         fake_results(bench), [], "timing graph")
     assert "These figures are measured" in measured and "not yet measured" not in measured
     assert "| GPU | fake GPU (formatting test) |" in measured
     assert "### 4096x4096 (out x in)" in measured and "### 8192x8192 (out x in)" in measured
     assert "| 1 | 2:4 Triton (nmsparse) | 12.5 | 1.60x |" in measured
-    assert "`python benchmarks/kernels.py --quick`" in measured
+    assert "`python -m benchmarks.kernels --quick`" in measured
+    assert "| ---: | --- | ---: | ---: |" in measured  # numbers right-aligned
 
 
 def test_committed_page_is_placeholder_or_measured(bench):
     text = (ROOT / "docs" / "kernels.md").read_text()
     placeholder = "GPU figures not yet measured" in text
     measured = "These figures are measured" in text
+    assert "FIXTURE" not in text  # a dry run's page is never the committed one
     assert placeholder != measured  # never a mix: no unmeasured numbers presented as figures
     if placeholder:
         assert bench.COMMAND in text
-
-
-def test_markdown_table_escapes_pipes(bench):
-    table = bench.markdown_table(["a", "b"], [["x|y", "1"]])
-    assert table.splitlines() == ["| a | b |", "| --- | --- |", "| x\\|y | 1 |"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -206,24 +209,14 @@ def test_tensor_bytes(bench):
     assert bench.tensor_bytes(torch.zeros(3, dtype=torch.uint8)) == 3
 
 
-def test_static_kv_decoder_matches_full_forward(bench):
+def test_time_decode_on_the_cpu(bench):
     from nmsparse.models import create_model
 
     model = create_model("gpt_tiny", input_shape=(16,), num_classes=256,
-                         task="language_model", n_layer=2, n_head=2, d_model=32).eval()
-    decoder = bench.StaticKVDecoder(model, 12)
-    decoder.reset(token=7)
-    sequence = [7]
-    with torch.no_grad():
-        for _ in range(12):
-            logits = decoder.step()
-            reference = model(torch.tensor([sequence]))[0, -1]
-            torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-5)
-            sequence.append(int(reference.argmax()))
-    assert decoder.tokens.tolist() == sequence[1:]
-    assert decoder.generate(12, token=7) == sequence[1:]
-    with pytest.raises(ValueError, match="exceeds"):
-        bench.StaticKVDecoder(model, 17)
+                         task="language_model", n_layer=1, n_head=2, d_model=32).eval()
+    seconds, mode = bench.time_decode(model, 4, "graph", repeats=2, warmup=1)
+    assert seconds > 0 and mode == "eager (no CUDA graphs off the GPU)"
+    assert bench.time_decode(model, 1, "eager", repeats=1)[1] == "eager"
 
 
 # ------------------------------------------------------------------ plumbing, GPU faked
@@ -234,12 +227,13 @@ def test_static_kv_decoder_matches_full_forward(bench):
 
 @pytest.fixture
 def fake_gpu(bench, monkeypatch):
+    from benchmarks.kernels import decode, timing
     from nmsparse.kernels import semi_structured as ss
 
     monkeypatch.delenv("NMSPARSE_KERNELS", raising=False)
-    monkeypatch.setattr(bench, "time_calls", lambda calls, **kw: (10.0 / len(calls), "fake"))
-    monkeypatch.setattr(bench, "l2_cache_bytes", lambda: 2**16)
-    monkeypatch.setattr(bench, "time_decode", lambda model, tokens, mode: (0.5, "fake"))
+    monkeypatch.setattr(timing, "time_calls", lambda calls, **kw: (10.0 / len(calls), "fake"))
+    monkeypatch.setattr(timing, "l2_cache_bytes", lambda: 2**16)
+    monkeypatch.setattr(decode, "time_decode", lambda model, tokens, mode: (0.5, "fake"))
     errors = {"cutlass": "cutlass failed on FakeGPU: sm8x only"}
     monkeypatch.setattr(ss, "backend_error", lambda b, d=None, t=None: errors.get(b))
     monkeypatch.setattr(ss, "to_semi_structured", lambda weight, backend: weight)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from _nm_kernel_cases import TOLERANCES, cases, run_case
 from torch import nn
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.cuda  # skipped without a GPU (tests/conftest.py)
 
 CASES = cases()
 

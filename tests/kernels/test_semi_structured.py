@@ -15,8 +15,13 @@ import nmsparse
 from nmsparse.kernels import semi_structured as ss
 
 HAS_SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-needs_sm80 = pytest.mark.skipif(not HAS_SM80, reason="needs a CUDA GPU with compute "
-                                "capability >= 8.0 (2:4 sparse tensor cores)")
+_sm80 = pytest.mark.skipif(not HAS_SM80, reason="needs a CUDA GPU with compute capability "
+                           ">= 8.0 (2:4 sparse tensor cores)")
+
+
+def needs_sm80(test):
+    """Marked cuda (selected by `pytest -m cuda`) and skipped below compute capability 8.0."""
+    return pytest.mark.cuda(_sm80(test))
 
 
 def two_four(rows: int, cols: int, dtype=torch.float32, device="cpu") -> torch.Tensor:

@@ -69,13 +69,13 @@ from torch import nn
 
 from .. import __version__, hooks
 from .._atomic import atomic_open
-from .._table import format_table
 from ..check import check
 from ..layers import sparse_states
 from ..masks import LAYOUTS, from_groups, grouping_error, to_groups
 from ..packing import PackedWeight, index_width, pack, pack_positions, unpack, unpack_positions
 from ..patterns import NM
 from ..selection import PatternSpec, eligible_weights, qualified
+from ..tables import format_table
 
 FORMAT_NAME = "nmsparse-packed"
 FORMAT_VERSION = 1

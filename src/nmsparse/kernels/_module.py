@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._table import format_table
 from ..layers import original_class, sparse_states
 from ..masks import kept_per_group
 from ..packing import PackedWeight, pack, unpack_rows
 from ..patterns import NM, parse_pattern
+from ..tables import format_table
 from . import _op  # noqa: F401  (registers torch.ops.nmsparse.nm_linear)
 from ._eligibility import shared_parameters, structural_reason
 

@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._table import format_table
 from ..check import NMViolationError
 from ..layers import original_class, sparse_states
+from ..tables import format_table
 from ._eligibility import shared_parameters, structural_reason
 
 BACKENDS = ("auto", "cusparselt", "cutlass")

@@ -11,7 +11,8 @@ a user model, and ``@register_model`` adds one under a name.
 
 Registered: ``mlp``; CIFAR ResNets ``resnet20/32/56`` (option-B shortcuts); ImageNet
 ResNets ``resnet18/34/50`` (3x3 stem without max-pool below 64 px); ``vit_tiny``;
-byte-level ``gpt_tiny`` and the ``gpt_1b`` preset (language modelling).
+byte-level ``gpt_tiny`` and the ``gpt_1b`` preset (language modelling; greedy decoding with
+a static KV cache through ``GPT.decoder``, see :class:`StaticKVDecoder`).
 
 Importing this package loads torch and the model definitions only.
 """
@@ -19,7 +20,7 @@ Importing this package loads torch and the model definitions only.
 # The built-in model modules register their factories when imported.
 from . import gpt, mlp, resnet, resnet_cifar, vit  # noqa: F401
 from ._registry import TASKS, ModelInfo, create_model, list_models, register_model
-from .gpt import gpt_param_count
+from .gpt import GPT, StaticKVDecoder, gpt_param_count
 
-__all__ = ["TASKS", "ModelInfo", "create_model", "gpt_param_count", "list_models",
-           "register_model"]
+__all__ = ["GPT", "TASKS", "ModelInfo", "StaticKVDecoder", "create_model", "gpt_param_count",
+           "list_models", "register_model"]

@@ -10,6 +10,12 @@ The vocabulary size is ``num_classes`` (256 for bytes) and the maximum sequence 
 ``input_shape[0]``: longer inputs raise ``ValueError``, shorter ones are fine. Inputs are
 int64 ids shaped (batch, seq_len); outputs are logits (batch, seq_len, vocab).
 
+Decoding: ``model.decoder(max_len)`` returns a :class:`StaticKVDecoder`, greedy decoding one
+token per step with a key/value cache of fixed size (``decoder.generate(steps, token)``, or
+``decoder.step()`` per token). Every tensor it touches keeps its shape and address, so a step
+can be captured in a CUDA graph; it calls the model's own modules, so it decodes through
+whatever its ``nn.Linear`` layers were swapped for (``nmsparse.kernels``).
+
 Init (GPT-2): normal(0, 0.02) for linear and embedding weights, zero biases, and std
 0.02 / sqrt(2 * n_layer) for the two projections that write into the residual stream, so its
 variance does not grow with depth.
@@ -49,6 +55,19 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, length, d_model)
         return self.resid_dropout(self.proj(y))
 
+    def forward_cached(self, x: Tensor, keys: Tensor, values: Tensor, pos: Tensor,
+                       visible: Tensor) -> Tensor:
+        """One new token per row, ``x`` (batch, 1, d): writes its key and value into the caches
+        ``(batch, heads, max_len, head_dim)`` at position ``pos`` (a 1-element tensor) and
+        attends to the positions where ``visible`` (broadcast to the scores) is True."""
+        batch, _, d_model = x.shape
+        q, k, v = (t.reshape(batch, 1, self.n_head, d_model // self.n_head).transpose(1, 2)
+                   for t in self.qkv(x).split(d_model, dim=2))
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(batch, 1, d_model)))
+
 
 class MLP(nn.Module):
     def __init__(self, d_model: int, dropout: float = 0.0) -> None:
@@ -72,6 +91,12 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+    def forward_cached(self, x: Tensor, keys: Tensor, values: Tensor, pos: Tensor,
+                       visible: Tensor) -> Tensor:
+        """:meth:`forward` for one new token with this block's key/value caches."""
+        x = x + self.attn.forward_cached(self.ln1(x), keys, values, pos, visible)
         return x + self.mlp(self.ln2(x))
 
 
@@ -117,6 +142,84 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+    def decoder(self, max_len: int, batch: int = 1) -> StaticKVDecoder:
+        """A greedy decoder with a static key/value cache of ``max_len`` positions."""
+        return StaticKVDecoder(self, max_len, batch)
+
+
+class StaticKVDecoder:
+    """Greedy decoding of a :class:`GPT` with a static key/value cache.
+
+    Each :meth:`step` feeds the current token of every row (``batch`` rows, one position
+    shared by all) through every block: keys and values go into caches preallocated for
+    ``max_len`` positions, and attention covers positions ``<= pos`` through a mask. So every
+    tensor keeps its shape and address and one step can be captured in a CUDA graph; the
+    argmax token and the position advance on the model's device without a host sync. The
+    caches take the dtype and device of the token embedding. Call in eval mode, under
+    ``torch.no_grad()``; the model's weights are used as they are at each step.
+    """
+
+    def __init__(self, model: GPT, max_len: int, batch: int = 1) -> None:
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        if max_len > model.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's maximum sequence length "
+                             f"{model.max_seq_len}")
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        self.model = model
+        self.max_len = max_len
+        self.batch = batch
+        n_head = model.blocks[0].attn.n_head
+        d_model = model.tok_emb.embedding_dim
+        weight = model.tok_emb.weight
+        shape = (len(model.blocks), batch, n_head, max_len, d_model // n_head)
+        self.keys = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=weight.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=weight.device)
+        self.tokens = torch.zeros(batch, max_len, dtype=torch.long, device=weight.device)
+        self.positions = torch.arange(max_len, device=weight.device)
+
+    def reset(self, token: int | Tensor = 0) -> None:
+        """Back to position 0 with ``token`` (an int, or one id per row) as the first input;
+        in place, so a captured graph stays valid."""
+        self.keys.zero_()
+        self.values.zero_()
+        self.tokens.zero_()
+        self.pos.zero_()
+        if isinstance(token, Tensor):
+            self.token.copy_(token.reshape(self.batch, 1))
+        else:
+            self.token.fill_(token)
+
+    def step(self) -> Tensor:
+        """Feed the current tokens at the current position; returns the logits
+        ``(batch, vocab)`` and makes their argmax the next tokens. At most ``max_len`` steps
+        after a :meth:`reset`: the position is not checked on the host (that would sync)."""
+        model = self.model
+        x = model.tok_emb(self.token) + model.pos_emb(self.pos)  # (batch, 1, d)
+        visible = (self.positions <= self.pos).view(1, 1, 1, self.max_len)
+        for i, block in enumerate(model.blocks):
+            x = block.forward_cached(x, self.keys[i], self.values[i], self.pos, visible)
+        logits = model.lm_head(model.ln_f(x))[:, -1]
+        next_token = logits.argmax(-1)
+        self.tokens.index_copy_(1, self.pos, next_token.view(self.batch, 1))
+        self.token.copy_(next_token.view(self.batch, 1))
+        self.pos.add_(1)
+        return logits
+
+    def generate(self, steps: int, token: int | Tensor = 0) -> list[list[int]]:
+        """Eager greedy decoding from ``token``: per row, the ``steps`` tokens produced."""
+        if not isinstance(steps, int) or not 1 <= steps <= self.max_len:
+            raise ValueError(f"steps must be an int in 1..{self.max_len} (the cache size), "
+                             f"got {steps!r}")
+        self.reset(token)
+        with torch.no_grad():
+            for _ in range(steps):
+                self.step()
+        return self.tokens[:, :steps].tolist()
 
 
 def gpt_param_count(*, n_layer: int, d_model: int, vocab_size: int = 256,

@@ -1,0 +1,7 @@
+"""``python -m benchmarks.kernels``: see :mod:`benchmarks.kernels`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
