@@ -144,47 +144,71 @@ inline int64_t relaid_index(int64_t i, int n, int64_t in_features) {
   return block * span + (group - half * groups / 2) * 8 + half * 4 + i % 4;
 }
 
-template <typename T, int N, int M>
-void rows_one_input_permute(const float* x, const T* values, const uint8_t* indices,
-                            int64_t slots, int64_t index_bytes, const float* bias, float* y,
-                            int64_t begin, int64_t end) {
+// P output rows at once: P independent weight streams keep more memory requests in flight
+// than one (a single stream left the loop waiting on memory at half dense's bandwidth).
+template <typename T, int N, int M, int P>
+inline void row_block_permute(const float* x, const T* values, const uint8_t* indices,
+                              int64_t slots, int64_t index_bytes, const float* bias, float* y,
+                              int64_t o) {
   constexpr int W = M <= 4 ? 2 : 4;
   static_assert(M / N == 2 || M / N == 4, "permute path needs M / N in {2, 4}");
   const __m256i shifts = _mm256_setr_epi32(0, W, 2 * W, 3 * W, 4 * W, 5 * W, 6 * W, 7 * W);
   const __m256i shifts_next = _mm256_add_epi32(shifts, _mm256_set1_epi32(8 * W));
   const int64_t whole16 = W == 2 ? slots / 16 * 16 : 0;
   const int64_t whole8 = slots / 8 * 8;
-  for (int64_t o = begin; o < end; ++o) {
-    const T* v = values + o * slots;
-    const uint8_t* bits = indices + o * index_bytes;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t j = 0;
-    // 16 values per step when their positions fill one 32-bit word (W = 2).
-    for (; j < whole16; j += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(v + j) + PREFETCH_BYTES, _MM_HINT_T0);
-      int32_t word;
-      memcpy(&word, bits + j * W / 8, 4);
-      const __m256i all = _mm256_set1_epi32(word);
-      acc0 = _mm256_fmadd_ps(load8(v + j),
-                             pick8<N, M>(x + j / N * M, _mm256_srlv_epi32(all, shifts)), acc0);
-      acc1 = _mm256_fmadd_ps(load8(v + j + 8),
-                             pick8<N, M>(x + (j + 8) / N * M, _mm256_srlv_epi32(all, shifts_next)),
-                             acc1);
-    }
-    for (; j < whole8; j += 8) {
-      _mm_prefetch(reinterpret_cast<const char*>(v + j) + PREFETCH_BYTES, _MM_HINT_T0);
-      int32_t word = 0;
-      memcpy(&word, bits + j * W / 8, W);
-      acc0 = _mm256_fmadd_ps(
-          load8(v + j),
-          pick8<N, M>(x + j / N * M, _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts)), acc0);
-      std::swap(acc0, acc1);
-    }
-    float sum = hsum(_mm256_add_ps(acc0, acc1));
-    const Positions<W> pos(bits, N, M);
-    for (; j < slots; ++j) sum += scalar_f32(v[j]) * x[pos.one(j)];
-    y[o] = bias ? sum + bias[o] : sum;
+  const T* v[P];
+  const uint8_t* bits[P];
+  __m256 acc0[P], acc1[P];
+  for (int p = 0; p < P; ++p) {
+    v[p] = values + (o + p) * slots;
+    bits[p] = indices + (o + p) * index_bytes;
+    acc0[p] = _mm256_setzero_ps();
+    acc1[p] = _mm256_setzero_ps();
   }
+  int64_t j = 0;
+  // 16 values per step when their positions fill one 32-bit word (W = 2).
+  for (; j < whole16; j += 16) {
+    const float* xa = x + j / N * M;
+    const float* xb = x + (j + 8) / N * M;
+    for (int p = 0; p < P; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(v[p] + j) + PREFETCH_BYTES, _MM_HINT_T0);
+      int32_t word;
+      memcpy(&word, bits[p] + j * W / 8, 4);
+      const __m256i all = _mm256_set1_epi32(word);
+      acc0[p] = _mm256_fmadd_ps(load8(v[p] + j),
+                                pick8<N, M>(xa, _mm256_srlv_epi32(all, shifts)), acc0[p]);
+      acc1[p] = _mm256_fmadd_ps(load8(v[p] + j + 8),
+                                pick8<N, M>(xb, _mm256_srlv_epi32(all, shifts_next)), acc1[p]);
+    }
+  }
+  for (; j < whole8; j += 8) {
+    const float* xa = x + j / N * M;
+    for (int p = 0; p < P; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(v[p] + j) + PREFETCH_BYTES, _MM_HINT_T0);
+      int32_t word = 0;
+      memcpy(&word, bits[p] + j * W / 8, W);
+      acc0[p] = _mm256_fmadd_ps(
+          load8(v[p] + j), pick8<N, M>(xa, _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts)),
+          acc0[p]);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    float sum = hsum(_mm256_add_ps(acc0[p], acc1[p]));
+    const Positions<W> pos(bits[p], N, M);
+    for (int64_t k = j; k < slots; ++k) sum += scalar_f32(v[p][k]) * x[pos.one(k)];
+    y[o + p] = bias ? sum + bias[o + p] : sum;
+  }
+}
+
+template <typename T, int N, int M>
+void rows_one_input_permute(const float* x, const T* values, const uint8_t* indices,
+                            int64_t slots, int64_t index_bytes, const float* bias, float* y,
+                            int64_t begin, int64_t end) {
+  int64_t o = begin;
+  for (; o + 4 <= end; o += 4)
+    row_block_permute<T, N, M, 4>(x, values, indices, slots, index_bytes, bias, y, o);
+  for (; o < end; ++o)
+    row_block_permute<T, N, M, 1>(x, values, indices, slots, index_bytes, bias, y, o);
 }
 
 inline __m256 broadcast(const float* p) { return _mm256_broadcast_ss(p); }
