@@ -315,48 +315,56 @@ int64_t xt_columns(int64_t batch) {
 // a corrupt index never reads outside the buffers.
 constexpr int64_t PAD_ROWS = 16;
 
+// Each thread fills its own copy of the inputs (x is small: copying it twice costs far less
+// than a barrier, which on a machine shared with other jobs waits for the slowest thread to
+// be scheduled), then takes its static share of the output rows: one barrier per call.
 template <typename T, int W>
 int nm_linear(const float* x, int64_t batch, int64_t in_features, const T* values,
               const uint8_t* indices, int64_t out_features, int64_t slots, int64_t index_bytes,
               int n, int m, const float* bias, float* y, int threads) {
   const int64_t ld = batch == 1 ? 1 : xt_columns(batch);
   const size_t bytes = (size_t)((in_features + PAD_ROWS) * ld * 4 + 63) / 64 * 64;
-  float* xt = static_cast<float*>(aligned_alloc(64, bytes));
-  if (!xt) return 2;
   const bool relaid = batch == 1 && m == 4 && (n == 1 || n == 2);  // see pick8
+  int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < in_features + PAD_ROWS; ++i) {
-      float* dst = xt + i * ld;
-      int64_t r = 0;
-      if (i < in_features)
-        for (; r < batch; ++r) dst[r] = x[r * in_features + i];
-      for (; r < ld; ++r) dst[r] = 0.0f;
+    float* xt = static_cast<float*>(aligned_alloc(64, bytes));
+    if (!xt) {
+#pragma omp atomic write
+      failed = 1;
+    } else {
+      for (int64_t i = 0; i < in_features + PAD_ROWS; ++i) {
+        float* dst = xt + i * ld;
+        int64_t r = 0;
+        if (i < in_features && !relaid)
+          for (; r < batch; ++r) dst[r] = x[r * in_features + i];
+        for (; r < ld; ++r) dst[r] = 0.0f;
+      }
+      if (relaid)
+        for (int64_t i = 0; i < in_features; ++i) xt[relaid_index(i, n, in_features)] = x[i];
     }
-    if (relaid)  // (the loop above wrote the padding; this rewrites the inputs)
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < in_features; ++i) xt[relaid_index(i, n, in_features)] = x[i];
+    // Every thread meets every work-sharing loop (OpenMP requires it), even without a buffer.
     if (batch == 1) {
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
       for (int64_t o = 0; o < out_features; o += 16) {
         const int64_t end = o + 16 < out_features ? o + 16 : out_features;
-        one_input<T, W>(xt, values, indices, slots, index_bytes, n, m, bias, y, o, end);
+        if (xt) one_input<T, W>(xt, values, indices, slots, index_bytes, n, m, bias, y, o, end);
       }
     } else {
       for (int64_t first = 0; first < batch; first += TILE_ROWS) {
         const int64_t rows = batch - first < TILE_ROWS ? batch - first : TILE_ROWS;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
         for (int64_t o = 0; o < out_features; o += 16) {
           const int64_t end = o + 16 < out_features ? o + 16 : out_features;
-          run_tile<T, W>(xt + first, ld, rows, values, indices, slots, index_bytes, n, m, bias,
-                         y + first * out_features, out_features, o, end);
+          if (xt)
+            run_tile<T, W>(xt + first, ld, rows, values, indices, slots, index_bytes, n, m,
+                           bias, y + first * out_features, out_features, o, end);
         }
       }
     }
+    free(xt);
   }
-  free(xt);
-  return 0;
+  return failed ? 2 : 0;
 }
 
 template <typename T>
