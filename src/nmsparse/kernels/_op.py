@@ -78,10 +78,12 @@ def _check(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
 
 def _triton_reason(x: torch.Tensor, values: torch.Tensor, m: int) -> str | None:
     """Why the Triton path is not taken for this call, or None if it is."""
-    if not triton_available():
-        return "Triton is not installed"
+    # The environment first: find_spec walks sys.path (hundreds of microseconds), which a
+    # CPU decode step calling this op ~100 times could not afford.
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "a CPU tensor without TRITON_INTERPRET=1"
+    if not triton_available():
+        return "Triton is not installed"
     if x.device.type not in ("cpu", "cuda"):
         return f"device {x.device}"
     from . import _triton  # lazy: the only import of Triton in nmsparse
