@@ -11,7 +11,7 @@ def install_fake_gpu(monkeypatch) -> None:
     from benchmarks.kernels import decode, timing
     from nmsparse.kernels import semi_structured as ss
 
-    monkeypatch.delenv("NMSPARSE_KERNELS", raising=False)
+    monkeypatch.setenv("NMSPARSE_KERNELS", "torch")  # the exact fallback, not the CPU kernels
     monkeypatch.setattr(timing, "time_calls", lambda calls, **kw: (10.0 / len(calls), "fake"))
     monkeypatch.setattr(timing, "l2_cache_bytes", lambda: 2**16)
     monkeypatch.setattr(decode, "time_decode", lambda model, tokens, mode: (0.5, "fake"))

@@ -1,7 +1,8 @@
 """The nm_linear op (fallback path), NMLinear, swap_linear_layers and torch.compile on CPU.
 
-Everything here runs without Triton: the autouse fixture removes TRITON_INTERPRET, so the
-op's ``auto`` backend takes unpack + F.linear on CPU, which must equal the dense layer exactly.
+Everything here runs without Triton and without the CPU kernels: the autouse fixture removes
+TRITON_INTERPRET and sets NMSPARSE_KERNELS=torch, so the op takes unpack + F.linear, which must
+equal the dense layer exactly (the CPU kernels are tested in test_kernels_cpu.py).
 """
 
 import pytest
@@ -18,7 +19,7 @@ from nmsparse.packing import pack
 @pytest.fixture(autouse=True)
 def _fallback_backend(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("NMSPARSE_KERNELS", raising=False)
+    monkeypatch.setenv("NMSPARSE_KERNELS", "torch")
 
 
 def nm_linear_layer(inp: int, out: int, n: int = 2, m: int = 4, bias: bool = True,

@@ -9,9 +9,12 @@ Which implementation runs (``NMSPARSE_KERNELS`` environment variable, read at ev
 
 * ``auto`` (default): the Triton kernels for CUDA tensors, and for CPU tensors when
   ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests), if Triton is installed and the call
-  is supported (M in {4, 8, 16}; fp16, bf16, fp32); otherwise unpack + ``F.linear`` (exact
-  same math as the dense layer, any device, any M).
+  is supported (M in {4, 8, 16}; fp16, bf16, fp32); else, for CPU tensors, the AVX2 kernels of
+  :mod:`nmsparse.kernels.cpu` (fp32, bf16; N dividing 8, M <= 16; compiled on first use);
+  otherwise unpack + ``F.linear`` (exact same math as the dense layer, any device, any M). When
+  the CPU kernels cannot be built (no AVX2/FMA, no compiler) a one-line warning says so, once.
 * ``triton``: the Triton kernels or a ``ValueError`` saying why not.
+* ``cpu``: the CPU kernels or a ``ValueError`` saying why not.
 * ``torch``: always unpack + ``F.linear``.
 
 A fake (meta) implementation makes the op traceable by ``torch.compile``; the backward gives
@@ -22,13 +25,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..packing import index_width, unpack_rows
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
 ENV_BACKEND = "NMSPARSE_KERNELS"
 
 
@@ -74,15 +78,39 @@ def _check(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
 
 def _triton_reason(x: torch.Tensor, values: torch.Tensor, m: int) -> str | None:
     """Why the Triton path is not taken for this call, or None if it is."""
-    if not triton_available():
-        return "Triton is not installed"
+    # The environment first: find_spec walks sys.path (hundreds of microseconds), which a
+    # CPU decode step calling this op ~100 times could not afford.
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "a CPU tensor without TRITON_INTERPRET=1"
+    if not triton_available():
+        return "Triton is not installed"
     if x.device.type not in ("cpu", "cuda"):
         return f"device {x.device}"
     from . import _triton  # lazy: the only import of Triton in nmsparse
 
     return _triton.unsupported_reason(x, values, m)
+
+
+_CPU_WARNED: list[str] = []  # the build error already warned about (once per process)
+
+
+def _cpu_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
+    """Why the CPU kernels do not take this call, or None if they do."""
+    if x.device.type != "cpu":
+        return f"device {x.device}"
+    from . import cpu  # lazy: compiles the kernels on the first CPU call
+
+    return cpu.unsupported_reason(x, values, n, m)
+
+
+def _warn_cpu_fallback() -> None:
+    from . import cpu
+
+    error = cpu.build_error()
+    if error and not _CPU_WARNED:
+        _CPU_WARNED.append(error)
+        warnings.warn(f"nmsparse: the CPU N:M kernels are unavailable ({error}); nm_linear "
+                      "falls back to unpack + F.linear (exact, no speedup)", stacklevel=3)
 
 
 def reference(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
@@ -103,7 +131,7 @@ def _nm_linear_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
                     m: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     _check(x, values, indices, n, m, bias)
     choice = backend()
-    if choice != "torch":
+    if choice in ("auto", "triton"):
         reason = _triton_reason(x, values, m)
         if reason is None:
             from ._triton import nm_linear_triton
@@ -111,6 +139,16 @@ def _nm_linear_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
             return nm_linear_triton(x, values, indices, n, m, bias)
         if choice == "triton":
             raise ValueError(f"{ENV_BACKEND}=triton but the Triton kernels cannot run: {reason}")
+    if choice in ("auto", "cpu"):
+        reason = _cpu_reason(x, values, n, m)
+        if reason is None:
+            from .cpu import nm_linear_cpu
+
+            return nm_linear_cpu(x, values, indices, n, m, bias)
+        if choice == "cpu":
+            raise ValueError(f"{ENV_BACKEND}=cpu but the CPU kernels cannot run: {reason}")
+        if x.device.type == "cpu":
+            _warn_cpu_fallback()
     return reference(x, values, indices, n, m, bias)
 
 
