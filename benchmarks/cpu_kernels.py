@@ -47,11 +47,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from nmsparse._machine import cpu_model
 from torch import nn
 
 from nmsparse.kernels import nm_linear, swap_linear_layers
 from nmsparse.kernels.cpu import build_error
+from nmsparse.machine import cpu_model
 from nmsparse.masks import nm_mask
 from nmsparse.models.gpt import GPT, gpt_param_count
 from nmsparse.packing import pack

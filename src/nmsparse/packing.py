@@ -190,14 +190,14 @@ def pack(weight: torch.Tensor, n: int, m: int, layout: str = "in",
                              f"{int(counts[bad].min())}..{int(counts[bad].max())} entries "
                              f"instead of exactly {n}")
     else:
+        found = NM(n, m, layout).violations(weight.detach())  # the one "is this N:M"
+        if not found.ok:
+            raise ValueError(f"weight of shape {shape} is not {n}:{m} ({layout!r} layout): "
+                             f"{found.violating} of {found.groups} groups have more than "
+                             f"{n} non-zeros (up to {found.max_kept}); finalize the model "
+                             "or pass a mask")
         nonzero = groups != 0
         counts = nonzero.sum(-1)
-        over = counts > n
-        if bool(over.any()):
-            raise ValueError(f"weight of shape {shape} is not {n}:{m} ({layout!r} layout): "
-                             f"{int(over.sum())} of {counts.numel()} groups have more than "
-                             f"{n} non-zeros (up to {int(counts.max())}); finalize the model "
-                             "or pass a mask")
         # Pad short groups with their first zeros: the k-th zero (0-based) of a group is
         # taken while k < n - count.
         zero = ~nonzero

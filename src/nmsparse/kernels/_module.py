@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..masks import kept_per_group
 from ..packing import PackedWeight, pack, unpack_rows
 from ..patterns import NM, parse_pattern
 from ..sparse_module import original_class, sparse_states
@@ -137,12 +136,10 @@ def _skip_reason(module: nn.Linear, parent: nn.Module, pattern: NM, shared: set[
         return f"weight dtype {weight.dtype} is not floating point"
     if module.in_features % pattern.m:
         return f"in_features {module.in_features} is not divisible by M={pattern.m}"
-    kept = kept_per_group(weight.detach(), pattern.m, "in")
-    worst = int(kept.max()) if kept.numel() else 0
-    if worst > pattern.n:
-        bad = int((kept > pattern.n).sum())
-        return (f"weight is not {pattern}: {bad}/{kept.numel()} groups have more than "
-                f"{pattern.n} non-zeros (up to {worst})")
+    found = pattern.violations(weight.detach())  # the one definition of "is this N:M"
+    if not found.ok:
+        return (f"weight is not {pattern}: {found.violating}/{found.groups} groups have more "
+                f"than {pattern.n} non-zeros (up to {found.max_kept})")
     return None
 
 

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..check import NMViolationError
+from ..patterns import NM
 from ..sparse_module import original_class, sparse_states
 from ..tables import format_table
 from ._eligibility import shared_parameters, structural_reason
@@ -103,6 +104,9 @@ class PatternCheck:
                 f"{row}, columns {col}..{col + 3}")
 
 
+TWO_FOUR = NM(2, 4)
+
+
 def verify_2to4(weight: torch.Tensor) -> PatternCheck:
     """Count the groups of 4 consecutive entries along dim 1 of a 2-D ``weight`` that hold more
     than 2 non-zeros (NaN counts as non-zero). Works on any device."""
@@ -115,7 +119,7 @@ def verify_2to4(weight: torch.Tensor) -> PatternCheck:
                          "multiple of 4: it has no 2:4 groups")
     if weight.numel() == 0:
         return PatternCheck(0, 0, 0)
-    counts = (weight.detach().reshape(rows, cols // 4, 4) != 0).sum(-1)
+    counts = TWO_FOUR.kept_per_group(weight.detach())  # (rows, cols // 4): the pattern's groups
     bad = counts > 2
     # One device-to-host copy for both numbers.
     violating, worst = torch.stack([bad.sum(), counts.max()]).tolist()
