@@ -22,6 +22,7 @@ from torch import nn
 
 from ._dtensor import gather
 from .grouping import check_layout
+from .masks import MASK_SUFFIX
 from .patterns import Pattern
 from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
 from .sparse_module import sparse_states
@@ -88,7 +89,7 @@ def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
                 or not torch.is_floating_point(tensor) or not 2 <= tensor.dim() <= 5):
             continue
         module_name = key.rsplit(".", 1)[0] if "." in key else ""
-        yield module_name, key, state_dict.get(f"{key}_mask", tensor), None
+        yield module_name, key, state_dict.get(key + MASK_SUFFIX, tensor), None
 
 
 def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],

@@ -150,17 +150,7 @@ def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
     mask = w.initial_mask() if given is None else given
-    source = f"{w.method!r}.initial_mask" if given is None else "the given mask"
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
-            or mask.shape != w.dense.shape:
-        raise ValueError(f"{w.name}: {source} must be a bool tensor of shape "
-                         f"{tuple(w.dense.shape)}, got "
-                         f"{getattr(mask, 'dtype', type(mask).__name__)} "
-                         f"{tuple(getattr(mask, 'shape', ()))}")
-    found = w.pattern.violations(mask)
-    if not found.ok:
-        raise ValueError(f"{w.name}: {source} breaks pattern {w.pattern} in "
-                         f"{found.violating} of {found.groups} groups")
+    w.validate_mask(mask, f"{w.method!r}.initial_mask" if given is None else "the given mask")
     return mask.to(w.dense.device).contiguous()
 
 

@@ -42,7 +42,7 @@ from ._dtensor import (
     version,
 )
 from .fused import add_decay_, refresh_
-from .masks import nonfinite_error
+from .masks import MASK_SUFFIX, nonfinite_error
 from .patterns import NM, Pattern
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class SparseWeight:
                  method: Method, handle: Any = None) -> None:
         self.module = module
         self.param_name = param_name
-        self.mask_name = f"{param_name}_mask"
+        self.mask_name = param_name + MASK_SUFFIX
         self.name = name  # qualified name of the weight, e.g. "layer1.0.conv1.weight"
         self.pattern = pattern
         self.method = method
@@ -94,22 +94,27 @@ class SparseWeight:
     def set_mask(self, mask: torch.Tensor) -> None:
         """Replace the mask in place; it must be a bool tensor of the weight's shape that
         complies with the pattern. The forward weight is rebuilt on next use."""
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"{self.name}: a mask must be a torch.bool tensor, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
-        if mask.shape != self.dense.shape:
-            raise ValueError(f"{self.name}: mask shape {tuple(mask.shape)} differs from the "
-                             f"weight shape {tuple(self.dense.shape)}")
-        found = self.pattern.violations(gather(mask))  # every rank judges the whole mask
-        if not found.ok:
-            raise ValueError(f"{self.name}: the mask breaks pattern {self.pattern} in "
-                             f"{found.violating} of {found.groups} groups")
+        self.validate_mask(mask, "the mask")
         shard = self._shard()
         with torch.no_grad():
             if shard is None:
                 self.mask.copy_(mask)
             else:
                 local(self.mask).copy_(local_like(mask, shard))
+
+    def validate_mask(self, mask: object, source: str) -> None:
+        """Raise ``ValueError`` unless ``mask`` is a bool tensor of the weight's shape that
+        follows the pattern (``source`` names it in the message)."""
+        shape = tuple(self.dense.shape)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                or tuple(mask.shape) != shape:
+            raise ValueError(f"{self.name}: {source} must be a torch.bool tensor of shape "
+                             f"{shape}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
+        found = self.pattern.violations(gather(mask))  # every rank judges the whole mask
+        if not found.ok:
+            raise ValueError(f"{self.name}: {source} breaks pattern {self.pattern} in "
+                             f"{found.violating} of {found.groups} groups")
 
     # -- sharded dense weights (FSDP2) ---------------------------------------------------------
     def _shard(self) -> nn.Parameter | None:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .masks import MASK_SUFFIX
 from .selection import is_hf_conv1d
 from .sparse_module import original_class
 from .tables import format_table
@@ -151,7 +152,7 @@ def summary(model: nn.Module, example_input: Any, *,
         shapes: list[tuple[int, ...]] = []
         kept_of: dict[str, int] = {}
         for weight_name, weight in _sparsifiable_weights(module, own).items():
-            mask = module._buffers.get(f"{weight_name}_mask")
+            mask = module._buffers.get(weight_name + MASK_SUFFIX)
             if mask is not None and mask.shape != weight.shape:
                 raise ValueError(
                     f"{name or 'model'}: buffer {weight_name}_mask has shape "
@@ -216,7 +217,7 @@ def _counts_macs(module: nn.Module) -> bool:
 
 def _sparsifiable_weights(module: nn.Module,
                           own: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    names = [n for n in own if f"{n}_mask" in module._buffers]
+    names = [n for n in own if n + MASK_SUFFIX in module._buffers]
     if isinstance(module, nn.MultiheadAttention):
         names += [n for n in _MHA_WEIGHTS if n not in names]
     elif _counts_macs(module) and "weight" not in names:

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..masks import MASK_SUFFIX, saved_masks
 from . import checkpoint
 
-MASK_SUFFIX = "_mask"
 INHERITED = ("model", "model_options", "data", "data_dir", "text_file", "seq_len", "pattern",
              "method", "method_options", "decay", "layout", "exclude", "include")
 
@@ -35,12 +35,10 @@ def inherited_settings(path: str | Path) -> dict[str, Any]:
 def split_masks(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
                                                          dict[str, torch.Tensor]]:
     """``(weights with masks baked in, {weight name: mask})`` of a sparse state dict."""
-    masks = {key[:-len(MASK_SUFFIX)]: value for key, value in state.items()
-             if key.endswith(MASK_SUFFIX) and key[:-len(MASK_SUFFIX)] in state
-             and value.dtype == torch.bool}
+    masks = {name: mask for name, mask in saved_masks(state).items() if name in state}
+    mask_keys = {name + MASK_SUFFIX for name in masks}
     weights = {key: (value * masks[key] if key in masks else value)
-               for key, value in state.items() if key[:-len(MASK_SUFFIX)] not in masks
-               or not key.endswith(MASK_SUFFIX)}
+               for key, value in state.items() if key not in mask_keys}
     return weights, masks
 
 
