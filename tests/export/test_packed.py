@@ -273,8 +273,8 @@ def test_missing_file_is_an_os_error(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda h: h.update(version=2),
-     r"packed format version 2 is not supported: this nmsparse \(.*\) reads version 1"),
+    (lambda h: h.update(version=3),
+     r"packed format version 3 is not supported: this nmsparse \(.*\) reads versions 1 and 2"),
     (lambda h: h.update(version="1"), "version '1' is not supported"),
     (lambda h: h.update(format="something-else"), "format is 'something-else'"),
     (lambda h: h.update(extra=1), "header has fields"),

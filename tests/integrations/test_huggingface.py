@@ -160,18 +160,39 @@ def test_a_sparse_weight_that_changes_shape_is_a_clear_error():
         model(tokens())
 
 
-def test_packed_export_stores_conv1d_dense_with_the_reason(tmp_path):
-    from nmsparse.export import load_packed, save_packed
+def test_packed_export_packs_conv1d_along_its_input_axis(tmp_path):
+    from nmsparse.export import load_packed, read_packed_header, save_packed
 
     model = make("gpt2")
     nmsparse.sparsify(model, "2:4")
     nmsparse.finalize(model)
-    report = save_packed(model, tmp_path / "gpt2.safetensors", "2:4", exclude="lm_head")
+    report = save_packed(model, tmp_path / "gpt2.safetensors", "2:4")
     conv = [layer for layer in report.layers if "c_attn" in layer.name]
-    assert conv and all("Hugging Face Conv1D): stored dense" in layer.note for layer in conv)
+    assert conv and all(layer.packed and layer.transposed for layer in conv)
+    entry = read_packed_header(tmp_path / "gpt2.safetensors")["packed"][conv[0].name]
+    assert entry["transposed"] is True and entry["shape"] == [32, 96]  # stored (in, out)
     state = load_packed(tmp_path / "gpt2.safetensors")
     for key, value in model.state_dict().items():
         assert torch.equal(state[key], value), key
+    plain = make("gpt2")
+    plain.load_state_dict(state)
+    assert nmsparse.check(plain, "2:4", exclude="lm_head").ok
+
+
+def test_check_of_a_state_dict_groups_named_conv1d_weights_along_their_input_axis():
+    model = make("gpt2")
+    nmsparse.sparsify(model, "2:4")
+    nmsparse.finalize(model)
+    state = {k: v for k, v in model.state_dict().items() if "wte" not in k and "wpe" not in k}
+    conv = ["*.c_attn.weight", "*.c_proj.weight", "*.c_fc.weight"]
+    # read as (out, in), a correct along-input 2:4 Conv1D weight looks like a violation
+    assert not nmsparse.check(state, "2:4", exclude="lm_head").ok
+    report = nmsparse.check(state, "2:4", exclude="lm_head", transposed=conv)
+    assert report.ok and sum(row.pattern is not None for row in report.rows) == 8
+    with pytest.raises(ValueError, match="transposed glob '\\*.nothing' matches no"):
+        nmsparse.check(state, "2:4", transposed="*.nothing")
+    with pytest.raises(ValueError, match="transposed= applies to state dicts"):
+        nmsparse.check(model, "2:4", transposed=conv)
 
 
 RESIZE_CASES = {"gpt2": {"tied": "sparse"}, "bert": {"tied": "sparse"}, "llama": {}}
