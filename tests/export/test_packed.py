@@ -221,15 +221,15 @@ def test_weight_violating_the_pattern_is_stored_dense(tmp_path):
     assert "dense bytes" in table and "(other tensors: 4)" in table
 
 
-def test_shapes_agree_with_packing():
-    from nmsparse.export.packed import _packed_shapes
+def test_packed_shapes_agree_with_pack():
+    from nmsparse.packing import packed_shapes
 
     for shape, n, m, layout in [((6, 8), 2, 4, "in"), ((5, 12, 3, 3), 1, 3, "in"),
                                 ((5, 12, 3, 3), 3, 6, "flat"), ((4, 16, 2), 2, 16, "in"),
                                 ((3, 4, 2, 2, 2), 1, 4, "flat"), ((2, 256), 3, 256, "in")]:
         packed = pack(torch.randn(shape), n, m, layout, mask=nmsparse.nm_mask(
             torch.randn(shape), n, m, layout))
-        assert _packed_shapes(shape, n, m, layout) == (tuple(packed.values.shape),
+        assert packed_shapes(shape, n, m, layout) == (tuple(packed.values.shape),
                                                       tuple(packed.indices.shape))
 
 

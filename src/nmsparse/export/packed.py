@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +74,15 @@ from .. import __version__
 from .._atomic import atomic_open
 from ..check import check
 from ..grouping import LAYOUTS, from_groups, grouping_error, to_groups
-from ..packing import PackedWeight, index_width, pack, pack_positions, unpack, unpack_positions
+from ..packing import (
+    PackedWeight,
+    index_width,
+    pack,
+    pack_positions,
+    packed_shapes,
+    unpack,
+    unpack_positions,
+)
 from ..patterns import NM, OnTranspose
 from ..selection import PatternSpec, eligible_weights, qualified
 from ..sparse_module import sparse_states
@@ -363,16 +370,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _packed_shapes(shape: Sequence[int], n: int, m: int,
-                   layout: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of ``(values, indices)`` for a weight of ``shape`` (the module docstring)."""
-    if layout == "in":
-        rows, groups = shape[0] * math.prod(shape[2:]), shape[1] // m
-    else:
-        rows, groups = shape[0], math.prod(shape[1:]) // m
-    return (rows, groups * n), (rows, -(-groups * n * index_width(m) // 8))
-
-
 def _check_entry(entry: Any, version: int) -> str | None:
     """Why a header entry of a packed weight is invalid, or None."""
     if not isinstance(entry, dict):
@@ -519,7 +516,7 @@ def _check_tensors(path: str, header: dict[str, Any], tensors: dict[str, torch.T
                                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for key, entry in packed.items():
         n, m = entry["n"], entry["m"]
-        values_shape, indices_shape = _packed_shapes(_matrix_shape(entry), n, m,
+        values_shape, indices_shape = packed_shapes(_matrix_shape(entry), n, m,
                                                      entry["layout"])
         implied = (f"the header (shape {entry['shape']}, {n}:{m}, layout {entry['layout']!r}, "
                    f"{entry['dtype']})")
