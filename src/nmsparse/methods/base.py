@@ -105,6 +105,8 @@ class Method:
     whose masks follow ``|w|``. Override only the hooks your method changes."""
 
     name: ClassVar[str]
+    # The torch.optim classes the method works with (None: any); the trainer checks up front.
+    optimizers: ClassVar[tuple[type[torch.optim.Optimizer], ...] | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -78,6 +78,7 @@ class STEP(SRSTE):
     """Dense Adam until the second moment settles, then SR-STE with it frozen."""
 
     name: ClassVar[str] = "step"
+    optimizers: ClassVar[tuple[type[torch.optim.Optimizer], ...]] = (torch.optim.Adam,)
     switch_step: int | None = None
     tolerance: float = 2.0
     window: int = 10
