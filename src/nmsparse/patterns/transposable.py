@@ -20,8 +20,9 @@ How the mask is chosen (the highest total score per block):
   (each pick removes one row and one column). For N >= 2 the greedy pass can get stuck with
   rows short of N; those blocks are completed by augmenting paths (swap chains found by a
   breadth-first search in index order, ignoring scores), which always exist since a
-  complete block is an N-regular bipartite graph. Greedy keeps at least half of the best
-  total for the entries it picks; it is not optimal.
+  complete block is an N-regular bipartite graph. Not optimal: for N = 1 (no repair) greedy
+  keeps at least half of the best total; the repair's swaps ignore scores. On random scores
+  (256 x 784) the masks keep 87-95 % of the score of a plain N:M mask (exact 2:4: 94 %).
 """
 
 from __future__ import annotations
