@@ -296,11 +296,16 @@ class SparseWeight:
         return self.method.masked_weight(self)
 
     def zero_pruned(self) -> None:
-        """Set the pruned dense weights to 0 for good (what ``finalize`` does)."""
+        """Set the pruned dense weights to 0 for good (what ``finalize`` does), after writing
+        the method's :meth:`~nmsparse.methods.Method.deployed_weight` if it has one."""
         self.ensure_fresh()
         shard = self._shard()
         weight = self.dense if shard is None else local(shard)
+        deployed = self.method.deployed_weight(self if shard is None else _View(
+            self, weight, local(self.mask), None))
         with torch.no_grad():
+            if deployed is not None:
+                weight.copy_(deployed)
             weight.masked_fill_(local(self.mask).logical_not(), 0)
 
     # -- building blocks for methods -------------------------------------------------------------

@@ -9,8 +9,13 @@ from .base import (
     make_method,
     straight_through,
 )
+from .decaying import Decaying
 from .fixed import ASP, Fixed
+from .gradual import Gradual
+from .sste import SSTE
 from .ste import SRSTE, STE
+from .step_adam import STEP
 
 __all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
            "make_method", "straight_through"]
+__all__ += ["SSTE", "Decaying", "Gradual", "STEP"]

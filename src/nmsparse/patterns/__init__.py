@@ -8,7 +8,9 @@ fraction of each weight), and every registered ``"KIND:ARGS"``.
 from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted, parse_pattern
 from .nm import NM
 from .on_transpose import OnTranspose
+from .transposable import Transposable
 from .unstructured import Unstructured
 
 __all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
            "Unstructured", "accepted", "parse_pattern"]
+__all__ += ["Transposable"]
