@@ -13,7 +13,7 @@ stripe and of the stripes does not matter to N:M). The objective is the kept mag
 every consumer row (output channel, kernel position) and every stripe, the sum of the N
 largest ``|w|``, summed over all consumers of the group (they share the order).
 
-* **Exhaustive** when the number of partitions is at most ``exhaustive_limit`` (e.g. 8
+* **Exhaustive** when the number of partitions is at most ``exhaustive_limit`` (6,000; e.g. 8
   channels at M=4: 35 partitions; 12 at M=4: 5,775).
 * **Greedy channel swaps** beyond: starting from the original order, the single swap of two
   channels of different stripes that raises the kept magnitude most is applied, again and
@@ -191,7 +191,7 @@ def consumer_matrix(model: nn.Module, group: ChannelGroup,
 
 
 def permute_for_nm(model: nn.Module, groups: list[ChannelGroup], pattern: PatternLike = "2:4",
-                   *, weights: Iterable[str] | None = None, exhaustive_limit: int = 20000,
+                   *, weights: Iterable[str] | None = None, exhaustive_limit: int = 6000,
                    max_swaps: int | None = None) -> PermutationReport:
     """Permute every free group whose consumers are N:M-pruned so that more ``|w|`` survives
     ``pattern``; the model's function is unchanged. ``weights``: the names of the weights
@@ -235,3 +235,20 @@ def permute_for_nm(model: nn.Module, groups: list[ChannelGroup], pattern: Patter
         report.groups.append(GroupPermutation(group.size, names, before, after,
                                               matrix.sum().item(), search))
     return report
+
+
+def permute_model(model: nn.Module, pattern: PatternLike, batch, weights: Iterable[str] | None
+                  = None) -> PermutationReport:
+    """Trace ``model`` on one calibration ``batch`` (a tensor, a mapping of keyword arguments
+    or an ``(inputs, targets)`` pair) and permute it for ``pattern`` (what
+    ``nmsparse.prune(..., permute=True)`` calls)."""
+    from .trace import channel_graph
+
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        batch = batch[0]
+    device = next(model.parameters()).device
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device)
+    elif isinstance(batch, dict):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return permute_for_nm(model, channel_graph(model, batch), pattern, weights=weights)
