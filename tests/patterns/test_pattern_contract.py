@@ -19,6 +19,7 @@ EXAMPLES = {
     "nm": ["2:4", "1:8", "3:8", "1:16"],
     "flat": ["flat:2:4", "flat:1:8"],
     "unstructured": ["unstructured:0.5", "unstructured:0.3"],
+    "gs": ["gs:4:2:0.25", "gs:8:4:0.125", "gs:2:1:0.5"],
 }
 SHAPES = [(8, 16), (4, 16, 3, 3), (6, 32, 2)]
 
