@@ -10,7 +10,9 @@ from .base import (
     straight_through,
 )
 from .fixed import ASP, Fixed
+from .reweighted import Reweighted
 from .ste import SRSTE, STE
 
 __all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
            "make_method", "straight_through"]
+__all__ += ["Reweighted"]
