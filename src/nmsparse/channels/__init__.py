@@ -11,7 +11,9 @@
 
 from .groups import ChannelGroup, Slice, check_groups, permute_group
 from .permute import PermutationReport, permute_for_nm
+from .slim import kept_count, mask_channels, slim, why_not_slimmable
 from .trace import TraceError, channel_graph
 
 __all__ = ["ChannelGroup", "PermutationReport", "Slice", "TraceError", "channel_graph",
-           "check_groups", "permute_for_nm", "permute_group"]
+           "check_groups", "kept_count", "mask_channels", "permute_for_nm", "permute_group",
+           "slim", "why_not_slimmable"]

@@ -361,6 +361,9 @@ class _Recorder(TorchFunctionMode):
 
     def norm(self, x, dim: int, params: list, out, what: str) -> None:
         layout = self.input_layout(x, dim, what)
+        if what != "batch_norm":  # statistics over the channels: fine to move, not to remove
+            for s in layout.spaces:
+                self.g.space(s).notes.append(f"{what} statistics over the channels")
         for param in params:
             if param is not None:
                 name = self.param(param)
@@ -387,6 +390,8 @@ class _Recorder(TorchFunctionMode):
                 g.unify(layout, self.input_layout(other, 2, "attention"), "attention q/k/v")
         g.record(layout, self.param(tensors["in_proj_weight"]), 1, "consumer")
         produced = g.fresh(out[0], 2)
+        for s in (*layout.spaces, *produced.spaces):  # embed_dim is fixed by the heads
+            g.space(s).notes.append("attention embedding width")
         for n in ("out_proj_weight", "out_proj_bias"):
             if self.param(tensors[n]):
                 g.record(produced, self.param(tensors[n]), 0, "producer")
