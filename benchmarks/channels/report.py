@@ -55,7 +55,8 @@ def pattern_table(root: Path) -> str:
         runs = _runs(root, f"pattern-{pattern.replace(':', '_')}", "summary.json")
         rows.append((pattern, _stat([r["test_acc"] for r in runs]),
                      _stat([r["params_kept"] / r["params_dense"] for r in runs])))
-    return format_table(["pattern (STE, 75 % sparse)", "test acc %", "weights and biases kept %"], rows)
+    return format_table(["pattern (STE, 75 % sparse)", "test acc %",
+                         "weights and biases kept %"], rows)
 
 
 def reweighted_table(root: Path) -> str:
