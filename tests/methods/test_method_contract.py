@@ -21,7 +21,8 @@ from nmsparse import step_hooks
 # Which entries of the dense weight a method's gradient reaches: "all" (straight through) or
 # "kept" (pruned weights get none). A new method must declare its rule here.
 GRADIENT_RULES = {"ste": "all", "srste": "all", "fixed": "kept", "asp": "kept",
-                  "decaying": "all", "gradual": "all", "sste": "all", "step": "all"}
+                  "decaying": "all", "gradual": "all", "sste": "all", "step": "all",
+                  "reweighted": "all"}
 BUILT_IN = [name for name, cls in nmsparse.METHODS.items()
             if cls.__module__.startswith("nmsparse.")]
 PATTERNS = ["2:4", "1:8"]

@@ -21,6 +21,7 @@ EXAMPLES = {
     "unstructured": ["unstructured:0.5", "unstructured:0.3"],
     "transposable": ["transposable:2:4", "transposable:1:4", "transposable:1:8",
                      "transposable:2:8"],
+    "gs": ["gs:4:2:0.25", "gs:8:4:0.125", "gs:2:1:0.5"],
 }
 SHAPES = [(8, 16), (4, 16, 3, 3), (6, 32, 2)]
 

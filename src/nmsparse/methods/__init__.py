@@ -12,10 +12,11 @@ from .base import (
 from .decaying import Decaying
 from .fixed import ASP, Fixed
 from .gradual import Gradual
+from .reweighted import Reweighted
 from .sste import SSTE
 from .ste import SRSTE, STE
 from .step_adam import STEP
 
 __all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
            "make_method", "straight_through"]
-__all__ += ["SSTE", "Decaying", "Gradual", "STEP"]
+__all__ += ["SSTE", "Decaying", "Gradual", "STEP", "Reweighted"]

@@ -6,6 +6,7 @@ fraction of each weight), and every registered ``"KIND:ARGS"``.
 """
 
 from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted, parse_pattern
+from .gather_scatter import GatherScatter
 from .nm import NM
 from .on_transpose import OnTranspose
 from .transposable import Transposable
@@ -13,4 +14,4 @@ from .unstructured import Unstructured
 
 __all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
            "Unstructured", "accepted", "parse_pattern"]
-__all__ += ["Transposable"]
+__all__ += ["Transposable", "GatherScatter"]
