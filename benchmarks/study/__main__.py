@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="only write the report")
     parser.add_argument("--no-report", action="store_true", help="only run, no report")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per training process (default: PyTorch's)")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="results root")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--images", type=Path, default=REPO / "docs" / "images")
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report_only:
         started = time.perf_counter()
-        run_all(specs, args.root, jobs=args.jobs)
+        run_all(specs, args.root, jobs=args.jobs, threads=args.threads)
         print(f"[study] {len(specs)} runs in {time.perf_counter() - started:.0f} s")
     if not args.no_report:
         from .report import write_report
