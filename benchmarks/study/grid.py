@@ -7,6 +7,7 @@ default included, gives a new folder instead of silently reusing an old result.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -157,24 +158,31 @@ QUICK = Preset(
 _CPU_WHY = (
     "2 shared CPU cores, one thread per run, two runs side by side, whole preset in ~80 min: "
     "MLP 784-128-128-10 (hidden [128,128]; classifier kept dense) on the full Fashion-MNIST, "
-    "4 epochs, batch 128, lr 0.1 with 0.5 warm-up epochs; 5 seeds for the main table, 3 for "
-    "the decay sweep (at 1:8, plus the decay matching the paper's cumulative 6.0), the flat "
-    "layout and the LM (gpt_tiny, 2 layers, d_model 64, 300 steps of 16 x 64 bytes). Pilot "
+    "4 epochs, batch 256 (940 steps), lr 0.1 with 0.5 warm-up epochs; 5 seeds for the main "
+    "table, 3 for the decay sweep (at 1:8, plus the decay matching the paper's cumulative "
+    "6.0) and the LM (gpt_tiny, 2 layers, d_model 64, 200 steps of 16 x 64 bytes); no "
+    "layout rows, since for Linear layers the in and flat groupings are the same groups (the "
+    "gpu preset compares them on a conv net). Pilot "
     "(same recipe, 5 epochs, seed 0, `nmsparse train --threads 1 --model mlp --model-option "
     "hidden=[128,128] --data fashion-mnist --epochs 5 --batch-size 128 --exclude classifier "
     "...`): dense 85.62, SR-STE 1:16 83.59, STE 1:16 83.25 (seed 1: 82.81), SR-STE 1:8 84.75, "
     "STE 1:8 84.16; 4 epochs SR-STE 1:8 84.37; 22-40 s per run on a quiet core, 70-105 s "
-    "while the machine was busy; the LM at that size 3.70 bits/byte in 52 s.")
+    "while the machine was busy; the LM at that size 3.70 bits/byte in 52 s. A first start "
+    "at batch 128 ran its sparse runs in 86-139 s each (load average 9 on the 2 cores), "
+    "too slow for the time box: batch 256 halves the steps, which dominate at this size; "
+    "at batch 256 the machine stayed as busy (sparse runs 110-145 s), so the LM went from 300 "
+    "to 200 steps and the layout rows were dropped.")
 
 CPU = Preset(
     name="cpu",
     vision={**_RECIPE, "exclude": ["classifier"], "data": "fashion-mnist", "data_dir": FASHION,
             "model": "mlp", "model_options": {"hidden": [128, 128]}, "epochs": 4,
-            "batch_size": 128, "warmup_epochs": 0.5, "device": "cpu", "plots": False},
+            "batch_size": 256, "warmup_epochs": 0.5, "device": "cpu", "plots": False,
+            "log_every": 20},
     lm={"data": "text", "model": "gpt_tiny", "seq_len": 64,
         "model_options": {"n_layer": 2, "n_head": 2, "d_model": 64}, "optimizer": "sgd",
         "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-5, "decay": 2e-4, "epochs": 1,
-        "batch_size": 16, "limit_train_batches": 300, "limit_test_batches": 20,
+        "batch_size": 16, "limit_train_batches": 200, "limit_test_batches": 10,
         "warmup_epochs": 0.1, "log_every": 10, "device": "cpu", "plots": False},
     main=(("dense", "dense"), ("ste", "2:4"), ("srste", "2:4"), ("srste", "4:8"),
           ("srste", "1:4"), ("srste", "2:8"), ("ste", "1:8"), ("srste", "1:8"),
@@ -185,7 +193,6 @@ CPU = Preset(
     decay_sweep=DECAY_SWEEP,
     decay_pattern="1:8",
     decay_matched_train_size=60_000,
-    layout_patterns=("2:4",),
     lm_runs=(("dense", "dense"), ("ste", "2:4"), ("srste", "2:4")),
     lm_seeds=(0, 1, 2),
     extra=(),  # e.g. ("sste", "1:8", {}) once that method is registered
@@ -250,10 +257,13 @@ def _method(method: str, pattern: str) -> dict[str, Any]:
     return {"pattern": pattern, "method": method}
 
 
-def expand(preset: Preset | str) -> list[RunSpec]:
-    """All runs of a preset, in the order they are run (main table first)."""
+def expand(preset: Preset | str, data_dir: str | None = None) -> list[RunSpec]:
+    """All runs of a preset, seed by seed (``data_dir``: the vision data set's folder when
+    it is not at the preset's path, e.g. a copy carried to a GPU machine)."""
     if isinstance(preset, str):
         preset = PRESETS[preset]
+    if data_dir is not None:
+        preset = dataclasses.replace(preset, vision={**preset.vision, "data_dir": data_dir})
     other_seeds = preset.seeds if preset.other_seeds is None else preset.other_seeds
     decays = list(preset.decay_sweep)
     if preset.decay_matched_train_size is not None:

@@ -132,7 +132,7 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Comparison:
     if len(a) != len(b) or len(a) < 2:
         raise ValueError(f"paired needs two equal-length samples of >= 2, got {len(a)} and "
                          f"{len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
     n = len(diffs)
     sd = math.sqrt(sample_var(diffs))
     effect = mean(diffs)
@@ -178,7 +178,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> Correlation | None:
     if n < 4:
         return None
     mx, my = mean(x), mean(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
     if sxx == 0 or syy == 0:
