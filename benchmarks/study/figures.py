@@ -98,9 +98,10 @@ def plot_sad_decay(records: list[RunRecord], images: Path, prefix: str = "study"
 
 def plot_sad_scatter(records: list[RunRecord], images: Path,
                      prefix: str = "study") -> list[Path]:
-    """Final accuracy against SAD summed over training, one panel per pattern."""
-    moving = [r for r in records if not r.lm and r.method in ("ste", "srste") and r.sad
-              and r.group != "extra"]
+    """Final accuracy against SAD summed over training of the main table's STE and SR-STE
+    runs, one panel per pattern."""
+    moving = [r for (row, _), rs in main_groups(records).items() if row in ("ste", "srste")
+              for r in rs if r.sad]
     patterns = sorted({r.pattern for r in moving})
     if not patterns:
         return []

@@ -229,7 +229,11 @@ def sum_lr(vision: dict[str, Any], train_size: int) -> float:
     from nmsparse.train.schedule import warmup_cosine
 
     cfg = resolve(None, dict(vision))
-    per_epoch = -(-train_size // cfg.batch_size)  # the loader keeps the last partial batch
+    # Counts the last partial batch, which the trainer drops (drop_last): 235 steps per epoch
+    # here where the runs take 234, so the matched row lands at ~5.97, not 6.0; the report
+    # shows the value summed from each run's logged lr, and the ids of the runs made with
+    # this count stay as they are.
+    per_epoch = -(-train_size // cfg.batch_size)
     if cfg.limit_train_batches is not None:
         per_epoch = min(per_epoch, cfg.limit_train_batches)
     total = cfg.epochs * per_epoch

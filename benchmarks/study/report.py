@@ -147,12 +147,14 @@ def layout_table(records: list[RunRecord]) -> str:
 
 def correlation_table(records: list[RunRecord]) -> str:
     rows = []
-    for pattern, c in sad_accuracy(records).items():
-        rows.append([pattern, "-" if c is None else str(c.n),
-                     "-" if c is None else f"{c.r:+.2f}",
-                     "-" if c is None else f"[{c.low:+.2f}, {c.high:+.2f}]",
-                     "-" if c is None else f"{c.p:.2g}"])
-    return _table(["pattern", "runs", "Pearson r (SAD, top-1)", "95 % CI", "p"],
+    for sweep in (False, True):
+        for pattern, c in sad_accuracy(records, sweep).items():
+            if c is None or (sweep and c.n == sad_accuracy(records)[pattern].n):
+                continue  # too few runs, or no sweep runs at this pattern
+            rows.append([pattern, "STE + SR-STE, every decay" if sweep else
+                         "STE + SR-STE (main table)", str(c.n), f"{c.r:+.2f}",
+                         f"[{c.low:+.2f}, {c.high:+.2f}]", f"{c.p:.2g}"])
+    return _table(["pattern", "runs", "n", "Pearson r (SAD, top-1)", "95 % CI", "p"],
                   rows) if rows else ""
 
 
@@ -243,8 +245,10 @@ def sections(records: list[RunRecord], images: Path, *, prefix: str, link: str,
         corr = correlation_table(records)
         if corr:
             parts += [f"{level}# SAD and accuracy", "", "Pearson correlation across runs "
-                      "(STE and SR-STE, every decay) of SAD summed over training with the "
-                      "final top-1, per pattern; the CI is Fisher's z.", "", corr, ""]
+                      "of SAD summed over training with the final top-1, per pattern (the "
+                      "CI is Fisher's z): over the main table's STE and SR-STE runs, and "
+                      "with the decay sweep added, where the decay moves SAD and accuracy "
+                      "together.", "", corr, ""]
         figures = [path for draw in FIGURES for path in draw(records, images, prefix)]
         parts += [line for path in figures for line in (f"![{path.stem}]({link}/{path.name})",
                                                          "")]
