@@ -1,10 +1,10 @@
 """The paper's claims, each decided over seeds by a stated rule.
 
 Every claim compares a (first) with b (second) through the per-seed values of each side:
-a **paired** t comparison when both sides hold the same seeds (same seed = same initial
-weights and data order, so the pair shares its noise), else **Welch's** t. The effect is
-the advantage of a over b (for bits per byte, where lower is better, b - a), with its 95 %
-confidence interval; the verdict follows from where that interval lies:
+a **paired** t comparison over the seeds both sides share, when at least two (same seed =
+same initial weights and data order, so the pair shares its noise), else **Welch's** t.
+The effect is the advantage of a over b (for bits per byte, where lower is better, b - a),
+with its 95 % confidence interval; the verdict follows from where that interval lies:
 
 - ``greater`` (a beats b): reproduced if the CI lies above 0, reversed if below 0;
 - ``within`` margin m (a is at most m worse than b): reproduced if the CI lies above -m,
@@ -39,6 +39,7 @@ class Claim:
     verdict: str
     comparison: str
     effect: stats.Comparison | None = None
+    interval: str = ""  # the table's effect cell when there is no Comparison (a correlation)
 
     def sentence(self) -> str:
         return f"**{self.claim}**: {self.verdict}. {self.comparison}"
@@ -53,9 +54,10 @@ def values(runs: list[RunRecord] | None,
 
 
 def compare(a: Values, b: Values) -> stats.Comparison | None:
-    """Paired over the same seeds, else Welch; None with fewer than 2 seeds on a side."""
-    if len(a) >= 2 and set(a) == set(b):
-        seeds = sorted(a)
+    """Paired over the seeds both sides share (when at least 2; a side's other seeds are left
+    out), else Welch; None with fewer than 2 seeds on a side."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) >= 2:
         return stats.paired([a[s] for s in seeds], [b[s] for s in seeds])
     if len(a) >= 2 and len(b) >= 2:
         return stats.welch(list(a.values()), list(b.values()))
@@ -96,8 +98,13 @@ def decide(claim: str, a: Values | None, b: Values | None, kind: str, what: str,
     rule = RULES[kind].format(m=f"{margin:.3g}")
     flipped = "" if higher_better else " (lower is better: the effect is b - a)"
     verdict = verdict_of(kind, result.low, result.high, margin)
+    why = ""
+    if verdict == UNDECIDED:
+        edge = {"greater": "0", "within": f"-{margin:.3g}"}.get(kind, f"±{margin:.3g}")
+        why = (f" Not decided: the interval [{result.low:+.{digits}f}, "
+               f"{result.high:+.{digits}f}] reaches both sides of {edge}.")
     return Claim(claim, verdict, f"Compared {what}{flipped}: {means}; effect "
-                 f"{result.text(digits, unit)}; rule: {rule}.", result)
+                 f"{result.text(digits, unit)}; rule: {rule}.{why}", result)
 
 
 def _gain(main, pattern: str) -> Values | None:
@@ -168,17 +175,19 @@ def claims(records: list[RunRecord]) -> list[Claim]:
                           "greater", f"SAD summed over training (mask flips per logged "
                           f"interval, from sad.csv) of a = STE {pattern} vs b = SR-STE "
                           f"{pattern}", unit="flips", digits=0))
-    correlations = {p: c for p, c in sad_accuracy(records).items() if c is not None}
-    if correlations:
-        pattern = max(correlations, key=lambda p: correlations[p].n)
-        c = correlations[pattern]
+    correlations = {p: c for p, c in sad_accuracy(records).items() if c is not None
+                    and ("ste", p) in main and ("srste", p) in main}
+    for pattern in sparse_patterns:
+        c = correlations.get(pattern)
+        if c is None:
+            continue
         verdict = REPRODUCED if c.high < 0 else REVERSED if c.low > 0 else UNDECIDED
         out.append(Claim(f"Lower SAD goes with higher accuracy (across runs at {pattern})",
                          verdict, f"Pearson correlation of SAD summed over training with "
                          f"top-1 over the main table's STE and SR-STE runs at {pattern}: "
                          f"{c.text()}; rule: reproduced if the CI lies below 0, reversed if "
-                         "above."))
-    else:
+                         "above.", None, f"r {c.r:+.2f} [{c.low:+.2f}, {c.high:+.2f}]"))
+    if not correlations:
         out.append(Claim("Lower SAD goes with higher accuracy", NOT_MEASURED,
                          "Needs at least 4 STE / SR-STE runs at one pattern."))
     sweep = decay_groups(records)

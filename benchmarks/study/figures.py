@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .records import RunRecord, decay_groups, main_groups
 
+ORDER = {p: i for i, p in enumerate(("dense", "2:4", "4:8", "1:4", "2:8", "1:8", "1:16"))}
 COLORS = {"dense": "black", "ste": "tab:red", "srste": "tab:blue", "asp": "tab:green",
           "asp-1x": "tab:olive"}
 
@@ -58,7 +59,8 @@ def plot_sad(records: list[RunRecord], images: Path, prefix: str = "study") -> l
     moves, mean over seeds with the min-max band."""
     plt = _plt()
     main = main_groups(records)
-    patterns = [p for p in sorted({p for (m, p) in main if m in ("ste", "srste")})]
+    patterns = sorted({p for (m, p) in main if m in ("ste", "srste")},
+                      key=lambda p: ORDER.get(p, 99))
     if not patterns:
         return []
     fig, axes = plt.subplots(2, len(patterns), figsize=(3.3 * len(patterns), 5.6),
@@ -102,7 +104,7 @@ def plot_sad_scatter(records: list[RunRecord], images: Path,
     runs, one panel per pattern."""
     moving = [r for (row, _), rs in main_groups(records).items() if row in ("ste", "srste")
               for r in rs if r.sad]
-    patterns = sorted({r.pattern for r in moving})
+    patterns = sorted({r.pattern for r in moving}, key=lambda p: ORDER.get(p, 99))
     if not patterns:
         return []
     plt = _plt()
@@ -114,6 +116,7 @@ def plot_sad_scatter(records: list[RunRecord], images: Path,
             ax.scatter([r.sad_total for r in rs], [r.score for r in rs], s=14,
                        color=COLORS[method], label=_label(method))
         ax.set(title=pattern, xlabel="SAD summed over training")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("test top-1 %")
     return [_save(fig, images / f"{prefix}-sad-accuracy.png")]
@@ -126,7 +129,9 @@ def plot_curves(records: list[RunRecord], images: Path, prefix: str = "study") -
         return []
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (row, pattern), rs in sorted(main.items()):
+    ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(20)])
+    for (row, pattern), rs in sorted(main.items(), key=lambda kv: (ORDER.get(kv[0][1], 99),
+                                                                   kv[0][0])):
         def series(r: RunRecord):
             epochs = [m for m in r.metrics if m.get("kind") == "epoch"]
             return [m["epoch"] for m in epochs], [100 * m["test_acc"] for m in epochs]

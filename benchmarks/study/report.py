@@ -202,6 +202,20 @@ def runs_table(records: list[RunRecord]) -> str:
     return table
 
 
+def verdict_table(verdicts: list[Claim]) -> str:
+    """One line per claim: the verdict and the effect with its interval (details below)."""
+    rows = []
+    for i, c in enumerate(verdicts, 1):
+        e = c.effect
+        if e is not None:
+            effect = f"{e.effect:+.3g} [{e.low:+.3g}, {e.high:+.3g}]"
+            test = f"{e.test}, n={e.n_a}" + ("" if e.test == "paired" else f"/{e.n_b}")
+        else:
+            effect, test = c.interval or "-", "Pearson" if c.interval else "-"
+        rows.append([str(i), c.claim, c.verdict, effect, test])
+    return _table(["#", "claim", "verdict", "effect a - b [95 % CI]", "test"], rows)
+
+
 def machine() -> str:
     cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -265,7 +279,8 @@ def sections(records: list[RunRecord], images: Path, *, prefix: str, link: str,
     tally = {v: sum(c.verdict == v for c in verdicts) for v in dict.fromkeys(
         c.verdict for c in verdicts)}
     parts += [f"{level} The paper's claims, decided over seeds", "",
-              "Rule: a paired t comparison over the seeds both sides share (else Welch's t); "
+              "Rule: a paired t comparison over the seeds both sides share (Welch's t when "
+              "they share fewer than 2); "
               "the effect is the mean advantage of a over b with its 95 % confidence "
               f"interval. Claims \"a beats b\": {RULES['greater']}; claims \"within m\": "
               f"{RULES['within'].format(m='m')}; claims \"close\": "
@@ -273,6 +288,7 @@ def sections(records: list[RunRecord], images: Path, *, prefix: str, link: str,
               "Fewer than 2 seeds on a side decides nothing. No multiple-comparison "
               "correction.", "",
               "Tally: " + ", ".join(f"{n} {v}" for v, n in tally.items()) + ".", ""]
+    parts += [verdict_table(verdicts), ""]
     parts += [f"{i}. {claim.sentence()}" for i, claim in enumerate(verdicts, 1)]
     parts += ["", f"{level} Cumulative SR-STE decay against the paper's", "",
               "sum_t lr_t * decay from each run's logged learning rate (the factor "
@@ -284,6 +300,15 @@ def sections(records: list[RunRecord], images: Path, *, prefix: str, link: str,
     return parts
 
 
+def _elapsed(records: list[RunRecord]) -> float | None:
+    """First start to last finish, from each summary.json's time and the run's wall time."""
+    ends = [(r.path / "summary.json").stat().st_mtime for r in records
+            if (r.path / "summary.json").is_file()]
+    if len(ends) != len(records) or not ends:
+        return None  # a bundle: its folders are elsewhere
+    return max(ends) - min(end - r.wall for end, r in zip(ends, records, strict=True))
+
+
 def render(records: list[RunRecord], preset: str, images: Path, *, command: str,
            why: str = "", image_link: str = "images",
            merged: dict[str, list[RunRecord]] | None = None) -> str:
@@ -292,6 +317,7 @@ def render(records: list[RunRecord], preset: str, images: Path, *, command: str,
     torch_versions = sorted({r.summary.get("torch", "?") for r in records})
     devices = sorted({r.summary.get("device", "?") for r in records})
     total_wall = sum(r.wall for r in records)
+    elapsed = _elapsed(records)
     parts = [
         "# Accuracy study: nmsparse against the SR-STE paper's claims",
         "",
@@ -301,8 +327,10 @@ def render(records: list[RunRecord], preset: str, images: Path, *, command: str,
         f"- Preset: `{preset}`" + (f" ({why})" if why else ""),
         f"- Machine: {machine()}; device {', '.join(devices)}; torch "
         f"{', '.join(torch_versions)}",
-        f"- Runs: {len(records)} finished; summed wall time {total_wall / 60:.1f} min (runs "
-        "side by side: the elapsed time was shorter; the machine was shared with other work)",
+        f"- Runs: {len(records)} finished; summed wall time {total_wall / 60:.1f} min"
+        + (f", {elapsed / 60:.0f} min elapsed from the first start to the last finish (runs "
+           "side by side)" if elapsed else "")
+        + "; the machine was shared with other work, so times are as measured, not quiet",
         "- \"N:M\" means keep N of every M weights along the input dimension.",
         "",
     ]

@@ -125,10 +125,16 @@ def test_a_single_seed_decides_nothing(tmp_path) -> None:
     assert claim.verdict == UNDECIDED and "fewer than 2 seeds" in claim.comparison
 
 
-def test_unmatched_seeds_use_welch(tmp_path) -> None:
-    records = _grid(tmp_path, srste_acc=0.85, ste_acc=0.80, ste_sad=50, srste_sad=5)
+def test_shared_seeds_are_paired_and_disjoint_seeds_use_welch(tmp_path) -> None:
+    records = _grid(tmp_path / "a", srste_acc=0.85, ste_acc=0.80, ste_sad=50, srste_sad=5)
     records = [r for r in records if not (r.method == "ste" and r.seed == 2)]
     claim = _claim(claims(records), "SR-STE beats STE at 1:8")
+    assert claim.effect.test == "paired" and claim.effect.n_a == 2  # seeds 0 and 1
+    records = [r for r in records if r.method != "ste"]
+    for seed in (7, 8):
+        _write_run(tmp_path / "b", f"ste-{seed}", method="ste", pattern="1:8", seed=seed,
+                   acc=0.80 + 0.001 * seed)
+    claim = _claim(claims(records + _records(tmp_path / "b")), "SR-STE beats STE at 1:8")
     assert claim.effect.test == "Welch" and (claim.effect.n_a, claim.effect.n_b) == (3, 2)
 
 
