@@ -195,7 +195,10 @@ CPU = Preset(
     decay_matched_train_size=60_000,
     lm_runs=(("dense", "dense"), ("ste", "2:4"), ("srste", "2:4")),
     lm_seeds=(0, 1, 2),
-    extra=(),  # e.g. ("sste", "1:8", {}) once that method is registered
+    # The methods of the methods issue at 1:8 against SR-STE on the same seeds; the schedules
+    # of decaying and gradual span the first third of the 940 steps.
+    extra=(("decaying", "1:8", {"steps": 313}), ("gradual", "1:8", {"steps": 313}),
+           ("sste", "1:8", {}), ("srste", "transposable:1:8", {})),
     why=_CPU_WHY,
 )
 

@@ -105,9 +105,11 @@ def extra_table(records: list[RunRecord]) -> str:
     main = main_groups(records)
     rows = []
     for (method, pattern, options), rs in sorted(extra.items()):
+        plain = pattern.rsplit(":", 2)  # "transposable:1:8" is compared with plain 1:8
+        base = ":".join(plain[-2:]) if len(plain) == 3 else pattern
         rows.append([method, pattern, options or "-", _mean_std([r.score for r in rs]),
-                     str(len(rs)), _effect(rs, main.get(("srste", pattern))),
-                     _effect(rs, main.get(("ste", pattern)))])
+                     str(len(rs)), _effect(rs, main.get(("srste", base))),
+                     _effect(rs, main.get(("ste", base)))])
     return _table(["method", "pattern", "options", "top-1 % (mean ± std)", "seeds",
                    "vs SR-STE [95 % CI]", "vs STE [95 % CI]"], rows) if rows else ""
 
@@ -134,7 +136,8 @@ def decay_table(sweep: dict[float, list[RunRecord]]) -> str:
 
 def layout_table(records: list[RunRecord]) -> str:
     rows = []
-    for pattern in sorted({r.pattern for r in records if not r.lm}, key=_PATTERN_ORDER.get):
+    patterns = {r.pattern for r in records if not r.lm}
+    for pattern in sorted(patterns, key=lambda p: (_PATTERN_ORDER.get(p, 99), p)):
         lay = layout_groups(records, pattern)
         for layout in ("in", "flat") if lay else ():
             if layout in lay:

@@ -112,7 +112,8 @@ def test_cpu_preset_seeds_per_comparison() -> None:
     assert groups.count("decay") == 5 * 3
     assert groups.count("layout") == 0
     assert groups.count("lm") == 9
-    assert len(specs) == 84
+    assert groups.count("extra") == 4 * 3
+    assert len(specs) == 96
     five, three = [0, 1, 2, 3, 4], [0, 1, 2]
     for method, pattern in (("dense", "dense"), ("ste", "2:4"), ("srste", "2:4"),
                             ("ste", "1:8"), ("srste", "1:8"), ("ste", "1:16"),
