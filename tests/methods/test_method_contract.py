@@ -20,7 +20,8 @@ from nmsparse import step_hooks
 
 # Which entries of the dense weight a method's gradient reaches: "all" (straight through) or
 # "kept" (pruned weights get none). A new method must declare its rule here.
-GRADIENT_RULES = {"ste": "all", "srste": "all", "fixed": "kept", "asp": "kept"}
+GRADIENT_RULES = {"ste": "all", "srste": "all", "fixed": "kept", "asp": "kept",
+                  "set": "all", "rigl": "all", "mest": "all"}
 BUILT_IN = [name for name, cls in nmsparse.METHODS.items()
             if cls.__module__.startswith("nmsparse.")]
 PATTERNS = ["2:4", "1:8"]

@@ -19,6 +19,8 @@ EXAMPLES = {
     "nm": ["2:4", "1:8", "3:8", "1:16"],
     "flat": ["flat:2:4", "flat:1:8"],
     "unstructured": ["unstructured:0.5", "unstructured:0.3"],
+    "block": ["block:2x2:0.5", "block:1x4:0.25"],
+    "global": ["global:0.5", "global:0.3"],
 }
 SHAPES = [(8, 16), (4, 16, 3, 3), (6, 32, 2)]
 

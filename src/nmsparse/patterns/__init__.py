@@ -6,9 +6,12 @@ fraction of each weight), and every registered ``"KIND:ARGS"``.
 """
 
 from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted, parse_pattern
+from .block import Block
+from .global_budget import GlobalUnstructured, global_masks, global_violations
 from .nm import NM
 from .on_transpose import OnTranspose
 from .unstructured import Unstructured
 
-__all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
+__all__ = ["Block", "GlobalUnstructured", "global_masks", "global_violations",
+           "NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
            "Unstructured", "accepted", "parse_pattern"]
