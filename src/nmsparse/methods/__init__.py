@@ -10,9 +10,10 @@ from .base import (
     straight_through,
 )
 from .fixed import ASP, Fixed
+from .gap import GaP
 from .prune_grow import MEST, SET, PruneGrow, RigL
 from .ste import SRSTE, STE
 
 __all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
            "make_method", "straight_through"]
-__all__ += ["MEST", "SET", "PruneGrow", "RigL"]
+__all__ += ["GaP", "MEST", "SET", "PruneGrow", "RigL"]
