@@ -21,7 +21,8 @@ from nmsparse import step_hooks
 # Which entries of the dense weight a method's gradient reaches: "all" (straight through) or
 # "kept" (pruned weights get none). A new method must declare its rule here.
 GRADIENT_RULES = {"ste": "all", "srste": "all", "fixed": "kept", "asp": "kept",
-                  "set": "all", "rigl": "all", "mest": "all", "gap": "kept"}
+                  "set": "all", "rigl": "all", "mest": "all", "gap": "kept",
+                  "nested": "all"}
 # Methods that grow a whole layer to dense for a phase (its mask then keeps everything).
 GROWS_DENSE = {"gap"}
 BUILT_IN = [name for name, cls in nmsparse.METHODS.items()

@@ -11,9 +11,10 @@ from .base import (
 )
 from .fixed import ASP, Fixed
 from .gap import GaP
+from .nested import Nested
 from .prune_grow import MEST, SET, PruneGrow, RigL
 from .ste import SRSTE, STE
 
 __all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
            "make_method", "straight_through"]
-__all__ += ["GaP", "MEST", "SET", "PruneGrow", "RigL"]
+__all__ += ["GaP", "MEST", "Nested", "SET", "PruneGrow", "RigL"]
