@@ -39,11 +39,10 @@ class GlobalUnstructured(Unstructured):
     @classmethod
     def from_arguments(cls, arguments: str, *, layout: str) -> GlobalUnstructured:
         try:
-            keep = float(arguments)
+            return cls(float(arguments))
         except ValueError:
             raise ValueError(f"cannot parse pattern 'global:{arguments}'; accepted: "
                              f"{_ACCEPTED}") from None
-        return cls(keep)
 
     def violations(self, tensor: torch.Tensor) -> Violations:
         if tensor.numel() == 0:
