@@ -22,7 +22,6 @@ Experiments (``EXPERIMENTS``): each run is ``(experiment, arm, seed)``.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import nmsparse
 from nmsparse.data.idx import read_idx
 from nmsparse.levels import set_level
 from nmsparse.lottery import TicketSetting, run_setting
-from nmsparse.lottery.harness import accuracy, train
+from nmsparse.lottery.harness import accuracy, random_masks, train
 from nmsparse.models.mlp import mlp
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -76,14 +75,6 @@ def _setting(lr: float = LR, epochs: int = EPOCHS) -> TicketSetting:
     return TicketSetting("unstructured:0.5", lr=lr, epochs=epochs, batch_size=BATCH)
 
 
-def _random_masks(model, pattern: str, seed: int) -> dict:
-    probe = copy.deepcopy(model)
-    handle = nmsparse.sparsify(probe, pattern, "fixed")
-    spec = nmsparse.parse_pattern(pattern)
-    generator = torch.Generator().manual_seed(seed + 777)
-    return {w.name: spec.mask(torch.rand(w.dense.shape, generator=generator)) for w in handle}
-
-
 def _sparse_run(data, seed, pattern, method, masks=None, epochs=EPOCHS, model=None):
     torch.manual_seed(seed)
     model = model or make_model()
@@ -104,7 +95,7 @@ def run_dst(data, arm: str, seed: int) -> dict:
     if arm == "static":
         torch.manual_seed(seed)
         model = make_model()
-        masks = _random_masks(model, pattern, seed)
+        masks = random_masks(model, nmsparse.parse_pattern(pattern), seed + 777)
         model, _ = _sparse_run(data, seed, pattern, "fixed", masks=masks, model=model)
     else:
         method = nmsparse.make_method(arm, **options)

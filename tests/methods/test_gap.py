@@ -5,31 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from tiny_nets import TinyMLP, train_steps
 
 import nmsparse
 from nmsparse.methods import GaP
-
-
-class Three(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(8, 16)
-        self.b = nn.Linear(16, 16)
-        self.c = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.c(self.b(self.a(x).relu()).relu())
-
-
-def steps(model, opt, count, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(count):
-        x, y = torch.randn(8, 8, generator=generator), torch.randint(0, 4, (8,),
-                                                                     generator=generator)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 def dense_layers(handle):
@@ -39,40 +18,40 @@ def dense_layers(handle):
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured:0.25"])
 def test_cyclic_phases_then_fixed_masks(pattern):
     torch.manual_seed(0)
-    model = Three()
+    model = TinyMLP(8, 16, 16, 4)
     handle = nmsparse.sparsify(model, pattern, GaP(parts=3, phase_steps=2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     spec = nmsparse.parse_pattern(pattern)
     assert dense_layers(handle) == []
     for expected in (["a.weight"], ["b.weight"], ["c.weight"]):
         before = {w.name: w.mask.clone() for w in handle}
-        steps(model, opt, 1)
+        train_steps(model, opt, 1)
         assert dense_layers(handle) == expected
         grown = handle[expected[0]]
         # grown weights start at 0 with fresh momentum; after one update they moved by lr*grad
         buffer = opt.state[grown.dense]["momentum_buffer"]
         new = ~before[grown.name]
         torch.testing.assert_close(grown.dense.detach()[new], -0.1 * buffer[new])
-        steps(model, opt, 1)
-    steps(model, opt, 1)  # the last partition is pruned back by magnitude: all sparse now
+        train_steps(model, opt, 1)
+    train_steps(model, opt, 1)  # the last partition is pruned back by magnitude: all sparse now
     assert dense_layers(handle) == []
     masks = {w.name: w.mask.clone() for w in handle}
     for w in handle:
         assert spec.violations(w.mask).ok and not w.dense[~w.mask].any()
-    steps(model, opt, 4)
+    train_steps(model, opt, 4)
     assert all(torch.equal(w.mask, masks[w.name]) for w in handle)
     assert handle.method_states[repr(handle.method)]["phase"] == 3
 
 
 def test_pruning_back_keeps_the_largest_weights():
     torch.manual_seed(0)
-    model = Three()
+    model = TinyMLP(8, 16, 16, 4)
     handle = nmsparse.sparsify(model, "2:4", GaP(parts=3, phase_steps=1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    steps(model, opt, 1)
+    train_steps(model, opt, 1)
     a = handle["a.weight"]
     trained = a.dense.detach().clone()
-    steps(model, opt, 1)
+    train_steps(model, opt, 1)
     assert torch.equal(a.mask, nmsparse.parse_pattern("2:4").mask(trained.abs()))
 
 
@@ -86,7 +65,7 @@ def test_random_order_visits_every_partition_once_per_cycle():
 
 def test_partitions_are_contiguous_in_model_order():
     torch.manual_seed(0)
-    handle = nmsparse.sparsify(Three(), "2:4", GaP(parts=2))
+    handle = nmsparse.sparsify(TinyMLP(8, 16, 16, 4), "2:4", GaP(parts=2))
     assert GaP.partition(list(handle)[::-1], 2) == {"a.weight": 0, "b.weight": 0,
                                                    "c.weight": 1}
 

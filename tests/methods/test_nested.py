@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_nets import TinyMLP, train_steps
 from torch import nn
 
 import nmsparse
@@ -45,57 +46,37 @@ def test_auto_levels_halve_n_and_bad_levels_are_named():
             Nested(levels=bad)
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(16, 32)
-        self.b = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.b(self.a(x).relu())
-
-
-def train(model, opt, count, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(count):
-        x, y = torch.randn(8, 16, generator=generator), torch.randint(0, 4, (8,),
-                                                                      generator=generator)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
-
 def test_progressive_freezes_the_sparser_level():
     torch.manual_seed(0)
-    model = Net()
+    model = TinyMLP()
     handle = nmsparse.sparsify(model, "4:8", Nested(levels="1:8,2:8,4:8", level_steps=3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    train(model, opt, 3)
+    train_steps(model, opt, 3)
     w = handle["a.weight"]
     assert w.state["level"] == 1 and w.pattern == NM(2, 8)
     frozen = w.state["frozen"] == 0  # the 1:8 level, frozen when level 2:8 started
     assert NM(1, 8).violations(frozen).ok and int(frozen.sum()) == w.dense.numel() // 8
     assert not (w.state["frozen"] > 0).logical_and(w.state["frozen"] != 255).any()
     values = w.dense.detach()[frozen].clone()
-    train(model, opt, 3, seed=1)
+    train_steps(model, opt, 3, seed=1)
     assert w.state["level"] == 2 and torch.equal(level_masks(w)[0], frozen)
     # kept through weight decay and momentum while 2:8 trained; 2:8 now frozen as well
     assert torch.equal(w.dense.detach()[frozen], values)
     second = level_masks(w)[1]
     assert torch.equal(w.state["frozen"] <= 1, second) and bool((second & ~frozen).any())
-    train(model, opt, 2, seed=2)
+    train_steps(model, opt, 2, seed=2)
     assert torch.equal(w.dense.detach()[frozen], values)
     assert check_nesting(handle).ok
 
 
 def test_joint_training_cycles_levels():
     torch.manual_seed(0)
-    model = Net()
+    model = TinyMLP()
     handle = nmsparse.sparsify(model, "2:4", Nested(levels="1:4,2:4", training="joint"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     seen = []
     for step in range(4):
-        train(model, opt, 1, seed=step)
+        train_steps(model, opt, 1, seed=step)
         seen.append(str(handle["a.weight"].pattern))
     assert seen == ["2:4", "1:4", "2:4", "1:4"]
     assert "frozen" not in handle["a.weight"].state
@@ -104,9 +85,9 @@ def test_joint_training_cycles_levels():
 
 def test_switching_levels_is_exact_and_matches_masked_weights():
     torch.manual_seed(0)
-    model = Net()
+    model = TinyMLP()
     handle = nmsparse.sparsify(model, "2:4", Nested(levels="1:4,2:4", training="joint"))
-    train(model, torch.optim.Adam(model.parameters(), lr=1e-2), 3)
+    train_steps(model, torch.optim.Adam(model.parameters(), lr=1e-2), 3)
     x = torch.randn(5, 16)
     outputs = {}
     for level in ("1:4", "2:4", 0):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from tiny_nets import TinyMLP, train_steps
 from torch import nn
 
 import nmsparse
@@ -113,29 +114,13 @@ def test_bad_options_are_named(bad):
         RigL(**bad)
 
 
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(16, 32)
-        self.b = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.b(self.a(x).relu())
-
-
 def run(method, pattern, steps, seed=0, model=None, opt=None, handle=None, data_seed=1):
     if model is None:
         torch.manual_seed(seed)
-        model = Two()
+        model = TinyMLP()
         handle = nmsparse.sparsify(model, pattern, method)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(data_seed)
-    for _ in range(steps):
-        x, y = torch.randn(8, 16, generator=generator), torch.randint(0, 4, (8,),
-                                                                      generator=generator)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(model, opt, steps, seed=data_seed)
     return model, handle, opt
 
 
@@ -201,7 +186,7 @@ def test_resume_mid_schedule_is_bit_identical(method):
                        "sparsity": handle.state_dict()})
     run(method, "2:4", 5, model=model, handle=handle, opt=opt, data_seed=2)
     torch.manual_seed(7)
-    other = Two()
+    other = TinyMLP()
     other_handle = nmsparse.sparsify(other, "2:4", method)
     other_opt = torch.optim.Adam(other.parameters(), lr=1e-2)
     other.load_state_dict(saved["model"])

@@ -113,7 +113,8 @@ def _magnitude_masks(model: nn.Module, pattern: Pattern,
     return masks
 
 
-def _random_masks(model: nn.Module, pattern: Pattern, seed: int) -> dict[str, torch.Tensor]:
+def random_masks(model: nn.Module, pattern: Pattern, seed: int) -> dict[str, torch.Tensor]:
+    """Masks of ``pattern`` from uniform random scores (seeded) for the eligible weights."""
     generator = torch.Generator().manual_seed(seed)
     probe = copy.deepcopy(model)
     handle = sparsify(probe, pattern, "fixed")
@@ -168,7 +169,7 @@ def run_setting(make_model: Callable[[], nn.Module], data: dict[str, torch.Tenso
     results["random_reinit"] = score(_train_masked(make_model, reinit, final, masks, batches,
                                                    setting))
     results["random_mask"] = score(_train_masked(make_model, init, final,
-                                                 _random_masks(init_model, final, seed),
+                                                 random_masks(init_model, final, seed),
                                                  batches, setting))
     assert set(results) == set(ARMS)
     return {arm: results[arm] for arm in ARMS}

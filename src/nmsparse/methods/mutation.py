@@ -69,7 +69,7 @@ class Units:
         return out
 
 
-def _ranks(keys: torch.Tensor, descending: bool) -> torch.Tensor:
+def ranks_in_rows(keys: torch.Tensor, descending: bool) -> torch.Tensor:
     """Rank of every entry inside its row (0 = first), stable: ties go to the lower index."""
     order = torch.sort(keys, dim=-1, descending=descending, stable=True).indices
     ranks = torch.empty_like(order)
@@ -85,7 +85,7 @@ def drop_plan(active: torch.Tensor, drop_score: torch.Tensor, count: int) -> tor
     cap = torch.minimum(active.sum(-1, keepdim=True), free)
     inf = torch.tensor(float("inf"), dtype=drop_score.dtype, device=drop_score.device)
     keys = torch.where(active, drop_score, inf)
-    eligible = active & (_ranks(keys, descending=False) < cap)
+    eligible = active & (ranks_in_rows(keys, descending=False) < cap)
     flat = torch.where(eligible, drop_score, inf).reshape(-1)
     count = min(count, int(eligible.sum()))
     chosen = torch.sort(flat, stable=True).indices[:count]
@@ -99,7 +99,7 @@ def grow_plan(active: torch.Tensor, grow_score: torch.Tensor,
     ``grow_score`` (ties: lower index)."""
     keys = torch.where(active, torch.tensor(float("-inf"), dtype=grow_score.dtype,
                                             device=grow_score.device), grow_score)
-    return ~active & (_ranks(keys, descending=True) < per_unit.reshape(-1, 1))
+    return ~active & (ranks_in_rows(keys, descending=True) < per_unit.reshape(-1, 1))
 
 
 def exchange(active: torch.Tensor, drop_score: torch.Tensor, grow_score: torch.Tensor,

@@ -43,7 +43,7 @@ import torch
 
 from ..patterns import GlobalUnstructured
 from .base import Method, Step, straight_through
-from .mutation import Units, exchange, grow_plan
+from .mutation import Units, exchange, grow_plan, ranks_in_rows
 
 GROWTH = ("random", "gradient", "momentum")
 SCHEDULES = ("cosine", "constant")
@@ -233,9 +233,7 @@ class PruneGrow(Method):
         active = units.view([w.mask for w in members], reduce="any")
         drop, _ = self._scores(key, members, units, step)
         inf = torch.tensor(float("inf"), dtype=drop.dtype, device=drop.device)
-        order = torch.sort(torch.where(active, drop, inf), dim=-1, stable=True).indices
-        ranks = torch.empty_like(order).scatter_(
-            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        ranks = ranks_in_rows(torch.where(active, drop, inf), descending=False)
         dropped = active & (ranks < planned.to(ranks.device).reshape(-1, 1))
         self._apply(members, units, active & ~dropped, step)
 
