@@ -113,3 +113,29 @@ def test_nesting_problems_are_found():
     assert problems == ["level 1:4 is not inside level 2:4"]
     assert nesting_problems([inner, inner], levels) == [
         "level 2:4: 1 of 1 groups do not keep exactly 2"]
+
+
+def test_resume_in_the_middle_of_progressive_training_is_exact():
+    import io
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = TinyMLP()
+        handle = nmsparse.sparsify(model, "2:4", Nested(levels="1:4,2:4", level_steps=2))
+        return model, handle, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model, handle, opt = fresh(0)
+    train_steps(model, opt, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "sparsity": handle.state_dict()}, buffer)
+    train_steps(model, opt, 3, seed=1)
+    other, other_handle, other_opt = fresh(5)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    other.load_state_dict(saved["model"])
+    other_opt.load_state_dict(saved["opt"])
+    other_handle.load_state_dict(saved["sparsity"])
+    train_steps(other, other_opt, 3, seed=1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key

@@ -195,3 +195,15 @@ def test_resume_mid_schedule_is_bit_identical(method):
     run(method, "2:4", 5, model=other, handle=other_handle, opt=other_opt, data_seed=2)
     for key, value in model.state_dict().items():
         assert torch.equal(value, other.state_dict()[key]), key
+
+
+def test_a_weight_stored_transposed_swaps_inside_its_groups():
+    layer = nn.Linear(4, 8, bias=False)  # weight (8, 4), grouped along dim 0 (its transpose)
+    pattern = nmsparse.patterns.OnTranspose(nmsparse.NM(2, 4))
+    handle = nmsparse.sparsify(layer, pattern, RigL(every=1, fraction=0.5,
+                                                    schedule="constant"))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    w = handle["weight"]
+    before = w.mask.clone()
+    step_with(layer, opt, torch.randn(8, 4))
+    assert pattern.violations(w.mask).ok and not torch.equal(w.mask, before)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from ..grouping import from_groups, to_groups
-from ..patterns import NM, Block, GlobalUnstructured, Pattern, Unstructured
+from ..patterns import NM, Block, GlobalUnstructured, OnTranspose, Pattern, Unstructured
 
-ACCEPTED = "N:M ('2:4', 'flat:2:4'), 'unstructured:D', 'global:D' or 'block:RxC:D'"
+ACCEPTED = ("N:M ('2:4', 'flat:2:4'), 'unstructured:D', 'global:D' or 'block:RxC:D' (also on a "
+            "weight stored transposed)")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Units:
 
     @classmethod
     def of(cls, pattern: Pattern, shapes: Sequence[torch.Size]) -> Units:
+        if isinstance(pattern, OnTranspose):  # a weight stored (in, out): its transpose
+            return _Transposed(cls.of(pattern.inner, [torch.Size(s)[::-1] for s in shapes]))
         if not isinstance(pattern, (NM, Unstructured, Block)):
             raise ValueError(f"prune-and-grow supports the patterns {ACCEPTED}, got {pattern}")
         if len(shapes) > 1 and not isinstance(pattern, GlobalUnstructured):
@@ -67,6 +70,19 @@ class Units:
             out.append(units.reshape(-1)[start:start + size].reshape(shape).contiguous())
             start += size
         return out
+
+
+@dataclass(frozen=True)
+class _Transposed:
+    """The units of the inner pattern of :class:`OnTranspose`, on transposed 2-D tensors."""
+
+    inner: Units
+
+    def view(self, tensors: Sequence[torch.Tensor], reduce: str = "sum") -> torch.Tensor:
+        return self.inner.view([t.t() for t in tensors], reduce)
+
+    def unview(self, units: torch.Tensor) -> list[torch.Tensor]:
+        return [t.t().contiguous() for t in self.inner.unview(units)]
 
 
 def ranks_in_rows(keys: torch.Tensor, descending: bool) -> torch.Tensor:

@@ -131,6 +131,7 @@ class PruneGrow(Method):
 
     # -- masks ---------------------------------------------------------------------------------
     def initial_mask(self, w):
+        Units.of(w.pattern, [w.dense.shape])  # a pattern exchanges cannot keep fails here
         if self.init == "magnitude":
             return w.pattern.mask(w.dense.detach().abs())
         scores = torch.rand(w.dense.shape, generator=_seeded(self.seed, "init", w.name))
