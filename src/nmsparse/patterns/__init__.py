@@ -12,6 +12,6 @@ from .nm import NM
 from .on_transpose import OnTranspose
 from .unstructured import Unstructured
 
-__all__ = ["Block", "GlobalUnstructured", "global_masks", "global_violations",
-           "NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
+__all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
            "Unstructured", "accepted", "parse_pattern"]
+__all__ += ["Block", "GlobalUnstructured", "global_masks", "global_violations"]
