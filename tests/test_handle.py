@@ -274,7 +274,7 @@ def test_registry_clash_abstract_intermediates_and_subclasses():
     assert nmsparse.METHODS.get("srste") is SRSTE
     assert Intermediate not in dict(nmsparse.METHODS.items()).values()
     assert Tweaked not in dict(nmsparse.METHODS.items()).values()
-    with pytest.raises(ValueError, match="unknown method 'nope'; accepted: asp, fixed"):
+    with pytest.raises(ValueError, match="unknown method 'nope'; accepted: asp, .*fixed"):
         nmsparse.make_method("nope")
     with pytest.raises(ValueError, match="method 'srste' takes no rate"):
         nmsparse.make_method("srste", rate=1)

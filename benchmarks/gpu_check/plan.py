@@ -26,7 +26,7 @@ class Part:
 PARTS = [
     Part("install", 35, "pip install --no-deps --no-build-isolation -e . (no network)", False),
     Part("machine", 30, "GPU, driver and library versions; a matmul on the GPU", False),
-    Part("tests", 95, "pytest -m cuda: every CUDA test of the suite", True),
+    Part("tests", 95, "pytest -m 'cuda or timm': every CUDA test, and timm's", True),
     Part("correctness", 50, "Triton N:M kernels at model sizes (native bf16 tl.dot) and "
          "accelerate / swap_linear_layers on a GPT, against dense", True),
     Part("kernels", 100, "kernel benchmark on docs/kernels.md's shapes and batches "
@@ -68,7 +68,7 @@ def steps(python: str, work: Path, dry_run: bool, only: list[str] | None = None,
                                           "--no-build-isolation", "--no-index", "--no-input",
                                           "--disable-pip-version-check", "-e", "."]))
         elif part.name == "tests":
-            base = [python, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
+            base = [python, "-m", "pytest", "-m", "cuda or timm", "-p", "no:cacheprovider", "tests"]
             if dry_run:
                 chosen.append(Step(part, base + ["-q", "--collect-only"],
                                    note="dry run: CUDA tests collected, not run"))

@@ -138,7 +138,7 @@ def _render(parts: list[dict], results: dict, tests: dict, dry_run: bool, date: 
               "not run or a kernel failed.", "",
               format_table(TARGET_HEADERS, targets, markdown=True), ""]
 
-    lines += ["## CUDA tests (pytest -m cuda)", ""]
+    lines += ["## CUDA and timm tests (pytest -m 'cuda or timm')", ""]
     if not tests:
         lines += ["Not run.", ""]
     elif not tests.get("run"):

@@ -20,6 +20,7 @@ from .methods import ASP, METHODS, SRSTE, STE, Fixed, Method, Step, make_method
 from .oneshot import PruneResult, prune
 from .packing import PackedWeight, pack, unpack
 from .patterns import NM, PATTERN_KINDS, Pattern, Unstructured, Violations, parse_pattern
+from .resize import resize_token_embeddings
 from .sad import SADResult, SADTracker, sad
 from .sparse_weight import SparseWeight
 from .summary import ModelSummary, summary
@@ -31,6 +32,6 @@ __all__ = [
     "LayerReport", "Method", "ModelSummary", "NMViolationError", "PackedWeight", "Pattern",
     "PruneResult", "SADResult", "SADTracker", "SparseWeight", "SparsityHandle", "Step",
     "Unstructured", "Violations", "check", "finalize", "handles_of", "make_method", "nm_mask",
-    "pack", "parse_pattern", "prune", "sad", "saved_masks", "sparsify",
+    "pack", "parse_pattern", "prune", "resize_token_embeddings", "sad", "saved_masks", "sparsify",
     "summary", "unpack",
 ]

@@ -6,7 +6,9 @@ dict holding ``<weight>_mask``) the mask is what the forward pass applies, so th
 checked; otherwise the weight's non-zeros are (a finalized or exported model).
 For a model the eligible weights are checked (Linear, Conv, MultiheadAttention); for a state
 dict every floating 2-D to 5-D tensor whose key ends in ``weight``: narrow it with
-``include`` / ``exclude``.
+``include`` / ``exclude``. A state dict does not say which weights are stored ``(in, out)``
+(Hugging Face ``Conv1D``, e.g. GPT-2's ``c_attn``, ``c_proj``, ``c_fc``): name them with
+``transposed`` globs so their groups run along the input axis as in the live model.
 
 Sharded models and state dicts (FSDP2, DTensors) are checked whole: each checked tensor is
 all-gathered in turn, so call ``check`` on every rank; every rank gets the same report.
@@ -23,8 +25,16 @@ from torch import nn
 from ._dtensor import gather
 from .grouping import check_layout
 from .masks import MASK_SUFFIX
-from .patterns import Pattern
-from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
+from .patterns import OnTranspose, Pattern
+from .selection import (
+    PatternSpec,
+    as_globs,
+    choose,
+    eligible_weights,
+    layer_pattern,
+    matches,
+    qualified,
+)
 from .sparse_module import sparse_states
 from .tables import format_table
 
@@ -96,10 +106,15 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
           pattern: PatternSpec | Mapping[str, PatternSpec] = "2:4", *,
           include: str | Sequence[str] | None = None,
           exclude: str | Sequence[str] | None = None, layout: str = "in",
+          transposed: str | Sequence[str] | None = None,
           raise_on_violation: bool = False) -> CheckReport:
     """Report, per layer, how many M-groups hold more than N non-zeros."""
     check_layout(layout)
+    transposed_globs = as_globs(transposed, "transposed") or []
     if isinstance(model_or_state_dict, nn.Module):
+        if transposed_globs:
+            raise ValueError("transposed= applies to state dicts: in a model, Hugging Face "
+                             "Conv1D layers are recognised by their class")
         tensors = list(_tensors_of_model(model_or_state_dict))
     elif isinstance(model_or_state_dict, Mapping):
         tensors = list(_tensors_of_state_dict(model_or_state_dict))
@@ -108,12 +123,18 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
                          f"tensors), got {type(model_or_state_dict).__name__}")
     if not tensors:
         raise ValueError("nothing to check: no eligible weight found")
-    choices = choose([(module_name, name) for module_name, name, _, _ in tensors], pattern,
-                     include, exclude, layout=layout)
+    names = [(module_name, name) for module_name, name, _, _ in tensors]
+    choices = choose(names, pattern, include, exclude, layout=layout)
+    for glob in transposed_globs:
+        if not any(matches(glob, pair) for pair in names):
+            raise ValueError(f"transposed glob {glob!r} matches no checked weight")
     report = CheckReport()
-    for (_, name, tensor, module), (chosen, _, reason) in zip(tensors, choices, strict=True):
+    for (_, name, tensor, module), pair, (chosen, _, reason) in zip(tensors, names, choices,
+                                                                    strict=True):
         if chosen is not None and module is not None:
             chosen = layer_pattern(module, chosen)
+        elif chosen is not None and any(matches(glob, pair) for glob in transposed_globs):
+            chosen = OnTranspose(chosen)
         shape = tuple(tensor.shape)
         error = chosen.why_not(shape) if chosen is not None else None
         if chosen is None or error:

@@ -69,7 +69,7 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
              candidates]
     choices = choose(names, pattern, include, exclude, method=default_method, layout=layout)
 
-    holders = _holders(model)
+    holders = parameter_holders(model)
     handle = SparsityHandle(model, [])
     plan, seen = [], {}
     for (module_name, module, param), (_, name), (chosen, how, reason) in zip(
@@ -137,7 +137,7 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
     return handle
 
 
-def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     """Every (qualified name, module, parameter name) holding each Parameter, by its id."""
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for module_name, module in model.named_modules():

@@ -60,6 +60,13 @@ def _index_bytes(count: int, m: int) -> int:
     return -(-count * index_width(m) // 8)
 
 
+def packed_shapes(shape: tuple[int, ...], n: int, m: int,
+                  layout: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of the ``(values, indices)`` of an N:M weight of ``shape`` (already validated)."""
+    rows, groups = _grouped_rows(tuple(shape), m, layout)
+    return (rows, groups * n), (rows, _index_bytes(groups * n, m))
+
+
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value: compare by identity
 class PackedWeight:
     """One N:M weight in packed form (see the module docstring for the exact layout)."""
@@ -79,9 +86,8 @@ class PackedWeight:
         error = grouping_error(self.shape, self.m, self.layout)
         if error:
             raise ValueError(error)
-        rows, groups = _grouped_rows(self.shape, self.m, self.layout)
-        expected_values = (rows, groups * self.n)
-        expected_indices = (rows, _index_bytes(groups * self.n, self.m))
+        expected_values, expected_indices = packed_shapes(self.shape, self.n, self.m,
+                                                          self.layout)
         if tuple(self.values.shape) != expected_values:
             raise ValueError(f"values of shape {tuple(self.values.shape)} do not match a "
                              f"{self.n}:{self.m} packed weight of shape {self.shape}: expected "

@@ -60,7 +60,7 @@ def qualified(module_name: str, param_name: str) -> str:
     return f"{module_name}.{param_name}" if module_name else param_name
 
 
-def _as_globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
+def as_globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
@@ -70,7 +70,7 @@ def _as_globs(value: str | Sequence[str] | None, what: str) -> list[str] | None:
     return list(value)
 
 
-def _matches(glob: str, names: tuple[str, str]) -> bool:
+def matches(glob: str, names: tuple[str, str]) -> bool:
     return any(fnmatch.fnmatchcase(name, glob) for name in names)
 
 
@@ -101,30 +101,30 @@ def choose(layers: Sequence[tuple[str, str]], pattern: PatternSpec | Mapping,
     glob wins; ``method`` is the method of rules that name none. A glob that matches no
     eligible layer is an error: a typo must not silently leave a layer dense.
     """
-    includes, excludes = _as_globs(include, "include"), _as_globs(exclude, "exclude")
+    includes, excludes = as_globs(include, "include"), as_globs(exclude, "exclude")
     if isinstance(pattern, Mapping):
-        _as_globs(list(pattern), "pattern mapping keys")
+        as_globs(list(pattern), "pattern mapping keys")
         rules = [(glob, *_rule(spec, method, layout)) for glob, spec in pattern.items()]
     else:
         rules = [("*", *_rule(pattern, method, layout))]
     for what, globs in (("include", includes), ("exclude", excludes),
                         ("pattern", [glob for glob, _, _ in rules])):
         for glob in globs or ():
-            if not any(_matches(glob, names) for names in layers):
+            if not any(matches(glob, names) for names in layers):
                 known = ", ".join(module for module, _ in layers[:12])
                 more = " ..." if len(layers) > 12 else ""
                 raise ValueError(f"{what} glob {glob!r} matches no eligible layer; "
                                  f"eligible layers: {known}{more}")
     choices = []
     for names in layers:
-        if includes is not None and not any(_matches(g, names) for g in includes):
+        if includes is not None and not any(matches(g, names) for g in includes):
             choices.append((None, None, "not matched by include"))
             continue
-        excluded_by = next((g for g in excludes or () if _matches(g, names)), None)
+        excluded_by = next((g for g in excludes or () if matches(g, names)), None)
         if excluded_by is not None:
             choices.append((None, None, f"excluded by {excluded_by!r}"))
             continue
-        rule = next((r for r in rules if _matches(r[0], names)), None)
+        rule = next((r for r in rules if matches(r[0], names)), None)
         if rule is None:
             choices.append((None, None, "no pattern in the mapping matches"))
         elif rule[1] is None:

@@ -139,13 +139,16 @@ def detach_tied(module: nn.Module, states: list[SparseWeight]) -> None:
     _sync_class(module)
 
 
-def detach(module: nn.Module, param_names: list[str] | None = None) -> None:
+def detach(module: nn.Module, param_names: list[str] | None = None, *,
+           bake: bool = True) -> None:
     """Bake the masks of ``param_names`` (default: all) into ``module``'s weights; once no
-    sparse weight is left, restore the original class."""
+    sparse weight is left, restore the original class. ``bake=False`` leaves the dense
+    weights as they are (the layer is re-made sparse right after, e.g. around a resize)."""
     states = sparse_states(module)
     for name in list(states) if param_names is None else param_names:
         state = states.pop(name)
-        state.zero_pruned()
+        if bake:
+            state.zero_pruned()
         state.remove_hooks()
         weight = module._parameters[name]
         del module._buffers[state.mask_name]

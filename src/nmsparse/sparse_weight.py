@@ -235,11 +235,14 @@ class SparseWeight:
 
     def is_fresh(self) -> bool:
         shard = self._shard()
-        if self._built_from is None:
-            return False
         if shard is not None:
             return self._built_from == self._shard_fingerprint(shard)
-        if self.masked is None or self._built_from[:-1] != self._fingerprint():
+        return self._plain_is_fresh()
+
+    def _plain_is_fresh(self) -> bool:
+        """``is_fresh`` for an unsharded weight (the forward path has already asked)."""
+        if (self._built_from is None or self.masked is None
+                or self._built_from[:-1] != self._fingerprint()):
             return False
         if self.masked._version != self._built_from[-1]:
             raise RuntimeError(
@@ -277,24 +280,32 @@ class SparseWeight:
 
     def ensure_fresh(self) -> None:
         if not self.is_fresh():
-            self._warn_if_step_skipped()
-            raise_if_nonfinite([self], [self.refresh()])
+            self._rebuild_stale()
+
+    def _rebuild_stale(self) -> None:
+        self._warn_if_step_skipped()
+        raise_if_nonfinite([self], [self.refresh()])
 
     def forward_weight(self) -> torch.Tensor:
         """What forward passes use (per the method), rebuilt first if stale."""
         shard = self._shard()
         if shard is not None:
             return self._sharded_forward_weight(shard)
-        if not torch.compiler.is_compiling():
-            self.ensure_fresh()
+        if not torch.compiler.is_compiling() and not self._plain_is_fresh():
+            self._rebuild_stale()
         return self.method.masked_weight(self)
 
     def zero_pruned(self) -> None:
-        """Set the pruned dense weights to 0 for good (what ``finalize`` does)."""
+        """Set the pruned dense weights to 0 for good (what ``finalize`` does), after writing
+        the method's :meth:`~nmsparse.methods.Method.deployed_weight` if it has one."""
         self.ensure_fresh()
         shard = self._shard()
         weight = self.dense if shard is None else local(shard)
+        deployed = self.method.deployed_weight(self if shard is None else _View(
+            self, weight, local(self.mask), None))
         with torch.no_grad():
+            if deployed is not None:
+                weight.copy_(deployed)
             weight.masked_fill_(local(self.mask).logical_not(), 0)
 
     # -- building blocks for methods -------------------------------------------------------------

@@ -14,6 +14,9 @@ contributions and ``GradScaler.step`` has unscaled it. With ``optimizer.step(clo
 (LBFGS, Lightning's automatic optimization) the gradient is computed inside ``step``, so the
 closure is wrapped and ``before_step`` runs after each evaluation of it. After the update the
 handle refreshes the stale masks and runs ``after_step``.
+
+While a handle is live a global module-registration hook is installed too: it warns when a
+module holding a sparse weight is replaced (:mod:`nmsparse.swap_guard`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.modules.module import register_module_module_registration_hook
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
 
 from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
+from .swap_guard import warn_if_sparse_module_replaced
 
 if TYPE_CHECKING:
     from .handle import SparsityHandle
@@ -133,7 +138,8 @@ def register(handle: SparsityHandle) -> None:
     _live.add(handle)
     if _global is None:
         _global = (register_optimizer_step_pre_hook(eager_only(_global_before)),
-                   register_optimizer_step_post_hook(eager_only(_global_after)))
+                   register_optimizer_step_post_hook(eager_only(_global_after)),
+                   register_module_module_registration_hook(warn_if_sparse_module_replaced))
 
 
 def unregister(handle: SparsityHandle) -> None:
@@ -150,5 +156,5 @@ def uninstall_if_unused() -> None:
 
 
 def installed() -> bool:
-    """Whether the global step hooks are installed (for tests and diagnostics)."""
+    """Whether the global step and module-registration hooks are installed (for tests)."""
     return _global is not None

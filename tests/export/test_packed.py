@@ -221,15 +221,15 @@ def test_weight_violating_the_pattern_is_stored_dense(tmp_path):
     assert "dense bytes" in table and "(other tensors: 4)" in table
 
 
-def test_shapes_agree_with_packing():
-    from nmsparse.export.packed import _packed_shapes
+def test_packed_shapes_agree_with_pack():
+    from nmsparse.packing import packed_shapes
 
     for shape, n, m, layout in [((6, 8), 2, 4, "in"), ((5, 12, 3, 3), 1, 3, "in"),
                                 ((5, 12, 3, 3), 3, 6, "flat"), ((4, 16, 2), 2, 16, "in"),
                                 ((3, 4, 2, 2, 2), 1, 4, "flat"), ((2, 256), 3, 256, "in")]:
         packed = pack(torch.randn(shape), n, m, layout, mask=nmsparse.nm_mask(
             torch.randn(shape), n, m, layout))
-        assert _packed_shapes(shape, n, m, layout) == (tuple(packed.values.shape),
+        assert packed_shapes(shape, n, m, layout) == (tuple(packed.values.shape),
                                                       tuple(packed.indices.shape))
 
 
@@ -273,8 +273,8 @@ def test_missing_file_is_an_os_error(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda h: h.update(version=2),
-     r"packed format version 2 is not supported: this nmsparse \(.*\) reads version 1"),
+    (lambda h: h.update(version=3),
+     r"packed format version 3 is not supported: this nmsparse \(.*\) reads versions 1 and 2"),
     (lambda h: h.update(version="1"), "version '1' is not supported"),
     (lambda h: h.update(format="something-else"), "format is 'something-else'"),
     (lambda h: h.update(extra=1), "header has fields"),

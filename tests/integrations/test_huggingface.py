@@ -160,15 +160,107 @@ def test_a_sparse_weight_that_changes_shape_is_a_clear_error():
         model(tokens())
 
 
-def test_packed_export_stores_conv1d_dense_with_the_reason(tmp_path):
-    from nmsparse.export import load_packed, save_packed
+def test_packed_export_packs_conv1d_along_its_input_axis(tmp_path):
+    from nmsparse.export import load_packed, read_packed_header, save_packed
 
     model = make("gpt2")
     nmsparse.sparsify(model, "2:4")
     nmsparse.finalize(model)
-    report = save_packed(model, tmp_path / "gpt2.safetensors", "2:4", exclude="lm_head")
+    report = save_packed(model, tmp_path / "gpt2.safetensors", "2:4")
     conv = [layer for layer in report.layers if "c_attn" in layer.name]
-    assert conv and all("Hugging Face Conv1D): stored dense" in layer.note for layer in conv)
+    assert conv and all(layer.packed and layer.transposed for layer in conv)
+    entry = read_packed_header(tmp_path / "gpt2.safetensors")["packed"][conv[0].name]
+    assert entry["transposed"] is True and entry["shape"] == [32, 96]  # stored (in, out)
     state = load_packed(tmp_path / "gpt2.safetensors")
     for key, value in model.state_dict().items():
         assert torch.equal(state[key], value), key
+    plain = make("gpt2")
+    plain.load_state_dict(state)
+    assert nmsparse.check(plain, "2:4", exclude="lm_head").ok
+
+
+def test_check_of_a_state_dict_groups_named_conv1d_weights_along_their_input_axis():
+    model = make("gpt2")
+    nmsparse.sparsify(model, "2:4")
+    nmsparse.finalize(model)
+    state = {k: v for k, v in model.state_dict().items() if "wte" not in k and "wpe" not in k}
+    conv = ["*.c_attn.weight", "*.c_proj.weight", "*.c_fc.weight"]
+    # read as (out, in), a correct along-input 2:4 Conv1D weight looks like a violation
+    assert not nmsparse.check(state, "2:4", exclude="lm_head").ok
+    report = nmsparse.check(state, "2:4", exclude="lm_head", transposed=conv)
+    assert report.ok and sum(row.pattern is not None for row in report.rows) == 8
+    with pytest.raises(ValueError, match="transposed glob '\\*.nothing' matches no"):
+        nmsparse.check(state, "2:4", transposed="*.nothing")
+    with pytest.raises(ValueError, match="transposed= applies to state dicts"):
+        nmsparse.check(model, "2:4", transposed=conv)
+
+
+RESIZE_CASES = {"gpt2": {"tied": "sparse"}, "bert": {"tied": "sparse"}, "llama": {}}
+
+
+@pytest.mark.parametrize("name", list(RESIZE_CASES))
+def test_resize_token_embeddings_keeps_a_sparse_head_sparse(name):
+    model = make(name)
+    handle = nmsparse.sparsify(model, "2:4", "fixed", **RESIZE_CASES[name])
+    head_name = next(n for n in handle.masks() if n in ("lm_head.weight",
+                                                         "cls.predictions.decoder.weight"))
+    old_mask, old_dense = handle[head_name].mask.clone(), handle[head_name].dense.detach().clone()
+    nmsparse.resize_token_embeddings(model, VOCAB + 8, mean_resizing=False)
+    head = handle[head_name]
+    assert head.module is model.get_output_embeddings()
+    assert tuple(head.dense.shape) == (VOCAB + 8, 32)
+    assert torch.equal(head.mask[:VOCAB], old_mask)  # a fixed mask survives exactly
+    assert torch.equal(head.dense.detach()[:VOCAB], old_dense)
+    assert nmsparse.check(model, "2:4").ok
+    report = next(layer for layer in handle.layers if layer.name == head_name)
+    assert report.shape == (VOCAB + 8, 32)
+    if RESIZE_CASES[name]:  # tied: the embedding reads the head's sparse weight
+        assert model.get_input_embeddings().weight.data_ptr() == head.masked.data_ptr()
+    model.eval()
+    expected = model(tokens()).logits
+    assert expected.shape[-1] == VOCAB + 8
+    nmsparse.finalize(model)
+    torch.testing.assert_close(model(tokens()).logits, expected, rtol=0, atol=0)
+
+
+def test_training_continues_after_resizing_a_sparse_head():
+    model = make("llama")
+    handle = nmsparse.sparsify(model, "2:4", "srste", decay=0.1)
+    nmsparse.resize_token_embeddings(model, VOCAB + 8, mean_resizing=False)
+    head = handle["lm_head.weight"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # after the resize: a new Parameter
+    before, mask = head.dense.detach().clone(), head.mask.clone()
+    x = torch.randint(1, VOCAB + 8, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=x, labels=x).loss.backward()
+    grad = head.dense.grad.clone()
+    opt.step()
+    expected = before - 0.1 * (grad + 0.1 * (~mask) * before)  # the SR-STE step, on the new head
+    torch.testing.assert_close(head.dense.detach(), expected)
+
+
+def test_a_plain_resize_of_a_sparse_head_warns_instead_of_going_dense_silently():
+    from nmsparse.swap_guard import SparseModuleReplacedWarning
+
+    model = make("llama")
+    nmsparse.sparsify(model, "2:4")
+    with pytest.warns(SparseModuleReplacedWarning, match="lm_head.weight was replaced by a "
+                                                         "Linear.*nmsparse.resize_token_embed"):
+        model.resize_token_embeddings(VOCAB + 8, mean_resizing=False)
+
+
+def test_wrapping_a_sparse_module_does_not_warn(recwarn):
+    model = make("llama")
+    nmsparse.sparsify(model, "2:4")
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # an adapter wrapping the layer
+    assert not [w for w in recwarn if "replaced" in str(w.message)]
+
+
+def test_resize_refuses_a_pattern_whose_masks_cannot_follow_and_changes_nothing():
+    model = make("llama")
+    nmsparse.sparsify(model, {"lm_head": "unstructured:0.5", "*": "2:4"})
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="only N:M patterns keep their masks.*finalize"):
+        nmsparse.resize_token_embeddings(model, VOCAB + 8)
+    assert model.get_output_embeddings().weight.shape[0] == VOCAB
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key

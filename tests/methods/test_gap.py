@@ -74,3 +74,15 @@ def test_partitions_are_contiguous_in_model_order():
 def test_bad_options(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         GaP(**bad)
+
+
+def test_more_parts_than_layers_uses_one_part_per_layer():
+    torch.manual_seed(0)
+    model = TinyMLP(8, 16, 16, 4)
+    handle = nmsparse.sparsify(model, "2:4", GaP(parts=5, phase_steps=1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    for _ in range(4):
+        train_steps(model, opt, 1)
+        seen.append(dense_layers(handle))
+    assert seen == [["a.weight"], ["b.weight"], ["c.weight"], []]

@@ -21,6 +21,8 @@ EXAMPLES = {
     "unstructured": ["unstructured:0.5", "unstructured:0.3"],
     "block": ["block:2x2:0.5", "block:1x4:0.25"],
     "global": ["global:0.5", "global:0.3"],
+    "transposable": ["transposable:2:4", "transposable:1:4", "transposable:1:8",
+                     "transposable:2:8"],
 }
 SHAPES = [(8, 16), (4, 16, 3, 3), (6, 32, 2)]
 
@@ -63,7 +65,7 @@ def test_mask_is_valid_keeps_the_highest_scores_and_is_deterministic(spec, shape
 @pytest.mark.parametrize("spec", all_examples())
 def test_ties_go_to_the_lower_index(spec):
     pattern = nmsparse.parse_pattern(spec)
-    shape = (4, 32)
+    shape = (16, 32)  # 16 rows: room for transposable M x M blocks
     tied = pattern.mask(torch.zeros(shape))
     # scores falling with the index break every tie the same way
     falling = pattern.mask(-torch.arange(tied.numel(), dtype=torch.float32).reshape(shape))

@@ -37,7 +37,7 @@ from .. import __version__
 from .._atomic import atomic_open
 from ..grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..levels import nested_weights
-from ..packing import index_width, pack_positions, unpack_positions
+from ..packing import index_width, pack_positions, packed_shapes, unpack_positions
 from ..selection import qualified
 from ..sparse_module import sparse_states
 from ..sparse_weight import refresh_stale
@@ -48,7 +48,6 @@ from .packed import (
     _digest,
     _dtype_name,
     _is_int,
-    _packed_shapes,
     _require_safetensors,
     _unreadable,
 )
@@ -241,7 +240,7 @@ def read_nested(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
                                 f"{sorted(set(tensors) - expected)})")
     for key, entry in nested.items():
         n, m = entry["levels"][-1], entry["m"]
-        values_shape, indices_shape = _packed_shapes(entry["shape"], n, m, entry["layout"])
+        values_shape, indices_shape = packed_shapes(tuple(entry["shape"]), n, m, entry["layout"])
         values, indices = tensors[key + VALUES_SUFFIX], tensors[key + INDICES_SUFFIX]
         if (_dtype_name(values.dtype) != entry["dtype"] or tuple(values.shape) != values_shape
                 or indices.dtype != torch.uint8 or tuple(indices.shape) != indices_shape):

@@ -6,7 +6,8 @@ positions (:mod:`nmsparse.packing`), and every other tensor dense, so an fp16 mo
 dense ``state_dict`` (zeros in place, original keys) bit for bit, ready for the unmodified
 architecture.
 
-On-disk layout (format ``"nmsparse-packed"``, version 1). The file is one ordinary
+On-disk layout (format ``"nmsparse-packed"``, version 2; version 1 files, which cannot hold
+transposed weights, are read too). The file is one ordinary
 safetensors file (little-endian, no pickle: loading executes nothing from the file):
 
 * For every packed weight with state-dict key ``K`` (dense shape ``S``, pattern N:M, layout
@@ -22,16 +23,19 @@ safetensors file (little-endian, no pickle: loading executes nothing from the fi
   (groups along dim 1), ``rows = S[0]`` and ``groups_per_row = prod(S[1:]) / M`` for
   ``L = "flat"``. The N positions of a group are strictly ascending and ``< M``; the full
   contract of the two tensors is the docstring of :mod:`nmsparse.packing`.
+  A weight stored ``(in, out)`` and grouped along dim 0 (Hugging Face ``Conv1D``) is packed
+  as its transpose: its entry says ``"transposed": true``, ``S`` stays the stored shape and
+  the two tensors are those of the ``(out, in)`` matrix ``W.T`` with layout ``"in"``.
 * Every other tensor of the finalized ``state_dict()`` under its own key, unchanged (the
   ``<weight>_mask`` buffers of a live sparse model are not stored: the packing implies them).
 * The safetensors metadata holds one entry, ``"nmsparse"``: a JSON object
 
   .. code-block:: text
 
-      {"format": "nmsparse-packed", "version": 1, "library": "nmsparse <version>",
+      {"format": "nmsparse-packed", "version": 2, "library": "nmsparse <version>",
        "keys": [every original state-dict key, in state_dict() order],
        "packed": {K: {"shape": S, "dtype": "float16", "n": N, "m": M, "layout": L,
-                      "index_bits": w}, ...},
+                      "index_bits": w[, "transposed": true]}, ...},
        "sha256": hex sha256 of the raw little-endian bytes of every tensor in the file,
                  concatenated in tensor-name order (Python str sort, i.e. by code point),
        "metadata": {user metadata (any JSON object)}}
@@ -58,7 +62,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,15 +74,24 @@ from .. import __version__
 from .._atomic import atomic_open
 from ..check import check
 from ..grouping import LAYOUTS, from_groups, grouping_error, to_groups
-from ..packing import PackedWeight, index_width, pack, pack_positions, unpack, unpack_positions
-from ..patterns import NM
+from ..packing import (
+    PackedWeight,
+    index_width,
+    pack,
+    pack_positions,
+    packed_shapes,
+    unpack,
+    unpack_positions,
+)
+from ..patterns import NM, OnTranspose
 from ..selection import PatternSpec, eligible_weights, qualified
 from ..sparse_module import sparse_states
 from ..sparse_weight import refresh_stale
 from ..tables import format_table
 
 FORMAT_NAME = "nmsparse-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added the optional "transposed" entry field
 HEADER_KEY = "nmsparse"
 VALUES_SUFFIX = ".nm_values"
 INDICES_SUFFIX = ".nm_indices"
@@ -105,6 +117,7 @@ class PackedLayer:
     dense_bytes: int
     packed_bytes: int
     note: str = ""
+    transposed: bool = False  # stored (in, out), packed as its transpose (Conv1D)
 
     @property
     def packed(self) -> bool:
@@ -273,15 +286,18 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str],
 
     report = PackedReport(path=path)
     packed: dict[str, PackedWeight] = {}
+    transposed: set[str] = set()
     for row in rows:
         weight = state.get(row.name)
         if weight is None:  # a custom state_dict hook renamed or dropped it: nothing to pack
             continue
         dense_bytes = weight.numel() * weight.element_size()
         note = row.note
-        if row.pattern is not None and not isinstance(row.pattern, NM):
-            note = (f"{row.pattern} on a weight stored (in, out) (Hugging Face Conv1D): stored "
-                    "dense, the packed format holds (out, in) N:M weights")
+        nm, flipped = row.pattern, isinstance(row.pattern, OnTranspose)
+        if flipped:  # a Conv1D weight (in, out): pack W.T, which is (out, in) N:M along in
+            nm, weight = row.pattern.inner, weight.t()
+        if nm is not None and not isinstance(nm, NM):
+            note = f"pattern {nm} is not N:M: stored dense"
         elif row.status == "violation":
             note = (f"not {row.pattern}: {row.violating_groups}/{row.groups} groups keep more "
                     f"than {row.pattern.n} (up to {row.max_kept})")
@@ -291,9 +307,11 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str],
             report.layers.append(PackedLayer(row.name, row.shape, None, dense_bytes,
                                              dense_bytes, note or "dense"))
             continue
-        packed[row.name] = _pack_exact(weight, row.pattern, layout)
-        report.layers.append(PackedLayer(row.name, row.shape, row.pattern, dense_bytes,
-                                         packed[row.name].nbytes))
+        packed[row.name] = _pack_exact(weight, nm, "in" if flipped else layout)
+        if flipped:
+            transposed.add(row.name)
+        report.layers.append(PackedLayer(row.name, row.shape, nm, dense_bytes,
+                                         packed[row.name].nbytes, transposed=flipped))
 
     for key in packed:
         for name in (key + VALUES_SUFFIX, key + INDICES_SUFFIX):
@@ -315,9 +333,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str],
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "library": f"nmsparse {__version__}",
         "keys": list(state),
-        "packed": {key: {"shape": list(p.shape), "dtype": _dtype_name(p.values.dtype),
-                         "n": p.n, "m": p.m, "layout": p.layout, "index_bits": index_width(p.m)}
-                   for key, p in packed.items()},
+        "packed": {key: _entry(p, key in transposed) for key, p in packed.items()},
         "sha256": _digest(tensors),
         "metadata": user_metadata,
     }
@@ -327,6 +343,21 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str],
         file.write(blob)
     report.file_bytes = len(blob)
     return report
+
+
+def _entry(p: PackedWeight, transposed: bool) -> dict[str, Any]:
+    """The header entry of one packed weight (the module docstring)."""
+    shape = list(p.shape)[::-1] if transposed else list(p.shape)
+    entry = {"shape": shape, "dtype": _dtype_name(p.values.dtype), "n": p.n, "m": p.m,
+             "layout": p.layout, "index_bits": index_width(p.m)}
+    if transposed:
+        entry["transposed"] = True
+    return entry
+
+
+def _matrix_shape(entry: Mapping[str, Any]) -> list[int]:
+    """The shape that was packed: the stored shape, or its transpose for a Conv1D weight."""
+    return entry["shape"][::-1] if entry.get("transposed") else entry["shape"]
 
 
 # --------------------------------------------------------------------------------- loading
@@ -339,26 +370,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _packed_shapes(shape: Sequence[int], n: int, m: int,
-                   layout: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of ``(values, indices)`` for a weight of ``shape`` (the module docstring)."""
-    if layout == "in":
-        rows, groups = shape[0] * math.prod(shape[2:]), shape[1] // m
-    else:
-        rows, groups = shape[0], math.prod(shape[1:]) // m
-    return (rows, groups * n), (rows, -(-groups * n * index_width(m) // 8))
-
-
-def _check_entry(entry: Any) -> str | None:
+def _check_entry(entry: Any, version: int) -> str | None:
     """Why a header entry of a packed weight is invalid, or None."""
     if not isinstance(entry, dict):
         return "is not a JSON object"
-    if sorted(entry) != sorted(_ENTRY_FIELDS):
-        return f"has fields {sorted(entry)}, expected {sorted(_ENTRY_FIELDS)}"
+    optional = ("transposed",) if version >= 2 else ()
+    if sorted(set(entry) - set(optional)) != sorted(_ENTRY_FIELDS):
+        return (f"has fields {sorted(entry)}, expected {sorted(_ENTRY_FIELDS)}"
+                + (f" and optionally {list(optional)}" if optional else ""))
     shape, dtype, n, m = entry["shape"], entry["dtype"], entry["n"], entry["m"]
     if (not isinstance(shape, list) or not 2 <= len(shape) <= 5
             or not all(_is_int(s) and s > 0 for s in shape)):
         return f"shape {shape!r} is not a list of 2 to 5 positive integers"
+    if "transposed" in entry and (entry["transposed"] is not True
+                                  or len(entry["shape"]) != 2 or entry["layout"] != "in"):
+        return ("has 'transposed' but is not a 2-D weight with layout 'in' (transposed must "
+                "be true, or absent)")
     torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         return f"dtype {dtype!r} is not a torch floating-point dtype name"
@@ -371,7 +398,7 @@ def _check_entry(entry: Any) -> str | None:
         return str(error)
     if entry["layout"] not in LAYOUTS:
         return f"layout {entry['layout']!r} is not one of {list(LAYOUTS)}"
-    error = grouping_error(tuple(shape), m, entry["layout"])
+    error = grouping_error(tuple(_matrix_shape(entry)), m, entry["layout"])
     if error:
         return error
     if entry["index_bits"] != width:
@@ -396,9 +423,10 @@ def _parse_header(path: str, metadata: Mapping[str, str] | None) -> dict[str, An
         raise PackedFormatError(f"{path}: format is {header.get('format')!r}, expected "
                                 f"{FORMAT_NAME!r}")
     version = header.get("version")
-    if version != FORMAT_VERSION or not _is_int(version):
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise PackedFormatError(f"{path}: packed format version {version!r} is not supported: "
-                                f"this nmsparse ({__version__}) reads version {FORMAT_VERSION}")
+                                f"this nmsparse ({__version__}) reads versions {readable}")
     if sorted(header) != sorted(_HEADER_FIELDS):
         raise PackedFormatError(f"{path}: header has fields {sorted(header)}, version "
                                 f"{FORMAT_VERSION} has {sorted(_HEADER_FIELDS)}")
@@ -413,7 +441,7 @@ def _parse_header(path: str, metadata: Mapping[str, str] | None) -> dict[str, An
         if key not in known:
             raise PackedFormatError(f"{path}: packed weight {key!r} is not in the header's "
                                     "'keys'")
-        error = _check_entry(entry)
+        error = _check_entry(entry, version)
         if error:
             raise PackedFormatError(f"{path}: header entry of packed weight {key!r} {error}")
     digest = header["sha256"]
@@ -488,7 +516,8 @@ def _check_tensors(path: str, header: dict[str, Any], tensors: dict[str, torch.T
                                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for key, entry in packed.items():
         n, m = entry["n"], entry["m"]
-        values_shape, indices_shape = _packed_shapes(entry["shape"], n, m, entry["layout"])
+        values_shape, indices_shape = packed_shapes(_matrix_shape(entry), n, m,
+                                                     entry["layout"])
         implied = (f"the header (shape {entry['shape']}, {n}:{m}, layout {entry['layout']!r}, "
                    f"{entry['dtype']})")
         for suffix, dtype, shape in ((VALUES_SUFFIX, entry["dtype"], values_shape),
@@ -553,9 +582,10 @@ def load_packed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
         if entry is None:
             state[key] = tensors[key]
             continue
-        state[key] = unpack(PackedWeight(tensors[key + VALUES_SUFFIX],
-                                         tensors[key + INDICES_SUFFIX], entry["n"], entry["m"],
-                                         tuple(entry["shape"]), entry["layout"]))
+        weight = unpack(PackedWeight(tensors[key + VALUES_SUFFIX],
+                                     tensors[key + INDICES_SUFFIX], entry["n"], entry["m"],
+                                     tuple(_matrix_shape(entry)), entry["layout"]))
+        state[key] = weight.t().contiguous() if entry.get("transposed") else weight
     if model is None:
         return state
     if any(sparse_states(module) for module in model.modules()):

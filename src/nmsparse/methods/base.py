@@ -13,6 +13,7 @@ given a :class:`~nmsparse.sparse_weight.SparseWeight` ``w`` (``w.dense``, ``w.ma
   follows the scores (STE, SR-STE). Fixed masks keep the mask and zero the pruned weights;
 * :meth:`~Method.masked_weight` - what forward uses, and through it which gradient the dense
   weight gets (default: straight through to every entry);
+* :meth:`~Method.deployed_weight` - what ``finalize`` bakes in (default: ``W * mask``);
 * :meth:`~Method.before_step` - inside ``optimizer.step()``, once the gradients are final
   (DDP-averaged, accumulated, unscaled, after a closure ran), before the update;
 * :meth:`~Method.after_step` - after the update, once the masks have been refreshed.
@@ -104,6 +105,8 @@ class Method:
     whose masks follow ``|w|``. Override only the hooks your method changes."""
 
     name: ClassVar[str]
+    # The torch.optim classes the method works with (None: any); the trainer checks up front.
+    optimizers: ClassVar[tuple[type[torch.optim.Optimizer], ...] | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,6 +133,12 @@ class Method:
     def masked_weight(self, w: SparseWeight) -> torch.Tensor:
         """What forward passes use; its backward decides the dense weight's gradient."""
         return straight_through(w)
+
+    def deployed_weight(self, w: SparseWeight) -> torch.Tensor | None:
+        """The weight ``finalize`` writes into the dense tensor; ``None`` (the default): the
+        dense weight with its pruned entries set to 0. A method whose forward weight is not
+        ``W * mask`` (S-STE) returns it here, so the finalized model computes the same."""
+        return None
 
     # -- the optimizer step --------------------------------------------------------------------
     def before_step(self, weights: list[SparseWeight], step: Step) -> None:

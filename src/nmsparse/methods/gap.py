@@ -1,15 +1,15 @@
 """GaP: scheduled grow-and-prune (Ma et al., ICLR 2022).
 
 The sparse layers a GaP method drives are split into ``parts`` contiguous partitions (in model
-order). Training runs ``parts * cycles`` grow phases of ``phase_steps`` optimizer steps each:
-in a phase one partition is dense (its mask all kept; the weights grown back start at exactly
-0 with fresh optimizer state) while the others train with their fixed masks; at the end of the
-phase that partition is pruned back to its pattern by magnitude (any pattern: N:M,
-unstructured, block) and the next one grows. The order of the partitions is ``"cyclic"``
-(0, 1, ..., K-1, 0, ...) or ``"random"`` (a new seeded permutation every cycle). After the
-last grow phase every partition is sparse and training continues with the masks fixed (the
-final fine-tuning phase). Pruned weights are exactly 0 and get no gradient, as with
-``fixed``.
+order; one per layer if there are fewer layers). Training runs ``parts * cycles`` grow phases
+of ``phase_steps`` optimizer steps each: in a phase one partition is dense (its mask all kept;
+the weights grown back start at exactly 0 with fresh optimizer state) while the others train
+with their fixed masks; at the end of the phase that partition is pruned back to its pattern
+by magnitude (any pattern: N:M, unstructured, block) and the next one grows. The order of the
+partitions is ``"cyclic"`` (0, 1, ..., K-1, 0, ...) or ``"random"`` (a new seeded permutation
+every cycle). After the last grow phase every partition is sparse and training continues with
+the masks fixed (the final fine-tuning phase). Pruned weights are exactly 0 and get no
+gradient, as with ``fixed``.
 
 During its dense phase a partition's masks keep everything, so ``check`` reports its layers as
 breaking the pattern until it is pruned back; a run must end after the grow phases
@@ -50,18 +50,19 @@ class GaP(Method):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"gap: seed must be an integer, got {self.seed!r}")
 
-    @property
-    def grow_phases(self) -> int:
-        return self.parts * self.cycles
+    def grow_phases(self, parts: int) -> int:
+        return parts * self.cycles
 
-    def dense_part(self, phase: int) -> int | None:
-        """The partition grown in grow phase ``phase`` (``None``: the final fixed phase)."""
-        if phase >= self.grow_phases:
+    def dense_part(self, phase: int, parts: int | None = None) -> int | None:
+        """The partition grown in grow phase ``phase`` (``None``: the final fixed phase) when
+        there are ``parts`` partitions (default ``self.parts``; fewer when fewer layers)."""
+        parts = self.parts if parts is None else parts
+        if phase >= self.grow_phases(parts):
             return None
-        cycle, slot = divmod(phase, self.parts)
+        cycle, slot = divmod(phase, parts)
         if self.order == "cyclic":
             return slot
-        return int(torch.randperm(self.parts, generator=_seeded(self.seed, "gap", cycle))[slot])
+        return int(torch.randperm(parts, generator=_seeded(self.seed, "gap", cycle))[slot])
 
     @staticmethod
     def partition(weights, parts: int) -> dict[str, int]:
@@ -83,11 +84,12 @@ class GaP(Method):
 
     def before_step(self, weights, step: Step) -> None:
         index = step.index
-        if index % self.phase_steps == 0 and index // self.phase_steps <= self.grow_phases:
+        count = min(self.parts, len(weights))
+        if index % self.phase_steps == 0 and index // self.phase_steps <= self.grow_phases(count):
             phase = index // self.phase_steps
             parts = self.partition(weights, self.parts)
-            previous = self.dense_part(phase - 1) if phase else None
-            current = self.dense_part(phase)
+            previous = self.dense_part(phase - 1, count) if phase else None
+            current = self.dense_part(phase, count)
             for w in weights:
                 part = parts[w.name]
                 if part == previous and part != current:

@@ -10,8 +10,10 @@ from .block import Block
 from .global_budget import GlobalUnstructured, global_masks, global_violations
 from .nm import NM
 from .on_transpose import OnTranspose
+from .transposable import Transposable
 from .unstructured import Unstructured
 
 __all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
            "Unstructured", "accepted", "parse_pattern"]
 __all__ += ["Block", "GlobalUnstructured", "global_masks", "global_violations"]
+__all__ += ["Transposable"]

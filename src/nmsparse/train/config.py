@@ -102,9 +102,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
                                   f"got {value}")
         try:
-            self.make_method()
+            method = self.make_method()
         except (TypeError, ValueError) as error:
             raise ConfigError(f"--method {self.method}: {error}") from None
+        _check_optimizer(self, method)
         if self.label_smoothing >= 1:
             raise ConfigError(f"--label-smoothing must be < 1, got {self.label_smoothing}")
         for name in ("limit_train_batches", "limit_test_batches", "grad_clip"):
@@ -115,6 +116,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_optimizer(config: TrainConfig, method: Method) -> None:
+    """A method that works with some optimizers only (STEP: Adam) is refused before the run."""
+    import torch
+
+    accepted = method.optimizers
+    if config.dense or accepted is None:
+        return
+    classes = {name: getattr(torch.optim, {"sgd": "SGD", "adamw": "AdamW"}[name])
+               for name in OPTIMIZERS}
+    if not issubclass(classes[config.optimizer], accepted):
+        usable = [name for name, cls in classes.items() if issubclass(cls, accepted)]
+        raise ConfigError(f"--method {config.method} does not work with --optimizer "
+                          f"{config.optimizer}; use --optimizer {' or '.join(usable)}")
 
 
 def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:

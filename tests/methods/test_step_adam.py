@@ -1,0 +1,120 @@
+"""STEP: the dense Adam phase, the switch, the frozen second moment (one exact step each),
+AutoSwitch, resume across the switch, and the optimizers it refuses."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from linear_step import LR, grad_of_forward_weight, layer, snapshot, step
+
+import nmsparse
+from nmsparse.methods import STEP
+from nmsparse.methods.step_adam import FROZEN
+
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+def adam(model, **options):
+    return torch.optim.Adam(model.parameters(), lr=LR, betas=(BETA1, BETA2), eps=EPS, **options)
+
+
+def test_dense_step_then_sparse_step_with_frozen_variance_is_exact():
+    decay = 0.05
+    model, w, x, u = layer("2:4", STEP(decay=decay, switch_step=1))
+    opt = adam(model)
+    g = grad_of_forward_weight(x, u).double()
+
+    w0, _ = snapshot(w)
+    y0 = step(model, opt, x, u)  # precondition phase: dense forward, plain Adam
+    torch.testing.assert_close(y0, x @ w0.t(), rtol=0, atol=1e-6)
+    # Adam's first step: m_hat = g, v_hat = g^2
+    w1_expected = w0.double() - LR * g / (g.abs() + EPS)
+    torch.testing.assert_close(w.dense.detach().double(), w1_expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w.state[FROZEN].double(), g * g, rtol=1e-5, atol=0)
+
+    w1, m1 = snapshot(w)
+    y1 = step(model, opt, x, u)  # mask learning: N:M forward, SR-STE term, frozen v_hat
+    torch.testing.assert_close(y1, x @ (w1 * m1).t(), rtol=0, atol=1e-6)
+    g1 = g + decay * (~m1).double() * w1.double()
+    m_hat = (BETA1 * (1 - BETA1) * g + (1 - BETA1) * g1) / (1 - BETA1 ** 2)
+    w2_expected = w1.double() - LR * m_hat / (g.abs() + EPS)
+    torch.testing.assert_close(w.dense.detach().double(), w2_expected, rtol=0, atol=1e-5)
+    assert w.handle.state_dict()["methods"][repr(w.method)]["switched_at"] == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda model: torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1),
+    lambda model: torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1),
+    lambda model: torch.optim.Adam(model.parameters(), lr=1e-2, foreach=False, maximize=True),
+], ids=["adamw", "adam-l2", "adam-maximize"])
+def test_the_second_moment_stays_frozen(make):
+    model, w, x, u = layer("2:4", STEP(switch_step=2))
+    opt = make(model)
+    for _ in range(2):
+        step(model, opt, x, u)
+    frozen = w.state[FROZEN].clone()
+    for k in range(4):
+        step(model, opt, x * (k + 2), u)  # other gradients: a live estimate would move
+        state = opt.state[w.dense]
+        v_hat = state["exp_avg_sq"] / (1 - 0.999 ** float(state["step"]))
+        torch.testing.assert_close(v_hat, frozen, rtol=1e-5, atol=1e-12)
+
+
+def test_autoswitch_waits_for_min_steps_and_a_full_window_and_stops_at_max_steps():
+    model, w, x, u = layer("2:4", STEP(min_steps=3, window=2, tolerance=1e9))
+    opt = adam(model)
+    for _ in range(4):
+        step(model, opt, x, u)
+    assert w.handle.state_dict()["methods"][repr(w.method)]["switched_at"] == 3
+    model, w, x, u = layer("2:4", STEP(min_steps=1, tolerance=0.0, max_steps=5))
+    opt = adam(model)
+    for k in range(6):
+        step(model, opt, x * (1 + k % 2), u)
+    assert w.handle.state_dict()["methods"][repr(w.method)]["switched_at"] == 5
+
+
+def test_resume_across_the_switch_is_bit_identical():
+    def start(seed):
+        model, w, x, u = layer("2:4", STEP(min_steps=2, window=2, tolerance=1e9), seed=seed)
+        return model, w, adam(model), x, u
+
+    model, w, opt, x, u = start(0)
+    step(model, opt, x, u)  # saved before the switch (step 2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "sparsity": w.handle.state_dict()}, buffer)
+    for k in range(4):
+        step(model, opt, x * (k + 1), u)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    again, w_again, opt_again, _, _ = start(7)
+    again.load_state_dict(saved["model"])
+    opt_again.load_state_dict(saved["opt"])
+    w_again.handle.load_state_dict(saved["sparsity"])
+    for k in range(4):
+        step(again, opt_again, x * (k + 1), u)
+    assert torch.equal(w_again.dense, w.dense) and torch.equal(w_again.mask, w.mask)
+    assert torch.equal(w_again.state[FROZEN], w.state[FROZEN])
+
+
+def test_other_optimizers_are_refused():
+    model, w, x, u = layer("2:4", "step")
+    with pytest.raises(ValueError, match="needs torch.optim.Adam or torch.optim.AdamW .* got SGD"):
+        step(model, torch.optim.SGD(model.parameters(), lr=LR), x, u)
+    model, w, x, u = layer("2:4", "step")
+    with pytest.raises(ValueError, match="does not support amsgrad=True"):
+        step(model, adam(model, amsgrad=True), x, u)
+    model, w, x, u = layer("2:4", "step")
+    (model(x) * u).sum().backward()
+    with pytest.raises(ValueError, match="got a hand-written update loop"):
+        w.handle.before_step()
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="switch_step must be an integer >= 1"):
+        nmsparse.make_method("step", switch_step=0)
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        nmsparse.make_method("step", tolerance=-1)
