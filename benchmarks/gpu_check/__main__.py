@@ -15,7 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .plan import BUDGET_S, MIN_START_S, PART_NAMES, Step, steps
+from .plan import BUDGET_S, MIN_START_S, SELECTABLE_NAMES, Step, steps
 from .runner import Outcome, run_capped
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,10 +26,10 @@ EXIT_INCOMPLETE = 1
 
 def parse_only(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in PART_NAMES]
+    unknown = [name for name in names if name not in SELECTABLE_NAMES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or '(none)'}; "
-                                         f"accepted: {', '.join(PART_NAMES)}")
+                                         f"accepted: {', '.join(SELECTABLE_NAMES)}")
     return names
 
 
@@ -55,8 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="on the CPU: every part runs with fixture numbers and no GPU call")
     parser.add_argument("--only", type=parse_only, default=None,
-                        help="comma-separated parts to run (default: all): "
-                             + ", ".join(PART_NAMES))
+                        help="comma-separated parts to run (default: all but the opt-in "
+                             "study): " + ", ".join(SELECTABLE_NAMES))
     parser.add_argument("--budget", type=parse_budget, default=BUDGET_S,
                         help=f"seconds for all parts together (default and maximum "
                              f"{BUDGET_S:.0f})")

@@ -38,6 +38,27 @@ PARTS = [
 ]
 PART_NAMES = [part.name for part in PARTS]
 assert sum(part.cap_s for part in PARTS) <= BUDGET_S
+# Opt-in parts, never in the default run (the caps above fill the budget); run one alone with
+# --only: the accuracy study's gpu preset (docs/results.md), packed into one bundle file.
+OPTIONAL_PARTS = [Part("study", 470, "accuracy study, gpu preset (benchmarks/study): runs "
+                       "packed into the result, merged into docs/results.md", True)]
+SELECTABLE_NAMES = PART_NAMES + [part.name for part in OPTIONAL_PARTS]
+STUDY_DATA = ("/usr/share/datasets/fashion-mnist", "gpu-data/fashion-mnist")  # else carried
+
+
+def study_command(python: str, work: Path, dry_run: bool) -> list[str]:
+    """The study's gpu preset, all runs under ``work``, its bundle as the part's result; the
+    dry run lists the grid and writes an empty bundle (no run needs a GPU to be listed)."""
+    from benchmarks.study.grid import GPU_JOBS
+
+    command = [python, "-m", "benchmarks.study", "--preset", "gpu", "--root",
+               str(work / "study-runs"), "--bundle", str(work / "study.json"), "--no-report"]
+    found = [path for path in STUDY_DATA if Path(path).is_dir()]
+    if found and found[0] != STUDY_DATA[0]:
+        command += ["--data-dir", str(Path(found[0]).resolve())]
+    if dry_run:
+        return command + ["--list"]
+    return command + ["--jobs", str(GPU_JOBS), "--threads", "2"]
 
 
 @dataclass
@@ -55,8 +76,14 @@ def steps(python: str, work: Path, dry_run: bool, only: list[str] | None = None,
           ) -> list[Step]:
     """The plan: a :class:`Step` per part (``only``: those parts, in plan order)."""
     chosen = []
-    for part in PARTS:
-        if only is not None and part.name not in only:
+    for part in PARTS + OPTIONAL_PARTS:
+        if (part.name not in only) if only is not None else part in OPTIONAL_PARTS:
+            continue
+        if part.name == "study":
+            chosen.append(Step(part, study_command(python, work, dry_run),
+                               result=work / "study.json",
+                               note="dry run: the grid listed, nothing trained" if dry_run
+                               else ""))
             continue
         if part.name == "install":
             if dry_run:

@@ -131,3 +131,15 @@ def test_prune_a_sparse_run_bakes_its_masks_in_first(tmp_path):
     masks = _masks(out)
     assert masks and all(parse_pattern("1:4").violations(m).ok for m in masks.values())
     assert json.loads((out / "config.json").read_text())["pattern"] == "1:4"
+
+
+def test_prune_permute_reports_kept_magnitude_and_keeps_the_dense_function(dense_run,
+                                                                            tmp_path):
+    out = tmp_path / "permuted"
+    assert main(["prune", str(dense_run), "--method", "magnitude", "--pattern", "2:4",
+                 "--calibration", "4", "--permute", "--out", str(out)]) == 0
+    report = json.loads((out / "prune.json").read_text())
+    permutation = report["permutation"]
+    assert permutation["groups"] >= 1
+    assert permutation["kept_after"] >= permutation["kept_before"] > 0
+    assert all(parse_pattern("2:4").violations(m).ok for m in _masks(out).values())

@@ -22,6 +22,7 @@ from nmsparse import step_hooks
 # "kept" (pruned weights get none). A new method must declare its rule here.
 GRADIENT_RULES = {"ste": "all", "srste": "all", "fixed": "kept", "asp": "kept",
                   "decaying": "all", "gradual": "all", "sste": "all", "step": "all",
+                  "reweighted": "all",
                   "set": "all", "rigl": "all", "mest": "all", "gap": "kept",
                   "nested": "all"}
 # Methods that grow a whole layer to dense for a phase (its mask then keeps everything).

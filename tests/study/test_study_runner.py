@@ -20,8 +20,8 @@ TINY = {"data": "digits", "model": "mlp", "model_options": {"hidden": [32]}, "ep
 def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     specs = [RunSpec("main", {**TINY, "pattern": "dense"}),
-             RunSpec("main", {**TINY, "pattern": "2:4", "method": "srste"})]
-    first = run_all(specs, root, quiet=True, say=lambda m: None)
+             RunSpec("main", {**TINY, "pattern": "2:4", "method": "srste"}, label="tag")]
+    first = run_all(specs, root, quiet=True, say=lambda m: None, threads=1)
     return root, specs, first
 
 
@@ -34,6 +34,7 @@ def test_runs_then_skips(grid) -> None:
             or spec.config().dense
         meta = json.loads((run_dir / STUDY_FILE).read_text())
         assert meta["run_id"] == spec.run_id and meta["command"][:2] == ["nmsparse", "train"]
+        assert meta["threads"] == 1 and meta["label"] == spec.label
         assert state_of(spec, root) == "done"
     again = run_all(specs, root, quiet=True, say=lambda m: None)
     assert [r["action"] for r in again] == ["skipped", "skipped"]

@@ -36,6 +36,9 @@ def add_prune_command(commands, parse_option) -> argparse.ArgumentParser:
     parser.add_argument("--option", dest="options", action="append", default=[],
                         type=parse_option, metavar="KEY=VALUE",
                         help="pruning method setting, e.g. blocksize=64 or damp=0.1")
+    parser.add_argument("--permute", action="store_true",
+                        help="reorder input channels first (function unchanged) so that more "
+                        "magnitude survives N:M (nmsparse.channels)")
     parser.add_argument("--out", required=True, help="folder to write the pruned run into")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0, help="which samples calibrate")
@@ -81,9 +84,12 @@ def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
     loader = make_loader(data.test, config.batch_size, shuffle=False, seed=config.seed)
     before = evaluate(model, loader, config, world, data.task, args.limit_test_batches)
     result = prune(model, args.pattern, args.method, calibration=batches, then=args.then,
-                   exclude=args.exclude, layout=config.layout, **dict(args.options))
+                   exclude=args.exclude, layout=config.layout, permute=args.permute,
+                   **dict(args.options))
     after = evaluate(model, loader, config, world, data.task, args.limit_test_batches)
     print(result)
+    if result.permutation is not None:
+        print(result.permutation)
 
     config.pattern, config.method, config.out = str(result.pattern), args.then, str(out)
     config.exclude = list(args.exclude or [])
@@ -93,6 +99,10 @@ def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
         "then": args.then, "calibration_samples": sum(len(b) for b in batches),
         "calibration_rows": result.calibration_rows, "mode": result.mode,
         "seconds": result.seconds, "before": before, "after": after,
+        "permutation": None if result.permutation is None else {
+            "kept_before": result.permutation.kept_before,
+            "kept_after": result.permutation.kept_after, "total": result.permutation.total,
+            "groups": len(result.permutation.groups)},
         "layers": [{"name": layer.name, "shape": list(layer.shape),
                     "density": layer.density, "note": layer.reason}
                    for layer in result.layers],

@@ -156,8 +156,14 @@ class Method:
     # -- training recipes ----------------------------------------------------------------------
     def phases(self) -> tuple[str, ...]:
         """The training phases of a run with this method: ``"dense"`` (no mask) or
-        ``"sparse"`` (this method), each as long as the run's epochs."""
+        ``"sparse"`` (this method), each as long as the run's epochs; any other name is a
+        sparse phase trained with :meth:`phase_method` of that name."""
         return ("sparse",)
+
+    def phase_method(self, kind: str) -> Method:
+        """The method that trains a sparse phase named ``kind`` in :meth:`phases` (itself
+        unless a method hands a later phase to another, e.g. regularize then fixed masks)."""
+        return self
 
     def options(self) -> dict[str, Any]:
         """The hyperparameters, as given to the constructor."""

@@ -75,6 +75,7 @@ class PruneResult:
     calibration_rows: int = 0  # input rows (tokens) seen by the first pruned layer
     peak_cached_bytes: int = 0
     seconds: float = 0.0
+    permutation: object | None = None  # the PermutationReport of permute=True
 
     def __str__(self) -> str:
         rows = [(layer.name, layer.kind, "x".join(map(str, layer.shape)),
@@ -184,7 +185,7 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
           calibration: Iterable | None = None, *, then: str | Method | None = "fixed",
           include: str | Sequence[str] | None = None,
           exclude: str | Sequence[str] | None = None, layout: str = "in",
-          **options) -> PruneResult:
+          permute: bool = False, **options) -> PruneResult:
     """Prune ``model``'s prunable layers to ``pattern`` in one shot, in place.
 
     Args:
@@ -195,6 +196,9 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
         then: the nmsparse method that holds the masks afterwards (``"fixed"``, ``"srste"``,
             a :class:`~nmsparse.Method`), or ``None`` to only write the pruned weights.
         include / exclude: globs on module or weight names.
+        permute: first reorder input channels (through their producers, so the function
+            is unchanged) so that more magnitude survives N:M (:mod:`nmsparse.channels`);
+            the first calibration batch is the example the model is traced with.
         options: the method's settings (SparseGPT: ``blocksize=128``, ``damp=0.01``).
     """
     started = time.perf_counter()
@@ -205,6 +209,12 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
         raise ValueError(f"{method}: {error}") from None
     targets, layers = _plan(model, pattern, pruner, include, exclude)
     batches: list = []
+    if permute:
+        batches = list(calibration) if calibration is not None else []
+        if not batches:
+            raise ValueError("permute=True needs calibration= (at least one input batch) to "
+                             "trace the model's channel dependencies")
+        calibration = batches
     if pruner.statistic is not None:
         if calibration is None:
             raise ValueError(f"{pruner.name} needs calibration data: give calibration=an "
@@ -216,6 +226,10 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
     masks: dict[str, torch.Tensor] = {}
     result = PruneResult(pruner.name, pattern, layers, masks, None,
                          calibration_batches=len(batches))
+    if permute:
+        from ..channels.permute import permute_model
+
+        result.permutation = permute_model(model, pattern, batches[0], {t.name for t in targets})
     with _calibration_mode(model):
         if pruner.statistic is None:
             for target in targets:

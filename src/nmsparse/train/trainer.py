@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import sparsify
+from .. import finalize, sparsify
 from .._atomic import atomic_open
 from ..data import DataBundle, DataError, load_dataset
 from ..data.loader import make_loader
@@ -59,7 +59,7 @@ def phases_of(config: TrainConfig) -> list[Phase]:
     method = config.make_method()
     kinds = method.phases()
     return [Phase("dense", None) if kind == "dense" else
-            Phase("retrain" if index else method.name, method)
+            Phase("retrain" if index else method.name, method.phase_method(kind))
             for index, kind in enumerate(kinds)]
 
 
@@ -260,6 +260,8 @@ class Run:
         what = (f"{self.config.pattern} masks from the trained weights, then {phase.method!r}"
                 if phase.method is not None else "dense")
         self.console(f"phase {self.phase_index + 1}/{len(self.phases)}: {phase.name} ({what})")
+        if self.handle is not None:  # sparse after sparse: the new masks start from these
+            finalize(self.model)
         self.handle = apply_sparsity(self.model, self.config, phase.method)
         self.best_score = None
         self._start_phase()

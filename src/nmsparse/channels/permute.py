@@ -1,0 +1,254 @@
+"""Input-channel permutations for N:M pruning (the idea of NVIDIA ASP's channel permutations).
+
+N:M keeps N of every M *consecutive* input channels. Which channels share a group of M is
+an accident of training order; reordering the input channels of a layer, and the output
+channels of the layers that produce them the same way, changes nothing in what the network
+computes but can put large weights into different groups, so more magnitude survives the
+prune. Here every free :class:`~nmsparse.channels.groups.ChannelGroup` whose consumers will
+be pruned gets such an order, applied to all its members (so the function is unchanged up to
+float rounding).
+
+Search, per group, over the partition of its channels into stripes of M (the order inside a
+stripe and of the stripes does not matter to N:M). The objective is the kept magnitude: for
+every consumer row (output channel, kernel position) and every stripe, the sum of the N
+largest ``|w|``, summed over all consumers of the group (they share the order).
+
+* **Exhaustive** when the number of partitions is at most ``exhaustive_limit`` (6,000; e.g. 8
+  channels at M=4: 35 partitions; 12 at M=4: 5,775).
+* **Greedy channel swaps** beyond: starting from the original order, the single swap of two
+  channels of different stripes that raises the kept magnitude most is applied, again and
+  again, until no swap helps or ``max_swaps`` (default 4 x channels) were made. A table of
+  "stripe s with position i holding channel c" scores makes each step cheap (only the two
+  changed stripes are rescored). Every applied swap raises the objective, so the result never
+  keeps less than the original order (a local optimum, not a proven best).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..patterns import NM, PatternLike, parse_pattern
+from .groups import ChannelGroup, model_tensors, permute_group
+
+_CHUNK_ELEMENTS = 1 << 23  # bounds the scratch tensor of one swap evaluation
+_NETWORK_MAX_M = 16
+
+
+@dataclass
+class GroupPermutation:
+    """What the search did for one group."""
+
+    size: int
+    consumers: list[str]
+    kept_before: float  # sum of kept |w| over the group's consumers
+    kept_after: float
+    total: float  # sum of |w| over the group's consumers
+    search: str  # "exhaustive" or "greedy swaps (K applied)"
+
+
+@dataclass
+class PermutationReport:
+    """Per group, and in total, the magnitude N:M keeps with and without the permutation."""
+
+    pattern: NM
+    groups: list[GroupPermutation] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # groups left alone, and why
+
+    @property
+    def kept_before(self) -> float:
+        return sum(g.kept_before for g in self.groups)
+
+    @property
+    def kept_after(self) -> float:
+        return sum(g.kept_after for g in self.groups)
+
+    @property
+    def total(self) -> float:
+        return sum(g.total for g in self.groups)
+
+    def __str__(self) -> str:
+        if not self.groups:
+            return f"channel permutation for {self.pattern}: no group could be permuted"
+        return (f"channel permutation for {self.pattern}: {len(self.groups)} groups, kept |w| "
+                f"{100 * self.kept_before / self.total:.2f}% -> "
+                f"{100 * self.kept_after / self.total:.2f}% of the permuted layers' total")
+
+
+def stripe_kept(matrix: torch.Tensor, stripes: torch.Tensor, n: int) -> torch.Tensor:
+    """Kept magnitude of each stripe: ``matrix`` is ``(rows, C)`` of ``|w|``, ``stripes`` is
+    ``(..., M)`` column indices; returns ``(...)``: the sum over rows of the ``n`` largest."""
+    m = stripes.shape[-1]
+    if m > _NETWORK_MAX_M:
+        return matrix[:, stripes].topk(n, dim=-1).values.sum(-1).sum(0)
+    # an odd-even transposition sorting network on M tensors: much faster than topk on a
+    # last dimension of 4 or 8
+    columns = [matrix[:, stripes[..., k]] for k in range(m)]
+    for round_ in range(m):
+        for a in range(round_ % 2, m - 1, 2):
+            low = torch.minimum(columns[a], columns[a + 1])
+            columns[a + 1] = torch.maximum(columns[a], columns[a + 1])
+            columns[a] = low
+    return torch.stack(columns[m - n:]).sum(0).sum(0)
+
+
+def _partitions(items: tuple[int, ...], m: int) -> Iterable[list[tuple[int, ...]]]:
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for others in itertools.combinations(rest, m - 1):
+        remaining = tuple(i for i in rest if i not in others)
+        for tail in _partitions(remaining, m):
+            yield [(first, *others), *tail]
+
+
+def partition_count(channels: int, m: int) -> int:
+    stripes = channels // m
+    return math.factorial(channels) // (math.factorial(m) ** stripes * math.factorial(stripes))
+
+
+def exhaustive_order(matrix: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The best partition into stripes of ``m`` by trying every one (small ``C`` only)."""
+    channels = matrix.shape[1]
+    subsets = list(itertools.combinations(range(channels), m))
+    scores = stripe_kept(matrix, torch.tensor(subsets), n).tolist()
+    score_of = dict(zip(subsets, scores, strict=True))
+    best, best_score = None, -math.inf
+    for partition in _partitions(tuple(range(channels)), m):
+        score = sum(score_of[s] for s in partition)
+        if best is None or score > best_score + 1e-9 * abs(best_score):
+            best, best_score = partition, score
+    return torch.tensor([c for stripe in best for c in stripe])
+
+
+def replaced_kept(matrix: torch.Tensor, stripes: torch.Tensor, n: int) -> torch.Tensor:
+    """``out[k, i, c]``: kept magnitude of stripe ``stripes[k]`` with its position ``i``
+    holding channel ``c`` instead; ``stripes`` is ``(K, M)``."""
+    count, m = stripes.shape
+    channels = matrix.shape[1]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, matrix.shape[0] * m * channels * m))
+    positions = torch.arange(m)
+    parts = []
+    for start in range(0, count, chunk):
+        part = stripes[start:start + chunk]
+        index = part[:, None, None, :].expand(part.shape[0], m, channels, m).clone()
+        index[:, positions, :, positions] = torch.arange(channels)
+        parts.append(stripe_kept(matrix, index, n))
+    return torch.cat(parts)
+
+
+def greedy_swap_order(matrix: torch.Tensor, n: int, m: int, max_swaps: int | None = None
+                      ) -> tuple[torch.Tensor, int]:
+    """Improve the identity order by greedy swaps between stripes (see the module docstring);
+    returns the order and the number of swaps applied."""
+    channels = matrix.shape[1]
+    count = channels // m
+    max_swaps = 4 * channels if max_swaps is None else max_swaps
+    stripes = torch.arange(channels).reshape(count, m)
+    current = stripe_kept(matrix, stripes, n)
+    table = replaced_kept(matrix, stripes, n)  # (S, M, C)
+    same = torch.eye(count, dtype=torch.bool)[:, None, :, None].expand(count, m, count, m)
+    swaps = 0
+    while swaps < max_swaps:
+        # gain[s, i, t, j] of swapping position i of stripe s with position j of stripe t
+        mine = table[:, :, stripes.reshape(-1)].reshape(count, m, count, m)
+        gain = mine + mine.permute(2, 3, 0, 1) - current[:, None, None, None] \
+            - current[None, None, :, None]
+        gain = gain.masked_fill(same, -math.inf)
+        value, flat = gain.reshape(-1).max(0)
+        if value.item() <= 1e-6 * max(current.sum().item(), 1e-30) / count:
+            break
+        s, i, t, j = (int(v) for v in torch.unravel_index(flat, gain.shape))
+        stripes[s, i], stripes[t, j] = stripes[t, j].item(), stripes[s, i].item()
+        changed = torch.tensor([s, t])
+        current[changed] = stripe_kept(matrix, stripes[changed], n)
+        table[changed] = replaced_kept(matrix, stripes[changed], n)
+        swaps += 1
+    return stripes.reshape(-1), swaps
+
+
+def consumer_matrix(model: nn.Module, group: ChannelGroup,
+                    weights: set[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """``|w|`` of the group's consumers as ``(rows, C)``: one row per output channel and
+    kernel position of each consumer (restricted to ``weights`` if given)."""
+    tensors = model_tensors(model)
+    rows, names = [], []
+    for piece in group.consumers:
+        if weights is not None and piece.tensor not in weights:
+            continue
+        window = tensors[piece.tensor].detach().narrow(piece.dim, piece.start, piece.length)
+        rows.append(window.movedim(piece.dim, -1).reshape(-1, group.size).abs().float())
+        names.append(piece.tensor)
+    if not rows:
+        return torch.zeros(0, group.size), names
+    return torch.cat(rows), names
+
+
+def permute_for_nm(model: nn.Module, groups: list[ChannelGroup], pattern: PatternLike = "2:4",
+                   *, weights: Iterable[str] | None = None, exhaustive_limit: int = 6000,
+                   max_swaps: int | None = None) -> PermutationReport:
+    """Permute every free group whose consumers are N:M-pruned so that more ``|w|`` survives
+    ``pattern``; the model's function is unchanged. ``weights``: the names of the weights
+    that will be pruned (default: every consumer)."""
+    pattern = parse_pattern(pattern)
+    if not isinstance(pattern, NM) or pattern.layout != "in":
+        raise ValueError(f"channel permutations need an N:M pattern grouped along the input "
+                         f"channels (e.g. '2:4'), got {pattern}")
+    n, m = pattern.n, pattern.m
+    wanted = None if weights is None else set(weights)
+    report = PermutationReport(pattern)
+    for group in groups:
+        label = f"group of {group.size} read by " + \
+            ", ".join(sorted({s.tensor for s in group.consumers})) if group.consumers else ""
+        if not group.consumers or (wanted is not None
+                                   and not any(s.tensor in wanted for s in group.consumers)):
+            continue
+        if group.pinned:
+            report.skipped.append(f"{label}: pinned ({group.pinned[0]})")
+            continue
+        misaligned = [s.tensor for s in group.consumers if s.start % m]
+        if group.size % m or misaligned:
+            report.skipped.append(f"{label}: {group.size} channels or their offset not "
+                                  f"divisible by M={m}")
+            continue
+        matrix, names = consumer_matrix(model, group, wanted)
+        if group.size == m:
+            continue  # one stripe: nothing to reorder
+        identity = torch.arange(group.size)
+        before = stripe_kept(matrix, identity.reshape(-1, m), n).sum().item()
+        if partition_count(group.size, m) <= exhaustive_limit:
+            order, search = exhaustive_order(matrix, n, m), "exhaustive"
+        else:
+            order, swaps = greedy_swap_order(matrix, n, m, max_swaps)
+            search = f"greedy swaps ({swaps} applied)"
+        after = stripe_kept(matrix, order.reshape(-1, m), n).sum().item()
+        if after <= before:
+            order, after = identity, before
+        else:
+            permute_group(model, group, order)
+        report.groups.append(GroupPermutation(group.size, names, before, after,
+                                              matrix.sum().item(), search))
+    return report
+
+
+def permute_model(model: nn.Module, pattern: PatternLike, batch, weights: Iterable[str] | None
+                  = None) -> PermutationReport:
+    """Trace ``model`` on one calibration ``batch`` (a tensor, a mapping of keyword arguments
+    or an ``(inputs, targets)`` pair) and permute it for ``pattern`` (what
+    ``nmsparse.prune(..., permute=True)`` calls)."""
+    from .trace import channel_graph
+
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        batch = batch[0]
+    device = next(model.parameters()).device
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device)
+    elif isinstance(batch, dict):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return permute_for_nm(model, channel_graph(model, batch), pattern, weights=weights)
