@@ -19,6 +19,8 @@ EXAMPLES = {
     "nm": ["2:4", "1:8", "3:8", "1:16"],
     "flat": ["flat:2:4", "flat:1:8"],
     "unstructured": ["unstructured:0.5", "unstructured:0.3"],
+    "block": ["block:2x2:0.5", "block:1x4:0.25"],
+    "global": ["global:0.5", "global:0.3"],
     "transposable": ["transposable:2:4", "transposable:1:4", "transposable:1:8",
                      "transposable:2:8"],
     "gs": ["gs:4:2:0.25", "gs:8:4:0.125", "gs:2:1:0.5"],

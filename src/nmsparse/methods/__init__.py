@@ -11,7 +11,10 @@ from .base import (
 )
 from .decaying import Decaying
 from .fixed import ASP, Fixed
+from .gap import GaP
 from .gradual import Gradual
+from .nested import Nested
+from .prune_grow import MEST, SET, PruneGrow, RigL
 from .reweighted import Reweighted
 from .sste import SSTE
 from .ste import SRSTE, STE
@@ -19,4 +22,5 @@ from .step_adam import STEP
 
 __all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
            "make_method", "straight_through"]
+__all__ += ["GaP", "MEST", "Nested", "SET", "PruneGrow", "RigL"]
 __all__ += ["SSTE", "Decaying", "Gradual", "STEP", "Reweighted"]

@@ -6,7 +6,9 @@ fraction of each weight), and every registered ``"KIND:ARGS"``.
 """
 
 from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted, parse_pattern
+from .block import Block
 from .gather_scatter import GatherScatter
+from .global_budget import GlobalUnstructured, global_masks, global_violations
 from .nm import NM
 from .on_transpose import OnTranspose
 from .transposable import Transposable
@@ -14,4 +16,5 @@ from .unstructured import Unstructured
 
 __all__ = ["NM", "OnTranspose", "PATTERN_KINDS", "Pattern", "PatternLike", "Violations",
            "Unstructured", "accepted", "parse_pattern"]
+__all__ += ["Block", "GlobalUnstructured", "global_masks", "global_violations"]
 __all__ += ["Transposable", "GatherScatter"]

@@ -1,0 +1,1 @@
+"""Small-scale reproductions of prune-and-grow, GaP, nested levels and lottery tickets."""

@@ -1,0 +1,282 @@
+"""Prune-and-grow (dynamic sparse) training: SET, RigL and MEST on one engine.
+
+Every ``every`` optimizer steps (ΔT) the engine drops the weakest active weights and grows as
+many pruned ones, so the sparsity stays fixed while the mask explores. Per exchange:
+
+* how many: ``fraction`` (α) of the active weights of each budget unit
+  (:mod:`nmsparse.methods.mutation`: an N:M group, a whole tensor, a block grid, or all layers
+  sharing a ``"global:D"`` budget), rounded half up, decayed by ``schedule``: ``"cosine"``
+  (α_t = α/2 (1 + cos(π t / stop)), RigL) or ``"constant"`` (SET); no mutation after step
+  ``stop`` (``stop=0``: never stops, and ``"cosine"`` then stays at α);
+* what drops: the lowest ``|w| + gradient_weight * |g|`` (``gradient_weight=0``: magnitude);
+* what grows: ``grow="random"`` (seeded by ``seed``, the step and the layer name, so a resumed
+  run grows the same weights), ``"gradient"`` (largest ``|g|`` of the dense gradient, RigL) or
+  ``"momentum"`` (largest ``|EMA of g|`` with factor ``momentum``, sparse momentum);
+* N:M: a weight dropped in a group is replaced inside the same group, so the pattern holds
+  after every exchange;
+* grown weights start at exactly 0 and their optimizer state (momentum buffer, Adam moments:
+  every optimizer state tensor shaped like the weight) is reset, as is the state of the
+  dropped ones.
+
+Between exchanges the mask is fixed: pruned weights stay exactly 0 and get no update (their
+gradient is zeroed in ``before_step``). The forward passes the gradient straight through to
+every entry so that ``before_step`` sees the dense gradient the growth criteria need.
+
+``soft=True`` (MEST's soft memory bound, "grow first, prune later"): an exchange first only
+grows; ``settle`` steps later (0: ``every // 2``) the same number of weights is dropped by the
+drop score among all active ones, the new ones included. In between the layers keep more than
+their pattern allows (``check`` reports it); the pattern holds again after the drop.
+
+Papers: SET (Mocanu et al., Nature Communications 2018), RigL (Evci et al., ICML 2020), MEST
+(Yuan et al., NeurIPS 2021). Step counts come from the handle (``Step.index``), so a resumed
+run mutates at the same steps as one never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..patterns import GlobalUnstructured
+from .base import Method, Step, straight_through
+from .mutation import Units, exchange, grow_plan, ranks_in_rows
+
+GROWTH = ("random", "gradient", "momentum")
+SCHEDULES = ("cosine", "constant")
+_GRAD = "_prune_grow_grad"  # |g| kept from before_step to after_step of one step
+_EMA = "grad_ema"
+
+
+def _seeded(seed: int, *parts: object) -> torch.Generator:
+    key = zlib.crc32(":".join(map(str, (seed, *parts))).encode())
+    return torch.Generator().manual_seed(key)
+
+
+def reset_optimizer_state(optimizer, w, where: torch.Tensor) -> None:
+    """Zero every optimizer state tensor of ``w``'s dense weight at ``where``."""
+    if optimizer is None:
+        return
+    for value in optimizer.state.get(w.dense, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == w.dense.shape:
+            value.masked_fill_(where.to(value.device), 0)
+
+
+@dataclass(frozen=True)
+class PruneGrow(Method):
+    """The prune-and-grow engine; the registered methods set its defaults."""
+
+    every: int = 100
+    fraction: float = 0.3
+    schedule: str = "cosine"
+    stop: int = 0
+    grow: str = "random"
+    gradient_weight: float = 0.0
+    momentum: float = 0.9
+    init: str = "random"
+    soft: bool = False
+    settle: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{self.name}: {what}")
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        need(integer(self.every) and self.every >= 1, f"every must be an integer >= 1, got "
+             f"{self.every!r}")
+        need(isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 1,
+             f"fraction must be a number in [0, 1], got {self.fraction!r}")
+        need(self.schedule in SCHEDULES,
+             f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        need(integer(self.stop) and self.stop >= 0, f"stop must be an integer >= 0 (0: never), "
+             f"got {self.stop!r}")
+        need(self.grow in GROWTH, f"grow must be one of {GROWTH}, got {self.grow!r}")
+        need(isinstance(self.gradient_weight, (int, float)) and self.gradient_weight >= 0,
+             f"gradient_weight must be a number >= 0, got {self.gradient_weight!r}")
+        need(isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1,
+             f"momentum must be a number in [0, 1), got {self.momentum!r}")
+        need(self.init in ("random", "magnitude"),
+             f"init must be 'random' or 'magnitude', got {self.init!r}")
+        need(isinstance(self.soft, bool), f"soft must be true or false, got {self.soft!r}")
+        need(integer(self.settle) and 0 <= self.settle < self.every,
+             f"settle must be an integer in [0, every) (0: every // 2), got {self.settle!r}")
+        need(not self.soft or self.settle_steps >= 1, "soft needs every >= 2 (it grows, then "
+             "prunes settle steps later)")
+        need(integer(self.seed), f"seed must be an integer, got {self.seed!r}")
+
+    # -- schedule ------------------------------------------------------------------------------
+    def fraction_at(self, step: int) -> float:
+        """The mutation fraction of an exchange after ``step`` optimizer steps (0 after
+        ``stop``)."""
+        if self.stop and step > self.stop:
+            return 0.0
+        if self.schedule == "cosine" and self.stop:
+            return self.fraction / 2 * (1 + math.cos(math.pi * step / self.stop))
+        return float(self.fraction)
+
+    def mutates_after(self, index: int) -> bool:
+        """Whether the exchange runs after the step with this index (0-based)."""
+        done = index + 1
+        return done % self.every == 0 and self.fraction_at(done) > 0
+
+    def _needs_gradient(self) -> bool:
+        return self.grow == "gradient" or self.gradient_weight > 0
+
+    # -- masks ---------------------------------------------------------------------------------
+    def initial_mask(self, w):
+        Units.of(w.pattern, [w.dense.shape])  # a pattern exchanges cannot keep fails here
+        if self.init == "magnitude":
+            return w.pattern.mask(w.dense.detach().abs())
+        scores = torch.rand(w.dense.shape, generator=_seeded(self.seed, "init", w.name))
+        return w.pattern.mask(scores).to(w.dense.device)
+
+    def refresh(self, w):
+        return w.enforce_mask()  # the mask changes only in exchanges
+
+    def masked_weight(self, w):
+        return straight_through(w)  # before_step needs the dense gradient; it zeroes the rest
+
+    # -- the step ------------------------------------------------------------------------------
+    def before_step(self, weights, step: Step) -> None:
+        index = step.index
+        keep_grad = self._needs_gradient() and (
+            self.mutates_after(index) or (self.soft and self._settles_after(index)))
+        for w in weights:
+            grad = w.dense.grad
+            if grad is None:
+                continue
+            with torch.no_grad():
+                if self.grow == "momentum":
+                    ema = w.state.get(_EMA)
+                    ema = torch.zeros_like(grad) if ema is None else ema
+                    w.state[_EMA] = ema.mul_(self.momentum).add_(grad, alpha=1 - self.momentum)
+                if keep_grad:
+                    w.state[_GRAD] = grad.detach().abs().clone()
+                grad.masked_fill_(~w.mask, 0)
+
+    @property
+    def settle_steps(self) -> int:
+        return self.settle or self.every // 2
+
+    def _settles_after(self, index: int) -> bool:
+        grown_at = index + 1 - self.settle_steps
+        return grown_at > 0 and grown_at % self.every == 0 and self.fraction_at(grown_at) > 0
+
+    def after_step(self, weights, step: Step) -> None:
+        index = step.index
+        try:
+            groups = self._groups(weights)
+            if self.soft and self._settles_after(index):
+                for key, members in groups.items():
+                    self._settle(key, members, step)
+            if self.mutates_after(index):
+                fraction = self.fraction_at(index + 1)
+                for key, members in groups.items():
+                    self._mutate(key, members, step, fraction)
+                step.state["exchanges"] = int(step.state.get("exchanges", 0)) + 1
+        finally:
+            for w in weights:
+                w.state.pop(_GRAD, None)
+
+    def _groups(self, weights) -> dict[str, list]:
+        """Weights that share one budget: a ``"global:D"`` pattern's layers together, every
+        other weight alone (sorted by name, so the order never depends on the optimizer)."""
+        groups: dict[str, list] = {}
+        for w in sorted(weights, key=lambda w: w.name):
+            shared = isinstance(w.pattern, GlobalUnstructured)
+            groups.setdefault(f"global:{w.pattern}" if shared else w.name, []).append(w)
+        return groups
+
+    def _scores(self, key: str, members: list, units: Units, step: Step):
+        """``(drop, grow)`` scores in unit space."""
+        magnitude = [w.dense.detach().abs() for w in members]
+        grads = [w.state.get(_GRAD) for w in members]
+        drop = units.view(magnitude)
+        if self.gradient_weight > 0 and all(g is not None for g in grads):
+            drop = drop + self.gradient_weight * units.view(grads)
+        if self.grow == "gradient" and all(g is not None for g in grads):
+            grow = units.view(grads)
+        elif self.grow == "momentum" and all(w.state.get(_EMA) is not None for w in members):
+            grow = units.view([w.state[_EMA].abs() for w in members])
+        else:  # random, or no gradient seen yet
+            generator = _seeded(self.seed, "grow", step.index, key)
+            grow = torch.rand(drop.shape, generator=generator).to(drop.device)
+        return drop, grow
+
+    def _mutate(self, key: str, members: list, step: Step, fraction: float) -> None:
+        units = Units.of(members[0].pattern, [w.dense.shape for w in members])
+        active = units.view([w.mask for w in members], reduce="any")
+        count = math.floor(fraction * int(active.sum()) + 0.5)
+        if count == 0:
+            return
+        drop, grow = self._scores(key, members, units, step)
+        if self.soft:  # grow now, drop the same number per unit after `settle` steps
+            planned = exchange(active, drop, grow, count)[1].sum(-1)
+            grown = grow_plan(active, grow, planned)
+            step.state.setdefault("pending", {})[key] = planned.cpu()
+            self._apply(members, units, active | grown, step, check=False)
+            return
+        new, _, _ = exchange(active, drop, grow, count)
+        self._apply(members, units, new, step)
+
+    def _settle(self, key: str, members: list, step: Step) -> None:
+        planned = step.state.get("pending", {}).pop(key, None)
+        if planned is None:
+            return
+        units = Units.of(members[0].pattern, [w.dense.shape for w in members])
+        active = units.view([w.mask for w in members], reduce="any")
+        drop, _ = self._scores(key, members, units, step)
+        inf = torch.tensor(float("inf"), dtype=drop.dtype, device=drop.device)
+        ranks = ranks_in_rows(torch.where(active, drop, inf), descending=False)
+        dropped = active & (ranks < planned.to(ranks.device).reshape(-1, 1))
+        self._apply(members, units, active & ~dropped, step)
+
+    def _apply(self, members: list, units: Units, new_units: torch.Tensor, step: Step,
+               check: bool = True) -> None:
+        """Install the new masks: changed entries get weight 0 and fresh optimizer state."""
+        for w, mask in zip(members, units.unview(new_units), strict=True):
+            mask = mask.to(w.mask.device)
+            changed = mask ^ w.mask
+            if check:
+                w.set_mask(mask)
+            else:  # the soft memory bound keeps more than the pattern until it settles
+                with torch.no_grad():
+                    w.mask.copy_(mask)
+            with torch.no_grad():
+                w.dense.masked_fill_(changed, 0)
+            reset_optimizer_state(step.optimizer, w, changed)
+            w.refresh()
+
+
+@dataclass(frozen=True)
+class SET(PruneGrow):
+    """Sparse Evolutionary Training: drop the smallest magnitudes, grow at random, fixed α."""
+
+    name: ClassVar[str] = "set"
+    schedule: str = "constant"
+
+
+@dataclass(frozen=True)
+class RigL(PruneGrow):
+    """Rigged Lottery: drop the smallest magnitudes, grow the largest dense gradients, cosine
+    decay of α until ``stop``."""
+
+    name: ClassVar[str] = "rigl"
+    grow: str = "gradient"
+
+
+@dataclass(frozen=True)
+class MEST(PruneGrow):
+    """Memory-economic sparse training with elastic mutation: drop by ``|w| + λ|g|``
+    (``gradient_weight`` = λ), grow at random, α decaying; ``soft=True`` grows first and
+    prunes ``settle`` steps later."""
+
+    name: ClassVar[str] = "mest"
+    gradient_weight: float = 1.0
