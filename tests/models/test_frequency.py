@@ -17,14 +17,6 @@ from nmsparse.models import create_model
 from nmsparse.models.frequency import ChannelGate, top_channels
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_dct_matrix_matches_the_formula_and_is_orthonormal():
     d = dct_matrix(4, torch.float64)
     assert d[0, 2].item() == pytest.approx(0.5)

@@ -102,15 +102,6 @@ def test_ratio_loss_is_zero_at_target_and_grows_with_the_gap():
     assert weights.tolist() == pytest.approx([2 / 3, 1 / 3], rel=1e-6)
 
 
-@pytest.fixture
-def one_thread():
-    # tiny ops: with several threads on a shared machine each step is 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_ratio_loss_drives_kept_fraction_to_target(one_thread):
     model = small(depth=2, prune_at=[1], keep_ratio=0.25, ratio_weight=10.0)
     optimizer = torch.optim.Adam(model.selectors.parameters(), lr=0.1)
