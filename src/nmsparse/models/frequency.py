@@ -4,15 +4,17 @@
 ``dct_resnet`` turns each image batch into block-DCT channels
 (:class:`~nmsparse.data.frequency.BlockDCT`: YCbCr or Y, ``block x block`` frequencies per
 colour channel, on a grid ``block`` times smaller), optionally keeps only the listed
-``channels`` (a static selection, e.g. the top-k of a trained gate), optionally multiplies
-them by a learned :class:`ChannelGate`, and feeds them to a CIFAR ResNet whose first layers
+``channels`` (a static selection, e.g. the top-k of a trained gate), standardises each
+channel (``BatchNorm2d`` without affine parameters: running mean and variance), optionally
+multiplies them by a learned :class:`ChannelGate`, and feeds them to a CIFAR ResNet whose
+first layers
 are adapted as in the paper: the stem conv takes the frequency channels, and the trunk's
 first ``log2(block)`` stride-2 reductions (at most the two the CIFAR ResNet has) are removed,
 since the DCT already shrank the grid by ``block``.
 
-``downsampled_resnet`` is the same network fed the image area-averaged by ``factor`` in
-space (so its input grid equals the DCT grid at ``block = factor``), with the same strides
-removed: only the input differs.
+``downsampled_resnet`` is the same network (standardisation included) fed the image
+area-averaged by ``factor`` in space (so its input grid equals the DCT grid at ``block =
+factor``), with the same strides removed: only the input differs.
 
 :class:`ChannelGate`: one keep logit per channel; in training a Gumbel-softmax hard decision
 per channel and forward pass (straight-through gradient), at inference ``logit > 0``. Its
@@ -100,11 +102,15 @@ class FrequencyNet(nn.Module):
         index = torch.tensor(list(channels) if channels is not None else [], dtype=torch.long)
         self.register_buffer("channels", index)
         self.select = channels is not None
+        # Per-channel standardisation with running statistics (no parameters), as the paper
+        # normalises each frequency channel: DC is ~block times larger than the high ones.
+        self.normalize = nn.BatchNorm2d(trunk.conv1.in_channels, affine=False)
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.transform(images)
         if self.select:
             x = x.index_select(1, self.channels)
+        x = self.normalize(x)
         if self.gate is not None:
             x = self.gate(x)
         return self.trunk(x)
