@@ -65,8 +65,26 @@ def token_rows(records: list[dict]) -> tuple[list[list[str]], dict]:
             rows.append([weights, f"{ratio:.1f}", " / ".join(map(str, counts)), mean_std(acc),
                          _human(runs[0]["summary"]["macs_dense"]), _human(macs),
                          str(len(runs)), f"{wall:.0f}"])
-            points.setdefault(weights, []).append((macs, acc))
+            points.setdefault(weights, []).append((ratio, macs, acc))
     return rows, points
+
+
+def token_findings(points: dict) -> list[str]:
+    """One measured sentence per configuration against the dense, unpruned ViT."""
+    dense = [point for point in points.get("dense", []) if point[0] == 1.0]
+    if not dense:
+        return []
+    _, base_macs, base_acc = dense[0]
+    lines = []
+    for weights, series in points.items():
+        for ratio, macs, acc in series:
+            if weights == "dense" and ratio == 1.0:
+                continue
+            delta = statistics.mean(acc) - statistics.mean(base_acc)
+            lines.append(f"- {weights} weights, keep ratio {ratio}: {base_macs / macs:.2f}x "
+                         f"fewer MACs than the dense unpruned ViT, accuracy "
+                         f"{delta * 100:+.2f} points.")
+    return lines
 
 
 def frequency_rows(records: list[dict]) -> tuple[list[list[str]], list[list[str]], dict]:
@@ -110,9 +128,9 @@ def plot(token_points: dict, frequency_points: dict) -> list[str]:
     if token_points:
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for weights, series in token_points.items():
-            xs = [m / 1e6 for m, _ in series]
-            ys = [statistics.mean(a) for _, a in series]
-            es = [statistics.stdev(a) if len(a) > 1 else 0 for _, a in series]
+            xs = [m / 1e6 for _, m, _ in series]
+            ys = [statistics.mean(a) for _, _, a in series]
+            es = [statistics.stdev(a) if len(a) > 1 else 0 for _, _, a in series]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{weights} weights")
         ax.set_xlabel("MACs per image (millions, kept weights)")
         ax.set_ylabel("test accuracy")
@@ -169,6 +187,7 @@ def write_report(root: Path) -> str:
         md += [format_table(["weights", "keep ratio", "patch tokens kept", "test acc",
                              "MACs (dense)", "MACs (kept)", "seeds", "s / run"], tokens,
                             markdown=True), ""]
+    md += token_findings(token_points) + [""]
     if "tokens-acc-vs-macs.png" in images:
         md += ["![accuracy vs MACs](images/tokens-acc-vs-macs.png)", ""]
     md += ["## Frequency channels vs spatial downsampling", "",
@@ -182,6 +201,15 @@ def write_report(root: Path) -> str:
     if frequency:
         md += [format_table(["input", "input numbers", "test acc", "MACs", "channels picked",
                              "seeds", "s / run"], frequency, markdown=True), ""]
+    spatial = frequency_points.get("spatial 4x down")
+    if spatial:
+        base = statistics.mean(spatial[1])
+        for label, (size, acc) in frequency_points.items():
+            if label != "spatial 4x down":
+                md.append(f"- {label} ({size} input numbers): accuracy "
+                          f"{(statistics.mean(acc) - base) * 100:+.2f} points against spatial "
+                          f"downsampling to the same grid ({spatial[0]} input numbers).")
+        md.append("")
     if "frequency-acc-vs-input.png" in images:
         md += ["![accuracy vs input size](images/frequency-acc-vs-input.png)", ""]
     if gates:
