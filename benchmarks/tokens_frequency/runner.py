@@ -29,6 +29,7 @@ def gate_result(run_dir: Path, keep: int) -> dict:
     _, _, model, _ = load_trained(run_dir / "latest.pt", with_data=False)
     return {"gate_logits": model.gate.logits.detach().tolist(),
             "gate_kept_fraction": model.gate.kept_fraction(),
+            "gate_expected_fraction": model.gate.expected_fraction(),
             "top_channels": top_channels(model.gate, keep)}
 
 

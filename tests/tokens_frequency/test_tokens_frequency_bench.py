@@ -43,7 +43,8 @@ def test_report_tables_hold_the_run_numbers(tmp_path, monkeypatch):
     write_run(root, "c", "frequency", {"input": "spatial 4x down"}, 0.70, 3e6, 3e6)
     write_run(root, "d", "frequency", {"input": "DCT quarter"}, 0.72, 3e6, 3e6,
               channels=[0, 1, 4, 5])
-    write_run(root, "e", "gate", {"target": 0.25}, 0.6, 3e6, 3e6, gate_kept_fraction=0.1875)
+    write_run(root, "e", "gate", {"target": 0.25}, 0.6, 3e6, 3e6, gate_kept_fraction=0.1875,
+              gate_expected_fraction=0.25)
     report.write_report(root)
     text = (tmp_path / "docs" / "tf.md").read_text()
     assert "| dense | 1.0 | 49 / 49 | 0.8000 | 4.00M | 4.00M | 1 | 60 |" in text
@@ -51,5 +52,5 @@ def test_report_tables_hold_the_run_numbers(tmp_path, monkeypatch):
     assert "2:4 weights, keep ratio 0.5: 4.00x fewer MACs" in text and "-5.00 points" in text
     assert "| DCT quarter | 4 x 7x7 = 196 | 0.7200 | 3.00M | 0,1,4,5 | 1 | 60 |" in text
     assert "DCT quarter (196 input numbers): accuracy +2.00 points" in text
-    assert "| 0.25 | 0.188 | 0.6000 | 1 |" in text
+    assert "| 0.25 | 0.188 | 0.250 | 0.6000 | 1 |" in text
     assert (tmp_path / "docs" / "images" / "tokens-acc-vs-macs.png").stat().st_size > 1000

@@ -16,8 +16,9 @@ since the DCT already shrank the grid by ``block``.
 area-averaged by ``factor`` in space (so its input grid equals the DCT grid at ``block =
 factor``), with the same strides removed: only the input differs.
 
-:class:`ChannelGate`: one keep logit per channel; in training a Gumbel-softmax hard decision
-per channel and forward pass (straight-through gradient), at inference ``logit > 0``. Its
+:class:`ChannelGate`: one keep logit per channel (starting at 0: keep with probability 1/2);
+in training a Gumbel-softmax hard decision per channel and forward pass (straight-through
+gradient; the logit is bounded to +-6 by a tanh), at inference ``logit > 0``. Its
 ``gate_loss`` is ``gate_weight * (kept fraction - gate_target)^2`` on the sampled decisions;
 models expose it as ``auxiliary_loss`` (``nmsparse train`` adds it to the task loss).
 :func:`top_channels` reads the static top-k from a trained gate.
@@ -37,13 +38,14 @@ from ._registry import register_model
 from .resnet_cifar import CifarResNet
 
 BASES = {"resnet20": 3, "resnet32": 5, "resnet56": 9}
+LOGIT_LIMIT = 6.0
 
 
 class ChannelGate(nn.Module):
     """Learned per-channel keep gate for ``(B, C, H, W)`` inputs; see the module docstring."""
 
     def __init__(self, channels: int, target: float, weight: float = 1.0, tau: float = 1.0,
-                 init: float = 2.0) -> None:
+                 init: float = 0.0) -> None:
         super().__init__()
         if not 0 < target <= 1 or weight < 0 or tau <= 0:
             raise ValueError(f"ChannelGate: need 0 < target <= 1, weight >= 0 and tau > 0; got "
@@ -52,16 +54,19 @@ class ChannelGate(nn.Module):
         self.target, self.weight, self.tau = float(target), float(weight), float(tau)
         self._decision: Tensor | None = None
 
-    def decision(self) -> Tensor:
-        """Hard 0/1 keep decision per channel (sampled in training, ``logit > 0`` otherwise)."""
-        if not self.training:
-            return (self.logits > 0).to(self.logits.dtype)
-        pair = torch.stack([self.logits, torch.zeros_like(self.logits)], dim=-1)
-        return nn.functional.gumbel_softmax(pair, tau=self.tau, hard=True)[:, 0]
+    def effective_logits(self) -> Tensor:
+        """The parameter bounded to (-LIMIT, LIMIT) by tanh: a straight-through gradient
+        summed over a whole batch can throw a raw logit far out in one momentum step."""
+        return LOGIT_LIMIT * torch.tanh(self.logits / LOGIT_LIMIT)
 
     def forward(self, x: Tensor) -> Tensor:
-        decision = self.decision()
-        self._decision = decision if self.training else None
+        logits = self.effective_logits()
+        if not self.training:
+            self._decision = None
+            return x * (logits > 0).to(x.dtype)[None, :, None, None]
+        pair = torch.stack([logits, torch.zeros_like(logits)], dim=-1)
+        decision = nn.functional.gumbel_softmax(pair, tau=self.tau, hard=True)[:, 0]
+        self._decision = decision
         return x * decision[None, :, None, None]
 
     def gate_loss(self) -> Tensor:
@@ -70,8 +75,14 @@ class ChannelGate(nn.Module):
         return self.weight * (self._decision.mean() - self.target) ** 2
 
     def kept_fraction(self) -> float:
-        """Fraction of channels the inference decision keeps."""
-        return float((self.logits > 0).float().mean())
+        """Fraction of channels the inference decision (``logit > 0``) keeps."""
+        return float((self.logits.detach() > 0).float().mean())
+
+    def expected_fraction(self) -> float:
+        """Mean keep probability of the training decision: what the gate loss drives to
+        ``target`` (the hard count above can fall short of it when logits sit just below
+        0; the static top-k then fixes the count)."""
+        return float(torch.sigmoid(self.effective_logits().detach()).mean())
 
 
 def top_channels(gate: ChannelGate, k: int) -> list[int]:
