@@ -7,10 +7,9 @@ colour channel, on a grid ``block`` times smaller), optionally keeps only the li
 ``channels`` (a static selection, e.g. the top-k of a trained gate), standardises each
 channel (``BatchNorm2d`` without affine parameters: running mean and variance), optionally
 multiplies them by a learned :class:`ChannelGate`, and feeds them to a CIFAR ResNet whose
-first layers
-are adapted as in the paper: the stem conv takes the frequency channels, and the trunk's
-first ``log2(block)`` stride-2 reductions (at most the two the CIFAR ResNet has) are removed,
-since the DCT already shrank the grid by ``block``.
+first layers are adapted as in the paper: the stem conv takes the frequency channels, and the
+trunk's first ``log2(block)`` stride-2 reductions (at most the two the CIFAR ResNet has) are
+removed, since the DCT already shrank the grid by ``block``.
 
 ``downsampled_resnet`` is the same network (standardisation included) fed the image
 area-averaged by ``factor`` in space (so its input grid equals the DCT grid at ``block =
