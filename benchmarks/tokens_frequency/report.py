@@ -160,6 +160,16 @@ def plot(token_points: dict, frequency_points: dict) -> list[str]:
     return written
 
 
+def noise_line(series: list[list[float]]) -> list[str]:
+    """How large a difference the seeds can resolve: twice the largest seed spread."""
+    spreads = [statistics.stdev(acc) for acc in series if len(acc) > 1]
+    if not spreads:
+        return []
+    return [f"- Noise: the largest standard deviation over seeds in this table is "
+            f"{max(spreads) * 100:.2f} points; differences below about twice that are not "
+            "resolved by these runs.", ""]
+
+
 def write_report(root: Path) -> str:
     records = load(root)
     tokens, token_points = token_rows(records)
@@ -189,7 +199,8 @@ def write_report(root: Path) -> str:
         md += [format_table(["weights", "keep ratio", "patch tokens kept", "test acc",
                              "MACs (dense)", "MACs (kept)", "seeds", "s / run"], tokens,
                             markdown=True), ""]
-    md += token_findings(token_points) + [""]
+    md += token_findings(token_points)
+    md += noise_line([acc for series in token_points.values() for _, _, acc in series]) or [""]
     if "tokens-acc-vs-macs.png" in images:
         md += ["![accuracy vs MACs](images/tokens-acc-vs-macs.png)", ""]
     md += ["## Frequency channels vs spatial downsampling", "",
@@ -211,7 +222,7 @@ def write_report(root: Path) -> str:
                 md.append(f"- {label} ({size} input numbers): accuracy "
                           f"{(statistics.mean(acc) - base) * 100:+.2f} points against spatial "
                           f"downsampling to the same grid ({spatial[0]} input numbers).")
-        md.append("")
+        md += noise_line([acc for _, acc in frequency_points.values()]) or [""]
     if "frequency-acc-vs-input.png" in images:
         md += ["![accuracy vs input size](images/frequency-acc-vs-input.png)", ""]
     if gates:
