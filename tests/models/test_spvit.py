@@ -110,10 +110,9 @@ def test_ratio_loss_drives_kept_fraction_to_target(one_thread):
     model(x)
     start = model.kept_fractions().mean().item()
     for _ in range(60):
-        model(x)
-        loss = model.ratio_loss()
         optimizer.zero_grad()
-        loss.backward()
+        # a zero task loss: only the ratio loss attached to the output trains the selector
+        (model(x) * 0).sum().backward()
         optimizer.step()
     model(x)
     end = model.kept_fractions().mean().item()
@@ -143,7 +142,7 @@ def test_composes_with_2_of_4_weights():
     assert len(handle.layers) > 0
     model.train()
     out = model(torch.randn(4, 1, 8, 8))
-    (out.sum() + model.auxiliary_loss()).backward()
+    out.sum().backward()
     table = nmsparse.summary(model, torch.randn(1, 1, 8, 8))
     rows = {row.name: row for row in table.rows}
     assert rows["backbone.blocks.3.mlp.0"].macs_sparse * 2 == rows[

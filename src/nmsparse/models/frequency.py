@@ -19,7 +19,9 @@ factor``), with the same strides removed: only the input differs.
 in training a Gumbel-softmax hard decision per channel and forward pass (straight-through
 gradient; the logit is bounded to +-6 by a tanh), at inference ``logit > 0``. Its
 ``gate_loss`` is ``gate_weight * (kept fraction - gate_target)^2`` on the sampled decisions;
-models expose it as ``auxiliary_loss`` (``nmsparse train`` adds it to the task loss).
+its gradient is attached to the gated output (:mod:`._auxiliary`), so any loop that
+backpropagates through the model trains with it; models expose its value as
+``auxiliary_loss`` (``nmsparse train`` adds it to the loss it reports).
 :func:`top_channels` reads the static top-k from a trained gate.
 """
 
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 
 from ..data.frequency import BlockDCT
 from . import _checks
+from ._auxiliary import with_auxiliary
 from ._registry import register_model
 from .resnet_cifar import CifarResNet
 
@@ -65,13 +68,18 @@ class ChannelGate(nn.Module):
             return x * (logits > 0).to(x.dtype)[None, :, None, None]
         pair = torch.stack([logits, torch.zeros_like(logits)], dim=-1)
         decision = nn.functional.gumbel_softmax(pair, tau=self.tau, hard=True)[:, 0]
-        self._decision = decision
-        return x * decision[None, :, None, None]
+        self._decision = decision.detach()
+        return with_auxiliary(x * decision[None, :, None, None], self._gate_loss(decision))
+
+    def _gate_loss(self, decision: Tensor) -> Tensor:
+        return self.weight * (decision.mean() - self.target) ** 2
 
     def gate_loss(self) -> Tensor:
+        """The last training forward's gate loss, as a value: its gradient already flows
+        through that forward's output (:mod:`._auxiliary`)."""
         if self._decision is None:
             return self.logits.new_zeros(())
-        return self.weight * (self._decision.mean() - self.target) ** 2
+        return self._gate_loss(self._decision)
 
     def kept_fraction(self) -> float:
         """Fraction of channels the inference decision (``logit > 0``) keeps."""

@@ -20,11 +20,13 @@ see 1 + 64 tokens, blocks 2-3 see 1 + 32 + 1 and blocks 4+ see 1 + 16 + 1.
   removed, pruned tokens are masked out as attention keys. This needs pre-LN blocks with
   ``norm1``, ``attn`` (``nn.MultiheadAttention``, ``batch_first``), ``norm2`` and ``mlp``
   (``vit_tiny``'s layout); other blocks raise a clear error in training mode.
-* :meth:`TokenPruningViT.ratio_loss` (also ``auxiliary_loss``, which ``nmsparse train`` adds
-  to the task loss) is the computation-aware loss: per stage the squared gap between each
-  image's kept-token fraction and the stage's target ``keep_counts[s] / patches``, weighted
-  by the share of the blocks' MACs that stage governs (counted once by ``nmsparse.summary``
-  on the unpruned blocks), times ``ratio_weight``.
+* The computation-aware ratio loss: per stage the squared gap between each image's
+  kept-token fraction and the stage's target ``keep_counts[s] / patches``, weighted by the
+  share of the blocks' MACs that stage governs (counted once by ``nmsparse.summary`` on the
+  unpruned blocks), times ``ratio_weight``. Its gradient is attached to the training
+  forward's output (:mod:`._auxiliary`), so any loop that backpropagates through the output
+  trains with it; :meth:`TokenPruningViT.ratio_loss` (also ``auxiliary_loss``, which
+  ``nmsparse train`` adds to the loss it reports) gives its value.
 
 N:M weights compose: ``nmsparse.sparsify`` on the wrapper sparsifies the backbone's and the
 selectors' layers like any others.
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 
 from ..summary import summary
 from . import _checks
+from ._auxiliary import with_auxiliary
 from ._registry import register_model
 from .token_selector import TokenSelector, keep_mask_bias, prune_hard, prune_soft, split
 from .vit import vit_tiny
@@ -129,8 +132,13 @@ class TokenPruningViT(nn.Module):
                 if alive is not None:
                     kept.append(alive[:, 1:-1].sum(1) / self.patches)
             x = masked_block(block, x, alive) if alive is not None else block(x)
-        self._kept = torch.stack(kept, dim=1) if kept else None
-        return self.backbone.classify(x)
+        logits = self.backbone.classify(x)
+        if not kept:
+            self._kept = None
+            return logits
+        fractions = torch.stack(kept, dim=1)
+        self._kept = fractions.detach()
+        return with_auxiliary(logits, self._ratio_loss(fractions))
 
     def _prune(self, stage: int, x: Tensor, alive: Tensor | None, mass: Tensor | None,
                has_package: bool) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -150,12 +158,16 @@ class TokenPruningViT(nn.Module):
         """``(batch, stages)`` kept patch-token fractions of the last training forward."""
         return self._kept
 
+    def _ratio_loss(self, kept: Tensor) -> Tensor:
+        gaps = (kept - self.stage_targets).pow(2).mean(0)
+        return self.ratio_weight * (self.stage_weights * gaps).sum()
+
     def ratio_loss(self) -> Tensor:
-        """The computation-aware ratio loss of the last training forward (0 otherwise)."""
+        """The computation-aware ratio loss of the last training forward (0 otherwise), a
+        value without gradient: its gradient already flows through the forward's output."""
         if self._kept is None:
             return self.stage_targets.new_zeros(())
-        gaps = (self._kept - self.stage_targets).pow(2).mean(0)
-        return self.ratio_weight * (self.stage_weights * gaps).sum()
+        return self._ratio_loss(self._kept)
 
     def auxiliary_loss(self) -> Tensor:
         return self.ratio_loss()
