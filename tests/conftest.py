@@ -32,3 +32,13 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError("tests that need CUDA lack @pytest.mark.cuda (so `pytest -m "
                                 f"cuda` would miss them): {', '.join(unmarked[:5])}")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny training loops on a shared machine run ~10x
+    faster than with every core contending."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ Importing this package loads torch and the model definitions only.
 """
 
 # The built-in model modules register their factories when imported.
-from . import gpt, mlp, resnet, resnet_cifar, vit  # noqa: F401
+from . import frequency, gpt, mlp, resnet, resnet_cifar, spvit, vit  # noqa: F401
 from ._registry import TASKS, ModelInfo, create_model, list_models, register_model
 from .gpt import GPT, StaticKVDecoder, gpt_param_count
 

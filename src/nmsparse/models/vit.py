@@ -85,13 +85,20 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.blocks(self.tokens(x)))
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """Images to the token sequence ``(batch, 1 + patches, dim)``, class token first."""
         if tuple(x.shape[1:]) != self.image_shape:
             # the position embedding fixes the grid, so other sizes cannot be taken
             raise ValueError(f"vit_tiny was built for images {self.image_shape}, got a batch "
                              f"shaped {tuple(x.shape)}")
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (batch, patches, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.blocks(x + self.pos_embed)
+        return x + self.pos_embed
+
+    def classify(self, x: Tensor) -> Tensor:
+        """Logits from the class token of a sequence (of any length) after the blocks."""
         return self.head(self.norm(x[:, 0]))
 
 

@@ -153,6 +153,13 @@ def loss_and_correct(logits: torch.Tensor, target: torch.Tensor,
     return loss, (logits.argmax(-1) == target).sum()
 
 
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | float:
+    """A model's own training term (SPViT's token-ratio loss, a frequency gate's loss), added
+    to the task loss: ``model.auxiliary_loss()`` after the forward pass, when it has one."""
+    extra = getattr(model, "auxiliary_loss", None)
+    return extra() if callable(extra) else 0.0
+
+
 def autocast(config: TrainConfig, device: torch.device):
     if config.amp == "none":
         return contextlib.nullcontext()
@@ -345,6 +352,7 @@ class Run:
             with autocast(config, world.device):
                 logits = self.trained(x)
             loss, right = loss_and_correct(logits, y, config.label_smoothing)
+            loss = loss + auxiliary_loss(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if config.grad_clip is not None:
