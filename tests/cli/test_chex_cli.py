@@ -1,0 +1,41 @@
+"""``nmsparse train --chex-budget``: CHEX during a dense run, the exported slim model's size in
+summary.json and the checkpoint, and one-line errors for unusable settings."""
+
+import json
+
+import torch
+
+from nmsparse.cli.main import main
+
+FAST = ["--epochs", "2", "--limit-train-batches", "4", "--limit-test-batches", "2",
+        "--batch-size", "8", "--log-every", "1", "--no-plots", "--data", "digits",
+        "--model", "mlp", "--model-option", "hidden=[16,16]", "--pattern", "dense"]
+
+
+def test_chex_run_reports_the_slim_model(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--chex-budget", "0.5", "--chex-every", "2",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "summary.json").read_text())
+    chex = result["chex"]
+    assert sum(chex["widths"]) == 16 and chex["budget"] == 0.5
+    # digits: 64 inputs, 10 classes; hidden 16-16 slimmed to the widths (with biases)
+    a, b = chex["widths"]
+    assert chex["params"] == 64 * a + a + a * b + b + b * 10 + 10
+    assert chex["macs"] == 64 * a + a * b + b * 10
+    assert chex["params"] < result["params_dense"]
+    saved = torch.load(out / "latest.pt", weights_only=False)
+    assert saved["chex"]["step"] == 8  # 2 epochs of 4 steps
+    assert [int(k.sum()) for k in saved["chex"]["keep"]] == chex["widths"]
+
+
+def test_chex_settings_are_checked(tmp_path, capsys):
+    for flags, words in ((["--chex-budget", "1.5"], "--chex-budget must be in (0, 1]"),
+                         (["--chex-budget", "0.5", "--pattern", "2:4"], "needs --pattern dense"),
+                         (["--chex-budget", "0.5", "--chex-every", "0"], "--chex-every"),
+                         (["--chex-budget", "0.5", "--chex-until", "2"], "--chex-until")):
+        out = tmp_path / "bad"
+        assert main(["train", *FAST, *flags, "--out", str(out)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert words in error and len(error.splitlines()) == 1
+        assert not out.exists()
