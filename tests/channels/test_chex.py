@@ -160,3 +160,16 @@ def test_state_dict_round_trip_and_bad_arguments():
         Chex(mlp(), example, budget=0)
     with pytest.raises(ValueError, match="no channel group"):
         Chex(nn.Linear(12, 3), example)
+
+
+def test_fixed_widths_explore_channels_only():
+    torch.manual_seed(0)
+    model = mlp()
+    chex = Chex(model, torch.randn(2, 12), budget=0.5, every=1, until=4, reallocate=False)
+    first = list(chex.widths)
+    with torch.no_grad():
+        model[1].weight[:4].mul_(10)  # would pull width to the first group
+    for _ in range(4):
+        chex.after_step()
+        assert chex.widths == first
+        assert [int(k.sum()) for k in chex.keep] == first

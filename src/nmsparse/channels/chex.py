@@ -33,7 +33,8 @@ At construction the model is pruned at once to an allocation proportional to the
    have the largest residual after orthogonal projection onto the active channels' columns
    come back with their most recently used values (the paper samples in proportion to the
    residuals; here the largest win, deterministically). A group above its new width is pruned
-   further by leverage scores. So ``d`` is the share of each width that is re-explored; the
+   further by leverage scores (``reallocate=False`` keeps the first widths: exploration of
+   which channels only). So ``d`` is the share of each width that is re-explored; the
    re-allocation may move more.
 
 After every step (also after ``until``) dropped channels are re-masked: consumer columns
@@ -127,7 +128,7 @@ class Chex:
 
     def __init__(self, model: nn.Module, example, budget: float = 0.5, every: int = 100,
                  until: int = 1000, regrow: float = 0.3, multiple_of: int = 1,
-                 opaque: Iterable = ()) -> None:
+                 opaque: Iterable = (), reallocate: bool = True) -> None:
         if not 0 < budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         if every < 1 or until < 0:
@@ -137,7 +138,7 @@ class Chex:
         if multiple_of < 1:
             raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
         self.model, self.budget, self.every, self.until = model, budget, every, until
-        self.regrow, self.multiple_of = regrow, multiple_of
+        self.regrow, self.multiple_of, self.reallocate = regrow, multiple_of, reallocate
         self.groups: list[ChannelGroup] = [
             g for g in channel_graph(model, example, opaque=opaque)
             if why_not_slimmable(g) is None and g.consumers and g.size >= multiple_of]
@@ -256,10 +257,11 @@ class Chex:
         fraction = self.regrow_fraction()
         for index, width in enumerate(self.widths):
             self.prune_group(index, width - math.floor(fraction * width))
-        sizes = [g.size for g in self.groups]
-        importance = [self.importance(i) for i in range(len(self.groups))]
-        self.widths = allocate(importance, sizes, round(self.budget * sum(sizes)),
-                               self.multiple_of)
+        if self.reallocate:
+            sizes = [g.size for g in self.groups]
+            importance = [self.importance(i) for i in range(len(self.groups))]
+            self.widths = allocate(importance, sizes, round(self.budget * sum(sizes)),
+                                   self.multiple_of)
         for index, width in enumerate(self.widths):
             active = int(self.keep[index].sum())
             if width > active:
