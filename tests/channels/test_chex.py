@@ -173,3 +173,18 @@ def test_fixed_widths_explore_channels_only():
         chex.after_step()
         assert chex.widths == first
         assert [int(k.sum()) for k in chex.keep] == first
+
+
+def test_importance_is_batchnorm_gamma_else_producer_row_norms():
+    torch.manual_seed(0)
+    model = ConvBN()
+    chex = Chex(model, torch.randn(2, 3, 5, 5), budget=0.5)
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.tensor([1.0, -2, 3, -4, 5, -6, 7, -8]))
+    expected = float(model.bn1.weight.abs()[chex.keep[0]].sum())
+    assert chex.importance(0) == pytest.approx(expected)
+    mlp_model = mlp()
+    mlp_chex = Chex(mlp_model, torch.randn(2, 12), budget=0.5)
+    keep = mlp_chex.keep[0]
+    rows = torch.cat([mlp_model[1].weight, mlp_model[1].bias[:, None]], 1)
+    assert mlp_chex.importance(0) == pytest.approx(float(rows.norm(dim=1)[keep].sum()))
