@@ -11,6 +11,7 @@ from torch import nn
 
 import nmsparse
 from nmsparse.channels import Chex, allocate, leverage_scores, projection_residuals
+from nmsparse.models import create_model
 
 
 def mlp():
@@ -116,7 +117,12 @@ def test_masked_channels_stay_zero_under_momentum_and_weight_decay():
     assert chex.step == 12 and sum(chex.widths) == 8
 
 
-@pytest.mark.parametrize("build, shape", [(mlp, (5, 12)), (ConvBN, (5, 3, 6, 6))])
+def resnet20():
+    return create_model("resnet20", input_shape=(1, 8, 8), num_classes=3, width=0.5)
+
+
+@pytest.mark.parametrize("build, shape", [(mlp, (5, 12)), (ConvBN, (5, 3, 6, 6)),
+                                          (resnet20, (5, 1, 8, 8))])
 def test_export_equals_the_masked_model_and_is_smaller(build, shape):
     torch.manual_seed(0)
     model = build()
