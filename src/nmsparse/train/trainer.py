@@ -465,6 +465,9 @@ class Run:
                               "params": slim_table.total.params_dense,
                               "macs": slim_table.total.macs_dense,
                               "summary": slim_table.to_dict()}
+            self.console(f"CHEX widths {self.chex.widths}: the exported model has "
+                         f"{slim_table.total.params_dense:,} parameters and "
+                         f"{slim_table.total.macs_dense:,} MACs")
         self.summary_table = table
         self.log.write("final", self.step, **{k: v for k, v in final.items()})
         self.log.close()
