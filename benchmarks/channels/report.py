@@ -77,6 +77,14 @@ def seconds(root: Path) -> float:
                        for p in root.glob("*/seed*/prune.json"))
 
 
+def chex_section() -> str:
+    """The CHEX section written by ``benchmarks.channels.chex`` (its own study)."""
+    section = DOCS.parents[1] / "benchmarks" / "results" / "chex.md"
+    if section.is_file():
+        return section.read_text(encoding="utf-8")
+    return "## CHEX\n\nNot measured yet: run `python -m benchmarks.channels.chex`.\n"
+
+
 def write(root: Path, out: Path) -> None:
     text = f"""# Channels: permutations, GS patterns, reweighted regularization (measured)
 
@@ -113,11 +121,7 @@ epochs.
 
 {reweighted_table(root)}
 
-## Not measured
-
-CHEX (channel exploration) and its comparison with uniform channel pruning at 50 % FLOPs are
-not implemented yet, so there is no table for them.
-"""
+{chex_section()}"""
     out.write_text(text, encoding="utf-8")
 
 

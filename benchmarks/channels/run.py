@@ -14,7 +14,7 @@ thread; seeds 0-2):
   against SR-STE for the same 4 epochs, at 2:4 and 1:4.
 
 A run whose folder already holds ``summary.json`` (train) or ``prune.json`` (prune) is
-skipped, so an interrupted study resumes. CHEX is not part of it (not implemented).
+skipped, so an interrupted study resumes. CHEX has its own study: benchmarks/channels/chex.py.
 """
 
 from __future__ import annotations

@@ -17,3 +17,6 @@ from .trace import TraceError, channel_graph
 __all__ = ["ChannelGroup", "PermutationReport", "Slice", "TraceError", "channel_graph",
            "check_groups", "kept_count", "mask_channels", "permute_for_nm", "permute_group",
            "slim", "why_not_slimmable"]
+from .chex import Chex, allocate, leverage_scores, projection_residuals  # noqa: E402
+
+__all__ += ["Chex", "allocate", "leverage_scores", "projection_residuals"]

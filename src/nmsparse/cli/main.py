@@ -90,6 +90,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these layers are made sparse")
     sparse.add_argument("--layout", choices=("in", "flat"), default=keep,
                         help="grouping axis: in (hardware, default) or flat (the paper's)")
+    sparse.add_argument("--chex-budget", type=float, default=keep, metavar="FRACTION",
+                        help="CHEX channel exploration keeping this fraction of the prunable "
+                        "channels (with --pattern dense); summary.json gets the exported "
+                        "slim model's size")
+    sparse.add_argument("--chex-every", type=int, default=keep,
+                        help="steps between CHEX explorations (100)")
+    sparse.add_argument("--chex-until", type=float, default=keep,
+                        help="share of the training steps that CHEX explores (0.5)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--optimizer", choices=OPTIMIZERS, default=keep)
     optim.add_argument("--lr", type=float, default=keep, help="peak learning rate (0.1)")

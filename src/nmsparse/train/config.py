@@ -45,6 +45,11 @@ class TrainConfig:
     exclude: list[str] = field(default_factory=list)
     include: list[str] | None = None
     layout: str = "in"
+    # CHEX channel exploration (nmsparse.channels.Chex; dense pattern only): kept channel
+    # fraction, steps between explorations, share of the run that explores
+    chex_budget: float | None = None
+    chex_every: int = 100
+    chex_until: float = 0.5
     # optimisation (the paper's recipe shape: SGD momentum, warm-up then cosine per step)
     optimizer: str = "sgd"
     lr: float = 0.1
@@ -108,6 +113,7 @@ class TrainConfig:
         _check_optimizer(self, method)
         if self.label_smoothing >= 1:
             raise ConfigError(f"--label-smoothing must be < 1, got {self.label_smoothing}")
+        _check_chex(self)
         for name in ("limit_train_batches", "limit_test_batches", "grad_clip"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -131,6 +137,22 @@ def _check_optimizer(config: TrainConfig, method: Method) -> None:
         usable = [name for name, cls in classes.items() if issubclass(cls, accepted)]
         raise ConfigError(f"--method {config.method} does not work with --optimizer "
                           f"{config.optimizer}; use --optimizer {' or '.join(usable)}")
+
+
+def _check_chex(config: TrainConfig) -> None:
+    if config.chex_budget is None:
+        return
+    if not 0 < config.chex_budget <= 1:
+        raise ConfigError(f"--chex-budget must be in (0, 1] (the kept channel fraction), got "
+                          f"{config.chex_budget}")
+    if not config.dense:
+        raise ConfigError("--chex-budget needs --pattern dense: CHEX prunes whole channels; "
+                          "apply N:M to its exported model")
+    if config.chex_every < 1:
+        raise ConfigError(f"--chex-every must be >= 1, got {config.chex_every}")
+    if not 0 <= config.chex_until <= 1:
+        raise ConfigError(f"--chex-until must be in [0, 1] (a fraction of the run), got "
+                          f"{config.chex_until}")
 
 
 def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:

@@ -220,6 +220,7 @@ class Run:
                                         distributed=self._shard())
         self.test_loader = make_loader(self.data.test, config.batch_size, shuffle=False,
                                        seed=config.seed, num_workers=config.num_workers)
+        self.chex = self._make_chex()
         self._start_phase()
         self.log = metrics_log.MetricsLog(None)
 
@@ -239,6 +240,18 @@ class Run:
         if self.config.limit_train_batches is not None:
             batches = min(batches, self.config.limit_train_batches)
         return batches
+
+    def _make_chex(self):
+        """CHEX channel exploration (``--chex-budget``), traced on one training batch."""
+        config = self.config
+        if config.chex_budget is None:
+            return None
+        from ..channels import Chex
+
+        example = next(iter(self.train_loader))[0][:2].to(self.world.device)
+        until = round(config.chex_until * config.epochs * self.steps_per_epoch())
+        return Chex(self.model, example, budget=config.chex_budget, every=config.chex_every,
+                    until=until)
 
     def _start_phase(self) -> None:
         """Fresh optimizer, schedule and SAD tracker for the current phase."""
@@ -260,6 +273,8 @@ class Run:
         self.epoch_tracker = SADTracker(self.handle.masks) if self.handle else None
         self.trained = (DistributedDataParallel(self.model) if self.world.distributed
                         else self.model)
+        if self.chex is not None:
+            self.chex.attach(self.optimizer)
 
     def _next_phase(self) -> None:
         self.phase_index += 1
@@ -290,6 +305,7 @@ class Run:
                          if self.handle else None),
             "sparsity": self.handle.state_dict() if self.handle else None,
             "rng": checkpoint.rng_state(),
+            "chex": self.chex.state_dict() if self.chex else None,
         }
 
     def restore(self, payload: dict[str, Any]) -> None:
@@ -304,6 +320,8 @@ class Run:
             self.epoch_tracker.load_state_dict(payload["trackers"][1])
         if self.handle and payload.get("sparsity"):
             self.handle.load_state_dict(payload["sparsity"])
+        if self.chex and payload.get("chex"):
+            self.chex.load_state_dict(payload["chex"])
         self.epoch, self.step = payload["epoch"], payload["step"]
         self.elapsed, self.best_score = payload["elapsed"], payload["best_score"]
         checkpoint.set_rng_state(payload["rng"])
@@ -441,6 +459,15 @@ class Run:
             "world_size": world.size, "device": str(world.device),
             "torch": torch.__version__,
         }
+        if self.chex is not None:  # the physically smaller model CHEX exports
+            slim_table = summary(self.chex.export(), example)
+            result["chex"] = {"budget": config.chex_budget, "widths": self.chex.widths,
+                              "params": slim_table.total.params_dense,
+                              "macs": slim_table.total.macs_dense,
+                              "summary": slim_table.to_dict()}
+            self.console(f"CHEX widths {self.chex.widths}: the exported model has "
+                         f"{slim_table.total.params_dense:,} parameters and "
+                         f"{slim_table.total.macs_dense:,} MACs")
         self.summary_table = table
         self.log.write("final", self.step, **{k: v for k, v in final.items()})
         self.log.close()
