@@ -117,6 +117,41 @@ def test_masked_channels_stay_zero_under_momentum_and_weight_decay():
     assert chex.step == 12 and sum(chex.widths) == 8
 
 
+def test_regrown_channels_start_with_fresh_optimizer_state():
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+    chex = Chex(model, x[:2], budget=1.0, every=1000, until=1000)  # all channels train
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    chex.attach(optimizer)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    chex.prune_group(0, 10)  # drop 6 channels that have momentum
+    chex.enforce()
+    tensors = dict(model.named_parameters())
+    before = {name: optimizer.state[p]["momentum_buffer"].clone() for name, p in tensors.items()}
+    back = chex.regrow_group(0, 2)
+    producer = chex.groups[0].producers[0]
+    had = before[producer.tensor].narrow(producer.dim, producer.start, producer.length)
+    assert had.index_select(producer.dim, back).abs().sum() > 0  # so the reset is visible
+    touched = set()
+    for piece in chex.groups[0].members:
+        buffer = optimizer.state[tensors[piece.tensor]]["momentum_buffer"]
+        window = buffer.narrow(piece.dim, piece.start, piece.length)
+        assert window.index_select(piece.dim, back).abs().sum() == 0, piece.tensor
+        touched.add(piece.tensor)
+        before_window = before[piece.tensor].narrow(piece.dim, piece.start, piece.length)
+        keep = torch.ones(piece.length, dtype=torch.bool)
+        keep[back] = False
+        index = keep.nonzero().flatten()
+        assert torch.equal(window.index_select(piece.dim, index),
+                           before_window.index_select(piece.dim, index))
+    consumer = next(p.tensor for p in chex.groups[0].consumers)
+    assert before[consumer].abs().sum() > 0 and consumer in touched
+
+
 def resnet20():
     return create_model("resnet20", input_shape=(1, 8, 8), num_classes=3, width=0.5)
 

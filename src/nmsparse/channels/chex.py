@@ -146,6 +146,7 @@ class Chex:
             raise ValueError("CHEX found no channel group it can prune in this model (every "
                              "group is pinned, unslimmable or smaller than multiple_of)")
         self.step = 0
+        self.optimizer: torch.optim.Optimizer | None = None  # set by attach
         self.keep = [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
         # most recently used values of every channel, per group and member slice
         self.saved = [[self._window(piece).detach().clone() for piece in g.members]
@@ -224,7 +225,21 @@ class Chex:
                 window = self._window(piece)
                 where = chosen.to(window.device)
                 window.index_copy_(piece.dim, where, saved.index_select(piece.dim, where))
+            self._reset_optimizer_state(index, chosen)
         return chosen
+
+    def _reset_optimizer_state(self, index: int, channels: torch.Tensor) -> None:
+        """Regrown channels start with fresh optimizer state (momentum, Adam moments): what
+        accumulated while they were dropped must not move their restored values."""
+        if self.optimizer is None:
+            return
+        tensors = model_tensors(self.model)
+        for piece in self.groups[index].members:
+            state = self.optimizer.state.get(tensors[piece.tensor], {})
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == tensors[piece.tensor].shape:
+                    window = value.narrow(piece.dim, piece.start, piece.length)
+                    window.index_fill_(piece.dim, channels.to(window.device), 0)
 
     def _save(self, index: int, channels: torch.Tensor) -> None:
         with torch.no_grad():
@@ -278,7 +293,9 @@ class Chex:
             self.enforce()
 
     def attach(self, optimizer: torch.optim.Optimizer):
-        """Run :meth:`after_step` after every ``optimizer.step()``; returns the hook handle."""
+        """Run :meth:`after_step` after every ``optimizer.step()``; returns the hook handle.
+        Regrown channels get their state in this optimizer reset."""
+        self.optimizer = optimizer
         return optimizer.register_step_post_hook(lambda *args, **kwargs: self.after_step())
 
     # -- results ----------------------------------------------------------------------------
