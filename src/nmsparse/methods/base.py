@@ -84,12 +84,18 @@ class _KeptOnly(torch.autograd.Function):
 # staleness): the same values bit for bit, with the same gradient rule.
 
 
+def value_straight_through(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Forward ``value`` (computed from ``weight`` without autograd); backward: the whole
+    gradient to ``weight`` (the rule of every straight-through estimator)."""
+    return _StraightThrough.apply(weight, value)
+
+
 def straight_through(w: SparseWeight) -> torch.Tensor:
     """``W * mask`` whose gradient reaches every entry of the dense weight (STE)."""
     if torch.compiler.is_compiling():
         dense = w.dense
         return dense - torch.where(w.mask, 0.0, dense).detach()  # pruned: x - x = +0.0
-    return _StraightThrough.apply(w.dense, w.masked)
+    return value_straight_through(w.dense, w.masked)
 
 
 def kept_gradient_only(w: SparseWeight) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..grouping import from_groups, to_groups
-from .base import Method
+from .base import Method, value_straight_through
 
 SCALE = "sste_scale"
 
@@ -42,18 +42,6 @@ def fitted_scale(weight: torch.Tensor, soft: torch.Tensor) -> float:
     weight, soft = weight.double(), soft.double()
     energy = float((soft * soft).sum())
     return float((weight * soft).sum()) / energy if energy > 0 else 1.0
-
-
-class _StraightThroughSoft(torch.autograd.Function):
-    """Forward: the given soft-thresholded weight. Backward: the whole gradient to ``W``."""
-
-    @staticmethod
-    def forward(ctx, weight, value):
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
 
 @dataclass(frozen=True)
@@ -86,7 +74,7 @@ class SSTE(Method):
             return soft.mul_(w.state.get(SCALE, 1.0)).to(w.dense.dtype)
 
     def masked_weight(self, w) -> torch.Tensor:
-        return _StraightThroughSoft.apply(w.dense, self.forward_value(w))
+        return value_straight_through(w.dense, self.forward_value(w))
 
     def deployed_weight(self, w) -> torch.Tensor:
         return self.forward_value(w)
