@@ -13,17 +13,22 @@ FAST = ["--epochs", "1", "--limit-train-batches", "2", "--limit-test-batches", "
         "--batch-size", "8", "--log-every", "1", "--no-plots"]
 
 
+def train_tiny_gpt(folder, name: str, text: str, layers: int, pattern: str):
+    """A short `nmsparse train` run of a tiny byte GPT on ``text``; returns its folder."""
+    corpus = folder / "corpus.txt"
+    corpus.write_text(text * 300)
+    run = folder / name
+    assert main(["train", "--data", "text", "--text-file", str(corpus), "--seq-len", "16",
+                 "--model", "gpt_tiny", "--model-option", f"n_layer={layers}",
+                 "--model-option", "n_head=2", "--model-option", "d_model=16",
+                 "--pattern", pattern, "--out", str(run), *FAST]) == 0
+    return run
+
+
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("dense")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("def add(a, b):\n    return a + b\n" * 300)
-    run = tmp_path / "dense"
-    assert main(["train", "--data", "text", "--text-file", str(corpus), "--seq-len", "16",
-                 "--model", "gpt_tiny", "--model-option", "n_layer=2", "--model-option",
-                 "n_head=2", "--model-option", "d_model=16", "--pattern", "dense",
-                 "--out", str(run), *FAST]) == 0
-    return run
+    return train_tiny_gpt(tmp_path_factory.mktemp("dense"), "dense",
+                          "def add(a, b):\n    return a + b\n", 2, "dense")
 
 
 def _masks(run):
@@ -118,13 +123,8 @@ class _no_raise:
 
 
 def test_prune_a_sparse_run_bakes_its_masks_in_first(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("for i in range(10):\n    print(i)\n" * 300)
-    sparse = tmp_path / "sparse"
-    assert main(["train", "--data", "text", "--text-file", str(corpus), "--seq-len", "16",
-                 "--model", "gpt_tiny", "--model-option", "n_layer=1", "--model-option",
-                 "n_head=2", "--model-option", "d_model=16", "--pattern", "2:4",
-                 "--out", str(sparse), *FAST]) == 0
+    sparse = train_tiny_gpt(tmp_path, "sparse", "for i in range(10):\n    print(i)\n", 1,
+                            "2:4")
     out = tmp_path / "pruned"
     assert main(["prune", str(sparse), "--method", "wanda", "--pattern", "1:4",
                  "--calibration", "8", "--out", str(out)]) == 0
