@@ -325,9 +325,9 @@ def test_stateful_method_state_round_trips():
 
 
 def test_trainer_resume_with_a_stateful_method_is_bit_identical(tmp_path):
-    from nmsparse.train import checkpoint, distributed
+    from resumed_run import straight_and_resumed
+
     from nmsparse.train.config import TrainConfig
-    from nmsparse.train.trainer import Run
 
     def config(out):
         return TrainConfig(method="test-noisy-every", method_options={"period": 3}, decay=0.01,
@@ -335,22 +335,7 @@ def test_trainer_resume_with_a_stateful_method_is_bit_identical(tmp_path):
                            limit_test_batches=2, model_options={"hidden": [32]}, plots=False,
                            out=str(out)).validate()
 
-    world = distributed.World(rank=0, size=1, device=torch.device("cpu"))
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    straight = Run(config(tmp_path / "a"), world)
-    straight.use_run_dir(tmp_path / "a")
-    straight.fit()
-
-    interrupted = Run(config(tmp_path / "b"), world)
-    interrupted.use_run_dir(tmp_path / "b")
-    interrupted._train_epoch()  # writes the checkpoint of epoch 1, then the process "dies"
-    del interrupted
-    resumed = Run(config(tmp_path / "b"), world)
-    resumed.use_run_dir(tmp_path / "b")
-    resumed.restore(checkpoint.load(tmp_path / "b"))
-    resumed.fit()
-    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    a, b = straight_and_resumed(config, tmp_path)
     assert a["sparsity"]["steps"] == b["sparsity"]["steps"] == 15
     assert a["sparsity"]["weights"]["features.1.weight"]["count"] == 5
     for key, value in a["model"].items():

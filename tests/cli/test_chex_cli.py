@@ -42,9 +42,9 @@ def test_chex_settings_are_checked(tmp_path, capsys):
 
 
 def test_resumed_chex_run_equals_the_straight_one(tmp_path):
-    from nmsparse.train import checkpoint, distributed
+    from resumed_run import straight_and_resumed
+
     from nmsparse.train.config import TrainConfig
-    from nmsparse.train.trainer import Run
 
     def config(out):
         return TrainConfig(pattern="dense", chex_budget=0.5, chex_every=2, chex_until=1.0,
@@ -52,21 +52,7 @@ def test_resumed_chex_run_equals_the_straight_one(tmp_path):
                            limit_test_batches=2, model_options={"hidden": [16, 16]},
                            plots=False, out=str(out)).validate()
 
-    world = distributed.World(rank=0, size=1, device=torch.device("cpu"))
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    straight = Run(config(tmp_path / "a"), world)
-    straight.use_run_dir(tmp_path / "a")
-    straight.fit()
-    interrupted = Run(config(tmp_path / "b"), world)
-    interrupted.use_run_dir(tmp_path / "b")
-    interrupted._train_epoch()
-    del interrupted
-    resumed = Run(config(tmp_path / "b"), world)
-    resumed.use_run_dir(tmp_path / "b")
-    resumed.restore(checkpoint.load(tmp_path / "b"))
-    resumed.fit()
-    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    a, b = straight_and_resumed(config, tmp_path)
     assert a["chex"]["step"] == b["chex"]["step"] == 12
     for mask_a, mask_b in zip(a["chex"]["keep"], b["chex"]["keep"], strict=True):
         assert torch.equal(mask_a, mask_b)
