@@ -22,6 +22,8 @@ that parses to an equal pattern.
 from __future__ import annotations
 
 import abc
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -91,6 +93,13 @@ class Pattern(abc.ABC):
         error = self.why_not(tuple(shape))
         if error:
             raise ValueError(f"{name}: {error}")
+
+
+def is_density(value: object) -> bool:
+    """Whether ``value`` is a keep fraction: a finite real number strictly between 0 and 1
+    (a bool is not one)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 < value < 1)
 
 
 PATTERN_KINDS: Registry[type[Pattern]] = Registry("pattern kind")

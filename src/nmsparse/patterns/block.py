@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Pattern, Violations
+from .base import Pattern, Violations, is_density
 
 _ACCEPTED = ("'block:RxC:D' with tile rows R >= 1, tile columns C >= 1 (not both 1) and a "
              "keep density 0 < D < 1, e.g. 'block:4x4:0.25'")
@@ -36,9 +36,7 @@ class Block(Pattern):
     def __post_init__(self) -> None:
         sizes_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                        for v in (self.rows, self.cols)) and self.rows * self.cols > 1
-        keep_ok = (isinstance(self.keep, (int, float)) and not isinstance(self.keep, bool)
-                   and math.isfinite(self.keep) and 0 < self.keep < 1)
-        if not sizes_ok or not keep_ok:
+        if not sizes_ok or not is_density(self.keep):
             raise ValueError(f"invalid block pattern {self.rows!r}x{self.cols!r}:{self.keep!r}; "
                              f"accepted: {_ACCEPTED}")
         object.__setattr__(self, "keep", float(self.keep))

@@ -23,14 +23,13 @@ positions inside the block (``int16``), with :func:`unpack_gs` as its inverse.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from .base import Pattern, Violations
+from .base import Pattern, Violations, is_density
 
 _ACCEPTED = ("'gs:B:R:D' with B buckets (an integer >= 2), R rows per group (an integer "
              ">= 1) and a keep density 0 < D < 1, e.g. 'gs:4:2:0.25'")
@@ -53,11 +52,9 @@ class GatherScatter(Pattern):
                     or value < low:
                 raise ValueError(f"invalid GS {name} {value!r}; accepted: {_ACCEPTED}")
             object.__setattr__(self, name, int(value))
-        keep = self.keep
-        if isinstance(keep, bool) or not isinstance(keep, numbers.Real) \
-                or not math.isfinite(keep) or not 0 < keep < 1:
-            raise ValueError(f"invalid GS density {keep!r}; accepted: {_ACCEPTED}")
-        object.__setattr__(self, "keep", float(keep))
+        if not is_density(self.keep):
+            raise ValueError(f"invalid GS density {self.keep!r}; accepted: {_ACCEPTED}")
+        object.__setattr__(self, "keep", float(self.keep))
 
     @property
     def density(self) -> float:

@@ -9,14 +9,12 @@ point one-shot pruning papers compare N:M against.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from .base import Pattern, Violations
+from .base import Pattern, Violations, is_density
 
 _ACCEPTED = "'unstructured:D' with a keep density 0 < D < 1, e.g. 'unstructured:0.5'"
 
@@ -29,11 +27,10 @@ class Unstructured(Pattern):
     keep: float
 
     def __post_init__(self) -> None:
-        value = self.keep
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                or not math.isfinite(value) or not 0 < value < 1:
-            raise ValueError(f"invalid unstructured density {value!r}; accepted: {_ACCEPTED}")
-        object.__setattr__(self, "keep", float(value))
+        if not is_density(self.keep):
+            raise ValueError(f"invalid unstructured density {self.keep!r}; accepted: "
+                             f"{_ACCEPTED}")
+        object.__setattr__(self, "keep", float(self.keep))
 
     @property
     def density(self) -> float:
