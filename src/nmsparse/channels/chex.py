@@ -158,9 +158,9 @@ class Chex:
         self.enforce()
 
     # -- tensors ----------------------------------------------------------------------------
-    def _window(self, piece) -> torch.Tensor:
-        return model_tensors(self.model)[piece.tensor].narrow(piece.dim, piece.start,
-                                                               piece.length)
+    def _window(self, piece, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        tensors = model_tensors(self.model) if tensors is None else tensors
+        return tensors[piece.tensor].narrow(piece.dim, piece.start, piece.length)
 
     def channel_matrix(self, index: int) -> torch.Tensor:
         """The consumer columns of group ``index`` as ``(rows, size)``, one column per
@@ -250,13 +250,14 @@ class Chex:
 
     def enforce(self) -> None:
         """Zero the dropped channels' consumer columns, producer rows and biases."""
+        tensors = model_tensors(self.model)  # once: this runs after every optimizer step
         for group, keep in zip(self.groups, self.keep, strict=True):
             if keep.all():
                 continue
-            mask_channels(self.model, group, keep)
+            mask_channels(self.model, group, keep, tensors)
             with torch.no_grad():
                 for piece in group.producers:
-                    window = self._window(piece)
+                    window = self._window(piece, tensors)
                     shape = [1] * window.dim()
                     shape[piece.dim] = piece.length
                     window.mul_(keep.reshape(shape).to(window.device, window.dtype))

@@ -34,10 +34,12 @@ def why_not_slimmable(group: ChannelGroup) -> str | None:
     return None
 
 
-def mask_channels(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> None:
-    """Zero the consumer columns of the channels of ``group`` where ``keep`` is False."""
+def mask_channels(model: nn.Module, group: ChannelGroup, keep: torch.Tensor,
+                  tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Zero the consumer columns of the channels of ``group`` where ``keep`` is False
+    (``tensors``: ``model_tensors(model)`` when the caller already has it)."""
     keep = torch.as_tensor(keep, dtype=torch.bool)
-    tensors = model_tensors(model)
+    tensors = model_tensors(model) if tensors is None else tensors
     with torch.no_grad():
         for piece in group.consumers:
             window = tensors[piece.tensor].narrow(piece.dim, piece.start, piece.length)
