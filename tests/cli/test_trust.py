@@ -106,3 +106,120 @@ def test_trust_rules():
     assert is_trusted("a.b:f", ["a.*"]) and is_trusted("a:f", ["a.*"])
     assert not is_trusted("ab:f", ["a.*"]) and not is_trusted("a.b:g", ["a.b:f"])
     assert not is_trusted("os:system", ["*"]) and not is_trusted("os:system", [".*"])
+
+
+# -- train --init: trust is decided on the model of the merged configuration ------------------
+PLANTS = {"os:system": {"command": "touch {evidence}"},
+          " os : system ": {"command": "touch {evidence}"},
+          "subprocess:getoutput": {"cmd": "touch {evidence}"}}
+
+
+@pytest.mark.parametrize("trust_env", [None, "", "*", ".*", ",", " , .* * "])
+@pytest.mark.parametrize("model", list(PLANTS))
+def test_train_init_from_a_planted_run_runs_nothing(trained_run, tmp_path, capsys,
+                                                    monkeypatch, model, trust_env):
+    evidence = tmp_path / "pwned"
+    options = {k: v.format(evidence=evidence) for k, v in PLANTS[model].items()}
+    plant_model(trained_run, model, options)
+    if trust_env is None:
+        monkeypatch.delenv(TRUST_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TRUST_ENV, trust_env)
+    out = tmp_path / "new"
+    assert main(["train", "--init", str(trained_run), "--out", str(out), *QUICK[:-2],
+                 "--trust-model", "other.pkg:net"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--trust-model" in err, err
+    assert "--init" in err and repr(model) in err, err
+    assert not evidence.exists() and not out.exists()
+
+
+def test_train_init_of_a_user_factory_needs_trust(user_package, capsys):
+    args = [a for a in QUICK if a not in ("--model-option", "hidden=[16]")]
+    assert main(["train", "--model", user_package, "--out", "run", *args]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init", "run", "--out", "again", *args]) == 2
+    assert f"--trust-model {user_package}" in capsys.readouterr().err
+    assert main(["train", "--init", "run", "--out", "again", "--trust-model", user_package,
+                 *args]) == 0
+
+
+# -- a package glob trusts what the package defines, not attribute chains out of it ---------
+@pytest.fixture
+def glob_package(tmp_path, monkeypatch):
+    """``mypkg`` on the path: ``mypkg.mod`` imports os and re-exports os.system."""
+    package = tmp_path / "lib" / "mypkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from .mod import Nets\n")
+    (package / "mod.py").write_text(textwrap.dedent("""
+        import os
+        from os import system
+        from torch import nn
+
+        class Nets:
+            @staticmethod
+            def build(input_shape, num_classes):
+                return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], num_classes))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    yield
+    for name in ("mypkg", "mypkg.mod"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("name", ["mypkg.mod:os.system", "mypkg.mod:system",
+                                  "mypkg.mod : os . system", "mypkg.mod:Nets.__init__",
+                                  "mypkg.mod:os.path.join"])
+def test_glob_refuses_attribute_chains_leaving_the_package(glob_package, name):
+    from nmsparse.models.trust import require_trusted
+
+    with pytest.raises(ValueError, match=r"outside the trusted package 'mypkg\.\*'|'__'"):
+        require_trusted(name, ["mypkg.*"], "the run")
+    require_trusted(name, ["mypkg.*", "".join(name.split())], "the run")  # exact trust
+
+
+@pytest.mark.parametrize("name", ["mypkg.mod:Nets.build", "mypkg:Nets.build",
+                                  " mypkg.mod : Nets . build "])
+def test_glob_trusts_what_the_package_defines(glob_package, name):
+    from nmsparse.models.trust import require_trusted
+
+    require_trusted(name, ["mypkg.*"], "the run")
+    require_trusted(name, ["other.*", "mypkg.*"], "the run")
+
+
+@pytest.mark.parametrize(("glob", "name", "commands"), [
+    ("mypkg.*", "mypkg.mod:os.system", ("eval", "summary", "export")),
+    ("nmsparse.*", "nmsparse.models.trust:os.system", ("eval", "summary", "export")),
+])
+def test_trusted_glob_runs_no_planted_chain(glob_package, planted, tmp_path, capsys,
+                                            monkeypatch, glob, name, commands):
+    run, evidence = planted
+    plant_model(run, name, {"command": f"touch {evidence}"})
+    monkeypatch.setenv(TRUST_ENV, glob)
+    for command in commands:
+        extra = ["--out", str(tmp_path / "export")] if command == "export" else []
+        assert main([command, str(run), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "outside the trusted package" in err, err
+        assert not evidence.exists()
+
+
+# -- a factory typed on the command line: only its own package comes from the current folder -
+def test_typed_factory_does_not_put_the_current_folder_on_the_path(user_package, tmp_path,
+                                                                   capsys):
+    import importlib.util
+
+    evidence = tmp_path / "pwned"
+    for stray in ("tensorboard", "yaml", "triton", "safetensors"):
+        (tmp_path / f"{stray}.py").write_text(f"open({str(evidence)!r}, 'a').write('x')\n")
+    installed = {n: importlib.util.find_spec(n) for n in ("yaml", "triton", "safetensors")}
+    args = [a for a in QUICK if a not in ("--model-option", "hidden=[16]")]
+    assert main(["train", "--model", user_package, "--out", "run", "--tensorboard",
+                 *args]) == 2
+    assert "needs the tensorboard package" in capsys.readouterr().err
+    assert main(["train", "--model", user_package, "--out", "run", *args]) == 0
+    assert not evidence.exists()
+    assert importlib.util.find_spec("tensorboard") is None
+    for name, spec in installed.items():  # still what is installed (or nothing)
+        found = importlib.util.find_spec(name)
+        assert (found and found.origin) == (spec and spec.origin), name

@@ -192,13 +192,39 @@ def _default_out(config, world) -> str:
     return str(Path("runs") / f"{config.data}-{config.model.replace(':', '.')}-{name}-{stamp}")
 
 
+class _CurrentFolderPackages:
+    """Finds, in the current folder, only the top-level packages of factories the user named
+    on the command line (like ``python -m``, a factory may live there). Placed last on
+    ``sys.meta_path``: an installed package wins, and no other module is ever looked up in
+    the current folder, so a stray ``triton.py`` or ``yaml.py`` there never shadows an
+    optional package that is not installed."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.names = folder, set()
+
+    def find_spec(self, fullname, path=None, target=None):
+        if path is not None or fullname not in self.names:
+            return None
+        from importlib.machinery import PathFinder
+
+        return PathFinder.find_spec(fullname, [self.folder])
+
+
 def _trust(args: argparse.Namespace, *given: str) -> list[str]:
     """The factories this command may import: --trust-model and names typed on the command
-    line. Like ``python -m``, such a factory may live in the current folder (appended to the
-    path, so it never shadows an installed module)."""
+    line, whose top-level packages may also come from the current folder."""
+    from ..models.trust import is_factory_name, split_name
+
     trusted = [*getattr(args, "trust_model", []), *[name for name in given if name]]
-    if any(":" in name for name in trusted) and os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    tops = {split_name(name)[0].split(".")[0] for name in trusted if is_factory_name(name)}
+    tops.discard("")
+    if tops:
+        finder = next((f for f in sys.meta_path if isinstance(f, _CurrentFolderPackages)
+                       and f.folder == os.getcwd()), None)
+        if finder is None:
+            finder = _CurrentFolderPackages(os.getcwd())
+            sys.meta_path.append(finder)
+        finder.names |= tops
     return trusted
 
 
@@ -230,6 +256,9 @@ def _train(args: argparse.Namespace) -> int:
     from ..train.config import from_dict, resolve
     from ..train.trainer import Run, prepare_run_dir, save_config
 
+    # Only the model typed here is trusted without --trust-model. Trust is decided on the
+    # model of the final configuration (recipe, --init run and flags merged), so that a name
+    # read from any file is checked (nmsparse.models.trust).
     trusted = _trust(args, overrides.get("model", ""))
     if args.resume:
         payload = checkpoint.load(args.resume)
@@ -237,12 +266,18 @@ def _train(args: argparse.Namespace) -> int:
         config = from_dict({**payload["config"], **overrides, "out": args.resume},
                            source=source)
     else:
+        inherited = {}
         if "init" in overrides:
             from ..train.init import inherited_settings
 
-            overrides = {**inherited_settings(overrides["init"]), **overrides}
-        payload, config = None, resolve(args.recipe, overrides)
-        source = f"recipe {args.recipe!r}" if args.recipe and "model" not in overrides else None
+            inherited = inherited_settings(overrides["init"])
+        payload, config = None, resolve(args.recipe, {**inherited, **overrides})
+        if "model" in overrides:
+            source = "the command line"
+        elif "model" in inherited:
+            source = f"the --init run {overrides['init']!r}"
+        else:
+            source = f"recipe {args.recipe!r}" if args.recipe else "the default configuration"
     if config.tensorboard:
         import importlib.util
 

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..registry import Registry
+from .trust import split_name
 
 TASKS = ("classification", "language_model")
 # Arguments every factory may receive from create_model; anything else is a model option.
@@ -119,10 +120,11 @@ def list_models() -> dict[str, ModelInfo]:
     return {name: MODELS.get(name)[0] for name in MODELS.names()}
 
 
-def _load_factory(spec: str) -> Factory:
-    """Import ``"package.module:factory"`` (the attribute may be dotted: ``Class.build``)."""
-    module_name, _, attribute = spec.partition(":")
-    module_name, attribute = module_name.strip(), attribute.strip()
+def resolve_factory_path(spec: str) -> list[tuple[str, Any]]:
+    """Import the module of ``"package.module:factory"`` and look up the attribute path (it may
+    be dotted: ``Class.build``): ``[(part, object)]`` for every step, the factory last. The
+    name is read as :func:`nmsparse.models.trust.split_name` reads it (the name trusted)."""
+    module_name, attribute = split_name(spec)
     if not module_name or not attribute or ":" in attribute:
         raise ValueError(f"model {spec!r}: expected 'package.module:factory'")
     try:
@@ -138,14 +140,22 @@ def _load_factory(spec: str) -> Factory:
     except Exception as error:  # any failure while importing user code, reported uniformly
         raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: "
                          f"{type(error).__name__}: {_one_line(error)}") from error
+    steps = []
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ValueError(f"model {spec!r}: module {module_name!r} has no attribute "
                              f"{attribute!r}")
         target = getattr(target, part)
+        steps.append((part, target))
+    return steps
+
+
+def _load_factory(spec: str) -> Factory:
+    """The factory ``"package.module:factory"`` names, imported."""
+    target = resolve_factory_path(spec)[-1][1]
     if not callable(target):
-        raise ValueError(f"model {spec!r}: {attribute!r} is a {type(target).__name__}, "
-                         "not a callable factory")
+        raise ValueError(f"model {spec!r}: {split_name(spec)[1]!r} is a "
+                         f"{type(target).__name__}, not a callable factory")
     return target
 
 
