@@ -69,7 +69,7 @@ def planted_link(tmp, run):
 
 
 def in_use(tmp, run):
-    holder = run_dir.claim(run, "run")
+    holder = run_dir.claim(run, "run", resume=True)  # as a resumed training holds it
     in_use.holders.append(holder)
     return ["train", "--resume", str(run)]
 

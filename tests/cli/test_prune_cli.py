@@ -143,3 +143,119 @@ def test_prune_permute_reports_kept_magnitude_and_keeps_the_dense_function(dense
     assert permutation["groups"] >= 1
     assert permutation["kept_after"] >= permutation["kept_before"] > 0
     assert all(parse_pattern("2:4").violations(m).ok for m in _masks(out).values())
+
+
+# -- --out goes through the run-folder gate of train and export (run_dir.claim) --------------
+QUICK_PRUNE = ["--method", "magnitude", "--calibration", "4", "--limit-test-batches", "1"]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_prune_does_not_write_through_a_planted_link(dense_run, tmp_path, capsys):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("mine")
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "prune.json").symlink_to(outside)
+    assert main(["prune", str(dense_run), "--out", str(out), *QUICK_PRUNE]) == 2
+    assert "symbolic link" in _one_line(capsys)
+    assert outside.read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [
+        "prune.json"]
+
+
+def test_prune_refuses_a_folder_of_user_files(dense_run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("config.json", "prune.json"):
+        (out / name).write_text("user data")
+    assert main(["prune", str(dense_run), "--out", str(out), *QUICK_PRUNE]) == 2
+    assert "files nmsparse did not write" in _one_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "prune.json"]
+    assert all((out / n).read_text() == "user data" for n in ("config.json", "prune.json"))
+
+
+@pytest.mark.parametrize("command", ["prune", "train", "export"])
+def test_empty_out_is_refused(dense_run, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    args = {"prune": ["prune", str(dense_run), "--out", "", *QUICK_PRUNE],
+            "train": ["train", "--out", "", *FAST],
+            "export": ["export", str(dense_run), "--out", ""]}[command]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args) == 2
+    assert "--out is empty" in _one_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_prune_into_a_folder_in_use_or_an_export_folder_is_refused(dense_run, tmp_path,
+                                                                    capsys):
+    from nmsparse.train import run_dir
+
+    out = tmp_path / "busy"
+    holder = run_dir.claim(out, "run")  # another prune (or train) writing there
+    try:
+        assert main(["prune", str(dense_run), "--out", str(out), *QUICK_PRUNE]) == 2
+        assert "in use by another nmsparse process" in _one_line(capsys)
+    finally:
+        holder.release()
+    exported = tmp_path / "exported"
+    assert main(["export", str(dense_run), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(dense_run), "--out", str(exported), *QUICK_PRUNE]) == 2
+    assert "export folder" in _one_line(capsys)
+    assert not (exported / "latest.pt").exists()
+
+
+class _FullDisk:
+    """Atomic writes whose ``write`` fails like a full disk from the ``fail_at``-th file on."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.opened = fail_at, 0
+
+    def __call__(self, fd, mode, **kwargs):
+        import errno
+        import os
+
+        self.opened += 1
+        file = os.fdopen(fd, mode, **kwargs)
+        if self.opened >= self.fail_at:
+            def write(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            file.write = write
+        return file
+
+
+@pytest.mark.parametrize(("fail_at", "name"), [(1, "config.json"), (2, "prune.json"),
+                                               (3, "latest.pt")])
+@pytest.mark.parametrize("existing", [False, True])
+def test_prune_on_a_full_disk_leaves_nothing_half_written(dense_run, tmp_path, capsys,
+                                                          monkeypatch, fail_at, name,
+                                                          existing):
+    from nmsparse import _atomic
+
+    out = tmp_path / "pruned"
+    if existing:
+        out.mkdir()
+    monkeypatch.setattr(_atomic, "_open_temp", _FullDisk(fail_at))
+    assert main(["prune", str(dense_run), "--out", str(out), *QUICK_PRUNE]) == 2
+    err = _one_line(capsys)
+    assert "No space left on device" in err and str(out / name) in err, err
+    # nothing but (for a folder that existed) the marker claiming it
+    assert sorted(p.name for p in out.iterdir()) == [".nmsparse"] if existing else (
+        not out.exists())
+    monkeypatch.undo()
+    assert main(["prune", str(dense_run), "--out", str(out), *QUICK_PRUNE]) == 0
+
+
+def test_prune_says_what_it_does_while_it_works(dense_run, tmp_path, capsys):
+    assert main(["prune", str(dense_run), "--out", str(tmp_path / "p"), "--calibration",
+                 "4", "--limit-test-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("[")]
+    assert any("evaluating the model before pruning" in line for line in steps), out
+    assert sum("pruned block" in line for line in steps) == 2, out  # one line per block
+    assert all(line.split("]")[0].strip("[ ").endswith("s") for line in steps)

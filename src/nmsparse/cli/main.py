@@ -399,14 +399,14 @@ def _export(args: argparse.Namespace) -> int:
 
     options = {"trusted_models": _trust(args), "data_dir": args.data_dir}
     if args.packed:
-        written, report = export_run_packed(args.path, Path(args.out), **options)
+        written, report = export_run_packed(args.path, args.out, **options)
         print(report)
         if report.packed_bytes >= report.dense_bytes:
             _notes.say(f"note: packed is not smaller than dense here ({report.packed_bytes:,} "
                        f"vs {report.dense_bytes:,} bytes): the stored positions outweigh the "
                        "pruned values at this density; the dense export is the smaller file")
     else:
-        written = export_run(args.path, Path(args.out), **options)
+        written = export_run(args.path, args.out, **options)
     for path in written:
         print(path)
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import time
 
 import torch
 
@@ -66,53 +66,73 @@ def calibration_batches(dataset, count: int, batch_size: int, seed: int) -> list
 
 def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
     from .. import finalize, prune
+    from .._atomic import write_files
     from ..data.loader import make_loader
-    from ..train import checkpoint, distributed
-    from ..train.config import write_json
+    from ..train import checkpoint, distributed, run_dir
+    from ..train.config import config_json
     from ..train.trainer import evaluate, load_trained
 
-    out = Path(args.out)
-    if (out / checkpoint.LATEST).exists():
-        raise checkpoint.CheckpointError(f"{str(out)!r} already holds a run; choose another "
-                                         "--out")
-    device = distributed.pick_device(args.device)
-    config, data, model, _ = load_trained(args.path, device, trusted_models=trusted_models)
-    finalize(model)  # a sparse run's masks are baked in; pruning starts from its weights
-    batches = calibration_batches(data.train, args.calibration, args.calibration_batch_size,
-                                  args.seed)
-    world = distributed.World(device=device)
-    loader = make_loader(data.test, config.batch_size, shuffle=False, seed=config.seed)
-    before = evaluate(model, loader, config, world, data.task, args.limit_test_batches)
-    result = prune(model, args.pattern, args.method, calibration=batches, then=args.then,
-                   exclude=args.exclude, layout=config.layout, permute=args.permute,
-                   **dict(args.options))
-    after = evaluate(model, loader, config, world, data.task, args.limit_test_batches)
-    print(result)
-    if result.permutation is not None:
-        print(result.permutation)
+    started = time.perf_counter()
 
-    config.pattern, config.method, config.out = str(result.pattern), args.then, str(out)
-    config.exclude = list(args.exclude or [])
-    config.method_options = {}
-    report = {
-        "source": str(args.path), "method": result.method, "pattern": str(result.pattern),
-        "then": args.then, "calibration_samples": sum(len(b) for b in batches),
-        "calibration_rows": result.calibration_rows, "mode": result.mode,
-        "seconds": result.seconds, "before": before, "after": after,
-        "permutation": None if result.permutation is None else {
-            "kept_before": result.permutation.kept_before,
-            "kept_after": result.permutation.kept_after, "total": result.permutation.total,
-            "groups": len(result.permutation.groups)},
-        "layers": [{"name": layer.name, "shape": list(layer.shape),
-                    "density": layer.density, "note": layer.reason}
-                   for layer in result.layers],
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(out / checkpoint.LATEST, {
-        "config": config.to_dict(), "phase": 0, "epoch": 0, "step": 0,
-        "model": model.state_dict(), "pruned": report})
-    write_json(config, out / "config.json")
-    (out / "prune.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    def say(what: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {what}", flush=True)
+
+    # The same gate as train and export: a new, empty or nmsparse run folder holding no run,
+    # no links, held by this process only (run_dir.claim); claimed first, so a concurrent
+    # prune into the same folder is refused before minutes of work.
+    folder = run_dir.claim(args.out, "run")
+    try:
+        device = distributed.pick_device(args.device)
+        config, data, model, _ = load_trained(args.path, device, trusted_models=trusted_models)
+        finalize(model)  # a sparse run's masks are baked in; pruning starts from its weights
+        batches = calibration_batches(data.train, args.calibration,
+                                      args.calibration_batch_size, args.seed)
+        world = distributed.World(device=device)
+        loader = make_loader(data.test, config.batch_size, shuffle=False, seed=config.seed)
+        say("evaluating the model before pruning on the test split ...")
+        before = evaluate(model, loader, config, world, data.task, args.limit_test_batches)
+        say(f"pruning with {args.method} to {args.pattern} "
+            f"({sum(len(b) for b in batches)} calibration samples) ...")
+        result = prune(model, args.pattern, args.method, calibration=batches, then=args.then,
+                       exclude=args.exclude, layout=config.layout, permute=args.permute,
+                       progress=say, **dict(args.options))
+        say("evaluating the pruned model on the test split ...")
+        after = evaluate(model, loader, config, world, data.task, args.limit_test_batches)
+        say("done")
+        print(result)
+        if result.permutation is not None:
+            print(result.permutation)
+
+        config.pattern, config.method, config.out = (str(result.pattern), args.then,
+                                                     str(folder.path))
+        config.exclude = list(args.exclude or [])
+        config.method_options = {}
+        report = {
+            "source": str(args.path), "method": result.method, "pattern": str(result.pattern),
+            "then": args.then, "calibration_samples": sum(len(b) for b in batches),
+            "calibration_rows": result.calibration_rows, "mode": result.mode,
+            "seconds": result.seconds, "before": before, "after": after,
+            "permutation": None if result.permutation is None else {
+                "kept_before": result.permutation.kept_before,
+                "kept_after": result.permutation.kept_after,
+                "total": result.permutation.total,
+                "groups": len(result.permutation.groups)},
+            "layers": [{"name": layer.name, "shape": list(layer.shape),
+                        "density": layer.density, "note": layer.reason}
+                       for layer in result.layers],
+        }
+        # all or nothing, latest.pt last: a folder with a checkpoint always has the rest
+        write_files(folder.path, {
+            "config.json": config_json(config),
+            "prune.json": (json.dumps(report, indent=2) + "\n").encode("utf-8"),
+            checkpoint.LATEST: checkpoint.to_bytes({
+                "config": config.to_dict(), "phase": 0, "epoch": 0, "step": 0,
+                "model": model.state_dict(), "pruned": report})})
+    except BaseException:
+        folder.abandon()
+        raise
+    folder.release()
+    out = folder.path
     metric = "test_bpb" if "test_bpb" in after else "test_acc"
     print(f"\n{metric}: {before[metric]:.4f} dense -> {after[metric]:.4f} pruned; "
           f"written to {out} (recover with: nmsparse train --init {out})")

@@ -27,7 +27,7 @@ import contextlib
 import fnmatch
 import glob
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -185,7 +185,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
           calibration: Iterable | None = None, *, then: str | Method | None = "fixed",
           include: str | Sequence[str] | None = None,
           exclude: str | Sequence[str] | None = None, layout: str = "in",
-          permute: bool = False, **options) -> PruneResult:
+          permute: bool = False, progress: Callable[[str], None] | None = None,
+          **options) -> PruneResult:
     """Prune ``model``'s prunable layers to ``pattern`` in one shot, in place.
 
     Args:
@@ -199,6 +200,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
         permute: first reorder input channels (through their producers, so the function
             is unchanged) so that more magnitude survives N:M (:mod:`nmsparse.channels`);
             the first calibration batch is the example the model is traced with.
+        progress: called with one line per pruned layer or block (the command line prints
+            them, so that a long prune is not silent).
         options: the method's settings (SparseGPT: ``blocksize=128``, ``damp=0.01``).
     """
     started = time.perf_counter()
@@ -230,12 +233,14 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
         from ..channels.permute import permute_model
 
         result.permutation = permute_model(model, pattern, batches[0], {t.name for t in targets})
+    say = progress or (lambda line: None)
     with _calibration_mode(model):
         if pruner.statistic is None:
-            for target in targets:
+            for index, target in enumerate(targets):
                 masks[target.name] = _prune_one(target, pruner, None, pattern)
+                say(f"pruned layer {index + 1}/{len(targets)} {target.name}")
         else:
-            _prune_calibrated(model, targets, pruner, pattern, batches, result)
+            _prune_calibrated(model, targets, pruner, pattern, batches, result, say)
     for layer in layers:
         if layer.name in masks:
             mask = masks[layer.name]
@@ -246,7 +251,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
 
 
 def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
-                      pattern: Pattern, batches: list, result: PruneResult) -> None:
+                      pattern: Pattern, batches: list, result: PruneResult,
+                      say: Callable[[str], None]) -> None:
     device = next(model.parameters()).device
     module_ids = {id(t.module) for t in targets}
     found = find_blocks(model, lambda block: any(id(m) in module_ids for m in block.modules()))
@@ -273,6 +279,8 @@ def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
                     rows.append(_prune_with_statistics(
                         mine, pruner, pattern,
                         lambda block=block: runner.run(block, replace=False), result.masks))
+                    say(f"calibrated and pruned block {index + 1}/{len(blocks)} "
+                        f"({len(mine)} layers)")
                 if index + 1 < len(blocks):
                     runner.run(block, replace=True)
             result.peak_cached_bytes = runner.peak_cached_bytes
@@ -283,6 +291,7 @@ def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
     if rest:
         rows.append(_prune_with_statistics(rest, pruner, pattern, whole_model_pass,
                                            result.masks))
+        say(f"calibrated on the whole model and pruned {len(rest)} layers")
     result.calibration_rows = rows[0]
 
 

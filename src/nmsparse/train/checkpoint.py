@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from .._atomic import atomic_open
+from .run_dir import LATEST
 
-LATEST, BEST = "latest.pt", "best.pt"
+BEST = "best.pt"
 FORMAT = 1
 
 
@@ -28,13 +29,19 @@ class CheckpointError(ValueError):
     """A checkpoint or run folder that cannot be used."""
 
 
-def save(path: Path, payload: dict[str, Any]) -> None:
-    # Serialise in memory first: torch reports a failed write (a full disk) as a RuntimeError
-    # from deep inside its zip writer; a plain file write gives the real OSError.
+def to_bytes(payload: dict[str, Any]) -> bytes:
+    """The checkpoint file's bytes. Serialised in memory: torch reports a failed write (a
+    full disk) as a RuntimeError from deep inside its zip writer; a plain file write gives the
+    real OSError."""
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buffer)
+    return buffer.getvalue()
+
+
+def save(path: Path, payload: dict[str, Any]) -> None:
+    data = to_bytes(payload)
     with atomic_open(path, "wb") as file:
-        file.write(buffer.getbuffer())
+        file.write(data)
 
 
 def _why_unreadable(path: Path, error: BaseException) -> str:

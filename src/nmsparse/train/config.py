@@ -275,6 +275,12 @@ def from_dict(values: dict[str, Any], source: str = "the saved configuration") -
         raise ConfigError(f"{source}: {error}") from None
 
 
+def config_json(config: TrainConfig) -> bytes:
+    """The bytes of a run's ``config.json``."""
+    return (json.dumps(config.to_dict(), indent=2) + "\n").encode("utf-8")
+
+
 def write_json(config: TrainConfig, path: Path) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as file:
-        file.write(json.dumps(config.to_dict(), indent=2) + "\n")
+    data = config_json(config)
+    with atomic_open(path, "wb") as file:
+        file.write(data)

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_open
+from .._atomic import write_files
 from ..check import check
 from ..export.packed import PackedReport, save_packed
 from ..make_sparse import finalize
@@ -48,18 +48,10 @@ def _finalized_run(path: str | Path, trusted_models=(), data_dir: str | None = N
 
 
 def _write_into(out_dir: str | Path, files: dict[str, Any]) -> list[Path]:
-    """Claim ``out_dir`` and write ``{name: bytes or a callable(path)}`` atomically."""
+    """Claim ``out_dir`` and write ``{name: bytes or a callable(path)}`` all or nothing."""
     folder = run_folders.claim(out_dir, "export")
-    written = []
     try:
-        for name, content in files.items():
-            target = folder.path / name
-            if callable(content):
-                content(target)
-            else:
-                with atomic_open(target, "wb") as file:
-                    file.write(content)
-            written.append(target)
+        written = write_files(folder.path, files)
     except BaseException:
         folder.abandon()
         raise
@@ -67,7 +59,7 @@ def _write_into(out_dir: str | Path, files: dict[str, Any]) -> list[Path]:
     return written
 
 
-def export_run(path: str | Path, out_dir: Path, *, trusted_models=(),
+def export_run(path: str | Path, out_dir: str | Path, *, trusted_models=(),
                data_dir: str | None = None) -> list[Path]:
     """Export the run at ``path`` dense-with-zeros into ``out_dir``; ``trusted_models``: the
     ``module:factory`` names that may be imported to rebuild it."""

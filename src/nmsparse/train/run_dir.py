@@ -35,7 +35,8 @@ except ImportError:  # not POSIX: no advisory locks, the other rules still hold
 MARKER = ".nmsparse"
 KINDS = ("run", "export")
 TEMP_FILE = re.compile(r"^\..+\.tmp$")
-_LEGACY_RUN = ("config.json", "latest.pt")
+LATEST = "latest.pt"  # a run's checkpoint: its presence makes the folder hold a run
+_LEGACY_RUN = ("config.json", LATEST)
 
 
 class RunFolderError(ValueError):
@@ -134,11 +135,19 @@ def _lock(path: Path, kind: str) -> int:
     return fd
 
 
-def claim(path: str | os.PathLike[str], kind: str) -> ClaimedFolder:
-    """Create or check ``path`` and hold it for this process (see the module docstring)."""
+def claim(path: str | os.PathLike[str], kind: str, *, resume: bool = False) -> ClaimedFolder:
+    """Create or check ``path`` and hold it for this process (see the module docstring): the
+    one gate of every folder nmsparse writes (``train``, ``prune`` and ``export --out``). A
+    ``run`` folder must hold a run (``latest.pt``) when ``resume`` is true and must not hold
+    one otherwise."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not os.fspath(path).strip():
+        raise RunFolderError("--out is empty; give the folder to write into (nmsparse never "
+                             "writes into the current folder for an empty name)")
     path = Path(path)
+    if resume and not (path / LATEST).is_file():  # checked before anything is created
+        raise RunFolderError(f"--resume {str(path)!r}: the folder holds no run (no {LATEST})")
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"--out {str(path)!r} exists and is not a folder")
     created = not path.exists()
@@ -150,6 +159,17 @@ def claim(path: str | os.PathLike[str], kind: str) -> ClaimedFolder:
     _check_entries(path, kind)
     fd = _lock(path, kind)
     claimed = ClaimedFolder(path, kind, created=created, _fd=fd)
+    try:
+        has_run = kind == "run" and (path / LATEST).is_file()
+        if resume and not has_run:  # removed while we claimed it
+            raise RunFolderError(f"--resume {str(path)!r}: the folder holds no run (no "
+                                 f"{LATEST})")
+        if kind == "run" and not resume and has_run:
+            raise RunFolderError(f"{str(path)!r} already holds a run; continue it with "
+                                 "--resume or choose another --out")
+    except BaseException:
+        claimed.release()
+        raise
     # Only now, holding the lock, is it safe to delete what an interrupted writer left.
     for entry in _entries(path):
         if TEMP_FILE.match(entry.name) and entry.is_file(follow_symlinks=False):

@@ -494,25 +494,15 @@ class Run:
 
 
 def prepare_run_dir(config: TrainConfig, resume: bool) -> run_folders.ClaimedFolder:
-    """Claim the run folder for this process (see :mod:`nmsparse.train.run_dir`): it must
-    hold a run to resume, and must not hold one otherwise. Release it when the run ends."""
-    if resume and not (Path(config.out) / checkpoint.LATEST).is_file():
-        raise checkpoint.CheckpointError(f"--resume {config.out!r}: the folder holds no run "
-                                         f"(no {checkpoint.LATEST})")
-    claimed = run_folders.claim(config.out, "run")
-    try:
-        has_run = (claimed.path / checkpoint.LATEST).is_file()
-        if resume and not has_run:
-            raise checkpoint.CheckpointError(f"--resume {config.out!r}: the folder holds no "
-                                             f"run (no {checkpoint.LATEST})")
-        if not resume and has_run:
-            raise checkpoint.CheckpointError(f"{config.out!r} already holds a run; continue "
-                                             "it with --resume or choose another --out")
-        if not resume:  # an earlier attempt that never reached a checkpoint: start clean
+    """Claim the run folder for this process (:func:`nmsparse.train.run_dir.claim`: it must
+    hold a run to resume, and must not hold one otherwise). Release it when the run ends."""
+    claimed = run_folders.claim(config.out, "run", resume=resume)
+    if not resume:  # an earlier attempt that never reached a checkpoint: start clean
+        try:
             (claimed.path / metrics_log.METRICS).unlink(missing_ok=True)
-    except BaseException:
-        claimed.release()
-        raise
+        except BaseException:
+            claimed.release()
+            raise
     return claimed
 
 
