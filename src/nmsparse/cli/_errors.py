@@ -6,6 +6,7 @@
   reason is lost;
 * Ctrl-C: exit 130, SIGTERM: exit 143, each with a one-line note (``train`` says how to
   resume);
+* running out of memory (a model or batch too large for the machine): one line, exit 2;
 * a traceback only with ``--debug``.
 """
 
@@ -37,6 +38,21 @@ def one_line(text: str) -> str:
             folded += " " if folded.endswith(":") else "; "
         folded += line
     return folded
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """A one-line message for running out of memory (a model or batch too large for the
+    machine: torch's allocation errors, ``MemoryError``), else None (other RuntimeErrors are
+    bugs and keep their traceback)."""
+    text = " ".join(str(error).split())
+    if not (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError)
+                and ("can't allocate memory" in text or "not enough memory" in text
+                     or "out of memory" in text.lower()))):
+        return None
+    detail = text.split("] ", 1)[-1].split(". ", 1)[-1] if text else type(error).__name__
+    return (f"out of memory: {detail[:200]}; choose a smaller model (--model-option), a "
+            "smaller --batch-size or --seq-len, or a device with more memory")
 
 
 def describe(error: BaseException) -> str:

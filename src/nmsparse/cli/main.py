@@ -305,7 +305,7 @@ def _train(args: argparse.Namespace) -> int:
             _say(str(run.handle) if run.handle else "dense training (no sparsity)")
             _notes.say(_notes.busy_machine_note(args.threads is not None))
         if payload is not None:
-            run.restore(payload)
+            run.restore(payload, source)
             _say(f"resumed at epoch {run.epoch}, step {run.step}")
         result = run.fit()
         if world.main:
@@ -468,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         _errors.report(args.command, f"error: {_errors.describe(error)}")
+        return EXIT_BAD_INPUT
+    except (RuntimeError, MemoryError) as error:
+        message = _errors.out_of_memory(error)
+        if args.debug or message is None:
+            raise
+        _errors.report(args.command, f"error: {message}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         _errors.report(args.command, _interrupted(args, "interrupted"))

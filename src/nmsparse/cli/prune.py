@@ -51,6 +51,9 @@ def calibration_batches(dataset, count: int, batch_size: int, seed: int) -> list
     if count < 1 or batch_size < 1:
         raise ValueError(f"--calibration and --calibration-batch-size must be >= 1, got "
                          f"{count} and {batch_size}")
+    from ..train.config import check_seed
+
+    check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(dataset), generator=generator)[:count]
     batches = []

@@ -81,6 +81,10 @@ def _source(text_file: Path | None) -> tuple[bytes, str]:
             )
         corpus, used = read_corpus(paths)
         return corpus, f"{text_file} ({used} files)"
+    if text_file.exists():  # a device (/dev/zero), a pipe or a socket: never read
+        raise DataError(f"text: text_file {text_file} is not a regular file or a folder (a "
+                        "device, pipe or socket); expected a text file or a folder of *.txt, "
+                        "*.py or *.md files")
     raise DataError(
         f"text: text_file {text_file} does not exist; expected a text file or a folder of "
         "*.txt, *.py or *.md files"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,22 @@ def save(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _why_unreadable(path: Path, error: BaseException) -> str:
+    # What the file is comes first: torch blames "weights only" for any bytes it cannot read.
     if path.stat().st_size == 0:
         return "the file is empty (0 bytes; an interrupted copy?)"
-    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
-        # torch's message advises weights_only=False: exactly what must never be done here
-        return ("it holds Python objects other than tensors and plain containers, which "
-                "nmsparse never loads (loading them could run code from the file)")
     with open(path, "rb") as file:
         head = file.read(4)
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
         return "the file is truncated or damaged"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "it is a JSON or text file, not a PyTorch checkpoint"
     if not head.startswith(b"PK") and not head.startswith(b"\x80"):
-        return "it is not a PyTorch checkpoint"
+        return ("it is not a PyTorch checkpoint (neither the zip archive torch.save writes "
+                "nor a pickle)")
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        # torch's message advises weights_only=False: exactly what must never be done here
+        return ("it holds Python objects other than tensors and plain containers, which "
+                "nmsparse never loads (loading them could run code from the file)")
     return "the file is damaged or not a PyTorch checkpoint"
 
 
@@ -82,7 +87,9 @@ def resolve(path: str | Path) -> Path:
 def load(path: str | Path) -> dict[str, Any]:
     path = resolve(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except Exception as error:  # torch raises several types for a damaged file
@@ -96,6 +103,17 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} is not a complete nmsparse checkpoint "
                               f"(missing {', '.join(missing) or 'a valid config'})")
     return payload
+
+
+def load_weights(model: torch.nn.Module, state: Any, source: str) -> None:
+    """``model.load_state_dict(state)``; saved weights that do not fit the model (other
+    shapes, other names) are a one-line :class:`CheckpointError` naming ``source``."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as error:
+        raise CheckpointError(f"{source}: the saved weights do not fit the model its "
+                              "configuration builds: "
+                              f"{' '.join(str(error).split())[:300]}") from None
 
 
 def describes_data(payload: dict[str, Any]) -> bool:

@@ -114,6 +114,7 @@ class TrainConfig:
         if self.label_smoothing >= 1:
             raise ConfigError(f"--label-smoothing must be < 1, got {self.label_smoothing}")
         _check_chex(self)
+        check_seed(self.seed)
         for name in ("limit_train_batches", "limit_test_batches", "grad_clip"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -137,6 +138,16 @@ def _check_optimizer(config: TrainConfig, method: Method) -> None:
         usable = [name for name, cls in classes.items() if issubclass(cls, accepted)]
         raise ConfigError(f"--method {config.method} does not work with --optimizer "
                           f"{config.optimizer}; use --optimizer {' or '.join(usable)}")
+
+
+MAX_SEED = 2**63 - 1  # torch and the data loaders take any seed in [0, MAX_SEED]
+
+
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """Refuse a seed the random number generators cannot take (one line naming the flag)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{flag} must be an integer from 0 to 2**63 - 1 "
+                          f"({MAX_SEED}), got {seed!r}")
 
 
 def _check_chex(config: TrainConfig) -> None:
@@ -208,8 +219,13 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     """Read a TOML or YAML recipe into ``{field: value}``; unknown keys are an error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"recipe file {str(path)!r} {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"recipe {str(path)!r} is not a text file (TOML or YAML): byte "
+                          f"{error.start} is not UTF-8") from None
     try:
         if path.suffix == ".toml":
             try:

@@ -308,10 +308,23 @@ class Run:
             "chex": self.chex.state_dict() if self.chex else None,
         }
 
-    def restore(self, payload: dict[str, Any]) -> None:
+    def restore(self, payload: dict[str, Any], source: str = "the checkpoint") -> None:
+        """Continue from ``payload``; a checkpoint that does not fit this run (other weight
+        shapes, a damaged training state) is a one-line CheckpointError naming ``source``."""
+        try:
+            self._restore(payload, source)
+        except checkpoint.CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            raise checkpoint.CheckpointError(
+                f"{source}: the saved training state does not fit the run its configuration "
+                f"builds: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            ) from None
+
+    def _restore(self, payload: dict[str, Any], source: str) -> None:
         while self.phase_index < payload["phase"]:
             self._next_phase()
-        self.model.load_state_dict(payload["model"])
+        checkpoint.load_weights(self.model, payload["model"], source)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
@@ -543,10 +556,5 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu", *,
         data = info
     model = build_model(config, info, trusted_models, source)
     apply_sparsity(model, config, phases[payload["phase"]].method)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as error:
-        raise checkpoint.CheckpointError(f"{source}: the saved weights do not fit the model "
-                                         f"its configuration builds: "
-                                         f"{' '.join(str(error).split())[:300]}") from None
+    checkpoint.load_weights(model, payload["model"], source)
     return config, data, model.to(device), payload
