@@ -170,17 +170,17 @@ class SparsityHandle:
         plain containers, so it loads with ``torch.load(weights_only=True)``."""
         return {"format": STATE_FORMAT, "steps": self.steps,
                 "methods": {key: dict(value) for key, value in self.method_states.items()},
-                "weights": {name: dict(w.state) for name, w in self.weights.items()}}
+                "weights": {name: dict(w.state) for name, w in self.weights.items()},
+                "layers": _layers(self.weights)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`; a state of another handle (other layer names, shapes,
+        patterns or methods) is a ``ValueError`` saying what differs, and changes nothing."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a sparsity handle state (expected a dict from "
                              f"SparsityHandle.state_dict(), format {STATE_FORMAT})")
+        _check_same_layers(state, self.weights)
         weights = state.get("weights", {})
-        unknown = sorted(set(weights) - set(self.weights))
-        if unknown:
-            raise ValueError(f"the saved handle state names weights this handle does not have: "
-                             f"{unknown}; this handle's: {list(self.weights)}")
         self.steps = int(state["steps"])
         self.method_states = {key: dict(value) for key, value in state["methods"].items()}
         for name, w in self.weights.items():
@@ -236,3 +236,36 @@ class SparsityHandle:
     def __repr__(self) -> str:
         return (f"SparsityHandle(sparse={len(self.sparse_layers)}, "
                 f"skipped={len(self.skipped_layers)}, methods={self.methods!r})")
+
+
+# -- which handle a saved state belongs to ------------------------------------------------------
+def _layers(weights: dict[str, SparseWeight]) -> dict[str, dict[str, Any]]:
+    """What identifies each sparse weight of a handle: shape, pattern and method."""
+    return {name: {"shape": list(w.dense.shape), "pattern": str(w.pattern),
+                   "method": getattr(type(w.method), "name", type(w.method).__name__)}
+            for name, w in weights.items()}
+
+
+def _check_same_layers(state: dict[str, Any], weights: dict[str, SparseWeight]) -> None:
+    """Refuse the state of another handle. States saved before ``layers`` was recorded are
+    checked by their weight names only."""
+    saved_names = state.get("weights", {})
+    saved_names = set(saved_names) if isinstance(saved_names, dict) else set()
+    if unknown := sorted(saved_names - set(weights)):
+        raise ValueError("the saved handle state is of another model: it names weights this "
+                         f"handle does not have: {unknown[:3]}; this handle's: "
+                         f"{list(weights)[:6]}")
+    if missing := sorted(set(weights) - saved_names):
+        raise ValueError("the saved handle state is of another model: it lacks weights this "
+                         f"handle has: {missing[:3]}")
+    saved = state.get("layers")
+    if saved is None:
+        return
+    for name, mine in _layers(weights).items():
+        theirs = saved.get(name) if isinstance(saved, dict) else None
+        for key, value in mine.items():
+            if not isinstance(theirs, dict) or theirs.get(key) != value:
+                got = theirs.get(key) if isinstance(theirs, dict) else None
+                raise ValueError(f"the saved handle state is of another model: {name} has "
+                                 f"{key} {got!r} there and {value!r} here")
+

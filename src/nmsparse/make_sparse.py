@@ -21,7 +21,15 @@ from .handle import LayerReport, SparsityHandle
 from .masks import nonfinite_error
 from .methods import Method, make_method
 from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
-from .sparse_module import attach, attach_tied, detach, detach_tied, sparse_states, tied_states
+from .sparse_module import (
+    attach,
+    attach_tied,
+    check_mask,
+    detach,
+    detach_tied,
+    sparse_states,
+    tied_states,
+)
 from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
@@ -57,6 +65,7 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
             ``"sparse"`` makes it sparse for every module that reads it, so the trained and
             the finalized model compute the same.
     """
+    _check_model(model)
     if tied not in ("dense", "sparse"):
         raise ValueError(f"tied must be 'dense' or 'sparse', got {tied!r}")
     default_method = make_method(method, decay, **method_options)
@@ -149,9 +158,27 @@ def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, 
 
 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
-    mask = w.initial_mask() if given is None else given
-    w.validate_mask(mask, f"{w.method!r}.initial_mask" if given is None else "the given mask")
+    if given is None:
+        mask = w.initial_mask()
+        w.validate_mask(mask, f"{w.method!r}.initial_mask")
+    else:
+        mask = given
+        check_mask(w, mask, "the given mask")
     return mask.to(w.dense.device).contiguous()
+
+
+def _check_model(model: object) -> None:
+    """A clear error for what sparsify cannot work on: not a module, or weights without values
+    (the meta device: nothing to choose a mask from)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify takes a torch.nn.Module (the model whose layers become "
+                        f"sparse), got {type(model).__name__}")
+    meta = [name for name, param in model.named_parameters() if param.is_meta]
+    if meta:
+        raise ValueError(f"the model's weights are on the meta device (no values, e.g. "
+                         f"{meta[0]!r}): masks are chosen from the weights' values; "
+                         "materialise it first (model.to_empty(device=...) and load the "
+                         "weights), then sparsify")
 
 
 def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:

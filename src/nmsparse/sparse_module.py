@@ -51,6 +51,36 @@ def _masked_property(param_name: str) -> property:
     return property(masked, doc=f"The {param_name} forward uses (W * mask, per the method).")
 
 
+# -- masks given or loaded from outside: checked against the weight's pattern -----------------
+def check_mask(state: SparseWeight, mask: object, source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` unless ``mask`` is a bool mask of the weight's
+    shape that follows its pattern and keeps something (an all-False mask would zero the
+    layer where the pattern keeps N of every M)."""
+    state.validate_mask(mask, source)
+    if state.pattern.density > 0 and not bool(mask.any()):
+        raise ValueError(f"{state.name}: {source} keeps no weight at all, but pattern "
+                         f"{state.pattern} keeps {state.pattern.density:.0%} of them")
+
+
+def _load_checking_masks(self, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` of a sparse module: a loaded mask that breaks the weight's pattern
+    (another model's masks, another pattern) is an error of the load naming the weight, and
+    the valid mask in place is kept rather than overwritten."""
+    error_msgs = args[-1]
+    for state in sparse_states(self).values():
+        key = prefix + state.mask_name
+        mask = state_dict.get(key)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(state.dense.shape):
+            continue  # missing or of another shape: torch's own error says so
+        try:
+            check_mask(state, mask, f"the loaded mask {key!r}")
+        except ValueError as error:
+            error_msgs.append(str(error))
+            state_dict[key] = state.mask
+    generated = next(c for c in type(self).__mro__ if "_nmsparse_base" in c.__dict__)
+    super(generated, self)._load_from_state_dict(state_dict, prefix, *args)
+
+
 def sparse_class(base: type, param_names: tuple[str, ...]) -> type:
     """A subclass of ``base`` whose ``param_names`` attributes return masked weights."""
     key = (base, param_names)
@@ -58,6 +88,7 @@ def sparse_class(base: type, param_names: tuple[str, ...]) -> type:
         attributes = {name: _masked_property(name) for name in param_names}
         parts = [base.__module__, base.__qualname__, *param_names]
         attributes.update(_nmsparse_base=base, __module__=__name__,
+                          _load_from_state_dict=_load_checking_masks,
                           __qualname__=_CLASS_PREFIX + "_s".join(map(_escape, parts)))
         _SPARSE_CLASSES[key] = type(f"Sparse{base.__name__}", (base,), attributes)
     return _SPARSE_CLASSES[key]

@@ -266,6 +266,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str],
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):  # checked first: packing a large model takes a while
         raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path}: it is a folder; give a file path, e.g. "
+                         f"{os.path.join(path, 'model.packed.safetensors')}")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValueError(f"metadata must be a mapping (a JSON object), got "
                          f"{type(metadata).__name__}")
@@ -282,6 +285,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike[str],
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a "
                              "tensor: a packed file stores tensors only")
+        if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state_dict entry {key!r} holds NaN or Inf: a diverged or "
+                             "damaged model is not saved (check the run that produced it)")
     rows = check(model, pattern, include=include, exclude=exclude, layout=layout).rows
 
     report = PackedReport(path=path)
@@ -458,6 +464,16 @@ def _unreadable(path: str, error: Exception) -> PackedFormatError:
     return PackedFormatError(f"{path}: not a readable safetensors file: {reason}")
 
 
+def _a_file(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string; a folder is a one-line error (not a raw IsADirectoryError)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise PackedFormatError(f"{path} is a folder, not a packed file; give the file's path "
+                                "(nmsparse export --packed writes model.packed.safetensors "
+                                "into its folder)")
+    return path
+
+
 def _read(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     """``(path, validated header, tensors)`` from one read of the whole file.
 
@@ -466,7 +482,7 @@ def _read(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any], dict[str, 
     when a tensor is touched. Tensors made from the bytes own their memory.
     """
     safetensors = _require_safetensors()
-    path = os.fspath(path)
+    path = _a_file(path)
     with open(path, "rb") as file:  # a missing or unreadable file: the usual OSError
         data = file.read()
     try:
@@ -485,7 +501,7 @@ def _read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     _require_safetensors()
     from safetensors import safe_open
 
-    path = os.fspath(path)
+    path = _a_file(path)
     with open(path, "rb"):  # a missing or unreadable file: the usual OSError
         pass
     try:
