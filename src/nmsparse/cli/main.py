@@ -99,16 +99,23 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     sparse.add_argument("--chex-until", type=float, default=keep,
                         help="share of the training steps that CHEX explores (0.5)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=keep)
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=keep,
+                       help="sgd (default, with momentum) or adamw")
     optim.add_argument("--lr", type=float, default=keep, help="peak learning rate (0.1)")
-    optim.add_argument("--momentum", type=float, default=keep)
-    optim.add_argument("--weight-decay", type=float, default=keep)
-    optim.add_argument("--warmup-epochs", type=float, default=keep)
+    optim.add_argument("--momentum", type=float, default=keep,
+                       help="SGD momentum (0.9); ignored by adamw")
+    optim.add_argument("--weight-decay", type=float, default=keep,
+                       help="weight decay (5e-5)")
+    optim.add_argument("--warmup-epochs", type=float, default=keep,
+                       help="linear warm-up before the cosine decay, in epochs (1)")
     optim.add_argument("--epochs", type=int, default=keep, help="epochs (per phase for asp)")
     optim.add_argument("--batch-size", type=int, default=keep, help="per-process batch size")
-    optim.add_argument("--label-smoothing", type=float, default=keep)
-    optim.add_argument("--grad-clip", type=float, default=keep)
-    optim.add_argument("--amp", choices=AMP_MODES, default=keep)
+    optim.add_argument("--label-smoothing", type=float, default=keep,
+                       help="label smoothing of the cross-entropy, in [0, 1) (0)")
+    optim.add_argument("--grad-clip", type=float, default=keep, metavar="NORM",
+                       help="clip the gradient norm to NORM (default: no clipping)")
+    optim.add_argument("--amp", choices=AMP_MODES, default=keep,
+                       help="mixed precision: none (default), bf16 or fp16 (for GPUs)")
     run = parser.add_argument_group("run")
     run.add_argument("--recipe", help="TOML or YAML file of settings; flags override it")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (with "
@@ -117,14 +124,44 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="start from these weights and masks (a run, or 'nmsparse prune' "
                      "output); its model, data and sparsity settings are the defaults")
     run.add_argument("--out", default=keep, help="run folder (default runs/<name>-<time>)")
-    run.add_argument("--seed", type=int, default=keep)
+    run.add_argument("--seed", type=int, default=keep,
+                     help="random seed of the model, data order and augmentation, from 0 to "
+                     "2**63 - 1 (0)")
     run.add_argument("--device", default=keep, help="auto (CUDA if present), cpu, cuda[:N]")
-    run.add_argument("--num-workers", type=int, default=keep)
+    run.add_argument("--num-workers", type=int, default=keep,
+                     help="data loader worker processes (0: load in the main process)")
     run.add_argument("--log-every", type=int, default=keep, help="steps between log records")
-    run.add_argument("--limit-train-batches", type=int, default=keep)
-    run.add_argument("--limit-test-batches", type=int, default=keep)
-    run.add_argument("--tensorboard", action="store_true", default=keep)
-    run.add_argument("--no-plots", dest="plots", action="store_false", default=keep)
+    run.add_argument("--limit-train-batches", type=int, default=keep, metavar="N",
+                     help="train on at most N batches per epoch (quick checks)")
+    run.add_argument("--limit-test-batches", type=int, default=keep, metavar="N",
+                     help="evaluate on at most N test batches (quick checks)")
+    run.add_argument("--tensorboard", action="store_true", default=keep,
+                     help="also log to TensorBoard in the run folder (needs tensorboard)")
+    run.add_argument("--no-plots", dest="plots", action="store_false", default=keep,
+                     help="do not draw the loss and sparsity plots at the end")
+
+
+TRAIN_EXAMPLES = """\
+nmsparse train                                   # 2:4 SR-STE MLP on digits (~10 s)
+nmsparse train --data cifar10 --data-dir ~/data --model resnet20 --pattern 1:4
+nmsparse train --recipe recipe.toml --lr 0.05    # flags override the recipe file
+nmsparse train --resume runs/RUN                 # continue after a crash
+nmsparse train --init runs/PRUNED --method fixed --epochs 5   # recover a pruned run"""
+EVAL_EXAMPLES = """\
+nmsparse eval runs/RUN
+nmsparse eval runs/RUN/best.pt --data-dir /new/place/of/the/data"""
+SUMMARY_EXAMPLES = """\
+nmsparse summary runs/RUN
+nmsparse summary --model resnet20 --input-shape 3,32,32 --num-classes 10 --pattern 2:4"""
+EXPORT_EXAMPLES = """\
+nmsparse export runs/RUN --out exported/            # model.safetensors + model.json
+nmsparse export runs/RUN --packed --out packed/     # model.packed.safetensors"""
+
+
+def _examples(text: str) -> dict[str, Any]:
+    """The keyword arguments giving a command an examples epilog, laid out as written."""
+    return {"epilog": "examples:\n" + "\n".join("  " + line for line in text.splitlines()),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,46 +170,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="version", version=f"nmsparse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = commands.add_parser("train", help="train a model with a sparsity recipe")
+    train = commands.add_parser("train", help="train a model with a sparsity recipe",
+                                **_examples(TRAIN_EXAMPLES))
     _add_train_arguments(train)
     _add_common(train)
     _add_threads(train)
-    evaluate = commands.add_parser("eval", help="re-evaluate a run on its test split")
-    evaluate.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--data-dir", help="where the data set's files are now")
-    evaluate.add_argument("--text-file", help="where the text corpus is now (--data text)")
+    evaluate = commands.add_parser("eval", help="re-evaluate a run on its test split",
+                                   **_examples(EVAL_EXAMPLES))
+    evaluate.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
+                          help="a run folder (its latest.pt) or a checkpoint file")
+    where = evaluate.add_argument_group("where the run's data and model live now")
+    where.add_argument("--data-dir", help="where the data set's files are now")
+    where.add_argument("--text-file", help="where the text corpus is now (--data text)")
+    where.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, "
+                       "cuda[:N]")
     _add_common(evaluate)
     _add_threads(evaluate)
-    summary = commands.add_parser("summary", help="per-layer sparsity, params and MACs")
-    summary.add_argument("path", nargs="?", metavar="RUN_DIR|CHECKPOINT")
-    summary.add_argument("--model", help="summarise a fresh model instead of a run")
-    summary.add_argument("--data", help="data set giving the input shape (default digits)")
-    summary.add_argument("--input-shape", metavar="D,D,...", help="input shape of one "
-                         "sample instead of --data, e.g. 3,32,32")
-    summary.add_argument("--num-classes", type=int, help="classes, with --input-shape")
-    summary.add_argument("--data-dir", help="--data's files (or an old run's data: runs "
-                         "record their input shape and need none)")
-    summary.add_argument("--pattern", default="dense")
-    summary.add_argument("--exclude", nargs="+", default=None, metavar="GLOB")
+    summary = commands.add_parser("summary", help="per-layer sparsity, params and MACs",
+                                  **_examples(SUMMARY_EXAMPLES))
+    summary.add_argument("path", nargs="?", metavar="RUN_DIR|CHECKPOINT",
+                         help="a run folder or checkpoint (or give --model instead)")
+    fresh = summary.add_argument_group("a fresh model instead of a run")
+    fresh.add_argument("--model", help="model name or package.module:factory")
+    fresh.add_argument("--data", help="data set giving the input shape (default digits)")
+    fresh.add_argument("--input-shape", metavar="D,D,...", help="input shape of one sample "
+                       "instead of --data, e.g. 3,32,32")
+    fresh.add_argument("--num-classes", type=int, help="classes, with --input-shape")
+    fresh.add_argument("--data-dir", help="--data's files (or an old run's data: runs record "
+                       "their input shape and need none)")
+    fresh.add_argument("--pattern", default="dense", help="sparsify the fresh model with "
+                       "this N:M pattern first (default dense)")
+    fresh.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
+                       help="layers kept dense with --pattern, e.g. fc")
     _add_common(summary)
-    export = commands.add_parser("export", help="finalized model as safetensors + JSON")
-    export.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
-    export.add_argument("--out", required=True, help="folder to write the export into (new, "
+    export = commands.add_parser("export", help="finalized model as safetensors + JSON",
+                                 **_examples(EXPORT_EXAMPLES))
+    export.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
+                        help="the trained run (a folder or checkpoint) to export")
+    output = export.add_argument_group("output")
+    output.add_argument("--out", required=True, help="folder to write the export into (new, "
                         "empty, or an earlier export)")
-    export.add_argument("--packed", action="store_true", help="one packed N:M file "
+    output.add_argument("--packed", action="store_true", help="one packed N:M file "
                         "(model.packed.safetensors) instead of dense-with-zeros")
     export.add_argument("--data-dir", help="only for runs older than 0.1 that do not record "
                         "their input shape")
     _add_common(export)
-    prune = add_prune_command(commands, _parse_option)
+    prune = add_prune_command(commands, _parse_option, _examples)
     _add_common(prune)
     _add_threads(prune)
-    commands.add_parser("bench", help="moved: the GPU kernel benchmark runs from a source "
-                        "checkout, python -m benchmarks.kernels", add_help=False,
-                        prefix_chars="\0")
-    _add_common(commands.add_parser("models", help="list the registered models"), trust=False)
-    _add_common(commands.add_parser("datasets", help="list the data sets"), trust=False)
+    _add_common(commands.add_parser("models", help="list the registered models",
+                                    **_examples("nmsparse models")), trust=False)
+    _add_common(commands.add_parser("datasets", help="list the data sets",
+                                    **_examples("nmsparse datasets")), trust=False)
     return parser
 
 
@@ -412,23 +461,13 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCH_MOVED = ("nmsparse bench: the GPU kernel benchmark is not installed with nmsparse; from a "
-               "source checkout run `python -m benchmarks.kernels` (same options) or "
-               "`make gpu-check OUT=DIR` (docs/gpu.md)")
-
-
-def _bench(args: argparse.Namespace) -> int:
-    # The benchmark lives in benchmarks/ (a study, not library code); the command stays as a
-    # pointer so that scripts and habits calling it get told where it went.
-    print(BENCH_MOVED, file=sys.stderr)
-    return 2
-
-
 def _models(_: argparse.Namespace) -> int:
     from ..models import list_models
+    from ..tables import format_table
 
-    for name, info in list_models().items():
-        print(f"{name:12s} {', '.join(info.tasks):30s} {info.description}")
+    rows = [(name, ", ".join(info.tasks), info.description)
+            for name, info in list_models().items()]
+    print(format_table(("model", "tasks", "description"), rows))
     return 0
 
 
@@ -441,7 +480,7 @@ def _datasets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "summary": _summary, "export": _export,
-            "prune": _prune, "bench": _bench, "models": _models, "datasets": _datasets}
+            "prune": _prune, "models": _models, "datasets": _datasets}
 
 
 def _interrupted(args: argparse.Namespace, why: str) -> str:
@@ -456,11 +495,7 @@ def _interrupted(args: argparse.Namespace, why: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":  # the benchmark parses its own options
-        args.bench_args = rest
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     previous = _errors.catch_sigterm()
     try:
         return COMMANDS[args.command](args)

@@ -18,31 +18,46 @@ import torch
 
 from ..oneshot import PRUNERS
 
+PRUNE_EXAMPLES = """\
+nmsparse prune runs/DENSE --out runs/pruned                 # SparseGPT 2:4, 128 samples
+nmsparse prune runs/DENSE --method wanda --pattern 4:8 --out runs/wanda
+nmsparse prune runs/DENSE --method magnitude --permute --out runs/permuted
+nmsparse train --init runs/pruned --method fixed --epochs 5  # then recover by training"""
 
-def add_prune_command(commands, parse_option) -> argparse.ArgumentParser:
+
+def add_prune_command(commands, parse_option, examples) -> argparse.ArgumentParser:
     parser = commands.add_parser("prune", help="one-shot prune a trained run "
-                                 "(magnitude, wanda, sparsegpt)")
-    parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
-    parser.add_argument("--method", default="sparsegpt", choices=PRUNERS.names())
-    parser.add_argument("--pattern", default="2:4",
-                        help="N:M (keep N of every M) or unstructured:D (default 2:4)")
-    parser.add_argument("--calibration", type=int, default=128, metavar="N",
-                        help="training samples used as calibration data (default 128)")
-    parser.add_argument("--calibration-batch-size", type=int, default=16, metavar="B")
-    parser.add_argument("--then", default="fixed", help="method holding the masks in the "
-                        "written run: fixed (default) or srste, or any registered method")
-    parser.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
-                        help="layers to keep dense, e.g. lm_head")
-    parser.add_argument("--option", dest="options", action="append", default=[],
-                        type=parse_option, metavar="KEY=VALUE",
-                        help="pruning method setting, e.g. blocksize=64 or damp=0.1")
-    parser.add_argument("--permute", action="store_true",
-                        help="reorder input channels first (function unchanged) so that more "
-                        "magnitude survives N:M (nmsparse.channels)")
-    parser.add_argument("--out", required=True, help="folder to write the pruned run into")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="which samples calibrate")
-    parser.add_argument("--limit-test-batches", type=int, default=None)
+                                 "(magnitude, wanda, sparsegpt)", **examples(PRUNE_EXAMPLES))
+    parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
+                        help="the trained run (a folder or checkpoint) to prune")
+    how = parser.add_argument_group("how to prune")
+    how.add_argument("--method", default="sparsegpt", choices=PRUNERS.names(),
+                     help="the one-shot pruner (default sparsegpt)")
+    how.add_argument("--pattern", default="2:4",
+                     help="N:M (keep N of every M) or unstructured:D (default 2:4)")
+    how.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
+                     help="layers to keep dense, e.g. lm_head")
+    how.add_argument("--option", dest="options", action="append", default=[],
+                     type=parse_option, metavar="KEY=VALUE",
+                     help="pruning method setting, e.g. blocksize=64 or damp=0.1")
+    how.add_argument("--permute", action="store_true",
+                     help="reorder input channels first (function unchanged) so that more "
+                     "magnitude survives N:M (nmsparse.channels)")
+    how.add_argument("--then", default="fixed", help="method holding the masks in the "
+                     "written run: fixed (default) or srste, or any registered method")
+    data = parser.add_argument_group("calibration and evaluation")
+    data.add_argument("--calibration", type=int, default=128, metavar="N",
+                      help="training samples used as calibration data (default 128)")
+    data.add_argument("--calibration-batch-size", type=int, default=16, metavar="B",
+                      help="samples per calibration batch (default 16)")
+    data.add_argument("--seed", type=int, default=0, help="which samples calibrate (0)")
+    data.add_argument("--limit-test-batches", type=int, default=None, metavar="N",
+                      help="evaluate before and after on at most N test batches")
+    data.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, "
+                      "cuda[:N]")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, help="run folder to write the pruned run into "
+                        "(new, empty or an nmsparse run folder holding no run)")
     return parser
 
 
