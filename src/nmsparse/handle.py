@@ -99,9 +99,15 @@ class SparsityHandle:
         self.refresh()
         return {name: w.mask for name, w in self.weights.items()}
 
-    def refresh(self) -> None:
-        """Rebuild the masks whose weights changed (optimizer steps do it themselves)."""
-        refresh_stale(list(self.weights.values()))
+    def refresh(self, force: bool = False) -> None:
+        """Rebuild the masks whose weights changed (optimizer steps do it themselves);
+        ``force``: rebuild all, e.g. after writing into dense weights through ``.data``,
+        which version counters do not see."""
+        weights = list(self.weights.values())
+        if force:
+            for w in weights:
+                w.mark_stale()
+        refresh_stale(weights)
 
     # -- the step --------------------------------------------------------------------------------
     def _step(self, method: Method, optimizer) -> Step:
@@ -120,6 +126,8 @@ class SparsityHandle:
             w.saw_gradient()
 
     def run_after_step(self, weights: list[SparseWeight], optimizer=None) -> None:
+        for w in weights:  # fused optimizers write without bumping version counters
+            w.mark_stale()
         refresh_stale(weights)
         for method, group in self._by_method(weights).items():
             method.after_step(group, self._step(method, optimizer))

@@ -5,9 +5,14 @@ forward weight.
 ``nn.Parameter`` the optimizer updates, ``w.mask`` the live bool mask buffer, ``w.masked``
 the cached ``W * mask``, ``w.state`` the method's per-weight state (saved by the handle).
 
-The cached masked weight is rebuilt only when the weight or mask tensor changed (their
-version counters say so): after an optimizer step, ``load_state_dict``, ``.to()`` or a manual
-edit. Evaluation and inference therefore cost no masking work at all.
+The cached masked weight is rebuilt after every optimizer step that holds the weight (the
+step hooks mark it stale: fused optimizer kernels write parameters without bumping their
+version counters, so a step cannot be told from the tensors), and otherwise when the weight or
+mask tensor changed as their version counters say: ``load_state_dict``, ``.to()``, a manual
+in-place edit. Evaluation and inference therefore cost no masking work at all. What stays
+keyed on version counters alone: writes outside ``optimizer.step()`` that do not bump them
+(through ``tensor.data``, or a fused kernel called directly); call ``handle.refresh(force=True)``
+after such a write.
 
 Sharded weights (FSDP2's ``fully_shard``, before or after ``sparsify``): the dense Parameter
 is a DTensor between forward passes and FSDP swaps in the all-gathered plain weight for the
@@ -278,6 +283,10 @@ class SparseWeight:
         self._built_from = (*self._fingerprint(), self.masked._version)
         return finite
 
+    def mark_stale(self) -> None:
+        """Rebuild on next use whatever the version counters say (an optimizer step ran)."""
+        self._built_from = None
+
     def ensure_fresh(self) -> None:
         if not self.is_fresh():
             self._rebuild_stale()
@@ -348,20 +357,20 @@ class SparseWeight:
         self._decayed_grad = grad_key(grad)
 
     # -- the bypass check ----------------------------------------------------------------------
-    def _owned(self) -> nn.Parameter:
+    def owned(self) -> nn.Parameter:
         """The dense Parameter the optimizer updates (FSDP's shard, if sharded)."""
         return self.dense if self._sharded is None else self._sharded
 
     def saw_gradient(self) -> None:
         """The step hooks ran on the current gradient (called by the handle)."""
-        grad = self._owned().grad
+        grad = self.owned().grad
         self._seen_grad = None if grad is None else grad_key(grad)
 
     def _warn_if_step_skipped(self) -> None:
         """A gradient the step hooks never saw, and a weight that changed since: an update
         loop bypassed ``torch.optim``, so the method's step hooks (the SR-STE term, mask
         updates) were skipped. Say so once per handle rather than train silently as STE."""
-        weight, handle = self._owned(), self.handle
+        weight, handle = self.owned(), self.handle
         grad = weight.grad
         if (grad is None or self._built_from is None or handle is None
                 or self._built_from[0] == version(weight)

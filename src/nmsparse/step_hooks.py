@@ -13,7 +13,15 @@ has averaged it, accumulation has summed every micro-batch, a layer called twice
 contributions and ``GradScaler.step`` has unscaled it. With ``optimizer.step(closure)``
 (LBFGS, Lightning's automatic optimization) the gradient is computed inside ``step``, so the
 closure is wrapped and ``before_step`` runs after each evaluation of it. After the update the
-handle refreshes the stale masks and runs ``after_step``.
+handle rebuilds the forward weights of every sparse weight the optimizer holds (fused kernels
+write parameters without bumping their version counters, so only the step itself says they
+changed) and runs ``after_step``.
+
+``GradScaler`` steps an optimizer that unscales inside its own kernel (fused SGD / Adam /
+AdamW) with the gradients still scaled, setting ``grad_scale`` and ``found_inf`` on it for the
+step: the methods then see the gradients divided by that scale (multiplied back afterwards;
+exact for GradScaler's power-of-two scales), and a step whose gradients overflowed, which the
+kernel skips, skips the methods too.
 
 While a handle is live a global module-registration hook is installed too: it warns when a
 module holding a sparse weight is replaced (:mod:`nmsparse.swap_guard`).
@@ -21,6 +29,7 @@ module holding a sparse weight is replaced (:mod:`nmsparse.swap_guard`).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -77,21 +86,50 @@ def _claim(optimizer: torch.optim.Optimizer, found: dict) -> dict:
     return claimed
 
 
+def _overflowed(optimizer: torch.optim.Optimizer) -> bool:
+    """GradScaler found inf/NaN gradients for an optimizer that skips the update itself."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf.any())
+
+
+@contextlib.contextmanager
+def _unscaled(optimizer: torch.optim.Optimizer, found: dict):
+    """The gradients of ``found`` divided by GradScaler's scale while the methods run, if
+    they reach the optimizer still scaled."""
+    scale = getattr(optimizer, "grad_scale", None)
+    grads = [] if not isinstance(scale, torch.Tensor) else [
+        grad for weights in found.values() for w in weights
+        if (grad := w.owned().grad) is not None]
+    for grad in grads:
+        grad.div_(scale.to(grad.device))
+    try:
+        yield
+    finally:
+        for grad in grads:
+            grad.mul_(scale.to(grad.device))
+
+
+def _run_before_step(optimizer: torch.optim.Optimizer, found: dict) -> None:
+    with _unscaled(optimizer, found):
+        for handle, weights in found.items():
+            handle.run_before_step(weights, optimizer)
+
+
 def begin_step(optimizer: torch.optim.Optimizer, found: dict, args: tuple, kwargs: dict):
     """Run ``before_step`` now, or after the closure if ``step`` was given one."""
+    if _overflowed(optimizer):
+        return None  # unclaimed, so end_step skips the methods too
     found = _claim(optimizer, found)
     if not found:
         return None
     closure, by_keyword = _closure_of(args, kwargs)
     if closure is None:
-        for handle, weights in found.items():
-            handle.run_before_step(weights, optimizer)
+        _run_before_step(optimizer, found)
         return None
 
     def closure_then_before_step():
         loss = closure()
-        for handle, weights in found.items():
-            handle.run_before_step(weights, optimizer)
+        _run_before_step(optimizer, found)
         return loss
 
     if by_keyword:

@@ -78,3 +78,47 @@ def test_hugging_face_trainer_matches_a_plain_loop(tmp_path):
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-6, atol=1e-7,
                                    msg=key)
     assert nmsparse.check(model, "2:4", exclude="lm_head").ok
+
+
+def _tiny_llama(tied: bool):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=16,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                      tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _tiny_gpt2():
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1,
+                                     n_head=2, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "gpt2"])
+def test_trainer_with_default_arguments_trains_the_sparse_layers(name, tmp_path):
+    """Default TrainingArguments pick fused AdamW, whose kernels bump no version counter: the
+    forward weights must follow every step and finalize must not change the logits."""
+    torch.manual_seed(0)
+    model = _tiny_gpt2() if name == "gpt2" else _tiny_llama(tied=name == "llama-tied")
+    handle = nmsparse.sparsify(model, "2:4", decay=DECAY)
+    ids = torch.randint(1, 64, (8, 16), generator=torch.Generator().manual_seed(2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6,
+                                          per_device_train_batch_size=4, use_cpu=True,
+                                          report_to=[], save_strategy="no",
+                                          disable_tqdm=True, learning_rate=1e-2)
+    assert args.optim == "adamw_torch_fused"  # the default this test is about
+    dense_before = {w.name: w.dense.detach().clone() for w in handle}
+    transformers.Trainer(model=model, args=args,
+                         train_dataset=[{"input_ids": r, "labels": r} for r in ids]).train()
+    assert handle.steps == 6
+    for w in handle:
+        dense = w.dense.detach()
+        assert not torch.equal(dense, dense_before[w.name]), w.name  # it did train
+        torch.testing.assert_close(w.module.weight.detach(), dense * w.mask, rtol=0, atol=0,
+                                   msg=w.name)
+        assert torch.equal(w.mask, w.pattern.mask(dense.abs())), w.name
+    model.eval()
+    expected = model(ids).logits
+    nmsparse.finalize(model)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)

@@ -31,7 +31,8 @@ BUILT_IN = [name for name, cls in nmsparse.METHODS.items()
             if cls.__module__.startswith("nmsparse.")]
 PATTERNS = ["2:4", "1:8"]
 # A method that needs a particular optimizer gets it here (STEP freezes Adam's second moment).
-OPTIMIZERS = {"step": lambda params: torch.optim.Adam(params, lr=1e-3, weight_decay=1e-3)}
+OPTIMIZERS = {"step": lambda params, **flags: torch.optim.Adam(params, lr=1e-3,
+                                                               weight_decay=1e-3, **flags)}
 
 
 class Net(nn.Module):
@@ -59,13 +60,14 @@ def train(model, opt, data):
         opt.step()
 
 
-def sparse_net(name: str, pattern: str, seed: int = 0):
+def sparse_net(name: str, pattern: str, seed: int = 0, **flags):
+    """The method's network, handle and optimizer (``flags``: e.g. ``fused=True``)."""
     torch.manual_seed(seed)
     model = Net()
     handle = nmsparse.sparsify(model, pattern, name)
-    make = OPTIMIZERS.get(name, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9,
-                                                               weight_decay=1e-3))
-    return model, handle, make(model.parameters())
+    make = OPTIMIZERS.get(name, lambda params, **flags: torch.optim.SGD(
+        params, lr=0.05, momentum=0.9, weight_decay=1e-3, **flags))
+    return model, handle, make(model.parameters(), **flags)
 
 
 def test_every_built_in_method_declares_its_gradient_rule():
@@ -88,6 +90,22 @@ def test_masks_follow_the_pattern_after_every_step(name, pattern):
             torch.testing.assert_close(w.masked[w.mask], w.dense.detach()[w.mask],
                                        rtol=0, atol=0)
     assert handle.steps == 4
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_forward_follows_a_fused_optimizer_step(name):
+    """Fused kernels write the weights without bumping their version counters: the forward
+    weights must follow each step exactly as with the for-loop implementation."""
+    runs = []
+    for flags in ({"foreach": False}, {"fused": True}):
+        model, handle, opt = sparse_net(name, "2:4", **flags)
+        forward = []
+        for x, y in batches(1, 4):
+            train(model, opt, [(x, y)])
+            forward += [(w.name, w.module.weight.detach().clone()) for w in handle]
+        runs.append(forward)
+    for (name_a, a), (_, b) in zip(*runs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name_a)
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
