@@ -23,7 +23,9 @@ def add_prune_command(commands, parse_option) -> argparse.ArgumentParser:
     parser = commands.add_parser("prune", help="one-shot prune a trained run "
                                  "(magnitude, wanda, sparsegpt)")
     parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
-    parser.add_argument("--method", default="sparsegpt", choices=PRUNERS.names())
+    parser.add_argument("--pruner", "--method", dest="method", default="sparsegpt",
+                        choices=PRUNERS.names(), help="the one-shot pruner (--method is its "
+                        "old name; the training method that holds the masks is --then)")
     parser.add_argument("--pattern", default="2:4",
                         help="N:M (keep N of every M) or unstructured:D (default 2:4)")
     parser.add_argument("--calibration", type=int, default=128, metavar="N",
@@ -95,7 +97,7 @@ def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
     config.exclude = list(args.exclude or [])
     config.method_options = {}
     report = {
-        "source": str(args.path), "method": result.method, "pattern": str(result.pattern),
+        "source": str(args.path), "method": result.pruner, "pattern": str(result.pattern),
         "then": args.then, "calibration_samples": sum(len(b) for b in batches),
         "calibration_rows": result.calibration_rows, "mode": result.mode,
         "seconds": result.seconds, "before": before, "after": after,
