@@ -330,7 +330,7 @@ def test_trainer_resume_with_a_stateful_method_is_bit_identical(tmp_path):
     from nmsparse.train.config import TrainConfig
 
     def config(out):
-        return TrainConfig(method="test-noisy-every", method_options={"period": 3}, decay=0.01,
+        return TrainConfig(method="test-noisy-every", method_options={"period": 3, "decay": 0.01},
                            epochs=3, batch_size=64, limit_train_batches=5,
                            limit_test_batches=2, model_options={"hidden": [32]}, plots=False,
                            out=str(out)).validate()

@@ -54,7 +54,7 @@ class RunSpec:
         what = "dense" if cfg.dense else f"{cfg.pattern.replace(':', 'of')}-{cfg.method}"
         extra = f"-{self.label}" if self.label else ""
         if self.group == "decay":
-            extra = f"-decay{cfg.decay:g}"
+            extra = f"-decay{cfg.make_method().decay:g}"
         elif self.group == "layout":
             extra = f"-{cfg.layout}"
         elif self.group == "extra" and cfg.method_options:
@@ -64,6 +64,8 @@ class RunSpec:
 
 def run_id(config: TrainConfig) -> str:
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_HASHED}
+    # the method as resolved: a default given explicitly is the same run
+    values["method_options"] = config.make_method().options()
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
@@ -97,7 +99,7 @@ class Preset:
 # The paper's recipe shape: SGD momentum 0.9, warm-up then cosine per step, weight decay 5e-5
 # on everything; sparse from step 0; the final fc stays dense (as in the paper's tables).
 _RECIPE = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-5,
-           "decay": 2e-4, "exclude": ["fc"], "layout": "in", "log_every": 10}
+           "exclude": ["fc"], "layout": "in", "log_every": 10}
 
 FULL = Preset(
     name="full",
@@ -105,7 +107,7 @@ FULL = Preset(
             "model_options": {"width": 1.0}, "epochs": 30, "batch_size": 128,
             "warmup_epochs": 2.0, "device": "auto"},
     lm={"data": "text", "model": "gpt_tiny", "seq_len": 256, "optimizer": "sgd", "lr": 0.1,
-        "momentum": 0.9, "weight_decay": 5e-5, "decay": 2e-4, "epochs": 4, "batch_size": 32,
+        "momentum": 0.9, "weight_decay": 5e-5, "epochs": 4, "batch_size": 32,
         "limit_train_batches": 2000, "limit_test_batches": 100, "warmup_epochs": 0.25,
         "log_every": 10, "device": "auto"},
     main=(("dense", "dense"),
@@ -133,7 +135,7 @@ QUICK = Preset(
             "model_options": {"width": 0.5}, "epochs": 3, "batch_size": 128,
             "warmup_epochs": 0.5, "device": "cpu"},
     lm={"data": "text", "model": "gpt_tiny", "seq_len": 128, "optimizer": "sgd", "lr": 0.1,
-        "momentum": 0.9, "weight_decay": 5e-5, "decay": 2e-4, "epochs": 1, "batch_size": 16,
+        "momentum": 0.9, "weight_decay": 5e-5, "epochs": 1, "batch_size": 16,
         "limit_train_batches": 250, "limit_test_batches": 40, "warmup_epochs": 0.1,
         "log_every": 10, "device": "cpu"},
     main=(("dense", "dense"), ("ste", "2:4"), ("srste", "2:4"), ("ste", "1:8"),
@@ -181,7 +183,7 @@ CPU = Preset(
             "log_every": 20},
     lm={"data": "text", "model": "gpt_tiny", "seq_len": 64,
         "model_options": {"n_layer": 2, "n_head": 2, "d_model": 64}, "optimizer": "sgd",
-        "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-5, "decay": 2e-4, "epochs": 1,
+        "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-5, "epochs": 1,
         "batch_size": 16, "limit_train_batches": 200, "limit_test_batches": 10,
         "warmup_epochs": 0.1, "log_every": 10, "device": "cpu", "plots": False},
     main=(("dense", "dense"), ("ste", "2:4"), ("srste", "2:4"), ("srste", "4:8"),
@@ -291,7 +293,8 @@ def expand(preset: Preset | str, data_dir: str | None = None) -> list[RunSpec]:
             for decay in decays:
                 runs.append(RunSpec("decay", {**preset.vision,
                                               "pattern": preset.decay_pattern,
-                                              "method": "srste", "decay": decay,
+                                              "method": "srste",
+                                              "method_options": {"decay": decay},
                                               "seed": seed}))
             for pattern in preset.layout_patterns:
                 runs.append(RunSpec("layout", {**preset.vision, "pattern": pattern,

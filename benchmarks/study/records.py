@@ -98,7 +98,10 @@ class RunRecord:
 
     @property
     def decay(self) -> float:
-        return float(self.config.get("method_options", {}).get("decay", self.config["decay"]))
+        # saved before decay became a method option: the top-level key (2e-4 by default)
+        legacy = self.config.get("decay")
+        return float(self.config.get("method_options", {}).get(
+            "decay", PAPER_DEFAULT_DECAY if legacy is None else legacy))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -26,16 +26,7 @@ from ._dtensor import gather
 from .grouping import check_layout
 from .masks import MASK_SUFFIX
 from .patterns import OnTranspose, Pattern
-from .selection import (
-    PatternSpec,
-    as_globs,
-    choose,
-    eligible_weights,
-    layer_pattern,
-    matches,
-    qualified,
-)
-from .sparse_module import sparse_states
+from .selection import PatternSpec, as_globs, choose, matches, select
 from .tables import format_table
 
 
@@ -86,20 +77,41 @@ class CheckReport:
             right_aligned=(4, 5))
 
 
-def _tensors_of_model(model: nn.Module):
-    for module_name, module, param in eligible_weights(model):
-        state = sparse_states(module).get(param)
-        tensor = state.mask if state is not None else module._parameters[param].detach()
-        yield module_name, qualified(module_name, param), tensor, module
-
-
 def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
     for key, tensor in state_dict.items():
         if (not key.rsplit(".", 1)[-1].endswith("weight") or not isinstance(tensor, torch.Tensor)
                 or not torch.is_floating_point(tensor) or not 2 <= tensor.dim() <= 5):
             continue
         module_name = key.rsplit(".", 1)[0] if "." in key else ""
-        yield module_name, key, state_dict.get(key + MASK_SUFFIX, tensor), None
+        yield module_name, key, state_dict.get(key + MASK_SUFFIX, tensor)
+
+
+def _model_rows(model: nn.Module, pattern, include, exclude, layout: str):
+    """The eligible weights as :func:`~nmsparse.selection.select` chose them (a tied weight
+    under each of its names, as the state dict holds it); a live sparse weight is checked by
+    its mask."""
+    for choice in select(model, pattern, include, exclude, layout=layout, tied="each"):
+        state = choice.sparse_state
+        tensor = state.mask if state is not None else choice.weight.detach()
+        yield choice.name, tensor, choice.pattern, choice.reason
+
+
+def _state_dict_rows(state_dict: Mapping[str, torch.Tensor], pattern, include, exclude,
+                     layout: str, transposed_globs: list[str]):
+    tensors = list(_tensors_of_state_dict(state_dict))
+    if not tensors:
+        raise ValueError("nothing to check: no eligible weight found")
+    names = [(module_name, name) for module_name, name, _ in tensors]
+    choices = choose(names, pattern, include, exclude, layout=layout)
+    for glob in transposed_globs:
+        if not any(matches(glob, pair) for pair in names):
+            raise ValueError(f"transposed glob {glob!r} matches no checked weight")
+    for (_, name, tensor), pair, (chosen, _, reason) in zip(tensors, names, choices,
+                                                            strict=True):
+        if chosen is not None and any(matches(glob, pair) for glob in transposed_globs):
+            chosen = OnTranspose(chosen)
+        error = chosen.why_not(tuple(tensor.shape)) if chosen is not None else None
+        yield name, tensor, None if error else chosen, reason or error
 
 
 def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
@@ -115,30 +127,18 @@ def check(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
         if transposed_globs:
             raise ValueError("transposed= applies to state dicts: in a model, Hugging Face "
                              "Conv1D layers are recognised by their class")
-        tensors = list(_tensors_of_model(model_or_state_dict))
+        rows = _model_rows(model_or_state_dict, pattern, include, exclude, layout)
     elif isinstance(model_or_state_dict, Mapping):
-        tensors = list(_tensors_of_state_dict(model_or_state_dict))
+        rows = _state_dict_rows(model_or_state_dict, pattern, include, exclude, layout,
+                                transposed_globs)
     else:
         raise ValueError("check takes an nn.Module or a state dict (a mapping of names to "
                          f"tensors), got {type(model_or_state_dict).__name__}")
-    if not tensors:
-        raise ValueError("nothing to check: no eligible weight found")
-    names = [(module_name, name) for module_name, name, _, _ in tensors]
-    choices = choose(names, pattern, include, exclude, layout=layout)
-    for glob in transposed_globs:
-        if not any(matches(glob, pair) for pair in names):
-            raise ValueError(f"transposed glob {glob!r} matches no checked weight")
     report = CheckReport()
-    for (_, name, tensor, module), pair, (chosen, _, reason) in zip(tensors, names, choices,
-                                                                    strict=True):
-        if chosen is not None and module is not None:
-            chosen = layer_pattern(module, chosen)
-        elif chosen is not None and any(matches(glob, pair) for glob in transposed_globs):
-            chosen = OnTranspose(chosen)
+    for name, tensor, chosen, reason in rows:
         shape = tuple(tensor.shape)
-        error = chosen.why_not(shape) if chosen is not None else None
-        if chosen is None or error:
-            report.rows.append(CheckRow(name, shape, None, note=reason or error))
+        if chosen is None:
+            report.rows.append(CheckRow(name, shape, None, note=reason))
             continue
         found = chosen.violations(gather(tensor))
         report.rows.append(CheckRow(name, shape, chosen, found.groups, found.violating,

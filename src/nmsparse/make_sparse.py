@@ -20,7 +20,15 @@ from .grouping import check_layout
 from .handle import LayerReport, SparsityHandle
 from .masks import nonfinite_error
 from .methods import Method, make_method
-from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
+from .selection import (
+    UNINITIALIZED,
+    Choice,
+    PatternSpec,
+    check_tied,
+    parameter_holders,
+    qualified,
+    select,
+)
 from .sparse_module import (
     attach,
     attach_tied,
@@ -30,13 +38,13 @@ from .sparse_module import (
     sparse_states,
     tied_states,
 )
-from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
+from .sparse_weight import SparseWeight
 
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
 
 
 def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:4",
-             method: str | Method = "srste", decay: float | None = None, *,
+             method: str | Method = "srste", *,
              include: str | Sequence[str] | None = None,
              exclude: str | Sequence[str] | None = None, layout: str = "in",
              strict: bool = False, masks: Mapping[str, torch.Tensor] | None = None,
@@ -51,8 +59,8 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
             "*": ("2:4", SRSTE(decay=2e-4))}``.
         method: the method of rules that name none: a registered name (``"srste"``,
             ``"ste"``, ``"fixed"``, ``"asp"``, ...) or a :class:`~nmsparse.methods.Method`.
-        decay, **method_options: hyperparameters of ``method`` given by name (``decay`` is
-            SR-STE's refinement strength, 2e-4 by default); an unknown one is an error.
+        **method_options: hyperparameters of a ``method`` given by name, e.g. ``decay=2e-4``
+            (SR-STE's refinement strength); one the method does not take is an error.
         include / exclude: globs on qualified module (or weight) names.
         layout: grouping of ``"N:M"`` specs: ``"in"`` (input channels, the hardware
             layout) or ``"flat"`` (memory order).
@@ -66,52 +74,38 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
             the finalized model compute the same.
     """
     _check_model(model)
-    if tied not in ("dense", "sparse"):
-        raise ValueError(f"tied must be 'dense' or 'sparse', got {tied!r}")
-    default_method = make_method(method, decay, **method_options)
+    check_tied(tied)
+    default_method = make_method(method, **method_options)
     check_layout(layout)
-    candidates = list(eligible_weights(model))
-    if not candidates:
-        raise ValueError("the model has no layer nmsparse can make sparse "
-                         "(nn.Linear, nn.Conv1d/2d/3d, nn.MultiheadAttention)")
-    names = [(module_name, qualified(module_name, param)) for module_name, _, param in
-             candidates]
-    choices = choose(names, pattern, include, exclude, method=default_method, layout=layout)
+    choices = select(model, pattern, include, exclude, method=default_method, layout=layout,
+                     tied=tied, strict=strict)
+    return sparsify_choices(model, choices, masks)
 
+
+def sparsify_choices(model: nn.Module, choices: list[Choice],
+                     masks: Mapping[str, torch.Tensor] | None = None) -> SparsityHandle:
+    """Make the weights ``choices`` give a pattern sparse (:func:`nmsparse.selection.select`
+    decided them; ``prune`` hands over its own selection here) and return the handle."""
     holders = parameter_holders(model)
     handle = SparsityHandle(model, [])
-    plan, seen = [], {}
-    for (module_name, module, param), (_, name), (chosen, how, reason) in zip(
-            candidates, names, choices, strict=True):
-        weight = module._parameters[param]
-        if chosen is not None:
-            chosen = layer_pattern(module, chosen)
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError(f"{name} is uninitialized (a lazy module): run one forward pass "
-                             "before sparsify")
-        if getattr(weight, STATE_ATTRIBUTE, None) is not None:
-            if chosen is not None:
-                raise ValueError(f"{name} is already sparse; call nmsparse.finalize(model) "
-                                 "first, or leave it out of this call (include/exclude)")
+    plan = []
+    for choice in choices:
+        weight = choice.weight
+        if choice.requested and choice.reason == UNINITIALIZED:
+            raise ValueError(f"{choice.name} is {UNINITIALIZED}, then sparsify")
+        if choice.sparse_state is not None:
+            if choice.requested:
+                raise ValueError(f"{choice.name} is already sparse; call "
+                                 "nmsparse.finalize(model) first, or leave it out of this call "
+                                 "(include/exclude)")
             continue  # sparse from an earlier call and not asked for: not this handle's
-        others = [other for other, m, p in holders.get(id(weight), ())
-                  if (m, p) != (module, param)]
-        if chosen is not None and others and tied == "dense":
-            chosen, reason = None, (f"tied to {', '.join(others)}: kept dense (tied='sparse' "
-                                    "makes it sparse for every module that reads it)")
-        if chosen is not None and id(weight) in seen:
-            chosen, reason = None, f"tied to {seen[id(weight)]}: reads its sparse weight"
-        if chosen is not None and not torch.is_floating_point(weight):
-            chosen, reason = None, f"dtype {weight.dtype} is not floating point"
-        if chosen is not None and (error := chosen.why_not(tuple(weight.shape))):
-            if strict:
-                raise ValueError(f"{name}: {error} (strict=True)")
-            chosen, reason = None, error
-        handle.layers.append(LayerReport(name, type(module).__name__, tuple(weight.shape),
-                                         chosen, reason, how if chosen is not None else None))
-        if chosen is not None:
-            seen[id(weight)] = name
-            plan.append((module_name, SparseWeight(module, param, name, chosen, how, handle)))
+        handle.layers.append(LayerReport(choice.name, type(choice.module).__name__,
+                                         tuple(weight.shape), choice.pattern, choice.reason,
+                                         choice.method))
+        if choice.pattern is not None:
+            plan.append((choice.module_name,
+                         SparseWeight(choice.module, choice.param, choice.name, choice.pattern,
+                                      choice.method, handle)))
     if not plan:
         raise ValueError(f"no layer of the model can take the requested pattern:\n{handle}")
     given = dict(masks or {})
@@ -144,17 +138,6 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
     setattr(model, _DDP_IGNORE, ignored)
     step_hooks.register(handle)
     return handle
-
-
-def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
-    """Every (qualified name, module, parameter name) holding each Parameter, by its id."""
-    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    for module_name, module in model.named_modules():
-        for param, value in module._parameters.items():
-            if value is not None:
-                holders.setdefault(id(value), []).append(
-                    (qualified(module_name, param), module, param))
-    return holders
 
 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:

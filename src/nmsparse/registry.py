@@ -9,8 +9,9 @@ one line that lists the accepted names, so command-line front ends can print it 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -67,6 +68,28 @@ class Registry(Generic[T]):
             raise self._error(f"unknown {self.kind} {name!r}; accepted: "
                               f"{', '.join(sorted(self._entries)) or '(none registered)'}")
         return self._entries[key]
+
+    def build(self, spec: object, base: type, **options: Any) -> Any:
+        """An instance from ``spec``: a registered name or a ``base`` subclass (a dataclass)
+        built with ``options``, or a ``base`` instance as is (``options`` must agree with it).
+        An option the class does not take is an error naming the ones it takes, never
+        silently dropped: the one rule for methods and pruners alike."""
+        if isinstance(spec, base):
+            conflicts = {k: v for k, v in options.items()
+                         if not hasattr(spec, k) or getattr(spec, k) != v}
+            if conflicts:
+                raise self._error(f"options {conflicts} conflict with the {self.kind} "
+                                  f"instance {spec!r}")
+            return spec
+        cls = spec if isinstance(spec, type) and issubclass(spec, base) else self.get(spec)
+        accepted = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            takes = f"its options are {', '.join(accepted)}" if accepted else \
+                "it takes no options"
+            raise self._error(f"{self.kind} {getattr(cls, 'name', cls.__name__)!r} takes no "
+                              f"{' or '.join(unknown)} ({takes})")
+        return cls(**options)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._normalize(name.strip()) in self._entries

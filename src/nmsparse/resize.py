@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .handle import LayerReport
-from .make_sparse import parameter_holders
 from .patterns import NM
+from .selection import parameter_holders
 from .sparse_module import attach, attach_tied, detach, detach_tied, sparse_states, tied_states
 from .sparse_weight import SparseWeight
 

@@ -113,6 +113,14 @@ CASES = {
                                   "do not also give --lr", False),
     "data dir for digits": (["train", *FAST, "--data-dir", "{tmp}"], "takes no data_dir",
                             False),
+    "--decay for a method without one": (["train", *FAST, "--method", "ste", "--decay", "1e-3"],
+                                         "method 'ste' takes no decay", False),
+    "--decay and a different decay option": (
+        ["train", *FAST, "--decay", "1e-3", "--method-option", "decay=2e-3"],
+        "--decay 0.001 and method option decay=0.002 disagree", False),
+    "recipe decay option for ste": (
+        lambda t, r: recipe(t, 'method = "ste"\nmethod_options = {decay = 1e-3}\n'),
+        "method 'ste' takes no decay", False),
     "summary: run and --data": (lambda t, r: ["summary", str(r), "--data", "digits"],
                                 "only for --model", False),
     "summary: bad --input-shape": (["summary", "--model", "mlp", "--input-shape", "3,x",

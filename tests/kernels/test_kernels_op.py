@@ -191,12 +191,12 @@ def test_swap_skips_what_it_cannot_replace():
         if isinstance(module, nn.Linear):
             with torch.no_grad():
                 module.weight.zero_()
-    report = swap_linear_layers(model, (2, 4), filter_fn=lambda name, _: name != "filtered")
+    report = swap_linear_layers(model, (2, 4), exclude="filtered")
     assert report.swapped == []
     skipped = report.skipped
     assert "MultiheadAttention" in skipped["attn.out_proj"]
     assert "shared" in skipped["tied"]
     assert "subclass" in skipped["sub"]
-    assert "filter_fn" in skipped["filtered"]
+    assert skipped["filtered"] == "excluded by 'filtered'"
     assert "not divisible by M=4" in skipped["uneven"]
     assert "use NMLinear.from_linear" in swap_linear_layers(nn.Linear(8, 8)).skipped["(model)"]

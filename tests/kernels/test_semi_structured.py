@@ -157,8 +157,11 @@ def test_plan_strict_raises_on_violation_and_filter_excludes():
         model[2].weight[3, 8:12] = 1.0
     with pytest.raises(nmsparse.NMViolationError, match=r"2: not 2:4 .*row 3, columns 8\.\.11"):
         ss.plan(model, strict=True)
-    report = ss.plan(model, strict=True, filter_fn=lambda name, module: name != "2")
+    report = ss.plan(model, strict=True, exclude="2")
     assert [layer.status for layer in report.layers] == ["eligible", "skipped"]
+    assert report.layers[1].reason == "excluded by '2'"
+    with pytest.warns(DeprecationWarning, match="filter_fn"):  # the old predicate, one release
+        report = ss.plan(model, strict=True, filter_fn=lambda name, module: name != "2")
     assert report.layers[1].reason == "excluded by filter_fn"
 
 

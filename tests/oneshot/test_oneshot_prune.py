@@ -219,14 +219,18 @@ def test_calibration_batches_may_be_pairs_or_mappings():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"method": "obs"}, "unknown one-shot pruning method 'obs'"),
-    ({"method": "wanda"}, "needs calibration data"),
-    ({"method": "sparsegpt", "calibration": []}, "was empty"),
-    ({"method": "sparsegpt", "calibration": [1, 2]}, "calibration batch must be"),
-    ({"method": "sparsegpt", "calibration": [torch.zeros(1, 4, dtype=torch.long)],
+    ({"pruner": "obs"}, "unknown one-shot pruning method 'obs'"),
+    ({"pruner": "wanda"}, "needs calibration data"),
+    ({"pruner": "sparsegpt", "calibration": []}, "was empty"),
+    ({"pruner": "sparsegpt", "calibration": [1, 2]}, "calibration batch must be"),
+    ({"pruner": "sparsegpt", "calibration": [torch.zeros(1, 4, dtype=torch.long)],
       "blocksize": 0}, "blocksize"),
-    ({"method": "magnitude", "blocksize": 8}, "unexpected keyword"),
-    ({"method": "magnitude", "pattern": "3:2"}, "invalid N:M"),
+    ({"pruner": "magnitude", "blocksize": 8},
+     r"'magnitude' takes no blocksize \(it takes no options\)"),
+    ({"pruner": "magnitude", "pattern": "3:2"}, "invalid N:M"),
+    ({"pruner": "magnitude", "then": "ste", "decay": 1e-3}, "takes no decay"),
+    ({"pruner": "magnitude", "method": "wanda"}, "pruner= only"),
+    ({"pruner": "magnitude", "exclude": ["typo"]}, "exclude glob 'typo' matches no"),
 ])
 def test_bad_input_is_a_one_line_error_and_changes_nothing(kwargs, message):
     model = _gpt()
@@ -269,3 +273,24 @@ def test_a_layer_no_calibration_input_reaches_is_named():
     assert torch.equal(model.unused.weight, before) and _hook_count(model) == 0
     result = prune(model, "2:4", "wanda", calibration=[torch.randn(4, 8)], exclude="unused")
     assert [layer.pruned for layer in result.layers] == [True, False]
+
+
+def test_pruner_and_then_name_the_two_methods_and_take_instances():
+    from nmsparse.oneshot import SparseGPT
+
+    batches = [torch.zeros(1, 4, dtype=torch.long)]
+    by_name = prune(_gpt(), "2:4", pruner="sparsegpt", calibration=batches, then="srste",
+                    damp=0.05)
+    by_instance = prune(_gpt(), "2:4", pruner=SparseGPT(damp=0.05), calibration=batches,
+                        then=nmsparse.SRSTE())
+    assert by_name.pruner == by_instance.pruner == "sparsegpt"
+    assert all(torch.equal(by_name.masks[k], by_instance.masks[k]) for k in by_name.masks)
+    assert by_instance.handle.method == nmsparse.SRSTE()
+
+
+def test_the_old_method_keyword_still_names_the_pruner_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="pruner="):
+        old = prune(_gpt(), "2:4", method="magnitude")
+    assert old.pruner == "magnitude"
+    with pytest.warns(DeprecationWarning, match="PruneResult.pruner"):
+        assert old.method == "magnitude"

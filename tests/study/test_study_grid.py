@@ -69,8 +69,10 @@ def test_ids_are_stable_and_distinct() -> None:
 
 def test_id_follows_the_resolved_config() -> None:
     base = RunSpec("main", {"data": "digits", "pattern": "2:4"})
-    explicit_default = RunSpec("main", {"data": "digits", "pattern": "2:4", "decay": 2e-4})
-    changed = RunSpec("main", {"data": "digits", "pattern": "2:4", "decay": 2e-3})
+    explicit_default = RunSpec("main", {"data": "digits", "pattern": "2:4",
+                                        "method_options": {"decay": 2e-4}})
+    changed = RunSpec("main", {"data": "digits", "pattern": "2:4",
+                               "method_options": {"decay": 2e-3}})
     assert base.run_id == explicit_default.run_id
     assert base.run_id != changed.run_id
     # where it is written, and whether plots are drawn, does not change what it is
@@ -97,8 +99,9 @@ def _seeds(specs: list[RunSpec], group: str, method: str, pattern: str, **extra)
     for s in specs:
         c = s.config()
         row = "dense" if c.dense else c.method
+        values = {**c.to_dict(), **c.make_method().options()}  # decay: a method option
         if s.group == group and row == method and c.pattern == pattern and all(
-                getattr(c, k) == v for k, v in extra.items()):
+                values.get(k) == v for k, v in extra.items()):
             out.append(c.seed)
     return sorted(out)
 

@@ -83,7 +83,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         default=keep, type=_parse_option, metavar="KEY=VALUE",
                         help="method hyperparameter, repeatable, e.g. decay=1e-3")
     sparse.add_argument("--decay", type=float, default=keep,
-                        help="refinement decay of methods that take one (SR-STE: 2e-4)")
+                        help="shorthand of --method-option decay=X, for methods that take a "
+                        "refinement decay (SR-STE: 2e-4)")
     sparse.add_argument("--exclude", nargs="+", default=keep, metavar="GLOB",
                         help="layers to keep dense, e.g. fc 'layer1.*'")
     sparse.add_argument("--include", nargs="+", default=keep, metavar="GLOB",
@@ -291,6 +292,11 @@ def _train(args: argparse.Namespace) -> int:
     for options in ("model_options", "method_options"):
         if options in overrides:
             overrides[options] = dict(overrides[options])
+    if "decay" in overrides:  # the shorthand of --method-option decay=
+        from ..train.config import with_decay
+
+        overrides["method_options"] = with_decay(overrides.get("method_options", {}),
+                                                 overrides.pop("decay"), "--decay")
     if args.resume:  # these may change between sessions; the recipe may not
         extra = sorted(set(overrides) - {"device", "num_workers", "data_dir", "text_file"})
         if extra or args.recipe:

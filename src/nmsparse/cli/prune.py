@@ -31,8 +31,10 @@ def add_prune_command(commands, parse_option, examples) -> argparse.ArgumentPars
     parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
                         help="the trained run (a folder or checkpoint) to prune")
     how = parser.add_argument_group("how to prune")
-    how.add_argument("--method", default="sparsegpt", choices=PRUNERS.names(),
-                     help="the one-shot pruner (default sparsegpt)")
+    how.add_argument("--pruner", "--method", dest="method", default="sparsegpt",
+                     choices=PRUNERS.names(), help="the one-shot pruner (default sparsegpt; "
+                     "--method is its old name; the training method that holds the masks is "
+                     "--then)")
     how.add_argument("--pattern", default="2:4",
                      help="N:M (keep N of every M) or unstructured:D (default 2:4)")
     how.add_argument("--exclude", nargs="+", default=None, metavar="GLOB",
@@ -126,7 +128,7 @@ def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
         config.exclude = list(args.exclude or [])
         config.method_options = {}
         report = {
-            "source": str(args.path), "method": result.method, "pattern": str(result.pattern),
+            "source": str(args.path), "method": result.pruner, "pattern": str(result.pattern),
             "then": args.then, "calibration_samples": sum(len(b) for b in batches),
             "calibration_rows": result.calibration_rows, "mode": result.mode,
             "seconds": result.seconds, "before": before, "after": after,

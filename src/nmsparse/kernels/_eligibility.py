@@ -3,7 +3,11 @@ by :func:`~nmsparse.kernels.swap_linear_layers` and :func:`~nmsparse.kernels.acc
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
+
+from ..selection import select
 
 
 def shared_parameters(model: nn.Module) -> set[int]:
@@ -33,3 +37,28 @@ def structural_reason(module: nn.Linear, parent: nn.Module | None,
     if weight.device.type == "meta":
         return "weight is on the meta device"
     return None
+
+
+def not_asked(model: nn.Module, pattern, include, exclude, filter_fn, verb: str
+              ) -> dict[str, str]:
+    """``{module name: why it was not asked for}`` of the eligible weights that the
+    include/exclude globs leave out, by the one selection every verb uses
+    (:func:`nmsparse.selection.select`; a glob matching nothing raises there). What a kernel
+    can do with the rest (dtype, shape, structure, values) is the kernel's own judgement.
+
+    ``filter_fn(name, module)`` is the deprecated predicate of the kernel verbs: globs are
+    the one vocabulary (they travel in CLI flags and config files, and a typo is an error).
+    """
+    left_out = {}
+    if include is not None or exclude is not None:
+        left_out = {choice.module_name: choice.reason
+                    for choice in select(model, pattern, include, exclude, tied="each")
+                    if not choice.requested}
+    if filter_fn is not None:
+        warnings.warn(f"{verb}(filter_fn=...) is deprecated: select layers with include= / "
+                      "exclude= globs (as every nmsparse verb does)", DeprecationWarning,
+                      stacklevel=3)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and not filter_fn(name, module):
+                left_out.setdefault(name, "excluded by filter_fn")
+    return left_out

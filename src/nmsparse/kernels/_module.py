@@ -12,7 +12,7 @@ pattern, and reports every Linear it left alone with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,7 @@ from ..patterns import NM, parse_pattern
 from ..sparse_module import original_class, sparse_states
 from ..tables import format_table
 from . import _op  # noqa: F401  (registers torch.ops.nmsparse.nm_linear)
-from ._eligibility import shared_parameters, structural_reason
+from ._eligibility import not_asked, shared_parameters, structural_reason
 
 
 class NMLinear(nn.Module):
@@ -144,16 +144,20 @@ def _skip_reason(module: nn.Linear, parent: nn.Module, pattern: NM, shared: set[
 
 
 def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "2:4",
-                       filter_fn: Callable[[str, nn.Module], bool] | None = None) -> SwapReport:
+                       filter_fn: Callable[[str, nn.Module], bool] | None = None, *,
+                       include: str | Sequence[str] | None = None,
+                       exclude: str | Sequence[str] | None = None) -> SwapReport:
     """Replace, in place, the N:M ``nn.Linear`` layers of a finalized ``model`` by NMLinear.
 
-    A layer is swapped when it is a plain ``nn.Linear``, ``filter_fn(name, module)`` (if given)
-    is true, its ``in_features`` is divisible by M and every group of M weights along ``in``
-    has at most N non-zeros. Skipped: live nmsparse layers (not finalized), subclasses of
-    Linear, the projections of ``nn.MultiheadAttention`` (it reads ``.weight`` directly), tied
-    weights, and weights that are not N:M. Returns a :class:`SwapReport`.
+    A layer is swapped when it is a plain ``nn.Linear``, the ``include`` / ``exclude`` globs
+    select it (as in every verb; ``filter_fn`` is deprecated), its ``in_features`` is
+    divisible by M and every group of M weights along ``in`` has at most N non-zeros.
+    Skipped: live nmsparse layers (not finalized), subclasses of Linear, the projections of
+    ``nn.MultiheadAttention`` (it reads ``.weight`` directly), tied weights, and weights that
+    are not N:M. Returns a :class:`SwapReport`.
     """
     pattern = parse_pattern(pattern)
+    left_out = not_asked(model, pattern, include, exclude, filter_fn, "swap_linear_layers")
     shared = shared_parameters(model)
     report = SwapReport(pattern)
     parents = {name: module for name, module in model.named_modules()}
@@ -162,8 +166,8 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
         if not isinstance(module, nn.Linear):
             continue
         shape = tuple(module.weight.shape)
-        if filter_fn is not None and not filter_fn(name, module):
-            report.rows.append(SwapRow(name, shape, False, "excluded by filter_fn"))
+        if name in left_out:
+            report.rows.append(SwapRow(name, shape, False, left_out[name]))
             continue
         if not name:
             report.rows.append(SwapRow("(model)", shape, False, "the model itself is an "

@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +61,7 @@ from ..check import NMViolationError
 from ..patterns import NM
 from ..sparse_module import original_class, sparse_states
 from ..tables import format_table
-from ._eligibility import shared_parameters, structural_reason
+from ._eligibility import not_asked, shared_parameters, structural_reason
 
 BACKENDS = ("auto", "cusparselt", "cutlass")
 KERNEL_BACKENDS = ("cusparselt", "cutlass")
@@ -430,8 +430,8 @@ def _check_finalized(model: nn.Module) -> None:
                              "(masks not baked in): call nmsparse.finalize(model) first")
 
 
-def _plan(model: nn.Module, backend: str, filter_fn: Callable[[str, nn.Module], bool] | None,
-          strict: bool, max_padding: float, devices: bool) -> tuple[AccelerateReport, list[_Job]]:
+def _plan(model: nn.Module, backend: str, left_out: dict[str, str], strict: bool,
+          max_padding: float, devices: bool) -> tuple[AccelerateReport, list[_Job]]:
     _check_backend(backend)
     if not max_padding >= 0:
         raise ValueError(f"max_padding must be >= 0, got {max_padding!r}")
@@ -450,8 +450,8 @@ def _plan(model: nn.Module, backend: str, filter_fn: Callable[[str, nn.Module], 
         weight = module.weight
         result = LayerResult(name or "(model)", tuple(weight.shape), weight.dtype)
         report.layers.append(result)
-        if filter_fn is not None and not filter_fn(name, module):
-            result.reason = "excluded by filter_fn"
+        if name in left_out:
+            result.reason = left_out[name]
             continue
         parent = parents.get(name.rpartition(".")[0]) if name else None
         reason = (structural_reason(module, parent, shared) if name else
@@ -489,12 +489,14 @@ def _plan(model: nn.Module, backend: str, filter_fn: Callable[[str, nn.Module], 
 
 def plan(model: nn.Module, *, backend: str = "auto",
          filter_fn: Callable[[str, nn.Module], bool] | None = None, strict: bool = False,
-         max_padding: float = DEFAULT_MAX_PADDING) -> AccelerateReport:
+         max_padding: float = DEFAULT_MAX_PADDING, include: str | Sequence[str] | None = None,
+         exclude: str | Sequence[str] | None = None) -> AccelerateReport:
     """What :func:`accelerate` would convert, computed on any device without changing the
     model: every ``nn.Linear`` is "eligible" or "skipped" with the reason (2:4 verification,
-    dtype, tile and padding rules, filter, structure). Backend availability and timing need
-    the GPU and are not part of the plan."""
-    report, _ = _plan(model, backend, filter_fn, strict, max_padding, devices=False)
+    dtype, tile and padding rules, include/exclude, structure). Backend availability and
+    timing need the GPU and are not part of the plan."""
+    left_out = not_asked(model, TWO_FOUR, include, exclude, filter_fn, "plan")
+    report, _ = _plan(model, backend, left_out, strict, max_padding, devices=False)
     return report
 
 
@@ -616,14 +618,16 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 def accelerate(model: nn.Module, *, backend: str = "auto",
                filter_fn: Callable[[str, nn.Module], bool] | None = None, strict: bool = False,
                max_padding: float = DEFAULT_MAX_PADDING, tune_tokens: int = 16,
-               check_outputs: bool = True) -> AccelerateReport:
+               check_outputs: bool = True, include: str | Sequence[str] | None = None,
+               exclude: str | Sequence[str] | None = None) -> AccelerateReport:
     """Convert, in place, the eligible ``nn.Linear`` layers of a finalized 2:4 ``model`` (on a
     CUDA GPU of compute capability >= 8.0) to :class:`SemiStructuredLinear`.
 
     Args:
         backend: ``"cusparselt"``, ``"cutlass"`` or ``"auto"`` (time both on each distinct
             weight shape with ``tune_tokens`` input rows, keep the faster).
-        filter_fn: ``filter_fn(name, module) -> bool``; layers for which it is false stay dense.
+        include / exclude: globs on layer names, as in every verb (a glob matching no
+            eligible layer is an error); ``filter_fn(name, module)`` is deprecated.
         strict: raise :class:`nmsparse.NMViolationError` (before converting anything) when a
             candidate layer is not 2:4, instead of leaving it dense.
         max_padding: largest fraction of zero rows/columns added to fit the kernels' tiles.
@@ -638,8 +642,9 @@ def accelerate(model: nn.Module, *, backend: str = "auto",
     _check_backend(backend)
     if tune_tokens < 1:
         raise ValueError(f"tune_tokens must be >= 1, got {tune_tokens}")
+    left_out = not_asked(model, TWO_FOUR, include, exclude, filter_fn, "accelerate")
     devices = _require_cuda(model)
-    report, jobs = _plan(model, backend, filter_fn, strict, max_padding, devices=True)
+    report, jobs = _plan(model, backend, left_out, strict, max_padding, devices=True)
     report.device = ", ".join(f"{torch.cuda.get_device_name(d)} ({d})" for d in devices)
     # Probe what the jobs need before converting anything: an explicit backend that cannot run
     # here is an error, not a model that silently stays dense.

@@ -176,27 +176,8 @@ class Method:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def make_method(method: str | Method, decay: float | None = None, **options: Any) -> Method:
-    """A method instance from a registered name and its hyperparameters, or an instance as is.
-
-    ``decay`` is the shorthand of ``options["decay"]``. An option the method does not take is
-    an error naming the options it accepts, never silently ignored.
-    """
-    if decay is not None:
-        options["decay"] = decay
-    if isinstance(method, Method):
-        conflicts = {k: v for k, v in options.items() if getattr(method, k, v) != v
-                     or not hasattr(method, k)}
-        if conflicts:
-            raise ValueError(f"options {conflicts} conflict with the method instance {method!r}")
-        return method
-    if isinstance(method, type) and issubclass(method, Method):
-        cls = method
-    else:
-        cls = METHODS.get(method.lower() if isinstance(method, str) else method)
-    accepted = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        takes = f"its options are {', '.join(accepted)}" if accepted else "it takes no options"
-        raise ValueError(f"method {cls.name!r} takes no {' or '.join(unknown)} ({takes})")
-    return cls(**options)
+def make_method(method: str | Method | type[Method], **options: Any) -> Method:
+    """A method instance from a registered name (or class) and its hyperparameters, or an
+    instance as is. Hyperparameters travel with the method: an option it does not take (e.g.
+    ``decay`` for ``"ste"``) is an error naming the options it accepts, never ignored."""
+    return METHODS.build(method, Method, **options)

@@ -50,6 +50,7 @@ class Gradual(Method):
     """Kept count per group scheduled from ``counts[0]`` down to the layer's N over ``steps``."""
 
     name: ClassVar[str] = "gradual"
+    grows_dense: ClassVar[bool] = True  # masks keep more than the pattern for a while
     steps: int = 1000
     counts: tuple[int, ...] | None = None
     inner: str = "srste"

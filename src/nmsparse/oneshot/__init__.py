@@ -1,7 +1,7 @@
 """One-shot pruning of trained models: magnitude, Wanda and SparseGPT, to any pattern.
 
     import nmsparse
-    result = nmsparse.prune(model, "2:4", method="sparsegpt", calibration=batches)
+    result = nmsparse.prune(model, "2:4", pruner="sparsegpt", calibration=batches)
     print(result)  # per layer: density, or why it stayed dense
     ...            # optionally fine-tune: the masks are held (method "fixed" by default)
     nmsparse.finalize(model)

@@ -13,10 +13,10 @@ Order of work:
   all its layers (fallback: statistics then come from the dense model for every layer).
 
 The pruned weights are written into the model (zero where pruned; SparseGPT also updates the
-kept weights). The masks are then handed to ``nmsparse.sparsify(..., masks=...)`` with the
-method ``then`` (``"fixed"``: masks held during any later training, the ASP recipe;
-``"srste"``: SR-STE continuing from the one-shot mask), so the model is ready for
-``finalize``, packing, or fine-tuning.
+kept weights). The selection (:func:`nmsparse.selection.select`, the one every verb uses)
+and the masks are then handed to ``sparsify`` with the method ``then`` (``"fixed"``: masks
+held during any later training, the ASP recipe; ``"srste"``: SR-STE continuing from the
+one-shot mask), so the model is ready for ``finalize``, packing, or fine-tuning.
 
 Calibration statistics are gathered by forward hooks that are always removed, also on error.
 """
@@ -24,24 +24,23 @@ Calibration statistics are gathered by forward hooks that are always removed, al
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import glob
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..make_sparse import sparsify
-from ..methods import Method
+from ..make_sparse import sparsify_choices
+from ..methods import Method, make_method
 from ..patterns import Pattern, PatternLike, parse_pattern
-from ..sparse_weight import STATE_ATTRIBUTE
+from ..selection import Choice, check_tied, select
 from ..tables import format_table
 from .base import PRUNERS, Pruner
 from .blocks import BlockRunner, call_model, find_blocks, is_chain
 from .statistics import collecting
-from .targets import Target, find_targets
+from .targets import Target
 
 SEQUENTIAL, WHOLE_MODEL, NO_DATA = "sequential blocks", "whole model", "no calibration"
 
@@ -65,7 +64,7 @@ class PrunedLayer:
 class PruneResult:
     """What :func:`prune` did."""
 
-    method: str
+    pruner: str
     pattern: Pattern
     layers: list[PrunedLayer]
     masks: dict[str, torch.Tensor]  # weight name -> bool mask as the Parameter is stored
@@ -81,57 +80,47 @@ class PruneResult:
         rows = [(layer.name, layer.kind, "x".join(map(str, layer.shape)),
                  f"{layer.density:.3f}" if layer.pruned else "dense", layer.reason)
                 for layer in self.layers]
-        head = (f"{self.method} to {self.pattern}: {sum(layer.pruned for layer in self.layers)} of "
+        head = (f"{self.pruner} to {self.pattern}: {sum(layer.pruned for layer in self.layers)} of "
                 f"{len(self.layers)} weights pruned in {self.seconds:.1f} s ({self.mode}, "
                 f"{self.calibration_batches} calibration batches, "
                 f"{self.calibration_rows} rows)")
         return head + "\n" + format_table(["weight", "module", "shape", "density", "note"],
                                           rows)
 
-
-def _globs(value: str | Sequence[str] | None) -> list[str] | None:
-    return [value] if isinstance(value, str) else (list(value) if value is not None else None)
-
-
-def _selected(target: Target, includes, excludes) -> bool:
-    names = (target.module_name, target.name)
-    hit = lambda globs: any(fnmatch.fnmatchcase(n, g) for g in globs for n in names)  # noqa: E731
-    return (includes is None or hit(includes)) and not (excludes and hit(excludes))
+    @property
+    def method(self) -> str:
+        """The pruner's name (deprecated: use ``pruner``)."""
+        warnings.warn("PruneResult.method is deprecated: use PruneResult.pruner",
+                      DeprecationWarning, stacklevel=2)
+        return self.pruner
 
 
-def _plan(model: nn.Module, pattern: Pattern, pruner: Pruner, include, exclude
-          ) -> tuple[list[Target], list[PrunedLayer]]:
+def _plan(model: nn.Module, pattern: Pattern, pruner: Pruner, include, exclude, then,
+          tied: str) -> tuple[list[Choice], list[Target], list[PrunedLayer]]:
+    """The weights to prune: :func:`nmsparse.selection.select` (the one selection every verb
+    uses), less the layers the pruner cannot calibrate."""
+    choices = select(model, pattern, include, exclude, method=then, tied=tied)
     targets, layers = [], []
-    includes, excludes = _globs(include), _globs(exclude)
-    owners: dict[int, list[str]] = {}  # Parameter -> every name it has (tied weights)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    for target in find_targets(model):
-        weight = target.weight
-        if getattr(weight, STATE_ATTRIBUTE, None) is not None:
-            raise ValueError(f"{target.name} is already sparse; call nmsparse.finalize(model) "
-                             "before pruning it again")
-        reason = ""
-        if not _selected(target, includes, excludes):
-            reason = "not selected (include/exclude)"
-        elif not torch.is_floating_point(weight):
-            reason = f"dtype {weight.dtype} is not floating point"
-        elif len(owners.get(id(weight), ())) > 1:
-            others = [n for n in owners[id(weight)] if n != target.name]
-            reason = f"shares its Parameter with {others[0]} (kept dense)"
-        elif error := pattern.why_not(target.shape):
-            reason = error
-        elif pruner.statistic is not None and not target.calibratable:
-            reason = f"{pruner.name} needs a Linear-like layer; prune it with magnitude"
-        layers.append(PrunedLayer(target.name, type(target.module).__name__, target.shape,
-                                  reason=reason))
-        if not reason:
+    for choice in choices:
+        if choice.sparse_state is not None:
+            if choice.requested:
+                raise ValueError(f"{choice.name} is already sparse; call "
+                                 "nmsparse.finalize(model) before pruning it again")
+            continue
+        target = Target.of(choice)
+        if (choice.pattern is not None and pruner.statistic is not None
+                and not target.calibratable):
+            choice.leave_dense(f"{pruner.name} needs a Linear-like layer; prune it with "
+                               "magnitude")
+        layers.append(PrunedLayer(choice.name, type(choice.module).__name__, target.shape,
+                                  reason=choice.reason))
+        if choice.pattern is not None:
             targets.append(target)
     if not targets:
         raise ValueError(f"no layer of the model can be pruned to {pattern} with "
                          f"{pruner.name}: " + "; ".join(f"{layer.name}: {layer.reason}"
                                                          for layer in layers[:4]))
-    return targets, layers
+    return choices, targets, layers
 
 
 def _prune_one(target: Target, pruner: Pruner, statistic, pattern: Pattern
@@ -181,36 +170,52 @@ def _calibration_mode(model: nn.Module) -> Iterable[None]:
             config.use_cache = use_cache
 
 
-def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparsegpt",
-          calibration: Iterable | None = None, *, then: str | Method | None = "fixed",
-          include: str | Sequence[str] | None = None,
+def prune(model: nn.Module, pattern: PatternLike = "2:4",
+          pruner: str | Pruner | None = None, calibration: Iterable | None = None, *,
+          then: str | Method | None = "fixed", include: str | Sequence[str] | None = None,
           exclude: str | Sequence[str] | None = None, layout: str = "in",
-          permute: bool = False, progress: Callable[[str], None] | None = None,
+          tied: str = "dense", permute: bool = False,
+          progress: Callable[[str], None] | None = None, method: str | None = None,
           **options) -> PruneResult:
     """Prune ``model``'s prunable layers to ``pattern`` in one shot, in place.
 
     Args:
         pattern: ``"2:4"``, ``"4:8"``, ``"unstructured:0.5"``, any pattern spec.
-        method: ``"magnitude"`` (no data), ``"wanda"`` or ``"sparsegpt"``.
+        pruner: ``"magnitude"`` (no data), ``"wanda"`` or ``"sparsegpt"`` (the default), any
+            registered name (:data:`~nmsparse.oneshot.PRUNERS`) or a
+            :class:`~nmsparse.oneshot.Pruner` instance such as ``SparseGPT(damp=0.1)``.
         calibration: an iterable of batches for the calibrated methods: token tensors
             ``(batch, seq)``, mappings of keyword arguments, or ``(inputs, targets)`` pairs.
         then: the nmsparse method that holds the masks afterwards (``"fixed"``, ``"srste"``,
             a :class:`~nmsparse.Method`), or ``None`` to only write the pruned weights.
-        include / exclude: globs on module or weight names.
+        include / exclude: globs on module or weight names; one matching no eligible layer
+            is an error (as in every verb: :func:`nmsparse.selection.select`).
+        tied: a weight other modules also read: ``"dense"`` keeps it dense, ``"sparse"``
+            prunes it for all of them (as :func:`nmsparse.sparsify`).
         permute: first reorder input channels (through their producers, so the function
             is unchanged) so that more magnitude survives N:M (:mod:`nmsparse.channels`);
             the first calibration batch is the example the model is traced with.
         progress: called with one line per pruned layer or block (the command line prints
             them, so that a long prune is not silent).
-        options: the method's settings (SparseGPT: ``blocksize=128``, ``damp=0.01``).
+        options: the pruner's settings (SparseGPT: ``blocksize=128``, ``damp=0.01``); one it
+            does not take is an error.
+        method: the old name of ``pruner`` (deprecated: ``method`` names the training
+            method everywhere else, here ``then``).
     """
     started = time.perf_counter()
+    check_tied(tied)
     pattern = parse_pattern(pattern, layout=layout)
-    try:
-        pruner = PRUNERS.get(method)(**options)
-    except TypeError as error:
-        raise ValueError(f"{method}: {error}") from None
-    targets, layers = _plan(model, pattern, pruner, include, exclude)
+    if method is not None:
+        if pruner is not None:
+            raise ValueError("give the one-shot pruner as pruner= only (method= is its old, "
+                             "deprecated name)")
+        warnings.warn("prune(method=...) is deprecated: the one-shot pruner is pruner=, the "
+                      "training method that holds the masks is then=", DeprecationWarning,
+                      stacklevel=2)
+        pruner = method
+    pruner = PRUNERS.build("sparsegpt" if pruner is None else pruner, Pruner, **options)
+    held_by = make_method(then) if then is not None else None
+    choices, targets, layers = _plan(model, pattern, pruner, include, exclude, held_by, tied)
     batches: list = []
     if permute:
         batches = list(calibration) if calibration is not None else []
@@ -245,7 +250,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
         if layer.name in masks:
             mask = masks[layer.name]
             layer.density = float(mask.sum()) / mask.numel()
-    result.handle = _hold_masks(model, pattern, targets, masks, then)
+    if held_by is not None:  # sparsify keeps them sparse from here (its one place to decide)
+        result.handle = sparsify_choices(model, choices, masks)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -293,14 +299,3 @@ def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
                                            result.masks))
         say(f"calibrated on the whole model and pruned {len(rest)} layers")
     result.calibration_rows = rows[0]
-
-
-def _hold_masks(model: nn.Module, pattern: Pattern, targets: list[Target],
-                masks: Mapping[str, torch.Tensor], then) -> object | None:
-    """Hand the masks to ``sparsify`` (the one place that decides how a pruned weight is kept
-    sparse afterwards)."""
-    held = {t.name: masks[t.name] for t in targets}
-    if then is None:
-        return None
-    rules = {glob.escape(name): pattern for name in held}
-    return sparsify(model, rules, method=then, masks=held)

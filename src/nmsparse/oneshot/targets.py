@@ -1,10 +1,10 @@
 """Which weights a one-shot pruner works on, and how each reads as an ``(out, in)`` matrix.
 
-A :class:`Target` is one weight that ``nmsparse.sparsify`` can make sparse
-(:func:`nmsparse.selection.eligible_weights`: Linear, Conv1d/2d/3d, the input projections of
-MultiheadAttention, and Hugging Face's GPT-2 ``Conv1D``, whose weight is stored transposed,
-``(in, out)``). ``matrix()`` gives the weight as ``(out, in)`` in both cases, so the N:M groups
-(consecutive input features) are consecutive columns; ``write`` puts a pruned matrix back.
+A :class:`Target` is one weight :func:`nmsparse.selection.select` chose (Linear,
+Conv1d/2d/3d, the input projections of MultiheadAttention, and Hugging Face's GPT-2
+``Conv1D``, whose weight is stored transposed, ``(in, out)``). ``matrix()`` gives the weight
+as ``(out, in)`` in both cases, so the N:M groups (consecutive input features) are
+consecutive columns; ``write`` puts a pruned matrix back.
 
 Calibrated methods (Wanda, SparseGPT) need the layer's input as rows of ``in`` features; that
 is defined here for Linear and ``Conv1D`` (``calibratable``). Convolutions and attention
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..selection import eligible_weights, is_hf_conv1d, qualified
+from ..selection import Choice
 
 
 @dataclass
@@ -58,19 +58,11 @@ class Target:
         with torch.no_grad():
             self.weight.copy_(value.to(self.weight.dtype))
 
+    @classmethod
+    def of(cls, choice: Choice) -> Target:
+        return cls(choice.name, choice.module_name, choice.module, choice.param,
+                   transposed=choice.transposed)
+
     def to_parameter_layout(self, mask: torch.Tensor) -> torch.Tensor:
         """A mask in the pattern's orientation, as the Parameter is stored."""
         return (mask.t() if self.transposed else mask).contiguous()
-
-
-def find_targets(model: nn.Module) -> list[Target]:
-    """Every prunable weight of ``model``, in module order; a shared Parameter once."""
-    found, seen = [], set()
-    for module_name, module, param in eligible_weights(model):
-        weight = module._parameters[param]
-        if id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        found.append(Target(qualified(module_name, param), module_name, module, param,
-                            transposed=is_hf_conv1d(module)))
-    return found

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ class TrainConfig:
     pattern: str = "2:4"
     method: str = "srste"  # any registered method (nmsparse.METHODS)
     method_options: dict[str, Any] = field(default_factory=dict)  # its hyperparameters
-    decay: float = 2e-4  # the refinement decay of methods that take one (SR-STE)
+    # deprecated: a method's hyperparameters are method_options (e.g. {decay = 1e-3}; the
+    # CLI's --decay is the shorthand of --method-option decay=...)
+    decay: float | None = None
     exclude: list[str] = field(default_factory=list)
     include: list[str] | None = None
     layout: str = "in"
@@ -77,16 +80,18 @@ class TrainConfig:
         return self.pattern.strip().lower() == DENSE
 
     def make_method(self) -> Method:
-        """The configured method: ``method`` from the registry with ``method_options``, and
-        ``decay`` for a method that takes one and was not given it as an option."""
-        cls = METHODS.get(self.method)
-        options = dict(self.method_options)
-        if "decay" in {f.name for f in dataclasses.fields(cls)}:
-            options.setdefault("decay", self.decay)
-        return make_method(cls, **options)
+        """The configured method: ``method`` from the registry with ``method_options`` (an
+        option it does not take is an error, as in the library)."""
+        return make_method(self.method, **self.method_options)
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first unusable value."""
+        if self.decay is not None:
+            warnings.warn("the 'decay' setting is deprecated: give it as a method option "
+                          "(method_options = {decay = ...}, or --decay / --method-option "
+                          "decay=... on the command line)", DeprecationWarning, stacklevel=2)
+            self.method_options = with_decay(self.method_options, self.decay, "decay")
+            self.decay = None
         if not self.dense:
             try:
                 parse_pattern(self.pattern)
@@ -100,8 +105,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
                                   f"got {getattr(self, name)}")
-        for name in ("lr", "decay", "weight_decay", "warmup_epochs", "label_smoothing",
-                     "momentum"):
+        for name in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "momentum"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, "
@@ -123,6 +127,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def with_decay(options: dict[str, Any], decay: Any, spelling: str) -> dict[str, Any]:
+    """``options`` with ``decay`` added (``spelling``: how it was given, for the error); the
+    same option given twice with different values is an error, never one silently winning."""
+    if "decay" in options and options["decay"] != decay:
+        raise ConfigError(f"{spelling} {decay} and method option decay={options['decay']} "
+                          "disagree: give the decay once")
+    return {**options, "decay": decay}
+
+
+def legacy_decay(values: dict[str, Any]) -> dict[str, Any]:
+    """A configuration saved before ``decay`` became a method option: versions up to 0.1
+    saved ``decay`` (default 2e-4) in every run whatever its method, so it joins the method
+    options of a method that takes it and is dropped for the others."""
+    values = dict(values)
+    decay = values.pop("decay", None)
+    method = values.get("method", TrainConfig.method)
+    if decay is not None and method in METHODS and "decay" in {
+            f.name for f in dataclasses.fields(METHODS.get(method))}:
+        values["method_options"] = {"decay": decay, **values.get("method_options", {})}
+    return values
 
 
 def _check_optimizer(config: TrainConfig, method: Method) -> None:
@@ -284,7 +310,7 @@ def from_dict(values: dict[str, Any], source: str = "the saved configuration") -
     if unknown:
         raise ConfigError(f"{source}: the configuration has unknown keys {sorted(unknown)}")
     checked = {name: _coerce(name, value, f"{source}: configuration key")
-               for name, value in values.items()}
+               for name, value in legacy_decay(values).items()}
     try:
         return TrainConfig(**checked).validate()
     except ConfigError as error:

@@ -21,14 +21,15 @@ from torch import nn
 
 from ..masks import MASK_SUFFIX, saved_masks
 from . import checkpoint
+from .config import legacy_decay
 
 INHERITED = ("model", "model_options", "data", "data_dir", "text_file", "seq_len", "pattern",
-             "method", "method_options", "decay", "layout", "exclude", "include")
+             "method", "method_options", "layout", "exclude", "include")
 
 
 def inherited_settings(path: str | Path) -> dict[str, Any]:
     """The settings of the init checkpoint's run that a new run takes by default."""
-    config = checkpoint.load(path).get("config", {})
+    config = legacy_decay(checkpoint.load(path).get("config", {}))
     return {name: config[name] for name in INHERITED if name in config}
 
 
