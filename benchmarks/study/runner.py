@@ -106,12 +106,15 @@ def run_one(spec: RunSpec, root: Path, *, quiet: bool = False,
         if threads is not None:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads),
                    "MKL_NUM_THREADS": str(threads)}
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False,
-                                env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # wait4 gives this child's own CPU time (user + system), also when runs go side by side.
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    if result.returncode != 0:
+    cpu = usage.ru_utime + usage.ru_stime
+    if process.returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-        raise RuntimeError(f"run {spec.name} failed (exit {result.returncode}):\n{tail}")
+        raise RuntimeError(f"run {spec.name} failed (exit {process.returncode}):\n{tail}")
     # Keep the original command (not the --resume one) and add up wall time over pieces.
     meta_path = run_dir / STUDY_FILE
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
@@ -121,6 +124,7 @@ def run_one(spec: RunSpec, root: Path, *, quiet: bool = False,
         "overrides": spec.overrides,
         "command": ["nmsparse", "train", *first[4:]],
         "wall_seconds": meta.get("wall_seconds", 0.0) + wall,
+        "cpu_seconds": meta.get("cpu_seconds", 0.0) + cpu,
         "pieces": meta.get("pieces", 0) + 1,
         "label": spec.label, "threads": threads,
     })

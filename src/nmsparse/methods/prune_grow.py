@@ -5,18 +5,30 @@ many pruned ones, so the sparsity stays fixed while the mask explores. Per excha
 
 * how many: ``fraction`` (α) of the active weights of each budget unit
   (:mod:`nmsparse.methods.mutation`: an N:M group, a whole tensor, a block grid, or all layers
-  sharing a ``"global:D"`` budget), rounded half up, decayed by ``schedule``: ``"cosine"``
+  sharing a ``"global:D"`` budget), rounded by ``rounding`` (``"half-up"``, or ``"floor"`` as
+  RigL's reference code truncates), decayed by ``schedule``: ``"cosine"``
   (α_t = α/2 (1 + cos(π t / stop)), RigL) or ``"constant"`` (SET); no mutation after step
   ``stop`` (``stop=0``: never stops, and ``"cosine"`` then stays at α);
 * what drops: the lowest ``|w| + gradient_weight * |g|`` (``gradient_weight=0``: magnitude);
+  ``signed=True`` (SET's rule) drops α of the positive weights and α of the negative ones,
+  each set ranked on its own (an active weight of exactly 0 counts as positive);
 * what grows: ``grow="random"`` (seeded by ``seed``, the step and the layer name, so a resumed
   run grows the same weights), ``"gradient"`` (largest ``|g|`` of the dense gradient, RigL) or
   ``"momentum"`` (largest ``|EMA of g|`` with factor ``momentum``, sparse momentum);
+* where it grows: among the weights pruned before the exchange, or with ``regrow=True`` (the
+  RigL and MEST reference code) among every weight not kept after the drop, so a weight
+  just dropped may be grown straight back; it then stays as it was (value and optimizer
+  state), which is what the reference does;
 * N:M: a weight dropped in a group is replaced inside the same group, so the pattern holds
   after every exchange;
 * grown weights start at exactly 0 and their optimizer state (momentum buffer, Adam moments:
   every optimizer state tensor shaped like the weight) is reset, as is the state of the
   dropped ones.
+
+Defaults per method follow the authors' code (docs/fidelity.md): RigL floors the count and
+regrows; MEST drops by ``|w|`` alone (its run scripts never set the gradient weight) and
+regrows; SET drops by sign. The engine's own defaults (half-up, no regrowth, one magnitude
+ranking) are what the registered methods had before and stay available as options.
 
 Between exchanges the mask is fixed: pruned weights stay exactly 0 and get no update (their
 gradient is zeroed in ``before_step``). The forward passes the gradient straight through to
@@ -43,10 +55,11 @@ import torch
 
 from ..patterns import GlobalUnstructured
 from .base import Method, Step, straight_through
-from .mutation import Units, exchange, grow_plan, ranks_in_rows
+from .mutation import Units, drop_plan, grow_plan, ranks_in_rows
 
 GROWTH = ("random", "gradient", "momentum")
 SCHEDULES = ("cosine", "constant")
+ROUNDINGS = ("half-up", "floor")
 _GRAD = "_prune_grow_grad"  # |g| kept from before_step to after_step of one step
 _EMA = "grad_ema"
 
@@ -80,6 +93,9 @@ class PruneGrow(Method):
     soft: bool = False
     settle: int = 0
     seed: int = 0
+    rounding: str = "half-up"
+    regrow: bool = False
+    signed: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -110,6 +126,10 @@ class PruneGrow(Method):
         need(not self.soft or self.settle_steps >= 1, "soft needs every >= 2 (it grows, then "
              "prunes settle steps later)")
         need(integer(self.seed), f"seed must be an integer, got {self.seed!r}")
+        need(self.rounding in ROUNDINGS,
+             f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        need(isinstance(self.regrow, bool), f"regrow must be true or false, got {self.regrow!r}")
+        need(isinstance(self.signed, bool), f"signed must be true or false, got {self.signed!r}")
 
     # -- schedule ------------------------------------------------------------------------------
     def fraction_at(self, step: int) -> float:
@@ -210,21 +230,44 @@ class PruneGrow(Method):
             grow = torch.rand(drop.shape, generator=generator).to(drop.device)
         return drop, grow
 
+    def count(self, fraction: float, active: int) -> int:
+        """How many of ``active`` weights one exchange drops."""
+        if self.rounding == "floor":
+            return math.floor(fraction * active)
+        return math.floor(fraction * active + 0.5)
+
+    def _dropped(self, members: list, units: Units, active: torch.Tensor, drop: torch.Tensor,
+                 fraction: float) -> torch.Tensor:
+        """Bool ``(units, size)``: what this exchange drops."""
+        if not self.signed:
+            return drop_plan(active, drop, self.count(fraction, int(active.sum())))
+        positive = units.view([w.dense.detach() for w in members]) >= 0
+        dropped = torch.zeros_like(active)
+        for side in (active & positive, active & ~positive):  # each sign ranked on its own
+            dropped |= drop_plan(side, drop, self.count(fraction, int(side.sum())))
+        # A unit can only drop as many as it has pruned slots to grow into (drop_plan's cap,
+        # which each sign alone does not see).
+        free = (~active).sum(-1, keepdim=True)
+        inf = torch.tensor(float("inf"), dtype=drop.dtype, device=drop.device)
+        return dropped & (ranks_in_rows(torch.where(dropped, drop, inf), False) < free)
+
     def _mutate(self, key: str, members: list, step: Step, fraction: float) -> None:
         units = Units.of(members[0].pattern, [w.dense.shape for w in members])
         active = units.view([w.mask for w in members], reduce="any")
-        count = math.floor(fraction * int(active.sum()) + 0.5)
-        if count == 0:
+        if self.count(fraction, int(active.sum())) == 0:
             return
         drop, grow = self._scores(key, members, units, step)
+        dropped = self._dropped(members, units, active, drop, fraction)
         if self.soft:  # grow now, drop the same number per unit after `settle` steps
-            planned = exchange(active, drop, grow, count)[1].sum(-1)
+            planned = dropped.sum(-1)
             grown = grow_plan(active, grow, planned)
             step.state.setdefault("pending", {})[key] = planned.cpu()
             self._apply(members, units, active | grown, step, check=False)
             return
-        new, _, _ = exchange(active, drop, grow, count)
-        self._apply(members, units, new, step)
+        kept = active & ~dropped
+        # regrow: a weight just dropped competes for growth too (and stays unchanged if grown)
+        grown = grow_plan(kept if self.regrow else active, grow, dropped.sum(-1))
+        self._apply(members, units, kept | grown, step)
 
     def _settle(self, key: str, members: list, step: Step) -> None:
         planned = step.state.get("pending", {}).pop(key, None)
@@ -257,10 +300,14 @@ class PruneGrow(Method):
 
 @dataclass(frozen=True)
 class SET(PruneGrow):
-    """Sparse Evolutionary Training: drop the smallest magnitudes, grow at random, fixed α."""
+    """Sparse Evolutionary Training: drop α of the positive weights nearest zero and α of the
+    negative ones (``signed``, the paper's rule), grow at random, fixed α.
+
+    Default as in the paper; ``signed=False`` ranks all weights by ``|w|`` together."""
 
     name: ClassVar[str] = "set"
     schedule: str = "constant"
+    signed: bool = True
 
 
 @dataclass(frozen=True)
@@ -270,13 +317,21 @@ class RigL(PruneGrow):
 
     name: ClassVar[str] = "rigl"
     grow: str = "gradient"
+    # The reference code (google-research/rigl) truncates the drop count and lets growth pick
+    # a weight it has just dropped, which then keeps its value.
+    rounding: str = "floor"
+    regrow: bool = True
 
 
 @dataclass(frozen=True)
 class MEST(PruneGrow):
     """Memory-economic sparse training with elastic mutation: drop by ``|w| + λ|g|``
     (``gradient_weight`` = λ), grow at random, α decaying; ``soft=True`` grows first and
-    prunes ``settle`` steps later."""
+    prunes ``settle`` steps later.
+
+    λ defaults to 0 and growth may pick a just-dropped weight (``regrow``), as in the
+    authors' run scripts, which never set λ; the paper's λ|g| term is ``gradient_weight``."""
 
     name: ClassVar[str] = "mest"
-    gradient_weight: float = 1.0
+    gradient_weight: float = 0.0
+    regrow: bool = True
