@@ -148,7 +148,7 @@ class MaskLLM(Method):
     def learning_rate(self, step: int) -> float:
         """Cosine decay from ``lr`` to ``lr / 10`` over ``steps``."""
         progress = min(step, self.steps) / self.steps
-        return self.lr / 10 + (self.lr - self.lr / 10) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
     # -- the logits ----------------------------------------------------------------------------
     def _geometry(self, w) -> tuple[int, int, str, torch.Tensor]:
