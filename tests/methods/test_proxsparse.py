@@ -43,6 +43,7 @@ def test_zero_strength_is_the_identity_and_four_of_eight_uses_e5():
     group = torch.tensor([[3.0, 0.01, -2.0, 0.02, 2.5, -0.01, 4.0, 0.03]])
     expected = [[3.0, 0.0, -2.0, 0.0, 2.5, 0.0, 4.0, 0.0]]
     assert prox_nm(group, 4, 8, "in", 10.0).tolist() == expected
+    assert prox_nm(torch.tensor(expected), 4, 8, "in", 10.0).tolist() == expected  # own point
 
 
 def top_two(weight: torch.Tensor) -> torch.Tensor:

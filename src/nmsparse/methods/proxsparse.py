@@ -14,9 +14,11 @@ released loop applies its lambda once per optimizer step, not scaled by the lear
 The proximal step is solved per group as in the paper: for each support made of the s
 largest ``|w|`` (s = N .. M) the objective is minimised by alternating exact coordinate
 updates (each coordinate's subproblem is a one-dimensional quadratic with the closed form
-``v_i = max(|w_i| - lambda1 * e_N(v without i), 0)``; ``iterations`` sweeps, smallest
-entry first), and the support with the lowest objective wins (ties to the sparser); signs are
-kept. For s = N the solution is the top-N projection itself.
+``v_i = max(|w_i| - lambda1 * e_N(v without i), 0)``; smallest entry first, at most
+``iterations`` sweeps, 100 as in the authors' released code, stopping once a sweep moves no entry by
+more than 1e-7), and the support with the lowest objective wins (ties to the sparser); signs
+are kept. For s = N the solution is the top-N projection itself, and groups that already
+have at most N non-zeros are left as they are (their own proximal point).
 
 ``lambda2`` > 0 adds the paper's frozen-weight term ``lambda2 * ||(W / (W0 + epsilon *
 sign(W0))) * (W - W0)||^2`` to the loss (its gradient, once per optimizer step): weights that
@@ -42,53 +44,70 @@ from ._progress import check_count, check_number, training
 from .base import Method, Step, kept_gradient_only
 
 ORIGINAL = "proxsparse_original"
+CHECK_EVERY, TOLERANCE = 5, 1e-7
 
 
 def elementary(x: torch.Tensor, k: int) -> torch.Tensor:
     """``e_k`` of the last dimension of ``x``: the sum over every k entries of their product."""
-    terms = [torch.ones_like(x[..., 0])] + [torch.zeros_like(x[..., 0])] * k
-    for j in range(x.shape[-1]):
-        for r in range(k, 0, -1):
-            terms[r] = terms[r] + x[..., j] * terms[r - 1]
+    return _elementary_columns(list(x.unbind(-1)), k)
+
+
+def _elementary_columns(columns: list[torch.Tensor], k: int) -> torch.Tensor:
+    terms = [torch.ones_like(columns[0])] + [torch.zeros_like(columns[0])] * k
+    for column in columns:
+        for r in range(min(k, len(columns)), 0, -1):
+            terms[r] = terms[r] + column * terms[r - 1]
     return terms[k]
 
 
 def _support_solution(z: torch.Tensor, n: int, strength: float, iterations: int) -> torch.Tensor:
-    """Alternating coordinate minimisation on the support ``z`` (magnitudes, ``(G, s)``)."""
-    v = torch.zeros_like(z)
-    size = z.shape[-1]
-    others = [[j for j in range(size) if j != i] for i in range(size)]
-    for _ in range(iterations):
-        for i in reversed(range(size)):
-            v[:, i] = (z[:, i] - strength * elementary(v[:, others[i]], n)).clamp_(min=0)
-    return v
+    """Alternating coordinate minimisation on the support ``z`` (magnitudes, ``(G, s)``):
+    at most ``iterations`` sweeps, stopping early (checked every few sweeps) once a sweep
+    changes no entry by more than 1e-7."""
+    targets = list(z.unbind(-1))
+    v = [torch.zeros_like(t) for t in targets]
+    for sweep in range(iterations):
+        previous = list(v) if sweep % CHECK_EVERY == CHECK_EVERY - 1 else None
+        for i in reversed(range(len(v))):
+            others = v[:i] + v[i + 1:]
+            v[i] = (targets[i] - strength * _elementary_columns(others, n)).clamp_(min=0)
+        if previous is not None and max(float((a - b).abs().max())
+                                        for a, b in zip(v, previous, strict=True)) <= TOLERANCE:
+            break
+    return torch.stack(v, -1)
 
 
-def prox_nm(weight: torch.Tensor, n: int, m: int, layout: str, strength: float,
-            iterations: int = 20) -> torch.Tensor:
-    """The proximal step of ``strength * sum_groups e_{n+1}(|w|)`` at ``weight`` (see the
-    module docstring), in the weight's dtype."""
-    groups = to_groups(weight.detach().float(), m, layout)
-    flat = groups.reshape(-1, m)
-    z, order = flat.abs().sort(dim=-1, descending=True, stable=True)
+def _prox_groups(z: torch.Tensor, n: int, strength: float, iterations: int) -> torch.Tensor:
+    """The proximal step on sorted magnitudes ``z`` ``(G, m)``, descending."""
     best = torch.zeros_like(z)
     best[:, :n] = z[:, :n]
     best_objective = 0.5 * z[:, n:].square().sum(-1)
-    if strength > 0:
-        for size in range(n + 1, m + 1):
-            v = _support_solution(z[:, :size], n, strength, iterations)
-            objective = (0.5 * (v - z[:, :size]).square().sum(-1)
-                         + 0.5 * z[:, size:].square().sum(-1)
-                         + strength * elementary(v, n + 1))
-            better = objective < best_objective
-            best_objective = torch.where(better, objective, best_objective)
-            candidate = torch.zeros_like(z)
-            candidate[:, :size] = v
-            best = torch.where(better.unsqueeze(-1), candidate, best)
-    else:
-        best = z
-    magnitudes = torch.zeros_like(z).scatter_(-1, order, best)
-    result = magnitudes * flat.sign()
+    for size in range(n + 1, z.shape[-1] + 1):
+        v = _support_solution(z[:, :size], n, strength, iterations)
+        objective = (0.5 * (v - z[:, :size]).square().sum(-1)
+                     + 0.5 * z[:, size:].square().sum(-1)
+                     + strength * elementary(v, n + 1))
+        better = objective < best_objective
+        best_objective = torch.where(better, objective, best_objective)
+        best[:, :size] = torch.where(better.unsqueeze(-1), v, best[:, :size])
+        best[:, size:] = torch.where(better.unsqueeze(-1), 0.0, best[:, size:])
+    return best
+
+
+def prox_nm(weight: torch.Tensor, n: int, m: int, layout: str, strength: float,
+            iterations: int = 100) -> torch.Tensor:
+    """The proximal step of ``strength * sum_groups e_{n+1}(|w|)`` at ``weight`` (see the
+    module docstring), in the weight's dtype. Groups with at most ``n`` non-zeros are their
+    own proximal point (the regulariser and its subgradient vanish there) and are skipped."""
+    groups = to_groups(weight.detach().float(), m, layout)
+    flat = groups.reshape(-1, m)
+    result = flat.clone()
+    active = ((flat != 0).sum(-1) > n).nonzero().squeeze(-1)
+    if strength > 0 and active.numel():
+        z, order = flat[active].abs().sort(dim=-1, descending=True, stable=True)
+        magnitudes = torch.zeros_like(z).scatter_(
+            -1, order, _prox_groups(z, n, strength, iterations))
+        result[active] = magnitudes * flat[active].sign()
     return from_groups(result.reshape(groups.shape), weight.shape, layout).to(weight.dtype)
 
 
@@ -101,7 +120,7 @@ class ProxSparse(Method):
     lambda1: float = 0.1
     lambda2: float = 0.0
     epsilon: float = 0.1
-    iterations: int = 20
+    iterations: int = 100
     restore: bool = True
 
     def __post_init__(self) -> None:
