@@ -179,3 +179,16 @@ def test_too_many_candidates_are_refused_in_one_line_and_nothing_changes():
 def test_bad_options_are_refused(bad):
     with pytest.raises(ValueError):
         MaskLLM(**bad)
+
+
+def test_a_hand_written_update_loop_drives_it_through_the_handle():
+    model, w, x, u = layer("2:4", MaskLLM(steps=4, lr=0.05))
+    handle = w.handle
+    start = w.state[LOGITS].detach().clone()
+    for _ in range(2):
+        (model(x) * u).sum().backward()
+        handle.before_step()  # the logits' Adam step
+        handle.after_step()  # the mask follows the new logits
+    assert handle.steps == 2 and not torch.equal(w.state[LOGITS].detach(), start)
+    table = torch.tensor(TWO_FOUR, dtype=torch.bool)
+    assert torch.equal(w.mask, table[w.state[LOGITS].detach().argmax(-1)].reshape(OUT, IN))
