@@ -4,11 +4,13 @@ Language Models"): learn which of the C(M, N) candidate masks each group of M we
 Every group of M weights has one logit ``pi_c`` per candidate mask ``S_c`` (the C(M, N) ways
 to keep N of M: 6 for 2:4, 70 for 4:8). In training mode forward uses
 ``W * sum_c y_c S_c`` with the Gumbel-softmax weights
-``y = softmax((kappa * pi + g) / tau)``, ``g`` Gumbel noise drawn afresh for every forward
-pass; the temperature ``tau`` falls linearly from ``temperature_start`` to ``temperature_end``
-and the logit scale ``kappa`` grows linearly from ``scale_start`` to ``scale_end`` over
-``steps`` optimizer steps (then both stay at their end values). Defaults are the paper's:
-tau 4 -> 0.05, kappa 1e2 -> 5e2, 2000 steps. In evaluation mode, at ``finalize`` and in
+``y = softmax((kappa * pi + g) / tau)``, ``g`` Gumbel noise drawn afresh for every optimizer
+step (one mask sample per step: every micro-batch of an accumulated step, a layer called twice
+and a recomputed forward under activation checkpointing see the same one); the temperature
+``tau`` falls linearly from ``temperature_start`` to ``temperature_end`` and the logit scale
+``kappa`` grows linearly from ``scale_start`` to ``scale_end`` over ``steps`` optimizer steps
+(then both stay at their end values). Defaults are the paper's: tau 4 -> 0.05, kappa
+1e2 -> 5e2, 2000 steps. In evaluation mode, at ``finalize`` and in
 ``w.mask`` (so in ``handle.masks()``) the mask is the hard one: each group's highest-logit
 candidate (ties to the first in lexicographic order). The mask buffer is brought up to date
 after every optimizer step.
@@ -44,10 +46,11 @@ mask's gradient in every training forward, its weight fading linearly to 0 over 
 each; stored in the weight's dtype when that is bfloat16 or float16 (``logit_dtype="auto"``),
 else float32. Patterns with more than 1000 candidates per group are refused.
 
-**Noise.** ``gumbel_noise(seed, step, name, draw, shape)`` is the noise of the ``draw``-th
-training forward of weight ``name`` during optimizer step ``step``: reproducible, so a test
-can redo a step by hand. A patent application covering MaskLLM's schedules and prior
-initialisation has been published by the authors' employer; see the README.
+**Noise.** ``gumbel_noise(seed, step, name, shape)`` is the noise of weight ``name`` during
+optimizer step ``step``: reproducible, so a test can redo a step by hand.
+
+A patent application covering MaskLLM's schedules and prior initialisation has been published
+by the authors' employer; see the README.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from .base import Method, Step, kept_gradient_only
 
 MAX_CANDIDATES = 1000
 LOGITS, EXP_AVG, EXP_AVG_SQ = "maskllm_logits", "maskllm_exp_avg", "maskllm_exp_avg_sq"
-UPDATES, DRAWS, STARTED = "maskllm_updates", "maskllm_draws", "maskllm_started"
+UPDATES, STARTED = "maskllm_updates", "maskllm_started"
 BETAS, EPS = (0.9, 0.95), 1e-5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PRIME = 1_000_003
@@ -83,12 +86,12 @@ def candidates(n: int, m: int, device: str = "cpu") -> torch.Tensor:
     return torch.tensor(rows, device=device)
 
 
-def gumbel_noise(seed: int, step: int, name: str, draw: int, shape: tuple[int, ...],
+def gumbel_noise(seed: int, step: int, name: str, shape: tuple[int, ...],
                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Float32 Gumbel(0, 1) noise ``-log(-log(U))`` of one training forward (see the module
-    docstring), from a generator seeded by all four numbers."""
+    """Float32 Gumbel(0, 1) noise ``-log(-log(U))`` of weight ``name`` during optimizer step
+    ``step`` (see the module docstring), from a generator seeded by the three."""
     key = seed
-    for part in (step, zlib.crc32(name.encode()), draw):
+    for part in (step, zlib.crc32(name.encode())):
         key = (key * _PRIME + part) % (1 << 63)
     generator = torch.Generator(device=device).manual_seed(key)
     uniform = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
@@ -221,11 +224,8 @@ class MaskLLM(Method):
         if not training(w):
             return kept_gradient_only(w)  # W * hard mask
         step = steps_taken(w)
-        draw = w.state.get(DRAWS, 0)
-        w.state[DRAWS] = draw + 1
         logits = self.logits(w)
-        noise = gumbel_noise(self.seed, step, w.name, draw, tuple(logits.shape),
-                             w.dense.device)
+        noise = gumbel_noise(self.seed, step, w.name, tuple(logits.shape), w.dense.device)
         soft = self.soft_mask(w, noise, step)
         dense = w.dense if self.train_weights else w.dense.detach()
         strength = self.regularisation(step)
@@ -263,7 +263,6 @@ class MaskLLM(Method):
 
     def after_step(self, weights, step: Step) -> None:
         for w in weights:
-            w.state[DRAWS] = 0
             w.refresh()  # the mask buffer follows the updated logits
 
 
