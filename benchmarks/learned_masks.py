@@ -140,12 +140,14 @@ def verdict(report, pattern: str) -> str:
                        key=lambda r: statistics.fmean(cell[r]))
     learned, oneshot = statistics.fmean(cell[best_learned]), statistics.fmean(cell["sparsegpt"])
     fixed = statistics.fmean(cell["sparsegpt + fixed"])
-    worst_learned, best_oneshot = max(cell[best_learned]), min(cell["sparsegpt"])
-    clear = "every seed" if worst_learned < best_oneshot else "not on every seed"
-    word = "beats" if learned < oneshot else "does not beat"
+    if learned < oneshot:
+        word, every = "beats", max(cell[best_learned]) < min(cell["sparsegpt"])
+    else:
+        word, every = "is worse than", min(cell[best_learned]) > max(cell["sparsegpt"])
     return (f"- {pattern}: the best learned mask ({best_learned}, {learned:.3f}) {word} "
-            f"SparseGPT with the same data ({oneshot:.3f}) by {oneshot - learned:+.3f} bits per "
-            f"byte ({clear}); SparseGPT + fixed-mask recovery reaches {fixed:.3f}.")
+            f"SparseGPT with the same data ({oneshot:.3f}) by {abs(oneshot - learned):.3f} bits "
+            f"per byte ({'on every seed' if every else 'not on every seed'}); SparseGPT + "
+            f"fixed-mask recovery reaches {fixed:.3f}.")
 
 
 def render(report) -> str:
@@ -190,8 +192,13 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one seed, tiny budgets")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite --out from the raw "
+                        "numbers a previous run saved")
     parser.add_argument("--out", default=str(ROOT / "docs" / "learned_masks.md"))
     args = parser.parse_args(argv)
+    if args.render:
+        write(Path(args.out), json.loads(Path(args.render).read_text()))
+        return 0
     started = time.perf_counter()
     if args.quick:
         args.steps, args.seeds, args.eval_batches, args.timing_steps = 10, [0], 2, 3
@@ -237,13 +244,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write(out, report)
+    return 0
+
+
+def write(out: Path, report) -> None:
+    """The rendered table between the markers of ``out`` (text around them is kept)."""
     document = out.read_text() if out.is_file() else ""
     if BEGIN not in document:
         document = f"# Learned N:M masks: measured\n\n{BEGIN}\n{END}\n"
     head, rest = document.split(BEGIN, 1)
     out.write_text(head + BEGIN + "\n" + render(report) + END + rest.split(END, 1)[1])
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
