@@ -18,13 +18,14 @@ from torch import nn
 import nmsparse
 from nmsparse import step_hooks
 
-# Which entries of the dense weight a method's gradient reaches: "all" (straight through) or
-# "kept" (pruned weights get none). A new method must declare its rule here.
+# Which entries of the dense weight a method's gradient reaches: "all" (straight through),
+# "kept" (pruned weights get none) or "none" (frozen: the dense weight gets no gradient, the
+# method learns something else, e.g. MaskLLM's logits). A new method must declare its rule here.
 GRADIENT_RULES = {"ste": "all", "srste": "all", "fixed": "kept", "asp": "kept",
                   "decaying": "all", "gradual": "all", "sste": "all", "step": "all",
                   "reweighted": "all",
                   "set": "all", "rigl": "all", "mest": "all", "gap": "kept",
-                  "nested": "all"}
+                  "nested": "all", "maskllm": "none", "proxsparse": "all"}
 # Methods that grow a whole layer to dense for a phase (its mask then keeps everything).
 GROWS_DENSE = {"gap"}
 BUILT_IN = [name for name, cls in nmsparse.METHODS.items()
@@ -114,6 +115,9 @@ def test_gradient_rule(name):
     w = handle["fc1.weight"]
     upstream = torch.randn(w.dense.shape)
     (model.fc1.weight * upstream).sum().backward()
+    if GRADIENT_RULES[name] == "none":
+        assert w.dense.grad is None
+        return
     expected = upstream if GRADIENT_RULES[name] == "all" else upstream * w.mask
     torch.testing.assert_close(w.dense.grad, expected, rtol=0, atol=0)
 

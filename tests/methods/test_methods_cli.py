@@ -19,6 +19,10 @@ CASES = {
     "step": ["--method", "step", "--optimizer", "adamw", "--lr", "1e-3",
              "--method-option", "switch_step=2"],
     "sste": ["--method", "sste"],
+    "maskllm": ["--method", "maskllm", "--method-option", "steps=3",
+                "--method-option", "lr=0.01", "--method-option", "temperature_start=2"],
+    "proxsparse": ["--method", "proxsparse", "--method-option", "lambda1=0.01",
+                   "--method-option", "restore=false"],
     "transposable": ["--pattern", "transposable:2:4", "--exclude", "classifier"],
 }
 
@@ -59,6 +63,9 @@ def test_method_options_from_a_recipe_file(tmp_path):
     (["--method", "decaying", "--method-option", "where=both"], "where must be one of"),
     (["--method", "gradual", "--method-option", "inner=fixed"], "inner must be one of"),
     (["--pattern", "transposable:4:2"], "invalid pattern 'transposable:4:2'"),
+    (["--method", "maskllm", "--pattern", "8:16"], "refused above 1000"),
+    (["--method", "maskllm", "--method-option", "logit_dtype=int8"],
+     "logit_dtype must be one of"),
 ])
 def test_bad_choices_are_one_line_errors_and_write_nothing(args, message, tmp_path, capsys):
     run = tmp_path / "run"
@@ -66,3 +73,15 @@ def test_bad_choices_are_one_line_errors_and_write_nothing(args, message, tmp_pa
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not run.exists()
+
+
+def test_maskllm_from_a_recipe_file(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('method = "maskllm"\npattern = "4:8"\nepochs = 1\nbatch_size = 8\n'
+                      "limit_train_batches = 2\nplots = false\nmodel_options = { hidden = [16] }\n"
+                      "[method_options]\nsteps = 2\nscale_end = 300.0\nweight_reg = 0.0\n")
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", str(recipe), "--out", str(run)]) == 0
+    result, config = summary_and_config(run)
+    assert config["method_options"] == {"steps": 2, "scale_end": 300.0, "weight_reg": 0.0}
+    assert result["steps"] == 2

@@ -13,7 +13,9 @@ from .decaying import Decaying
 from .fixed import ASP, Fixed
 from .gap import GaP
 from .gradual import Gradual
+from .maskllm import MaskLLM
 from .nested import Nested
+from .proxsparse import ProxSparse
 from .prune_grow import MEST, SET, PruneGrow, RigL
 from .reweighted import Reweighted
 from .sste import SSTE
@@ -24,3 +26,4 @@ __all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gr
            "make_method", "straight_through"]
 __all__ += ["GaP", "MEST", "Nested", "SET", "PruneGrow", "RigL"]
 __all__ += ["SSTE", "Decaying", "Gradual", "STEP", "Reweighted"]
+__all__ += ["MaskLLM", "ProxSparse"]
