@@ -27,7 +27,7 @@ import contextlib
 import fnmatch
 import glob
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -185,7 +185,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
           calibration: Iterable | None = None, *, then: str | Method | None = "fixed",
           include: str | Sequence[str] | None = None,
           exclude: str | Sequence[str] | None = None, layout: str = "in",
-          permute: bool = False, **options) -> PruneResult:
+          permute: bool = False, progress: Callable[[int, int, float], None] | None = None,
+          **options) -> PruneResult:
     """Prune ``model``'s prunable layers to ``pattern`` in one shot, in place.
 
     Args:
@@ -199,6 +200,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
         permute: first reorder input channels (through their producers, so the function
             is unchanged) so that more magnitude survives N:M (:mod:`nmsparse.channels`);
             the first calibration batch is the example the model is traced with.
+        progress: called as ``progress(done, blocks, seconds)`` after each transformer block
+            of a sequential (calibrated) prune, ``seconds`` since the call began.
         options: the method's settings (SparseGPT: ``blocksize=128``, ``damp=0.01``).
     """
     started = time.perf_counter()
@@ -235,7 +238,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
             for target in targets:
                 masks[target.name] = _prune_one(target, pruner, None, pattern)
         else:
-            _prune_calibrated(model, targets, pruner, pattern, batches, result)
+            _prune_calibrated(model, targets, pruner, pattern, batches, result,
+                              progress=progress, started=started)
     for layer in layers:
         if layer.name in masks:
             mask = masks[layer.name]
@@ -246,7 +250,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4", method: str = "sparseg
 
 
 def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
-                      pattern: Pattern, batches: list, result: PruneResult) -> None:
+                      pattern: Pattern, batches: list, result: PruneResult, *,
+                      progress=None, started: float = 0.0) -> None:
     device = next(model.parameters()).device
     module_ids = {id(t.module) for t in targets}
     found = find_blocks(model, lambda block: any(id(m) in module_ids for m in block.modules()))
@@ -275,6 +280,8 @@ def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
                         lambda block=block: runner.run(block, replace=False), result.masks))
                 if index + 1 < len(blocks):
                     runner.run(block, replace=True)
+                if progress is not None:
+                    progress(index + 1, len(blocks), time.perf_counter() - started)
             result.peak_cached_bytes = runner.peak_cached_bytes
         finally:
             runner.clear()
