@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..hf.folder import is_hf_folder
 from ..methods import METHODS
 from ..train.config import AMP_MODES, FIELDS, OPTIMIZERS
-from . import _errors, _notes
+from . import _errors, _notes, llm
 from ._errors import EXIT_BAD_INPUT
 from .prune import add_prune_command, run_prune
 
@@ -182,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a run folder (its latest.pt) or a checkpoint file")
     where = evaluate.add_argument_group("where the run's data and model live now")
     where.add_argument("--data-dir", help="where the data set's files are now")
-    where.add_argument("--text-file", help="where the text corpus is now (--data text)")
+    where.add_argument("--text-file", help="where the text corpus is now (--data text); "
+                       "for a Hugging Face model folder, the text to score")
     where.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, "
                        "cuda[:N]")
+    llm.add_evaluation_arguments(evaluate)
     _add_common(evaluate)
     _add_threads(evaluate)
     summary = commands.add_parser("summary", help="per-layer sparsity, params and MACs",
@@ -217,8 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "their input shape")
     _add_common(export)
     prune = add_prune_command(commands, _parse_option, _examples)
+    llm.add_prune_arguments(prune)
     _add_common(prune)
     _add_threads(prune)
+    generate = llm.add_generate_command(commands)
+    _add_common(generate, trust=False)
+    _add_threads(generate)
     _add_common(commands.add_parser("models", help="list the registered models",
                                     **_examples("nmsparse models")), trust=False)
     _add_common(commands.add_parser("datasets", help="list the data sets",
@@ -379,6 +386,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     _threads(args)
+    if is_hf_folder(args.path):
+        return llm.run_hf_eval(args)
+    llm.refuse_model_folder_flags(args)
     from ..data.loader import make_loader
     from ..train import distributed
     from ..train.trainer import evaluate, load_trained
@@ -395,7 +405,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     _threads(args)
+    if is_hf_folder(args.path):
+        return llm.run_hf_prune(args)
+    llm.refuse_model_folder_flags(args)
     return run_prune(args, trusted_models=_trust(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    _threads(args)
+    return llm.run_generate(args)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -486,7 +504,7 @@ def _datasets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "summary": _summary, "export": _export,
-            "prune": _prune, "models": _models, "datasets": _datasets}
+            "prune": _prune, "generate": _generate, "models": _models, "datasets": _datasets}
 
 
 def _interrupted(args: argparse.Namespace, why: str) -> str:

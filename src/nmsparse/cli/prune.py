@@ -115,7 +115,8 @@ def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
             f"({sum(len(b) for b in batches)} calibration samples) ...")
         result = prune(model, args.pattern, args.method, calibration=batches, then=args.then,
                        exclude=args.exclude, layout=config.layout, permute=args.permute,
-                       progress=say, **dict(args.options))
+                       progress=lambda done, total, unit: say(f"pruned {unit} {done}/{total}"),
+                       **dict(args.options))
         say("evaluating the pruned model on the test split ...")
         after = evaluate(model, loader, config, world, data.task, args.limit_test_batches)
         say("done")

@@ -1,4 +1,4 @@
-"""One-shot pruning of trained models: magnitude, Wanda and SparseGPT, to any pattern.
+"""One-shot pruning of trained models: magnitude, Wanda, RIA and SparseGPT, to any pattern.
 
     import nmsparse
     result = nmsparse.prune(model, "2:4", pruner="sparsegpt", calibration=batches)
@@ -9,10 +9,12 @@
 See :mod:`nmsparse.oneshot.prune` for the order of work and :data:`PRUNERS` for the methods.
 """
 
-from . import magnitude, sparsegpt, wanda  # noqa: F401  (register the pruners)
+from . import magnitude, ria, sparsegpt, wanda  # noqa: F401  (register the pruners)
 from .base import PRUNERS, Pruner
 from .prune import PrunedLayer, PruneResult, prune
+from .ria import RIA
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
-__all__ = ["PRUNERS", "PruneResult", "PrunedLayer", "Pruner", "SparseGPT", "Wanda", "prune"]
+__all__ = ["PRUNERS", "RIA", "PruneResult", "PrunedLayer", "Pruner", "SparseGPT", "Wanda",
+           "prune"]

@@ -175,7 +175,7 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4",
           then: str | Method | None = "fixed", include: str | Sequence[str] | None = None,
           exclude: str | Sequence[str] | None = None, layout: str = "in",
           tied: str = "dense", permute: bool = False,
-          progress: Callable[[str], None] | None = None, method: str | None = None,
+          progress: Callable[[int, int, str], None] | None = None, method: str | None = None,
           **options) -> PruneResult:
     """Prune ``model``'s prunable layers to ``pattern`` in one shot, in place.
 
@@ -195,8 +195,10 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4",
         permute: first reorder input channels (through their producers, so the function
             is unchanged) so that more magnitude survives N:M (:mod:`nmsparse.channels`);
             the first calibration batch is the example the model is traced with.
-        progress: called with one line per pruned layer or block (the command line prints
-            them, so that a long prune is not silent).
+        progress: called as ``progress(done, total, unit)`` after each pruned ``unit``
+            (``"layer"`` without calibration, ``"block"`` of a sequential calibrated prune,
+            ``"model pass"`` for layers calibrated on the whole model), so that a long prune
+            is not silent (the command line prints a line or a bar with the elapsed time).
         options: the pruner's settings (SparseGPT: ``blocksize=128``, ``damp=0.01``); one it
             does not take is an error.
         method: the old name of ``pruner`` (deprecated: ``method`` names the training
@@ -238,14 +240,14 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4",
         from ..channels.permute import permute_model
 
         result.permutation = permute_model(model, pattern, batches[0], {t.name for t in targets})
-    say = progress or (lambda line: None)
+    report = progress or (lambda done, total, unit: None)
     with _calibration_mode(model):
         if pruner.statistic is None:
             for index, target in enumerate(targets):
                 masks[target.name] = _prune_one(target, pruner, None, pattern)
-                say(f"pruned layer {index + 1}/{len(targets)} {target.name}")
+                report(index + 1, len(targets), "layer")
         else:
-            _prune_calibrated(model, targets, pruner, pattern, batches, result, say)
+            _prune_calibrated(model, targets, pruner, pattern, batches, result, report)
     for layer in layers:
         if layer.name in masks:
             mask = masks[layer.name]
@@ -258,7 +260,7 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4",
 
 def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
                       pattern: Pattern, batches: list, result: PruneResult,
-                      say: Callable[[str], None]) -> None:
+                      report: Callable[[int, int, str], None]) -> None:
     device = next(model.parameters()).device
     module_ids = {id(t.module) for t in targets}
     found = find_blocks(model, lambda block: any(id(m) in module_ids for m in block.modules()))
@@ -285,10 +287,9 @@ def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
                     rows.append(_prune_with_statistics(
                         mine, pruner, pattern,
                         lambda block=block: runner.run(block, replace=False), result.masks))
-                    say(f"calibrated and pruned block {index + 1}/{len(blocks)} "
-                        f"({len(mine)} layers)")
                 if index + 1 < len(blocks):
                     runner.run(block, replace=True)
+                report(index + 1, len(blocks), "block")
             result.peak_cached_bytes = runner.peak_cached_bytes
         finally:
             runner.clear()
@@ -297,5 +298,5 @@ def _prune_calibrated(model: nn.Module, targets: list[Target], pruner: Pruner,
     if rest:
         rows.append(_prune_with_statistics(rest, pruner, pattern, whole_model_pass,
                                            result.masks))
-        say(f"calibrated on the whole model and pruned {len(rest)} layers")
+        report(1, 1, "model pass")
     result.calibration_rows = rows[0]

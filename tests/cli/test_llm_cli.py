@@ -1,0 +1,103 @@
+"""prune -> eval -> load_pretrained -> generate on Hugging Face folders (tiny Llama with the
+byte fallback tokenizer, tiny GPT-2 with Conv1D and its own tokenizer), end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from llm_folders import llm_folders  # noqa: F401  (the session fixture)
+
+import nmsparse
+from nmsparse.cli.main import main
+from nmsparse.export.packed import load_packed
+from nmsparse.hf import text as hf_text
+from nmsparse.kernels import NMLinear
+from nmsparse.patterns import parse_pattern
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = ["--calibration", "4", "--calibration-batch-size", "2", "--seq-len", "32",
+          "--window", "32", "--seed", "3"]
+CASES = {"llama": ("sparsegpt", "2:4"), "gpt2": ("ria", "4:8")}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _close(a, b, tolerance=2e-2):
+    """Equal within bf16 rounding, relative to the logits' scale."""
+    return float((a - b).abs().max()) <= tolerance * float(b.abs().max())
+
+
+def _live_pruned(source, text, method, pattern):
+    """The same prune through the Python API, its masks held live by sparsify."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    tokenizer = hf_text.load_tokenizer(source, model.config.vocab_size)
+    batches = hf_text.calibration_batches(
+        tokenizer.encode(hf_text.split(text.read_bytes())[0]), 4, 32, 2, 3)
+    nmsparse.prune(model, pattern, method, calibration=batches, exclude=["lm_head"])
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prune_eval_load_and_generate(arch, llm_folders, tmp_path, capsys):  # noqa: F811
+    source, text = llm_folders[arch], llm_folders["text"]
+    method, spec = CASES[arch]
+    out = tmp_path / "pruned"
+    assert main(["prune", str(source), "--method", method, "--pattern", spec, "--text-file",
+                 str(text), "--eval-text", str(text), "--dtype", "bfloat16", "--packed",
+                 "--out", str(out), *COMMON]) == 0
+    printed = capsys.readouterr().out
+    assert "pruned block 1/2" in printed and "pruned block 2/2" in printed
+    assert "dense:  perplexity" in printed and "pruned: perplexity" in printed
+    report = json.loads((out / "prune.json").read_text())
+    assert report["pattern"] == spec and report["mode"] == "sequential blocks"
+    assert report["calibration"]["rows"] == 4 * 32
+
+    # eval prints the same numbers for the pruned and the dense folder
+    for folder, key in ((out, "after"), (source, "before")):
+        assert main(["eval", str(folder), "--text-file", str(text), "--window", "32",
+                     "--dtype", "bfloat16"]) == 0
+        scored = json.loads(capsys.readouterr().out)
+        assert scored["perplexity"] == pytest.approx(report[key]["perplexity"], rel=1e-6)
+        assert scored["bits_per_byte"] == pytest.approx(report[key]["bits_per_byte"],
+                                                        rel=1e-6)
+    assert report["after"]["perplexity"] != report["before"]["perplexity"]
+
+    # plain transformers reads the folder: zeros baked in, the head dense
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.dtype == torch.bfloat16
+    masks = nmsparse.saved_masks(out / "masks.safetensors")
+    pruned_names = [layer["name"] for layer in report["layers"] if layer["density"]]
+    assert sorted(masks) == sorted(pruned_names)
+    assert len(masks) == {"llama": 14, "gpt2": 8}[arch]
+    state = plain.state_dict()
+    pattern = parse_pattern(spec)
+    for name, mask in masks.items():
+        weight = state[name].float()
+        assert torch.all(weight[~mask] == 0)
+        assert pattern.violations(weight.t() if arch == "gpt2" else weight).ok
+    assert "lm_head.weight" not in masks
+    packed = load_packed(out / "model.packed.safetensors")
+    assert all(torch.equal(packed[key], state[key]) for key in packed if key in state)
+
+    # the live sparse model, the reloaded folder and the swapped model agree
+    live, tokenizer = _live_pruned(source, text, method, spec)
+    handle = nmsparse.handles_of(live)[0]
+    assert all(torch.equal(handle[name].mask, mask) for name, mask in masks.items())
+    ids = tokenizer.encode(b"def wrap(text, width=70):\n    return")[None]
+    reference = _logits(plain, ids)
+    assert _close(_logits(live, ids), reference)
+    swapped = nmsparse.load_pretrained(out, device="cpu")
+    assert sum(isinstance(m, NMLinear) for m in swapped.modules()) == len(masks)
+    assert _close(_logits(swapped, ids), reference)
+
+    assert main(["generate", str(out), "--prompt", "def wrap(", "--max-new-tokens", "6",
+                 "--compare-dense", "--device", "cpu", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(masks)} Linear layer(s) swapped to NMLinear {spec}" in printed
+    assert printed.count("tokens/s") == 2 and "sparse: " in printed and "dense: " in printed
