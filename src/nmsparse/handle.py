@@ -179,7 +179,7 @@ class SparsityHandle:
         return {"format": STATE_FORMAT, "steps": self.steps,
                 "methods": {key: dict(value) for key, value in self.method_states.items()},
                 "weights": {name: dict(w.state) for name, w in self.weights.items()},
-                "layers": _layers(self.weights)}
+                "layers": _layers(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load :meth:`state_dict`; a state of another handle (other layer names, shapes,
@@ -187,7 +187,7 @@ class SparsityHandle:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a sparsity handle state (expected a dict from "
                              f"SparsityHandle.state_dict(), format {STATE_FORMAT})")
-        _check_same_layers(state, self.weights)
+        _check_same_layers(state, self)
         weights = state.get("weights", {})
         self.steps = int(state["steps"])
         self.method_states = {key: dict(value) for key, value in state["methods"].items()}
@@ -247,16 +247,19 @@ class SparsityHandle:
 
 
 # -- which handle a saved state belongs to ------------------------------------------------------
-def _layers(weights: dict[str, SparseWeight]) -> dict[str, dict[str, Any]]:
-    """What identifies each sparse weight of a handle: shape, pattern and method."""
-    return {name: {"shape": list(w.dense.shape), "pattern": str(w.pattern),
+def _layers(handle: SparsityHandle) -> dict[str, dict[str, Any]]:
+    """What identifies each sparse weight of a handle: shape, the pattern sparsify gave it
+    (a method may change the live one, e.g. a nested weight's level) and method."""
+    given = {layer.name: layer.pattern for layer in handle.layers}
+    return {name: {"shape": list(w.dense.shape), "pattern": str(given.get(name, w.pattern)),
                    "method": getattr(type(w.method), "name", type(w.method).__name__)}
-            for name, w in weights.items()}
+            for name, w in handle.weights.items()}
 
 
-def _check_same_layers(state: dict[str, Any], weights: dict[str, SparseWeight]) -> None:
+def _check_same_layers(state: dict[str, Any], handle: SparsityHandle) -> None:
     """Refuse the state of another handle. States saved before ``layers`` was recorded are
     checked by their weight names only."""
+    weights = handle.weights
     saved_names = state.get("weights", {})
     saved_names = set(saved_names) if isinstance(saved_names, dict) else set()
     if unknown := sorted(saved_names - set(weights)):
@@ -269,7 +272,7 @@ def _check_same_layers(state: dict[str, Any], weights: dict[str, SparseWeight]) 
     saved = state.get("layers")
     if saved is None:
         return
-    for name, mine in _layers(weights).items():
+    for name, mine in _layers(handle).items():
         theirs = saved.get(name) if isinstance(saved, dict) else None
         for key, value in mine.items():
             if not isinstance(theirs, dict) or theirs.get(key) != value:

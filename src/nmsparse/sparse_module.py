@@ -15,6 +15,7 @@ import importlib
 import torch
 from torch import nn
 
+from .patterns import NM, OnTranspose, Pattern, Transposable
 from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
 
 _SPARSE_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
@@ -52,12 +53,19 @@ def _masked_property(param_name: str) -> property:
 
 
 # -- masks given or loaded from outside: checked against the weight's pattern -----------------
+def _keeps_in_every_group(pattern: Pattern) -> bool:
+    """Whether ``pattern`` keeps N >= 1 of every group (N:M, transposable N:M), so that a mask
+    keeping nothing cannot be one of its masks (a global budget may empty a layer)."""
+    pattern = pattern.inner if isinstance(pattern, OnTranspose) else pattern
+    return isinstance(pattern, (NM, Transposable)) and pattern.n >= 1
+
+
 def check_mask(state: SparseWeight, mask: object, source: str) -> None:
     """Raise ``ValueError`` naming ``source`` unless ``mask`` is a bool mask of the weight's
-    shape that follows its pattern and keeps something (an all-False mask would zero the
-    layer where the pattern keeps N of every M)."""
+    shape that follows its pattern and, for a pattern keeping N of every M, keeps something
+    (an all-False mask would zero the layer)."""
     state.validate_mask(mask, source)
-    if state.pattern.density > 0 and not bool(mask.any()):
+    if _keeps_in_every_group(state.pattern) and not bool(mask.any()):
         raise ValueError(f"{state.name}: {source} keeps no weight at all, but pattern "
                          f"{state.pattern} keeps {state.pattern.density:.0%} of them")
 
@@ -68,12 +76,12 @@ def _load_checking_masks(self, state_dict, prefix, *args) -> None:
     the valid mask in place is kept rather than overwritten."""
     error_msgs = args[-1]
     for state in sparse_states(self).values():
+        if state.method.masks_beyond_pattern:
+            continue  # its masks keep more than the pattern for a while on purpose
         key = prefix + state.mask_name
         mask = state_dict.get(key)
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(state.dense.shape):
             continue  # missing or of another shape: torch's own error says so
-        if getattr(state.method, "grows_dense", False):
-            continue  # its masks keep everything for a while on purpose (GaP, gradual)
         try:
             check_mask(state, mask, f"the loaded mask {key!r}")
         except ValueError as error:

@@ -3,11 +3,24 @@ full train step has no more graph breaks or graphs than the same dense step."""
 
 from __future__ import annotations
 
+import gc
+
+import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
 import nmsparse
+
+
+@pytest.fixture(autouse=True)
+def _forget_compiled_code():
+    """Compiled code holds the model, optimizer and sparsity handle it was traced with until
+    dynamo's caches are reset: reset them after each test, so that no handle outlives its
+    test (a later test counting live handles failed depending on the suite's order)."""
+    yield
+    torch._dynamo.reset()
+    gc.collect()
 
 WIDTHS = [16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104]  # 11 layer shapes, > dynamo's 8
 

@@ -113,6 +113,10 @@ class Method:
     name: ClassVar[str]
     # The torch.optim classes the method works with (None: any); the trainer checks up front.
     optimizers: ClassVar[tuple[type[torch.optim.Optimizer], ...] | None] = None
+    # True when the method's masks may keep more than the layer's pattern for a while (GaP's
+    # dense phase, a nested weight's denser levels): a mask loaded into a sparse module is
+    # then not checked against the pattern (nmsparse.sparse_module).
+    masks_beyond_pattern: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

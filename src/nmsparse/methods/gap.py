@@ -34,7 +34,7 @@ class GaP(Method):
     """Grow one partition dense per phase, prune it back, then fine-tune with fixed masks."""
 
     name: ClassVar[str] = "gap"
-    grows_dense: ClassVar[bool] = True  # masks keep more than the pattern for a while
+    masks_beyond_pattern: ClassVar[bool] = True  # a partition's dense phase
     parts: int = 4
     phase_steps: int = 1000
     cycles: int = 1

@@ -50,7 +50,7 @@ class Gradual(Method):
     """Kept count per group scheduled from ``counts[0]`` down to the layer's N over ``steps``."""
 
     name: ClassVar[str] = "gradual"
-    grows_dense: ClassVar[bool] = True  # masks keep more than the pattern for a while
+    masks_beyond_pattern: ClassVar[bool] = True  # keeps more than N per group until the end
     steps: int = 1000
     counts: tuple[int, ...] | None = None
     inner: str = "srste"
