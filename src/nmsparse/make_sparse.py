@@ -27,6 +27,9 @@ from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
 
 
+# Masks and cached forward weights must track versions, which inference tensors cannot: made
+# as normal tensors even when the caller runs under torch.inference_mode().
+@torch.inference_mode(False)
 def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:4",
              method: str | Method = "srste", decay: float | None = None, *,
              include: str | Sequence[str] | None = None,
@@ -51,7 +54,8 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
         strict: raise instead of skipping a layer whose shape cannot take its pattern.
         masks: ``{weight name: bool mask}`` to start from instead of the method's initial
             mask (a one-shot pruner's result, a saved ticket); each must follow its layer's
-            pattern, and every name must be a weight this call makes sparse.
+            pattern, and every name must be a weight this call makes sparse. They are
+            copied: later mask updates never write into the caller's tensors.
         tied: a weight that other modules also read (an LM head tied to the input
             embedding): ``"dense"`` (default) keeps it dense, with the reason in the report;
             ``"sparse"`` makes it sparse for every module that reads it, so the trained and
@@ -80,6 +84,10 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"{name} is uninitialized (a lazy module): run one forward pass "
                              "before sparsify")
+        if chosen is not None and weight.is_inference():
+            raise ValueError(f"{name} is an inference tensor (created under "
+                             "torch.inference_mode()), which cannot track versions; create "
+                             "the model outside it (torch.no_grad() is fine)")
         if getattr(weight, STATE_ATTRIBUTE, None) is not None:
             if chosen is not None:
                 raise ValueError(f"{name} is already sparse; call nmsparse.finalize(model) "
@@ -151,7 +159,8 @@ def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
     mask = w.initial_mask() if given is None else given
     w.validate_mask(mask, f"{w.method!r}.initial_mask" if given is None else "the given mask")
-    return mask.to(w.dense.device).contiguous()
+    # a copy: the live mask is updated in place, and two layers never share one
+    return mask.to(w.dense.device).clone(memory_format=torch.contiguous_format)
 
 
 def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
