@@ -14,6 +14,7 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 
 from .check import CheckReport, NMViolationError, check
 from .handle import LayerReport, SparsityHandle
+from .lora import LoraMerge, merge_lora
 from .make_sparse import finalize, handles_of, sparsify
 from .masks import nm_mask, saved_masks
 from .methods import ASP, METHODS, SRSTE, STE, Fixed, Method, Step, make_method
@@ -35,3 +36,4 @@ __all__ = [
     "pack", "parse_pattern", "prune", "resize_token_embeddings", "sad", "saved_masks", "sparsify",
     "summary", "unpack",
 ]
+__all__ += ["LoraMerge", "merge_lora"]

@@ -1,9 +1,10 @@
 """``check(model_or_state_dict, pattern)``: which layers really follow their pattern.
 
 The pattern says what complies (:meth:`~nmsparse.patterns.Pattern.violations`; for N:M a
-group complies when it has at most N non-zero entries). For a live sparse layer (or a state
-dict holding ``<weight>_mask``) the mask is what the forward pass applies, so the mask is
-checked; otherwise the weight's non-zeros are (a finalized or exported model).
+group complies when it has at most N non-zero entries). For a live sparse layer the weight
+the forward pass uses is checked (``module.weight``: a write into it, e.g. a LoRA merge,
+shows; under FSDP2 the mask is checked); for a state dict holding ``<weight>_mask`` the
+mask; otherwise the weight's non-zeros (a finalized or exported model).
 For a model the eligible weights are checked (Linear, Conv, MultiheadAttention); for a state
 dict every floating 2-D to 5-D tensor whose key ends in ``weight``: narrow it with
 ``include`` / ``exclude``. A state dict does not say which weights are stored ``(in, out)``
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._dtensor import gather
+from ._dtensor import gather, is_dtensor
 from .grouping import check_layout
 from .masks import MASK_SUFFIX
 from .patterns import OnTranspose, Pattern
@@ -89,7 +90,12 @@ class CheckReport:
 def _tensors_of_model(model: nn.Module):
     for module_name, module, param in eligible_weights(model):
         state = sparse_states(module).get(param)
-        tensor = state.mask if state is not None else module._parameters[param].detach()
+        if state is None:
+            tensor = module._parameters[param].detach()
+        elif is_dtensor(state.owned()):
+            tensor = state.mask  # sharded: the mask, gathered below
+        else:
+            tensor = state.forward_weight().detach()
         yield module_name, qualified(module_name, param), tensor, module
 
 

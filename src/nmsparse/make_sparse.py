@@ -18,6 +18,7 @@ from torch import nn
 from . import step_hooks
 from .grouping import check_layout
 from .handle import LayerReport, SparsityHandle
+from .lora import settle_before_finalize
 from .masks import nonfinite_error
 from .methods import Method, make_method
 from .selection import PatternSpec, choose, eligible_weights, layer_pattern, qualified
@@ -165,6 +166,7 @@ def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
 
 def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
     """Bake ``weights``' masks in, restore their modules' classes and release their handles."""
+    settle_before_finalize(model, weights)  # a LoRA merge into a forward weight is kept
     chosen = {id(w) for w in weights}
     mask_names, handles = set(), {}
     for module_name, module in model.named_modules():
