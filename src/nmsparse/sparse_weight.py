@@ -5,8 +5,8 @@ forward weight.
 ``nn.Parameter`` the optimizer updates, ``w.mask`` the live bool mask buffer, ``w.masked``
 the cached ``W * mask``, ``w.state`` the method's per-weight state (saved by the handle).
 
-The cached masked weight is rebuilt after every optimizer step that holds the weight (the
-step hooks mark it stale: fused optimizer kernels write parameters without bumping their
+The cached masked weight is rebuilt after every optimizer step of the weight (one with a
+gradient; the step hooks mark it stale: fused optimizer kernels write parameters without bumping their
 version counters, so a step cannot be told from the tensors), and otherwise when the weight or
 mask tensor changed as their version counters say: ``load_state_dict``, ``.to()``, a manual
 in-place edit. Evaluation and inference therefore cost no masking work at all. What stays

@@ -196,3 +196,21 @@ def test_merge_lora_refuses_adapters_peft_already_merged():
             nmsparse.merge_lora(wrapped)
         wrapped.unmerge_adapter()
         nmsparse.finalize(wrapped)
+
+
+def test_trainer_with_default_arguments_trains_a_lora_then_merge_lora(tmp_path):
+    torch.manual_seed(0)
+    model, targets = llama()
+    handle = nmsparse.sparsify(model, "2:4")
+    masks = {w.name: w.mask.clone() for w in handle}
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3,
+                                          per_device_train_batch_size=4, use_cpu=True,
+                                          report_to=[], save_strategy="no",
+                                          disable_tqdm=True, learning_rate=1e-2)
+    transformers.Trainer(model=wrapped, args=args,
+                         train_dataset=[{"input_ids": r, "labels": r} for r in IDS]).train()
+    assert all(torch.equal(w.mask, masks[w.name]) for w in handle)  # the base is untouched
+    result = nmsparse.merge_lora(wrapped)
+    assert len(result.layers) == 3 and all(row.delta_norm > 0 for row in result.layers)
+    assert nmsparse.check(result.model, "2:4", exclude="lm_head").ok
