@@ -6,13 +6,13 @@ forward weight.
 the cached ``W * mask``, ``w.state`` the method's per-weight state (saved by the handle).
 
 The cached masked weight is rebuilt after every optimizer step of the weight (one with a
-gradient; the step hooks mark it stale: fused optimizer kernels write parameters without bumping their
-version counters, so a step cannot be told from the tensors), and otherwise when the weight or
-mask tensor changed as their version counters say: ``load_state_dict``, ``.to()``, a manual
-in-place edit. Evaluation and inference therefore cost no masking work at all. What stays
-keyed on version counters alone: writes outside ``optimizer.step()`` that do not bump them
-(through ``tensor.data``, or a fused kernel called directly); call ``handle.refresh(force=True)``
-after such a write.
+gradient): the step hooks mark it stale, since fused optimizer kernels write parameters without
+bumping their version counters and a step cannot be told from the tensors. Otherwise it is
+rebuilt when the weight or mask tensor changed as their version counters say:
+``load_state_dict``, ``.to()``, a manual in-place edit. Evaluation and inference therefore cost
+no masking work at all. What stays keyed on version counters alone: writes outside
+``optimizer.step()`` that do not bump them (through ``tensor.data``, or a fused kernel called
+directly); call ``handle.refresh(force=True)`` after such a write.
 
 Sharded weights (FSDP2's ``fully_shard``, before or after ``sparsify``): the dense Parameter
 is a DTensor between forward passes and FSDP swaps in the all-gathered plain weight for the
