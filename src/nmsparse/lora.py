@@ -88,9 +88,6 @@ def written_delta(w: SparseWeight) -> torch.Tensor | None:
 
 def absorb(w: SparseWeight, delta: torch.Tensor) -> MergedLayer:
     """Add ``delta`` to ``w``'s dense weight and let ``w``'s method re-mask it."""
-    if w._sharded is not None:
-        raise ValueError(f"{w.name}: merging into a sharded (FSDP) sparse weight is not "
-                         "supported; merge before sharding or after gathering the model")
     with torch.no_grad():
         intended = _kept_forward(w) + delta
         w.dense.add_(delta.to(w.dense.dtype))
@@ -203,6 +200,13 @@ def merge_lora(model: nn.Module, pattern: object = None) -> LoraMerge:
         base = layer.get_base_layer()
         delta = _adapter_delta(layer)
         live = sparse_states(base).get("weight")
+        if live is not None and live._sharded is not None:
+            raise ValueError(f"{live.name}: merging into a sharded (FSDP) sparse weight is "
+                             "not supported; merge before sharding")
+        if any(layer.lora_bias.get(a) for a in layer.active_adapters) \
+                and getattr(base, "bias", None) is None:
+            raise ValueError("a LoRA adapter with lora_bias=True sits on a base layer without "
+                             "a bias: nothing to merge its bias into")
         keep = None
         if live is None and pattern is not None:
             chosen = layer_pattern(base, pattern)
