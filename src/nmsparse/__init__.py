@@ -15,6 +15,7 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 from .check import CheckReport, NMViolationError, check
 from .handle import LayerReport, SparsityHandle
 from .hf.pretrained import load_pretrained
+from .lora import LoraMerge, merge_lora
 from .make_sparse import finalize, handles_of, sparsify
 from .masks import nm_mask, saved_masks
 from .methods import ASP, METHODS, SRSTE, STE, Fixed, Method, Step, make_method
@@ -29,10 +30,10 @@ from .summary import ModelSummary, summary
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASP", "METHODS", "NM", "PATTERN_KINDS", "STE", "SRSTE", "CheckReport", "Fixed",
-    "LayerReport", "Method", "ModelSummary", "NMViolationError", "PackedWeight", "Pattern",
-    "PruneResult", "SADResult", "SADTracker", "SparseWeight", "SparsityHandle", "Step",
-    "Unstructured", "Violations", "check", "finalize", "handles_of", "load_pretrained",
-    "make_method", "nm_mask", "pack", "parse_pattern", "prune", "resize_token_embeddings", "sad",
-    "saved_masks", "sparsify", "summary", "unpack",
+    "ASP", "METHODS", "NM", "PATTERN_KINDS", "SRSTE", "STE", "CheckReport", "Fixed",
+    "LayerReport", "LoraMerge", "Method", "ModelSummary", "NMViolationError", "PackedWeight",
+    "Pattern", "PruneResult", "SADResult", "SADTracker", "SparseWeight", "SparsityHandle",
+    "Step", "Unstructured", "Violations", "check", "finalize", "handles_of", "load_pretrained",
+    "make_method", "merge_lora", "nm_mask", "pack", "parse_pattern", "prune",
+    "resize_token_embeddings", "sad", "saved_masks", "sparsify", "summary", "unpack",
 ]

@@ -1,9 +1,10 @@
 """``check(model_or_state_dict, pattern)``: which layers really follow their pattern.
 
 The pattern says what complies (:meth:`~nmsparse.patterns.Pattern.violations`; for N:M a
-group complies when it has at most N non-zero entries). For a live sparse layer (or a state
-dict holding ``<weight>_mask``) the mask is what the forward pass applies, so the mask is
-checked; otherwise the weight's non-zeros are (a finalized or exported model).
+group complies when it has at most N non-zero entries). For a live sparse layer the weight
+the forward pass uses is checked (``module.weight``: a write into it, e.g. a LoRA merge,
+shows; under FSDP2 the mask is checked); for a state dict holding ``<weight>_mask`` the
+mask; otherwise the weight's non-zeros (a finalized or exported model).
 For a model the eligible weights are checked (Linear, Conv, MultiheadAttention); for a state
 dict every floating 2-D to 5-D tensor whose key ends in ``weight``: narrow it with
 ``include`` / ``exclude``. A state dict does not say which weights are stored ``(in, out)``
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._dtensor import gather
+from ._dtensor import gather, is_dtensor
 from .grouping import check_layout
 from .masks import MASK_SUFFIX
 from .patterns import OnTranspose, Pattern
@@ -89,10 +90,16 @@ def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
 def _model_rows(model: nn.Module, pattern, include, exclude, layout: str):
     """The eligible weights as :func:`~nmsparse.selection.select` chose them (a tied weight
     under each of its names, as the state dict holds it); a live sparse weight is checked by
-    its mask."""
+    the weight its forward pass uses (a write into it that bypassed the mask shows), or its
+    mask when sharded (FSDP2: the mask is gathered, the forward weight is not)."""
     for choice in select(model, pattern, include, exclude, layout=layout, tied="each"):
         state = choice.sparse_state
-        tensor = state.mask if state is not None else choice.weight.detach()
+        if state is None:
+            tensor = choice.weight.detach()
+        elif is_dtensor(state.owned()):
+            tensor = state.mask
+        else:
+            tensor = state.forward_weight().detach()
         yield choice.name, tensor, choice.pattern, choice.reason
 
 

@@ -126,8 +126,11 @@ class SparsityHandle:
             w.saw_gradient()
 
     def run_after_step(self, weights: list[SparseWeight], optimizer=None) -> None:
-        for w in weights:  # fused optimizers write without bumping version counters
-            w.mark_stale()
+        for w in weights:
+            # fused optimizers write without bumping version counters; a weight without a
+            # gradient was not stepped (torch.optim skips it) and keeps its cache
+            if w.owned().grad is not None:
+                w.mark_stale()
         refresh_stale(weights)
         for method, group in self._by_method(weights).items():
             method.after_step(group, self._step(method, optimizer))

@@ -18,6 +18,7 @@ from torch import nn
 from . import step_hooks
 from .grouping import check_layout
 from .handle import LayerReport, SparsityHandle
+from .lora import settle_before_finalize
 from .masks import nonfinite_error
 from .methods import Method, make_method
 from .selection import (
@@ -43,6 +44,9 @@ from .sparse_weight import SparseWeight
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
 
 
+# Masks and cached forward weights must track versions, which inference tensors cannot: made
+# as normal tensors even when the caller runs under torch.inference_mode().
+@torch.inference_mode(False)
 def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:4",
              method: str | Method = "srste", *,
              include: str | Sequence[str] | None = None,
@@ -67,7 +71,8 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
         strict: raise instead of skipping a layer whose shape cannot take its pattern.
         masks: ``{weight name: bool mask}`` to start from instead of the method's initial
             mask (a one-shot pruner's result, a saved ticket); each must follow its layer's
-            pattern, and every name must be a weight this call makes sparse.
+            pattern, and every name must be a weight this call makes sparse. They are
+            copied: later mask updates never write into the caller's tensors.
         tied: a weight that other modules also read (an LM head tied to the input
             embedding): ``"dense"`` (default) keeps it dense, with the reason in the report;
             ``"sparse"`` makes it sparse for every module that reads it, so the trained and
@@ -93,6 +98,10 @@ def sparsify_choices(model: nn.Module, choices: list[Choice],
         weight = choice.weight
         if choice.requested and choice.reason == UNINITIALIZED:
             raise ValueError(f"{choice.name} is {UNINITIALIZED}, then sparsify")
+        if choice.pattern is not None and weight.is_inference():
+            raise ValueError(f"{choice.name} is an inference tensor (created under "
+                             "torch.inference_mode()), which cannot track versions; create "
+                             "the model outside it (torch.no_grad() is fine)")
         if choice.sparse_state is not None:
             if choice.requested:
                 raise ValueError(f"{choice.name} is already sparse; call "
@@ -147,7 +156,8 @@ def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:
     else:
         mask = given
         check_mask(w, mask, "the given mask")
-    return mask.to(w.dense.device).contiguous()
+    # a copy: the live mask is updated in place, and two layers never share one
+    return mask.to(w.dense.device).clone(memory_format=torch.contiguous_format)
 
 
 def _check_model(model: object) -> None:
@@ -166,6 +176,7 @@ def _check_model(model: object) -> None:
 
 def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
     """Bake ``weights``' masks in, restore their modules' classes and release their handles."""
+    settle_before_finalize(model, weights)  # a LoRA merge into a forward weight is kept
     chosen = {id(w) for w in weights}
     mask_names, handles = set(), {}
     for module_name, module in model.named_modules():

@@ -5,14 +5,14 @@ forward weight.
 ``nn.Parameter`` the optimizer updates, ``w.mask`` the live bool mask buffer, ``w.masked``
 the cached ``W * mask``, ``w.state`` the method's per-weight state (saved by the handle).
 
-The cached masked weight is rebuilt after every optimizer step that holds the weight (the
-step hooks mark it stale: fused optimizer kernels write parameters without bumping their
-version counters, so a step cannot be told from the tensors), and otherwise when the weight or
-mask tensor changed as their version counters say: ``load_state_dict``, ``.to()``, a manual
-in-place edit. Evaluation and inference therefore cost no masking work at all. What stays
-keyed on version counters alone: writes outside ``optimizer.step()`` that do not bump them
-(through ``tensor.data``, or a fused kernel called directly); call ``handle.refresh(force=True)``
-after such a write.
+The cached masked weight is rebuilt after every optimizer step of the weight (one with a
+gradient): the step hooks mark it stale, since fused optimizer kernels write parameters without
+bumping their version counters and a step cannot be told from the tensors. Otherwise it is
+rebuilt when the weight or mask tensor changed as their version counters say:
+``load_state_dict``, ``.to()``, a manual in-place edit. Evaluation and inference therefore cost
+no masking work at all. What stays keyed on version counters alone: writes outside
+``optimizer.step()`` that do not bump them (through ``tensor.data``, or a fused kernel called
+directly); call ``handle.refresh(force=True)`` after such a write.
 
 Sharded weights (FSDP2's ``fully_shard``, before or after ``sparsify``): the dense Parameter
 is a DTensor between forward passes and FSDP swaps in the all-gathered plain weight for the
@@ -72,7 +72,6 @@ class SparseWeight:
         self.state: dict[str, Any] = {}
         self.masked: torch.Tensor | None = None
         self._built_from: tuple | None = None
-        self._decayed_grad: tuple | None = None
         self._seen_grad: tuple | None = None  # the gradient the last step hooks saw
         self._sharded: nn.Parameter | None = None  # FSDP's sharded dense Parameter, once seen
         self._forward_guard: Any = None  # hook handle, see _refuse_sharded_forward
@@ -341,20 +340,17 @@ class SparseWeight:
         return refresh_(weight, mask, masked, self.pattern, recompute=False)
 
     def add_pruned_to_grad(self, decay: float) -> None:
-        """Add ``decay * (1 - mask) * W`` to the dense weight's gradient, once per gradient."""
+        """Add ``decay * (1 - mask) * W`` to the dense weight's gradient (the step hooks run
+        once per step: a wrapping optimizer's inner step does not run them again)."""
         shard = self._shard()
         weight = self.dense if shard is None else shard
         grad = weight.grad
         if grad is None or decay == 0:
             return
-        # A nested optimizer (e.g. ZeroRedundancyOptimizer) steps twice on the same gradient.
-        if same_grad(self._decayed_grad, grad):
-            return
         if shard is None:
             add_decay_(grad, weight, self.mask, decay)
         else:  # FSDP has reduce-scattered the gradient: this rank's rows, all local
             add_decay_(local_like(grad, shard), local(shard), local(self.mask), decay)
-        self._decayed_grad = grad_key(grad)
 
     # -- the bypass check ----------------------------------------------------------------------
     def owned(self) -> nn.Parameter:
@@ -387,7 +383,7 @@ class SparseWeight:
     # -- pickling: the per-step caches are rebuilt on first use --------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_built_from=None, _decayed_grad=None, _seen_grad=None)
+        state.update(_built_from=None, _seen_grad=None)
         return state
 
 

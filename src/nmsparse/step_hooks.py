@@ -24,7 +24,9 @@ exact for GradScaler's power-of-two scales), and a step whose gradients overflow
 kernel skips, skips the methods too.
 
 While a handle is live a global module-registration hook is installed too: it warns when a
-module holding a sparse weight is replaced (:mod:`nmsparse.swap_guard`).
+module holding a sparse weight is replaced (:mod:`nmsparse.swap_guard`), and settles a merge
+written into a sparse module's forward weight when the module is put back in place of its
+wrapper (PEFT unloading a merged adapter, :mod:`nmsparse.lora`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from .lora import notice_unload
 from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
 from .swap_guard import warn_if_sparse_module_replaced
 
@@ -170,6 +173,11 @@ def _global_after(optimizer, args, kwargs) -> None:
         end_step(optimizer, _unattached(optimizer))
 
 
+def _module_registered(parent: torch.nn.Module, name: str, new: torch.nn.Module | None) -> None:
+    warn_if_sparse_module_replaced(parent, name, new)
+    notice_unload(parent, name, new)
+
+
 def register(handle: SparsityHandle) -> None:
     """A live handle: make sure the global hooks are installed."""
     global _global
@@ -177,7 +185,7 @@ def register(handle: SparsityHandle) -> None:
     if _global is None:
         _global = (register_optimizer_step_pre_hook(eager_only(_global_before)),
                    register_optimizer_step_post_hook(eager_only(_global_after)),
-                   register_module_module_registration_hook(warn_if_sparse_module_replaced))
+                   register_module_module_registration_hook(_module_registered))
 
 
 def unregister(handle: SparsityHandle) -> None:

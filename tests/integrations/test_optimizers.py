@@ -206,3 +206,17 @@ def test_zero_redundancy_optimizer(tmp_path):
         for w in handle:
             torch.testing.assert_close(saved["forward"][w.name], w.module.weight.detach(),
                                        rtol=0, atol=0, msg=w.name)
+
+
+def test_a_write_no_version_counter_sees_needs_refresh_force():
+    """Outside a step freshness is keyed on version counters: a ``.data`` write is invisible
+    to them until ``handle.refresh(force=True)`` (or the next step)."""
+    model = tiny_mlp()
+    handle = nmsparse.sparsify(model, "2:4")
+    w = handle["0.weight"]
+    model(batch(0))  # the forward weight is built
+    w.dense.data.mul_(-2.0)
+    handle.refresh()
+    assert not torch.equal(w.module.weight.detach(), w.dense.detach() * w.mask)
+    handle.refresh(force=True)
+    assert_forward_follows(handle, "srste")

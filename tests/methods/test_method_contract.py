@@ -174,3 +174,27 @@ def test_finalize_keeps_outputs_and_removes_everything(name):
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert handle.finalized and len(handle) == 0
     assert handle not in step_hooks._live
+
+
+class Wrapper(torch.optim.Optimizer):
+    """Steps an inner optimizer inside its own step on the same gradients, as accelerate's
+    AcceleratedOptimizer and ZeroRedundancyOptimizer do."""
+
+    def __init__(self, inner: torch.optim.Optimizer):
+        self.optimizer = inner  # accelerate's name, which STEP looks through for Adam
+        super().__init__(inner.param_groups, {})
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_a_wrapping_optimizer_runs_the_methods_once_per_step(name):
+    plain, plain_handle, plain_opt = sparse_net(name, "2:4")
+    train(plain, plain_opt, batches(1, 3))
+    model, handle, opt = sparse_net(name, "2:4")
+    train(model, Wrapper(opt), batches(1, 3))
+    assert handle.steps == 3
+    for key, value in plain.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert same_state(handle.state_dict(), plain_handle.state_dict())
