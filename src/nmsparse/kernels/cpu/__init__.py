@@ -1,21 +1,37 @@
-"""CPU kernels of the packed N:M Linear (AVX2 + FMA + OpenMP, compiled on first use).
+"""CPU kernels of the packed N:M Linear (AVX2/FMA and AVX-512, OpenMP, compiled on first use).
 
 ``nm_linear_cpu(x, values, indices, n, m, bias)`` computes ``x @ W.T + bias`` reading only the
 packed weight (:mod:`nmsparse.packing` format, unchanged: the positions are decoded in
 registers), with fp32 accumulation, on ``torch.get_num_threads()`` threads. Supported: CPU
 tensors, fp32 or bf16 weights and inputs, N dividing 8 and M at most 16 with N < M (2:4, 4:8,
-1:4, 2:8, 1:8, 1:16, 1:2, ...), any batch (one input row uses a gather loop, 2..64 rows a
-broadcast loop over x transposed, larger batches 64 rows at a time). The result is in x's
-dtype: fp32 accumulation rounded once (bf16 output rounded to nearest even by torch).
+1:4, 2:8, 1:8, 1:16, 1:2, 1:3, ...), any batch. The result is in x's dtype: fp32
+accumulation rounded once (bf16 output rounded to nearest even by torch).
+
+Instruction sets (``ISAS``; the best one this CPU runs is used, ``NMSPARSE_CPU_ISA`` forces
+one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, with the reason):
+
+* ``avx2``: AVX2 + FMA (``nm_linear.cpp``): a gather/permute loop for one row, a broadcast
+  loop over x transposed for more;
+* ``avx512``: AVX-512 F/BW/VL/DQ (``nm_linear_avx512.cpp``): the "dot" kernel for up to
+  :data:`DOT_MAX_ROWS` rows (each N:M tile expanded in registers by ``vexpandps`` and FMA'd
+  with up to 8 rows of x) and the "table" kernel for more (rows in the lanes, only the kept
+  products computed, K blocked to stay in L2); bf16 weights are widened to fp32;
+* ``avx512bf16``: the same with AVX512_BF16 + AVX512_VBMI2: for bf16, the dot kernel expands
+  with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``.
+
+AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
+this work did not have (:func:`features` reports it).
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
-library on the first call (:mod:`._build`). Imported lazily by :mod:`nmsparse.kernels._op`;
-the core of nmsparse never imports it.
+library on the first call (:mod:`._build`); :func:`prefers_dense` says when the measured
+cross-over table (:data:`DENSE_FROM_ROWS`) has dense ``F.linear`` faster. Imported lazily by
+:mod:`nmsparse.kernels._op`; the core of nmsparse never imports it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 import torch
@@ -23,21 +39,41 @@ import torch
 from ._build import BuildError, load
 
 DTYPES = (torch.float32, torch.bfloat16)
+ISAS = ("avx2", "avx512", "avx512bf16")  # lowest first
+ENV_ISA = "NMSPARSE_CPU_ISA"
+_LIBRARY_OF = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512"}
+_FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512bf16": 4, "amx": 8}
+# The AVX-512 dot kernel up to this many rows, the table kernel above (measured: see
+# docs/cpu_kernels.md; the C kernels take up to 8 rows per pass of the weight).
+DOT_MAX_ROWS = 8
+# (instruction set, weight dtype) -> the number of rows from which dense F.linear (on the
+# unpacked weight) beats the kernels, measured on an AMD EPYC (Zen 4, AVX-512 BF16, no AMX) for
+# 2:4 on 4096x11008 and 11008x4096 layers, cold weights (benchmarks/cpu_kernels.py
+# --crossover); None: the kernels win at every batch measured (up to 512 rows).
+DENSE_FROM_ROWS: dict[tuple[str, torch.dtype], int | None] = {
+    ("avx2", torch.float32): None,
+    ("avx2", torch.bfloat16): None,
+    ("avx512", torch.float32): None,
+    ("avx512", torch.bfloat16): None,
+    ("avx512bf16", torch.float32): None,
+    ("avx512bf16", torch.bfloat16): None,
+}
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}
+_STATE: dict[str, object] = {}  # library name -> CDLL, or "error:<name>" -> message
 
 
-def library() -> ctypes.CDLL:
-    """The loaded kernels (built on the first call); :class:`BuildError` if they cannot be."""
+def library(name: str = "avx2") -> ctypes.CDLL:
+    """The loaded kernels of one library (built on the first call); :class:`BuildError` if
+    they cannot be."""
     with _LOCK:
-        if "library" not in _STATE and "error" not in _STATE:
+        if name not in _STATE and f"error:{name}" not in _STATE:
             try:
-                _STATE["library"] = load()
-            except BuildError as error:
-                _STATE["error"] = str(error)
-    if "error" in _STATE:
-        raise BuildError(str(_STATE["error"]))
-    return _STATE["library"]  # type: ignore[return-value]
+                _STATE[name] = load(name)
+            except (BuildError, OSError) as error:
+                _STATE[f"error:{name}"] = str(error)
+    if f"error:{name}" in _STATE:
+        raise BuildError(str(_STATE[f"error:{name}"]))
+    return _STATE[name]  # type: ignore[return-value]
 
 
 def build_error() -> str | None:
@@ -47,6 +83,46 @@ def build_error() -> str | None:
     except BuildError as error:
         return str(error)
     return None
+
+
+def features() -> set[str]:
+    """What this CPU runs, of ``avx2``, ``avx512``, ``avx512bf16`` and ``amx`` (empty if the
+    kernels cannot be built)."""
+    if "features" not in _STATE:
+        try:
+            bits = library().nmsparse_cpu_features()
+        except BuildError:
+            bits = 0
+        _STATE["features"] = {name for name, bit in _FEATURE_BITS.items() if bits & bit}
+    return set(_STATE["features"])  # type: ignore[arg-type]
+
+
+def isa_reason(name: str) -> str | None:
+    """Why instruction set ``name`` cannot run here, or ``None`` if it can."""
+    if name not in ISAS:
+        return f"{ENV_ISA}={name!r} is not one of {', '.join(ISAS)}"
+    error = build_error()
+    if error:
+        return error
+    if name not in features():
+        return f"this CPU has no {name.upper()} ({ENV_ISA}={name})"
+    try:
+        library(_LIBRARY_OF[name])
+    except BuildError as error:
+        return str(error)
+    return None
+
+
+def isa() -> str:
+    """The instruction set the kernels use: ``NMSPARSE_CPU_ISA`` if set, else the best one
+    that runs here (``avx2`` if none does: :func:`unsupported_reason` then says why)."""
+    chosen = os.environ.get(ENV_ISA, "").strip().lower()
+    if chosen:
+        return chosen
+    if "best" not in _STATE:
+        _STATE["best"] = next((name for name in reversed(ISAS) if isa_reason(name) is None),
+                              "avx2")
+    return str(_STATE["best"])
 
 
 def pattern_reason(n: int, m: int) -> str | None:
@@ -61,30 +137,69 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
         return f"device {x.device}"
     if values.dtype not in DTYPES:
         return f"dtype {values.dtype} (the CPU kernels take float32 and bfloat16)"
-    return pattern_reason(n, m) or build_error()
+    return pattern_reason(n, m) or isa_reason(isa())
+
+
+def prefers_dense(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether dense ``F.linear`` is faster than the kernels for this many rows (the measured
+    :data:`DENSE_FROM_ROWS`); only the automatic backend asks."""
+    limit = DENSE_FROM_ROWS.get((isa(), values.dtype))
+    return limit is not None and x.numel() // max(x.shape[-1], 1) >= limit
+
+
+KERNELS = ("auto", "dot", "table")
+
+
+def kernel_for(name: str, rows: int, m: int) -> str:
+    """The AVX-512 kernel that takes ``rows`` rows of an N:M weight with group size ``m``."""
+    if m & (m - 1) == 0 and rows <= DOT_MAX_ROWS:
+        return "dot"
+    return "table"
+
+
+_STATUS = {1: "the CPU N:M kernels reject pattern {n}:{m} for this kernel",
+           2: "the CPU N:M kernel could not allocate its buffers",
+           3: "the CPU N:M kernels were called with an input dtype they do not take"}
 
 
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``."""
+                  bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
+    """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``.
+    ``kernel`` (AVX-512 only): ``"dot"`` or ``"table"`` forces one (tests, benchmarks)."""
     reason = unsupported_reason(x, values, n, m)
     if reason:
         raise ValueError(f"the CPU N:M kernels cannot run this call: {reason}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not one of {KERNELS}")
+    name = isa()
     out_features, slots = values.shape
     in_features = x.shape[-1]
-    rows = x.reshape(-1, in_features).to(torch.float32).contiguous()
-    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    if rows.shape[0] and out_features:
+    flat = x.reshape(-1, in_features)
+    batch = flat.shape[0]
+    options = 0
+    x_dtype = torch.float32
+    if name != "avx2":
+        chosen = kernel_for(name, batch, m) if kernel == "auto" else kernel
+        options = 1 if chosen == "dot" else 2
+        if name == "avx512bf16":
+            options |= 4
+            if chosen == "dot" and values.dtype == torch.bfloat16:
+                x_dtype = torch.bfloat16
+    rows = flat.to(x_dtype).contiguous()
+    y = torch.empty(batch, out_features, dtype=torch.float32)
+    if batch and out_features:
         values = values.contiguous()
         indices = indices.contiguous()
         bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        status = library().nmsparse_nm_linear(
-            rows.data_ptr(), rows.shape[0], in_features, values.data_ptr(),
-            int(values.dtype == torch.bfloat16), indices.data_ptr(), out_features, slots,
-            indices.shape[1], n, m, None if bias32 is None else bias32.data_ptr(),
-            y.data_ptr(), torch.get_num_threads())
+        status = library(_LIBRARY_OF[name]).nmsparse_nm_linear(
+            rows.data_ptr(), int(x_dtype == torch.bfloat16), batch, in_features,
+            values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
+            out_features, slots, indices.shape[1], n, m,
+            None if bias32 is None else bias32.data_ptr(), y.data_ptr(),
+            torch.get_num_threads(), options)
         if status == 2:
-            raise MemoryError("the CPU N:M kernel could not allocate its input buffer")
+            raise MemoryError(_STATUS[2])
         if status:
-            raise ValueError(f"the CPU N:M kernels reject pattern {n}:{m}")
+            raise ValueError(_STATUS.get(status, "unknown status {status}").format(
+                n=n, m=m, status=status))
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
