@@ -17,7 +17,10 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
   with up to 8 rows of x) and the "table" kernel for more (rows in the lanes, only the kept
   products computed, K blocked to stay in L2); bf16 weights are widened to fp32;
 * ``avx512bf16``: the same with AVX512_BF16 + AVX512_VBMI2: for bf16, the dot kernel expands
-  with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``.
+  with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``, and above that many rows the
+  "pairs" kernel (M in {2, 4, 8}, N = 1 or even) puts the rows in the lanes and meets each
+  pair of kept weights, broadcast as one 32-bit word, with a table of the matching pairs of x
+  in one ``vdpbf16ps``: only kept products, two per lane and instruction.
 
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
@@ -147,13 +150,20 @@ def prefers_dense(x: torch.Tensor, values: torch.Tensor) -> bool:
     return limit is not None and x.numel() // max(x.shape[-1], 1) >= limit
 
 
-KERNELS = ("auto", "dot", "table")
+KERNELS = ("auto", "dot", "table", "pairs")
+_KERNEL_CODE = {"dot": 1, "table": 2, "pairs": 3}
 
 
-def kernel_for(name: str, rows: int, m: int) -> str:
-    """The AVX-512 kernel that takes ``rows`` rows of an N:M weight with group size ``m``."""
+def _pairs_ok(n: int, m: int) -> bool:
+    return m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+
+
+def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
+    """The AVX-512 kernel that takes ``rows`` rows of an N:M weight of ``dtype``."""
     if m & (m - 1) == 0 and rows <= DOT_MAX_ROWS:
         return "dot"
+    if name == "avx512bf16" and dtype == torch.bfloat16 and _pairs_ok(n, m):
+        return "pairs"
     return "table"
 
 
@@ -165,7 +175,8 @@ _STATUS = {1: "the CPU N:M kernels reject pattern {n}:{m} for this kernel",
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
                   bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
     """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``.
-    ``kernel`` (AVX-512 only): ``"dot"`` or ``"table"`` forces one (tests, benchmarks)."""
+    ``kernel`` (AVX-512 only): ``"dot"``, ``"table"`` or ``"pairs"`` (bf16 weights on
+    ``avx512bf16``, M in {2, 4, 8}, N = 1 or even) forces one (tests, benchmarks)."""
     reason = unsupported_reason(x, values, n, m)
     if reason:
         raise ValueError(f"the CPU N:M kernels cannot run this call: {reason}")
@@ -179,11 +190,11 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     options = 0
     x_dtype = torch.float32
     if name != "avx2":
-        chosen = kernel_for(name, batch, m) if kernel == "auto" else kernel
-        options = 1 if chosen == "dot" else 2
+        chosen = kernel_for(name, values.dtype, batch, n, m) if kernel == "auto" else kernel
+        options = _KERNEL_CODE[chosen]
         if name == "avx512bf16":
             options |= 4
-            if chosen == "dot" and values.dtype == torch.bfloat16:
+            if chosen != "table" and values.dtype == torch.bfloat16:
                 x_dtype = torch.bfloat16
     rows = flat.to(x_dtype).contiguous()
     y = torch.empty(batch, out_features, dtype=torch.float32)

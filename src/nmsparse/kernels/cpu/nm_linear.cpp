@@ -387,7 +387,7 @@ extern "C" {
 int nmsparse_cpu_abi(void) { return 2; }
 
 // What this CPU (and its operating system) runs, for the dispatcher in __init__.py: bit 0
-// AVX2 + FMA, bit 1 AVX-512 F/BW/VL/DQ, bit 2 AVX512_BF16 + AVX512_VBMI2 (the bf16 kernels),
+// AVX2 + FMA, bit 1 AVX-512 F/BW/VL/DQ, bit 2 AVX512_BF16 + AVX512_VBMI + AVX512_VBMI2 (the bf16 kernels),
 // bit 3 AMX-BF16 tiles (reported only: no kernel uses them yet). No AVX instruction here.
 int nmsparse_cpu_features(void) {
   __builtin_cpu_init();
@@ -396,7 +396,8 @@ int nmsparse_cpu_features(void) {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     bits |= 2;
-  if ((bits & 2) && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2"))
+  if ((bits & 2) && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2") &&
+      __builtin_cpu_supports("avx512vbmi"))
     bits |= 4;
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
   if (__builtin_cpu_supports("amx-bf16")) bits |= 8;
