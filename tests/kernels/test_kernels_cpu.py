@@ -37,8 +37,8 @@ needs_kernels = pytest.mark.skipif(BUILD_ERROR is not None,
                                    reason=f"CPU kernels unavailable: {BUILD_ERROR}")
 # (instruction set, kernel) pairs this machine runs: every path the CPU supports, separately.
 PATHS = [(isa, kernel) for isa in cpu.ISAS if BUILD_ERROR is None and cpu.isa_reason(isa) is None
-         for kernel in {"avx2": ("auto",), "avx512": ("auto", "dot", "table"),
-                        "avx512bf16": ("auto", "dot", "table", "pairs")}[isa]]
+         for kernel in {"avx2": ("auto",), "avx512": ("auto", "dot", "table", "dense"),
+                        "avx512bf16": ("auto", "dot", "table", "pairs", "dense")}[isa]]
 
 
 @pytest.fixture(autouse=True)

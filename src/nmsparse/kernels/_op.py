@@ -11,12 +11,12 @@ Which implementation runs (``NMSPARSE_KERNELS`` environment variable, read at ev
   ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests), if Triton is installed and the call
   is supported (M in {4, 8, 16}; fp16, bf16, fp32); else, for CPU tensors, the AVX2 / AVX-512
   kernels of :mod:`nmsparse.kernels.cpu` (fp32, bf16; N dividing 8, M <= 16; compiled on first
-  use) unless its measured cross-over table has dense ``F.linear`` faster for that many rows;
-  otherwise unpack + ``F.linear`` (exact same math as the dense layer, any device, any M). When
-  the CPU kernels cannot be built (no AVX2/FMA, no compiler, a cache folder that cannot be
-  written) a one-line warning says so, once.
+  use; they pick their kernel by the row count, see there); otherwise unpack + ``F.linear``
+  (exact same math as the dense layer, any device, any M). When the CPU kernels cannot be
+  built (no AVX2/FMA, no compiler, a cache folder that cannot be written) a one-line warning
+  says so, once.
 * ``triton``: the Triton kernels or a ``ValueError`` saying why not.
-* ``cpu``: the CPU kernels (whatever the row count) or a ``ValueError`` saying why not.
+* ``cpu``: the CPU kernels or a ``ValueError`` saying why not.
 * ``torch``: always unpack + ``F.linear``.
 
 A fake (meta) implementation makes the op traceable by ``torch.compile``; the backward gives
@@ -144,11 +144,9 @@ def _nm_linear_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
     if choice in ("auto", "cpu"):
         reason = _cpu_reason(x, values, n, m)
         if reason is None:
-            from .cpu import nm_linear_cpu, prefers_dense
+            from .cpu import nm_linear_cpu
 
-            if choice == "cpu" or not prefers_dense(x, values):
-                return nm_linear_cpu(x, values, indices, n, m, bias)
-            return reference(x, values, indices, n, m, bias)
+            return nm_linear_cpu(x, values, indices, n, m, bias)
         if choice == "cpu":
             raise ValueError(f"{ENV_BACKEND}=cpu but the CPU kernels cannot run: {reason}")
         if x.device.type == "cpu":

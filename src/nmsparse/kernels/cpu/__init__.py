@@ -25,10 +25,15 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
 
+From the row count in the measured cross-over table :data:`DENSE_FROM_ROWS` on (AVX-512), the
+"dense" path takes over: tiles of ~1 MiB of the weight are expanded just in time into one
+small buffer and multiplied by ``F.linear`` (oneDNN's dense GEMM) while in cache: dense speed
+less the expansion, never a whole dense copy. That is where oneDNN's register-blocked bf16 GEMM
+beats computing only the kept products.
+
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
-library on the first call (:mod:`._build`); :func:`prefers_dense` says when the measured
-cross-over table (:data:`DENSE_FROM_ROWS`) has dense ``F.linear`` faster. Imported lazily by
-:mod:`nmsparse.kernels._op`; the core of nmsparse never imports it.
+library on the first call (:mod:`._build`). Imported lazily by :mod:`nmsparse.kernels._op`;
+the core of nmsparse never imports it.
 """
 
 from __future__ import annotations
@@ -46,21 +51,26 @@ ISAS = ("avx2", "avx512", "avx512bf16")  # lowest first
 ENV_ISA = "NMSPARSE_CPU_ISA"
 _LIBRARY_OF = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512"}
 _FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512bf16": 4, "amx": 8}
-# The AVX-512 dot kernel up to this many rows, the table kernel above (measured: see
-# docs/cpu_kernels.md; the C kernels take up to 8 rows per pass of the weight).
+# The AVX-512 dot kernel up to this many rows, the table / pairs kernels above (the C kernels
+# take up to 8 rows per pass over the weight).
 DOT_MAX_ROWS = 8
-# (instruction set, weight dtype) -> the number of rows from which dense F.linear (on the
-# unpacked weight) beats the kernels, measured on an AMD EPYC (Zen 4, AVX-512 BF16, no AMX) for
-# 2:4 on 4096x11008 and 11008x4096 layers, cold weights (benchmarks/cpu_kernels.py
-# --crossover); None: the kernels win at every batch measured (up to 512 rows).
+# (instruction set, weight dtype) -> the number of rows from which the "dense" path (tiles of
+# the weight expanded just in time, multiplied by F.linear) is faster than the sparse kernels.
+# Measured on an AMD EPYC (Zen 4: AVX-512 BF16, no AMX), one thread, 2:4 11008x4096, cold
+# weights, machine loaded (see docs/cpu_kernels.md): bf16 dot 12.8 ms vs dense path 15.2 ms
+# at 8 rows, 25.4 vs 18.8 at 16 (the pairs kernel 29.4); fp32 table 81.7 vs dense path 84.0
+# at 64 rows, 318 vs 300 at 256. None: no dense path (AVX2). Rerun benchmarks/cpu_kernels.py
+# on a quiet machine (and on an AMX Xeon, where oneDNN's dense bf16 is faster) to refine.
 DENSE_FROM_ROWS: dict[tuple[str, torch.dtype], int | None] = {
     ("avx2", torch.float32): None,
     ("avx2", torch.bfloat16): None,
-    ("avx512", torch.float32): None,
-    ("avx512", torch.bfloat16): None,
-    ("avx512bf16", torch.float32): None,
-    ("avx512bf16", torch.bfloat16): None,
+    ("avx512", torch.float32): 256,
+    ("avx512", torch.bfloat16): DOT_MAX_ROWS + 1,
+    ("avx512bf16", torch.float32): 256,
+    ("avx512bf16", torch.bfloat16): DOT_MAX_ROWS + 1,
 }
+# Weight bytes per tile of the dense path: the expanded tile stays in L2 while F.linear reads it.
+DENSE_TILE_BYTES = 1 << 20
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # library name -> CDLL, or "error:<name>" -> message
 
@@ -143,14 +153,7 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
     return pattern_reason(n, m) or isa_reason(isa())
 
 
-def prefers_dense(x: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether dense ``F.linear`` is faster than the kernels for this many rows (the measured
-    :data:`DENSE_FROM_ROWS`); only the automatic backend asks."""
-    limit = DENSE_FROM_ROWS.get((isa(), values.dtype))
-    return limit is not None and x.numel() // max(x.shape[-1], 1) >= limit
-
-
-KERNELS = ("auto", "dot", "table", "pairs")
+KERNELS = ("auto", "dot", "table", "pairs", "dense")
 _KERNEL_CODE = {"dot": 1, "table": 2, "pairs": 3}
 
 
@@ -160,11 +163,43 @@ def _pairs_ok(n: int, m: int) -> bool:
 
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     """The AVX-512 kernel that takes ``rows`` rows of an N:M weight of ``dtype``."""
+    dense_from = DENSE_FROM_ROWS.get((name, dtype))
+    if dense_from is not None and rows >= dense_from:
+        return "dense"
     if m & (m - 1) == 0 and rows <= DOT_MAX_ROWS:
         return "dot"
     if name == "avx512bf16" and dtype == torch.bfloat16 and _pairs_ok(n, m):
         return "pairs"
     return "table"
+
+
+def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
+                 m: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The "dense" path: tiles of output rows expanded by the C code into one small buffer,
+    each multiplied by ``F.linear`` (oneDNN) while it is in cache. Exactly F.linear's math."""
+    import torch.nn.functional as F
+
+    out_features, slots = values.shape
+    in_features = x.shape[-1]
+    flat = x.reshape(-1, in_features)
+    values, indices = values.contiguous(), indices.contiguous()
+    tile = max(16, DENSE_TILE_BYTES // (in_features * values.element_size()) // 16 * 16)
+    buffer = torch.empty(min(tile, out_features), in_features, dtype=values.dtype)
+    y = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
+    unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
+    threads = torch.get_num_threads()
+    options = 4 if name == "avx512bf16" else 0
+    for first in range(0, out_features, tile):
+        last = min(first + tile, out_features)
+        status = unpack(values.data_ptr(), int(values.dtype == torch.bfloat16),
+                        indices.data_ptr(), slots, indices.shape[1], n, m, in_features, first,
+                        last, buffer.data_ptr(), threads, options)
+        if status:
+            raise MemoryError(_STATUS[2]) if status == 2 else ValueError(
+                _STATUS[1].format(n=n, m=m))
+        y[:, first:last] = F.linear(flat, buffer[:last - first],
+                                    None if bias is None else bias[first:last])
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 _STATUS = {1: "the CPU N:M kernels reject pattern {n}:{m} for this kernel",
@@ -175,8 +210,9 @@ _STATUS = {1: "the CPU N:M kernels reject pattern {n}:{m} for this kernel",
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
                   bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
     """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``.
-    ``kernel`` (AVX-512 only): ``"dot"``, ``"table"`` or ``"pairs"`` (bf16 weights on
-    ``avx512bf16``, M in {2, 4, 8}, N = 1 or even) forces one (tests, benchmarks)."""
+    ``kernel`` (AVX-512 only): ``"dot"``, ``"table"``, ``"pairs"`` (bf16 weights on
+    ``avx512bf16``, M in {2, 4, 8}, N = 1 or even) or ``"dense"`` forces one (tests,
+    benchmarks)."""
     reason = unsupported_reason(x, values, n, m)
     if reason:
         raise ValueError(f"the CPU N:M kernels cannot run this call: {reason}")
@@ -191,6 +227,8 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     x_dtype = torch.float32
     if name != "avx2":
         chosen = kernel_for(name, values.dtype, batch, n, m) if kernel == "auto" else kernel
+        if chosen == "dense":
+            return _dense_tiles(name, x, values, indices, n, m, bias)
         options = _KERNEL_CODE[chosen]
         if name == "avx512bf16":
             options |= 4

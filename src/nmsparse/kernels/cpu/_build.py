@@ -187,6 +187,10 @@ def _load(isa: str) -> ctypes.CDLL:
     function.argtypes = [ptr, int_, i64, i64, ptr, int_, ptr, i64, i64, i64, int_, int_, ptr,
                          ptr, int_, int_]
     function.restype = int_
+    if isa == "avx512":
+        unpack = library.nmsparse_unpack
+        unpack.argtypes = [ptr, int_, ptr, i64, i64, int_, int_, i64, i64, i64, ptr, int_, int_]
+        unpack.restype = int_
     return library
 
 

@@ -768,4 +768,85 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
              bf16_dot);
 }
 
+// Dense rows [begin, end) of the packed weight, written to dst ((end - begin) x in, the
+// values' dtype: bf16 when bf16): for the "dense" path, which multiplies tiles of the weight
+// expanded just in time with the caller's dense GEMM. options bit 2 as above (VBMI for the
+// masks). Returns 0, or 1 for an unsupported pattern.
+int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_t slots,
+                    int64_t index_bytes, int n, int m, int64_t in, int64_t begin, int64_t end,
+                    void* dst, int threads, int options) {
+  if (n < 1 || 8 % n || n >= m || m > 16) return 1;
+  const int w = m <= 2 ? 1 : m <= 4 ? 2 : 4;
+  const Shape s{0, in, end, slots, index_bytes, n, m, w};
+  const int64_t elem = bf16 ? 2 : 4;
+  if (!(power_of_two(m) && 64 % m == 0)) {  // scalar
+    for (int64_t o = begin; o < end; ++o) {
+      char* row = static_cast<char*>(dst) + (o - begin) * in * elem;
+      memset(row, 0, in * elem);
+      const uint8_t* bits = indices + o * index_bytes;
+      for (int64_t j = 0; j < slots; ++j) {
+        const int64_t bit = j * w;
+        const int64_t at = j / n * m + ((bits[bit >> 3] >> (bit & 7)) & ((1 << w) - 1));
+        if (at < in)
+          memcpy(row + at * elem, static_cast<const char*>(values) + (o * slots + j) * elem, elem);
+      }
+    }
+    return 0;
+  }
+  const Masks slow(n, m, w);
+  const FastMasks* fast = (options & 4) ? new FastMasks(slow) : nullptr;
+  const int64_t stride = ((in + 7) / 8 + 16 + 63) / 64 * 64;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+  uint8_t* buffer = static_cast<uint8_t*>(aligned_alloc(64, (size_t)stride));
+  if (!buffer) {
+#pragma omp atomic write
+    failed = 1;
+  }
+  const MaskRows masks{&slow, fast, buffer, stride};
+#pragma omp for schedule(static)
+  for (int64_t o = begin; o < end; ++o) {
+    if (!buffer) continue;
+    const uint8_t* dense = masks.build(0, indices + o * index_bytes, s);
+    if (bf16) {
+      const bf16_t* v = static_cast<const bf16_t*>(values) + o * slots;
+      bf16_t* row = static_cast<bf16_t*>(dst) + (o - begin) * in;
+      for (int64_t k0 = 0; k0 < in; k0 += 32) {
+        uint32_t mask;
+        memcpy(&mask, dense + k0 / 8, 4);
+        const __mmask32 lanes = in - k0 >= 32 ? ~0u : (1u << (in - k0)) - 1;
+        mask &= lanes;
+        const int count = __builtin_popcount(mask);
+        const __m512i raw = _mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), v);
+        // vpermw-free expand of 16-bit lanes: widen to 32-bit, expand two halves, narrow
+        const __m512i lo = _mm512_maskz_expand_epi32((__mmask16)mask, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)));
+        const int count_lo = __builtin_popcount(mask & 0xFFFF);
+        const __m512i rest = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (count - count_lo)) - 1), v + count_lo);
+        const __m512i hi = _mm512_maskz_expand_epi32((__mmask16)(mask >> 16), _mm512_cvtepu16_epi32(_mm512_castsi512_si256(rest)));
+        _mm256_mask_storeu_epi16(row + k0, (__mmask16)lanes, _mm512_cvtepi32_epi16(lo));
+        _mm256_mask_storeu_epi16(row + k0 + 16, (__mmask16)(lanes >> 16), _mm512_cvtepi32_epi16(hi));
+        v += count;
+      }
+    } else {
+      const float* v = static_cast<const float*>(values) + o * slots;
+      float* row = static_cast<float*>(dst) + (o - begin) * in;
+      for (int64_t k0 = 0; k0 < in; k0 += 16) {
+        uint16_t mask;
+        memcpy(&mask, dense + k0 / 8, 2);
+        const __mmask16 lanes = in - k0 >= 16 ? 0xFFFF : (__mmask16)((1u << (in - k0)) - 1);
+        mask &= lanes;
+        const int count = __builtin_popcount(mask);
+        const __m512 raw = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), v);
+        _mm512_mask_storeu_ps(row + k0, lanes, _mm512_maskz_expand_ps(mask, raw));
+        v += count;
+      }
+    }
+  }
+  free(buffer);
+  }
+  delete fast;
+  return failed ? 2 : 0;
+}
+
 }  // extern "C"
