@@ -148,7 +148,8 @@ def auto_choice(rows: int, dtype: str, pattern: str) -> str:
     name = cpu.isa()
     if name == "avx2":
         return name
-    return f"{name}/{cpu.kernel_for(name, DTYPES[dtype], rows, n, m)}"
+    kernel = cpu.kernel_for(name, DTYPES[dtype], rows, n, m)
+    return kernel if kernel == "avx2" else f"{name}/{kernel}"
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -247,6 +248,34 @@ def load_text() -> str:
         return "unknown"
 
 
+NOTES = """\
+## The kernels (src/nmsparse/kernels/cpu)
+
+One shared library per instruction set, each compiled from its own file with its own flags on
+first use, picked at run time from what the CPU reports (`NMSPARSE_CPU_ISA=avx2|avx512|\
+avx512bf16` forces one; the tests run every path the CPU supports against `F.linear`):
+
+* `avx2` (AVX2 + FMA): one row gathers / permutes x at the kept positions; more rows broadcast
+  each kept value over x transposed.
+* `avx512` / `avx512bf16`, by rows (the measured table `cpu.DISPATCH`; one row runs the AVX2
+  kernel, as fast as `dot` there):
+  * `dot` (1-8 rows): each 64-input chunk of a weight row is expanded in registers from the
+    packed values by a mask built from the positions (`vpexpandw` / `vexpandps`; masks built 64
+    index bytes at a time with `vpermi2b`), then meets up to 8 rows of x: `vdpbf16ps` for bf16,
+    FMA for fp32. The weight is read once per 8 rows; nothing is expanded to memory.
+  * `table` (any M) and `pairs` (bf16, M in {2, 4, 8}): rows in the vector lanes, only the kept
+    products; `pairs` broadcasts two kept bf16 weights as one word into `vdpbf16ps` against a
+    per-block table of the matching pairs of x. Their loads from that table (L2) cap them:
+    measured here they lose to oneDNN's dense bf16 GEMM from 16 rows.
+  * `dense`: tiles of ~1 MiB of the weight expanded just in time into one buffer and multiplied
+    by `F.linear`; the dispatch takes it from 9 rows for bf16 and 256 for fp32, so many-row
+    calls run at close to dense speed (less the expansion) instead of losing 2-3x.
+* AMX (`tdpbf16ps` tiles) is future work: it needs an AMX machine to write and verify, and this
+  one (AMD Zen 4) has none; on an AMX Xeon oneDNN's dense bf16 uses AMX, so the cross-over
+  rows there must be remeasured (rerun this benchmark there).
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -326,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         f"weight totalling >= {cold_mb} MiB (cold). What the columns mean, and how to "
         "rerun: the docstring of `benchmarks/cpu_kernels.py`; the kernels and the dispatch: "
         "`src/nmsparse/kernels/cpu/__init__.py`.",
+        "",
+        "",
+        NOTES,
         "",
         "## Linear: x @ W.T",
         "",

@@ -25,11 +25,12 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
 
-From the row count in the measured cross-over table :data:`DENSE_FROM_ROWS` on (AVX-512), the
-"dense" path takes over: tiles of ~1 MiB of the weight are expanded just in time into one
-small buffer and multiplied by ``F.linear`` (oneDNN's dense GEMM) while in cache: dense speed
-less the expansion, never a whole dense copy. That is where oneDNN's register-blocked bf16 GEMM
-beats computing only the kept products.
+The "dense" path (AVX-512) expands tiles of ~1 MiB of the weight just in time into one small
+buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is in cache: dense
+speed less the expansion, never a whole dense copy. Which kernel runs is the measured table
+:data:`DISPATCH` (by instruction set, dtype and row count): one row runs the AVX2 library's
+permute kernel (as fast as the dot kernel there), few rows the dot kernel, many bf16 rows the
+dense path (oneDNN's register-blocked bf16 GEMM beats computing only the kept products).
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily by :mod:`nmsparse.kernels._op`;
@@ -51,23 +52,24 @@ ISAS = ("avx2", "avx512", "avx512bf16")  # lowest first
 ENV_ISA = "NMSPARSE_CPU_ISA"
 _LIBRARY_OF = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512"}
 _FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512bf16": 4, "amx": 8}
-# The AVX-512 dot kernel up to this many rows, the table / pairs kernels above (the C kernels
-# take up to 8 rows per pass over the weight).
+# The dot kernel takes up to this many rows per pass over the weight.
 DOT_MAX_ROWS = 8
-# (instruction set, weight dtype) -> the number of rows from which the "dense" path (tiles of
-# the weight expanded just in time, multiplied by F.linear) is faster than the sparse kernels.
-# Measured on an AMD EPYC (Zen 4: AVX-512 BF16, no AMX), one thread, 2:4 11008x4096, cold
-# weights, machine loaded (see docs/cpu_kernels.md): bf16 dot 12.8 ms vs dense path 15.2 ms
-# at 8 rows, 25.4 vs 18.8 at 16 (the pairs kernel 29.4); fp32 table 81.7 vs dense path 84.0
-# at 64 rows, 318 vs 300 at 256. None: no dense path (AVX2). Rerun benchmarks/cpu_kernels.py
-# on a quiet machine (and on an AMX Xeon, where oneDNN's dense bf16 is faster) to refine.
-DENSE_FROM_ROWS: dict[tuple[str, torch.dtype], int | None] = {
-    ("avx2", torch.float32): None,
-    ("avx2", torch.bfloat16): None,
-    ("avx512", torch.float32): 256,
-    ("avx512", torch.bfloat16): DOT_MAX_ROWS + 1,
-    ("avx512bf16", torch.float32): 256,
-    ("avx512bf16", torch.bfloat16): DOT_MAX_ROWS + 1,
+_BF16, _FP32 = torch.bfloat16, torch.float32
+# The measured dispatch of the AVX-512 instruction sets: (instruction set, weight dtype) ->
+# ((up to this many rows, kernel), ...), the last entry for any number of rows. "avx2" is the
+# AVX2 library's kernel. Measured on an AMD EPYC (Zen 4: AVX-512 BF16 and VBMI, no AMX), one
+# thread (CPU time), 2:4 / 2:8 / 1:4 on 11008x4096 and 4096x11008, cold weights, a loaded
+# machine (docs/cpu_kernels.md), e.g. 2:4 bf16: 1 row avx2 5.3 ms, dot 5.4; 8 rows dot 12.8,
+# dense 15.2; 16 rows dense 18.8, dot 25.4, pairs 29.4, table 26.8; fp32 64 rows table 81.7,
+# dense 84.0; 256 rows dense 300, table 318. "avx512" (no BF16/VBMI: the masks are built by
+# scalar code, bf16 widened to fp32) was measured on the same CPU with the set forced: bf16 at
+# 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. Remeasure on a quiet machine, and on an AMX Xeon
+# (where oneDNN's dense bf16 GEMM is faster) before relying on the cross-overs there.
+DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
+    ("avx512bf16", _BF16): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (None, "dense")),
+    ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
+    ("avx512", _BF16): ((16, "avx2"), (None, "dense")),
+    ("avx512", _FP32): ((DOT_MAX_ROWS, "avx2"), (255, "table"), (None, "dense")),
 }
 # Weight bytes per tile of the dense path: the expanded tile stays in L2 while F.linear reads it.
 DENSE_TILE_BYTES = 1 << 20
@@ -153,8 +155,8 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
     return pattern_reason(n, m) or isa_reason(isa())
 
 
-KERNELS = ("auto", "dot", "table", "pairs", "dense")
-_KERNEL_CODE = {"dot": 1, "table": 2, "pairs": 3}
+KERNELS = ("auto", "avx2", "dot", "table", "pairs", "dense")
+_KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3}
 
 
 def _pairs_ok(n: int, m: int) -> bool:
@@ -162,15 +164,15 @@ def _pairs_ok(n: int, m: int) -> bool:
 
 
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
-    """The AVX-512 kernel that takes ``rows`` rows of an N:M weight of ``dtype``."""
-    dense_from = DENSE_FROM_ROWS.get((name, dtype))
-    if dense_from is not None and rows >= dense_from:
-        return "dense"
-    if m & (m - 1) == 0 and rows <= DOT_MAX_ROWS:
-        return "dot"
-    if name == "avx512bf16" and dtype == torch.bfloat16 and _pairs_ok(n, m):
-        return "pairs"
-    return "table"
+    """The kernel :data:`DISPATCH` picks for ``rows`` rows of an N:M weight of ``dtype`` on
+    instruction set ``name`` (``"avx2"``: the AVX2 library; the dot kernel needs M a power of
+    two, else the AVX2 library runs those rows)."""
+    if name == "avx2":
+        return "avx2"
+    for limit, kernel in DISPATCH[(name, dtype)]:
+        if limit is None or rows <= limit:
+            return "avx2" if kernel == "dot" and m & (m - 1) else kernel
+    raise AssertionError("DISPATCH entries end with None")
 
 
 def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
@@ -210,9 +212,9 @@ _STATUS = {1: "the CPU N:M kernels reject pattern {n}:{m} for this kernel",
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
                   bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
     """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``.
-    ``kernel`` (AVX-512 only): ``"dot"``, ``"table"``, ``"pairs"`` (bf16 weights on
-    ``avx512bf16``, M in {2, 4, 8}, N = 1 or even) or ``"dense"`` forces one (tests,
-    benchmarks)."""
+    ``kernel``: ``"avx2"`` (the AVX2 library), or with AVX-512 ``"dot"``, ``"table"``,
+    ``"pairs"`` (bf16 weights on ``avx512bf16``, M in {2, 4, 8}, N = 1 or even) or ``"dense"``
+    forces one (tests, benchmarks); ``"auto"`` follows :data:`DISPATCH`."""
     reason = unsupported_reason(x, values, n, m)
     if reason:
         raise ValueError(f"the CPU N:M kernels cannot run this call: {reason}")
@@ -225,10 +227,14 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     batch = flat.shape[0]
     options = 0
     x_dtype = torch.float32
-    if name != "avx2":
-        chosen = kernel_for(name, values.dtype, batch, n, m) if kernel == "auto" else kernel
-        if chosen == "dense":
-            return _dense_tiles(name, x, values, indices, n, m, bias)
+    chosen = kernel_for(name, values.dtype, batch, n, m) if kernel == "auto" else kernel
+    if name == "avx2" and chosen != "avx2":
+        raise ValueError(f"kernel {chosen!r} needs AVX-512 ({ENV_ISA}={name})")
+    if chosen == "dense":
+        return _dense_tiles(name, x, values, indices, n, m, bias)
+    if chosen == "avx2":
+        name = "avx2"
+    else:
         options = _KERNEL_CODE[chosen]
         if name == "avx512bf16":
             options |= 4
