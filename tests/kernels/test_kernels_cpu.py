@@ -98,11 +98,13 @@ def test_kernels_match_linear_over_shapes_and_batches(n, m, dtype, path, monkeyp
     generator = torch.Generator().manual_seed(1000 * n + m)
     # odd output counts; group counts that leave tails after the 8-, 16- and 64-input steps
     # and rows long enough for the vector mask builder (>= 64 index bytes)
-    for out, groups in [(1, 1), (7, 3), (37, 13), (19, 70), (9, 300)]:
+    # batches: 1 and 3 (dot, AVX2), 9 (dot in two passes, dense), 65 (table and pairs in two
+    # tiles of 64 rows)
+    for out, groups in [(1, 1), (7, 3), (37, 13), (9, 300)]:
         inp = groups * m
         weight = nm_weight(out, inp, n, m, dtype, generator)
         packed = pack(weight, n, m)
-        for batch in [1, 3, 8, 9, 33, 65]:
+        for batch in [1, 3, 9, 65]:
             x = torch.randn(batch, inp, generator=generator).to(dtype)
             bias = torch.randn(out, generator=generator).to(dtype) if batch % 2 else None
             y = run_path(path, x, packed.values, packed.indices, n, m, bias, monkeypatch)
