@@ -113,7 +113,15 @@ def features() -> set[str]:
 
 
 def isa_reason(name: str) -> str | None:
-    """Why instruction set ``name`` cannot run here, or ``None`` if it can."""
+    """Why instruction set ``name`` cannot run here, or ``None`` if it can (cached: a decode
+    step asks for every layer)."""
+    key = f"reason:{name}"
+    if key not in _STATE:
+        _STATE[key] = _isa_reason(name)
+    return _STATE[key]  # type: ignore[return-value]
+
+
+def _isa_reason(name: str) -> str | None:
     if name not in ISAS:
         return f"{ENV_ISA}={name!r} is not one of {', '.join(ISAS)}"
     error = build_error()
@@ -175,6 +183,15 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     raise AssertionError("DISPATCH entries end with None")
 
 
+# Below this many multiply-adds a call runs on one thread: starting a parallel region costs
+# more than the work (and on a busy machine it waits for every thread to be scheduled).
+SERIAL_BELOW = 1 << 18
+
+
+def _threads(batch: int, values: torch.Tensor) -> int:
+    return 1 if batch * values.numel() < SERIAL_BELOW else torch.get_num_threads()
+
+
 def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
                  m: int, bias: torch.Tensor | None) -> torch.Tensor:
     """The "dense" path: tiles of output rows expanded by the C code into one small buffer,
@@ -189,7 +206,7 @@ def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torc
     buffer = torch.empty(min(tile, out_features), in_features, dtype=values.dtype)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
     unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
-    threads = torch.get_num_threads()
+    threads = _threads(flat.shape[0], values)
     options = 4 if name == "avx512bf16" else 0
     for first in range(0, out_features, tile):
         last = min(first + tile, out_features)
@@ -251,7 +268,7 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
             values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
             out_features, slots, indices.shape[1], n, m,
             None if bias32 is None else bias32.data_ptr(), y.data_ptr(),
-            torch.get_num_threads(), options)
+            _threads(batch, values), options)
         if status == 2:
             raise MemoryError(_STATUS[2])
         if status:
