@@ -1,40 +1,41 @@
-"""CPU N:M Linear kernels vs dense ``F.linear``, and greedy GPT decoding, on this machine.
+"""CPU N:M Linear kernels vs dense ``F.linear``, and Llama decode / prefill, on this machine.
 
     python benchmarks/cpu_kernels.py                 # full run, writes docs/cpu_kernels.md
-    python benchmarks/cpu_kernels.py --quick         # fewer repeats, a smaller decode model
-    python benchmarks/cpu_kernels.py --threads 2 --out /tmp/cpu.md
+    python benchmarks/cpu_kernels.py --quick         # rows 1, 16, 64; 2:4 only; a small decode
+    python benchmarks/cpu_kernels.py --threads 2 --out /tmp/cpu.md --no-decode
     python benchmarks/cpu_kernels.py --threads 1 --clock cpu   # for a busy machine, see below
 
-**Linear.** For each weight ``OUTxIN`` (4096x4096, 4096x11008, 11008x4096) and input rows
-(1, 4, 16, 64): dense fp32 and dense bf16 ``F.linear`` against ``nm_linear`` (the
-``torch.ops.nmsparse.nm_linear`` op with ``NMSPARSE_KERNELS=cpu``, i.e. the kernels of
-``nmsparse.kernels.cpu`` or an error) on the same weight pruned to 2:4, 4:8, 1:4, 2:8, 1:8
-and 1:16 by magnitude, in fp32 and bf16. Same process, same thread count
-(``torch.set_num_threads``). Cold weights: every method cycles through enough copies of its
-weight to read at least ``--cold-mb`` (default 320 MB, ten times a 32 MB L3) between two uses
-of one copy. The methods of one shape and row count run in turn, round after round, so a
-busy machine slows all alike; the table gives the median over the rounds. ``--clock wall``
-(default) times with ``time.perf_counter``. On a machine shared with other jobs, waiting for
-the CPU dominates wall times (an OpenMP region waits for its slowest thread to be scheduled),
-so ``--clock cpu`` (only with ``--threads 1``) times with ``time.process_time``: the CPU time
-the one thread spent, stalls on memory included, time spent descheduled excluded.
+**Linear.** For each weight ``OUTxIN`` (default 11008x4096 and 4096x11008, Llama-7B's MLP) and
+input rows (1, 4, 16, 64, 256): dense fp32 and dense bf16 ``F.linear`` (oneDNN) against the
+same weight pruned to each pattern (default 2:4, 2:8, 1:4, 4:8) by magnitude, in fp32 and bf16,
+through every path of :mod:`nmsparse.kernels.cpu` this CPU runs: ``auto`` (what
+``NMLinear`` gets: the best instruction set and the kernel its dispatch picks for that many
+rows, named in brackets), ``avx2`` (the AVX2/FMA library), and each AVX-512 kernel forced
+(``dot``, ``table``, ``pairs``, ``dense``; with ``avx512bf16`` where the CPU has it, else
+``avx512``). Same process, same thread count (``torch.set_num_threads``). Cold weights: every
+method cycles through enough copies of its weight to read at least ``--cold-mb`` between two
+uses of one copy (default: the larger of 1 GiB and twice the L3 cache). The methods of one
+shape, row count and pattern run in turn, round after round, so a busy machine slows all alike;
+the table gives the median over the rounds. ``--clock wall`` (default) times with
+``time.perf_counter``. On a machine shared with other jobs, waiting for the CPU dominates wall
+times (an OpenMP region waits for its slowest thread to be scheduled), so ``--clock cpu`` (only
+with ``--threads 1``) times with ``time.process_time``: the CPU time the one thread spent,
+stalls on memory included, time spent descheduled excluded.
 
 Columns: ms (median), GB/s (weight bytes read per second: dense bytes, or packed values +
-positions), speedup over dense fp32 (the fastest dense path here) and over dense of the same
-dtype, the bandwidth limit (dense bytes of that dtype / packed bytes: the speedup a kernel
-reading only the packed bytes at dense's GB/s would get) and the fraction of it reached.
+positions), speedup over dense fp32 and over dense of the same dtype (dense rows are timed
+with every pattern; the table shows the first), the bandwidth limit (dense bytes of that dtype
+/ packed bytes: the speedup a kernel reading only the packed bytes at dense's GB/s would get)
+and the fraction of it reached.
 
-**Decode.** Greedy decoding (one token per step, static KV cache: ``GPT.decoder``) of a
-byte-level GPT of ``--layers`` x ``--width`` (default 16 x 1024, 202M parameters, fp32,
-random weights), dense vs the same model with every Linear pruned to 2:4, 2:8, 1:4 by
-magnitude and swapped to ``NMLinear`` (``swap_linear_layers``). tokens/s is the median over
-repeats; "same tokens" compares the tokens with the pruned model run dense.
+**Decode.** :mod:`benchmarks.decode`: a Llama-shaped ``transformers`` model built from a config
+(default 16 layers x 2048, 0.84B parameters, bf16), 2:4, swapped to ``NMLinear``: tokens/s of
+``model.generate`` at batch 1, 8, 32 and the time of a 512-token prefill, dense vs sparse.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import math
 import os
@@ -45,49 +46,72 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: benchmarks/kernels would shadow `kernels`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from nmsparse.kernels import nm_linear, swap_linear_layers
-from nmsparse.kernels.cpu import build_error
+from nmsparse.kernels import cpu, nm_linear
 from nmsparse.machine import cpu_model
 from nmsparse.masks import nm_mask
-from nmsparse.models.gpt import GPT, gpt_param_count
 from nmsparse.packing import pack
 from nmsparse.tables import format_table
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "cpu_kernels.md"
-SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
-ROWS = [1, 4, 16, 64]
-PATTERNS = [(2, 4), (4, 8), (1, 4), (2, 8), (1, 8), (1, 16)]
+SHAPES = [(11008, 4096), (4096, 11008)]
+ROWS = [1, 4, 16, 64, 256]
+PATTERNS = ["2:4", "2:8", "1:4", "4:8"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DECODE_PATTERNS = ["2:4", "2:8", "1:4"]
+KERNEL_PATHS = ("dot", "table", "pairs", "dense")
 
 
 class Method:
     """One way of computing ``x @ W.T`` with its own cold copies of the weight."""
 
     def __init__(self, name: str, dtype: str, pattern: str, copies: list, nbytes: int,
-                 dense_nbytes: int) -> None:
+                 dense_nbytes: int, isa: str | None = None, kernel: str = "auto") -> None:
         self.name, self.dtype, self.pattern = name, dtype, pattern
         self.copies, self.nbytes, self.dense_nbytes = copies, nbytes, dense_nbytes
+        self.isa, self.kernel = isa, kernel
         self.times: list[float] = []
 
     def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
         weight = self.copies[i % len(self.copies)]
         if isinstance(weight, torch.Tensor):
             return F.linear(x, weight)
-        return nm_linear(x, weight.values, weight.indices, weight.n, weight.m)
+        if self.isa is None:
+            os.environ.pop(cpu.ENV_ISA, None)
+        else:
+            os.environ[cpu.ENV_ISA] = self.isa
+        if self.kernel == "auto":  # the op, as NMLinear calls it
+            return nm_linear(x, weight.values, weight.indices, weight.n, weight.m)
+        return cpu.nm_linear_cpu(x, weight.values, weight.indices, weight.n, weight.m,
+                                 kernel=self.kernel)
 
 
 def copies_for(nbytes: int, cold_bytes: int) -> int:
     return max(2, math.ceil(cold_bytes / nbytes))
 
 
-def linear_methods(out_f: int, in_f: int, cold_bytes: int) -> list[Method]:
-    generator = torch.Generator().manual_seed(out_f * 7 + in_f)
-    base = torch.randn(out_f, in_f, generator=generator)
+def paths() -> list[tuple[str | None, str]]:
+    """(instruction set or None for the automatic one, kernel) of every path this CPU runs."""
+    found: list[tuple[str | None, str]] = [(None, "auto")]
+    if cpu.isa_reason("avx2") is None:
+        found.append(("avx2", "auto"))
+    wide = next((isa for isa in ("avx512bf16", "avx512") if cpu.isa_reason(isa) is None), None)
+    if wide:
+        found += [(wide, kernel) for kernel in KERNEL_PATHS]
+    return found
+
+
+def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
+    if kernel == "pairs":
+        return dtype == "bf16" and isa == "avx512bf16" and m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+    return not (kernel == "dot" and m & (m - 1))
+
+
+def dense_methods(base: torch.Tensor, cold_bytes: int) -> list[Method]:
     methods = []
     for dtype_name, dtype in DTYPES.items():
         dense = base.to(dtype)
@@ -95,16 +119,37 @@ def linear_methods(out_f: int, in_f: int, cold_bytes: int) -> list[Method]:
         copies = [dense.clone() for _ in range(copies_for(nbytes, cold_bytes))]
         methods.append(Method(f"dense {dtype_name}", dtype_name, "dense", copies, nbytes,
                               nbytes))
-    for n, m in PATTERNS:
-        pruned = base * nm_mask(base, n, m)
-        for dtype_name, dtype in DTYPES.items():
-            packed = pack(pruned.to(dtype), n, m)
-            copies = [type(packed)(packed.values.clone(), packed.indices.clone(), n, m,
-                                   packed.shape) for _ in range(copies_for(packed.nbytes,
-                                                                           cold_bytes))]
-            methods.append(Method(f"{n}:{m} {dtype_name}", dtype_name, f"{n}:{m}", copies,
-                                  packed.nbytes, packed.dense_nbytes))
     return methods
+
+
+def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[Method]:
+    n, m = map(int, pattern.split(":"))
+    pruned = base * nm_mask(base, n, m)
+    methods = []
+    for dtype_name, dtype in DTYPES.items():
+        packed = pack(pruned.to(dtype), n, m)
+        copies = [type(packed)(packed.values.clone(), packed.indices.clone(), n, m, packed.shape)
+                  for _ in range(copies_for(packed.nbytes, cold_bytes))]
+        for isa, kernel in paths():
+            if not applies(isa, kernel, dtype_name, n, m):
+                continue
+            if isa is None:
+                name = f"{pattern} {dtype_name} auto"
+            else:
+                name = f"{pattern} {dtype_name} {isa}" + ("" if kernel == "auto" else f"/{kernel}")
+            methods.append(Method(name, dtype_name, pattern, copies, packed.nbytes,
+                                  packed.dense_nbytes, isa, kernel))
+    return methods
+
+
+def auto_choice(rows: int, dtype: str, pattern: str) -> str:
+    """What the automatic dispatch runs for this call, for the table."""
+    n, m = map(int, pattern.split(":"))
+    name = cpu.isa()
+    if name == "avx2":
+        return name
+    kernel = cpu.kernel_for(name, DTYPES[dtype], rows, n, m)
+    return kernel if kernel == "avx2" else f"{name}/{kernel}"
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -113,34 +158,49 @@ CLOCK_TEXT = {"wall": "wall (time.perf_counter)",
 clock = time.perf_counter
 
 
-def time_linear(out_f: int, in_f: int, rows_list: list[int], repeats: int, cold_bytes: int,
-                log) -> list[list[str]]:
-    methods = linear_methods(out_f, in_f, cold_bytes)
+def time_linear(out_f: int, in_f: int, rows_list: list[int], patterns: list[str],
+                repeats: int, cold_bytes: int, log) -> list[list[str]]:
+    generator = torch.Generator().manual_seed(out_f * 7 + in_f)
+    base = torch.randn(out_f, in_f, generator=generator)
+    dense = dense_methods(base, cold_bytes)
     table = []
     for rows in rows_list:
-        x32 = torch.randn(rows, in_f)
+        x32 = torch.randn(rows, in_f, generator=generator)
         inputs = {"fp32": x32, "bf16": x32.bfloat16()}
-        for method in methods:
-            method.times = []
-            for i in range(len(method.copies)):  # warm-up: touch every copy once
-                method(inputs[method.dtype], i)
-        for round_ in range(repeats):
+        shown_dense = False
+        for pattern in patterns:  # one pattern's copies at a time: memory
+            methods = dense + pattern_methods(base, pattern, cold_bytes)
             for method in methods:
-                x = inputs[method.dtype]
-                start = clock()
-                method(x, round_)
-                method.times.append(clock() - start)
-        median = {method.name: statistics.median(method.times) for method in methods}
-        for method in methods:
-            t = median[method.name]
-            same = median[f"dense {method.dtype}"]
-            limit = method.dense_nbytes / method.nbytes
-            speed_same = same / t
-            table.append([f"{out_f}x{in_f}", rows, method.name, f"{t * 1e3:.3f}",
-                          f"{method.nbytes / t / 1e9:.1f}", f"{median['dense fp32'] / t:.2f}x",
-                          f"{speed_same:.2f}x", f"{limit:.2f}x",
-                          "" if method.pattern == "dense" else f"{speed_same / limit:.0%}"])
-        log(format_table(HEAD, table[-len(methods):], right_aligned=range(1, 9)))
+                method.times = []
+                for i in range(len(method.copies)):  # warm-up: touch every copy once
+                    method(inputs[method.dtype], i)
+            for round_ in range(repeats):
+                for method in methods:
+                    x = inputs[method.dtype]
+                    start = clock()
+                    method(x, round_)
+                    method.times.append(clock() - start)
+            median = {method.name: statistics.median(method.times) for method in methods}
+            block = []
+            for method in methods:
+                if method.pattern == "dense" and shown_dense:
+                    continue
+                t = median[method.name]
+                same = median[f"dense {method.dtype}"]
+                limit = method.dense_nbytes / method.nbytes
+                speed_same = same / t
+                name = method.name
+                if method.isa is None and method.pattern != "dense":
+                    name += f" ({auto_choice(rows, method.dtype, method.pattern)})"
+                block.append([f"{out_f}x{in_f}", rows, name, f"{t * 1e3:.3f}",
+                              f"{method.nbytes / t / 1e9:.1f}",
+                              f"{median['dense fp32'] / t:.2f}x", f"{speed_same:.2f}x",
+                              f"{limit:.2f}x",
+                              "" if method.pattern == "dense" else f"{speed_same / limit:.0%}"])
+            shown_dense = True
+            table += block
+            log(format_table(HEAD, block, right_aligned=range(1, 9)))
+            del methods
     return table
 
 
@@ -148,47 +208,32 @@ HEAD = ["weight", "rows", "method", "ms", "GB/s", "vs dense fp32", "vs dense sam
         "bandwidth limit", "of limit"]
 
 
-def magnitude_prune(model: nn.Module, n: int, m: int) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.mul_(nm_mask(module.weight, n, m))
+def l3_bytes() -> int:
+    """The L3 cache size Linux reports (0 if unknown)."""
+    try:
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()  # e.g. "32768K"
+                factor = {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
+                return int(size.rstrip("KM")) * factor
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
-def decode_rate(model: GPT, steps: int, repeats: int) -> tuple[float, list[int]]:
-    decoder = model.decoder(steps)
-    rates, tokens = [], []
-    for _ in range(repeats + 1):  # the first run warms up (and builds the kernels)
-        start = clock()
-        tokens = decoder.generate(steps, token=0)[0]
-        rates.append(steps / (clock() - start))
-    return statistics.median(rates[1:] or rates), tokens
-
-
-def time_decode(layers: int, width: int, steps: int, repeats: int, log) -> list[list[str]]:
-    torch.manual_seed(0)
-    model = GPT(vocab_size=256, max_seq_len=max(steps, 64), n_layer=layers,
-                n_head=width // 64, d_model=width).eval()
-    rows = []
-    with torch.no_grad():
-        dense_rate, _ = decode_rate(model, steps, repeats)
-        rows.append(["dense fp32", "nn.Linear", f"{dense_rate:.2f}", "1.00x", ""])
-        log(format_table(DECODE_HEAD, rows[-1:]))
-        for pattern in DECODE_PATTERNS:
-            n, m = map(int, pattern.split(":"))
-            pruned = copy.deepcopy(model)
-            magnitude_prune(pruned, n, m)
-            _, dense_tokens = decode_rate(pruned, steps, 0)
-            report = swap_linear_layers(pruned, pattern)
-            rate, tokens = decode_rate(pruned, steps, repeats)
-            rows.append([f"{pattern} fp32", f"{len(report.swapped)} NMLinear", f"{rate:.2f}",
-                         f"{rate / dense_rate:.2f}x", "yes" if tokens == dense_tokens else "no"])
-            log(format_table(DECODE_HEAD, rows[-1:]))
-            del pruned
-    return rows
-
-
-DECODE_HEAD = ["model", "linear layers", "tokens/s", "vs dense", "same tokens"]
+def features_line() -> str:
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = {f for f in line.split(":", 1)[1].split()
+                         if f.startswith(("avx512", "amx", "avx2", "fma"))}
+                break
+    except OSError:
+        pass
+    return (f"CPU flags: {' '.join(sorted(flags)) or 'unknown'}; L3 {l3_bytes() >> 20} MiB; "
+            f"kernels: instruction sets {', '.join(sorted(cpu.features())) or 'none'}, "
+            f"automatic choice {cpu.isa()} (AMX is not used by any kernel)")
 
 
 def machine_line(threads: int) -> str:
@@ -196,53 +241,104 @@ def machine_line(threads: int) -> str:
             f"{threads} threads, Python {platform.python_version()}")
 
 
-def load_line() -> str:
+def load_text() -> str:
     try:
-        return "load average (1, 5, 15 min) at the end: " + ", ".join(
-            f"{v:.2f}" for v in os.getloadavg())
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
-        return "load average unknown"
+        return "unknown"
+
+
+NOTES = """\
+## The kernels (src/nmsparse/kernels/cpu)
+
+One shared library per instruction set, each compiled from its own file with its own flags on
+first use, picked at run time from what the CPU reports (`NMSPARSE_CPU_ISA=avx2|avx512|\
+avx512bf16` forces one; the tests run every path the CPU supports against `F.linear`):
+
+* `avx2` (AVX2 + FMA): one row gathers / permutes x at the kept positions; more rows broadcast
+  each kept value over x transposed.
+* `avx512` / `avx512bf16`, by rows (the measured table `cpu.DISPATCH`; one row runs the AVX2
+  kernel, as fast as `dot` there):
+  * `dot` (1-8 rows): each 64-input chunk of a weight row is expanded in registers from the
+    packed values by a mask built from the positions (`vpexpandw` / `vexpandps`; masks built 64
+    index bytes at a time with `vpermi2b`), then meets up to 8 rows of x: `vdpbf16ps` for bf16,
+    FMA for fp32. The weight is read once per 8 rows; nothing is expanded to memory.
+  * `table` (any M) and `pairs` (bf16, M in {2, 4, 8}): rows in the vector lanes, only the kept
+    products; `pairs` broadcasts two kept bf16 weights as one word into `vdpbf16ps` against a
+    per-block table of the matching pairs of x. Their loads from that table (L2) cap them:
+    measured here they lose to oneDNN's dense bf16 GEMM from 16 rows.
+  * `dense`: tiles of ~1 MiB of the weight expanded just in time into one buffer and multiplied
+    by `F.linear`; the dispatch takes it from 9 rows for bf16 and 256 for fp32, so many-row
+    calls run at close to dense speed (less the expansion) instead of losing 2-3x.
+* AMX (`tdpbf16ps` tiles) is future work: it needs an AMX machine to write and verify, and this
+  one (AMD Zen 4) has none; on an AMX Xeon oneDNN's dense bf16 uses AMX, so the cross-over
+  rows there must be remeasured (rerun this benchmark there).
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="5 repeats, rows 1 and 16, decode 8 x 512 for 16 tokens")
+                        help="5 repeats, rows 1, 16, 64, 2:4 only, a 4-layer decode")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--cold-mb", type=int, default=320)
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="tokens decoded per run")
+    parser.add_argument("--cold-mb", type=int, default=None,
+                        help="default: max(1024, twice the L3 in MiB)")
+    parser.add_argument("--rows", default=None, help="comma-separated, default 1,4,16,64,256")
+    parser.add_argument("--patterns", default=None, help="default 2:4,2:8,1:4,4:8")
+    parser.add_argument("--shapes", default=None, help="OUTxIN,... default 11008x4096,4096x11008")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--decode-layers", type=int, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread's CPU time: use it with --threads 1")
+    try:
+        rows_list = [int(r) for r in (args.rows or ("1,16,64" if args.quick else
+                                                    ",".join(map(str, ROWS)))).split(",")]
+        shapes = ([tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+                  if args.shapes else SHAPES)
+        patterns = (args.patterns or ("2:4" if args.quick else ",".join(PATTERNS))).split(",")
+        for pattern in patterns:
+            n, m = map(int, pattern.split(":"))
+            if cpu.pattern_reason(n, m):
+                raise ValueError(pattern)
+    except ValueError:
+        parser.error("--rows takes integers, --shapes OUTxIN pairs, --patterns N:M pairs "
+                     "with N dividing 8 and M <= 16")
     global clock
     clock = CLOCKS[args.clock]
-    error = build_error()
+    error = cpu.build_error()
     if error:
         print(f"the CPU kernels cannot run here: {error}", file=sys.stderr)
         return 1
     os.environ["NMSPARSE_KERNELS"] = "cpu"  # a kernel that cannot run fails, never falls back
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 15)
-    rows_list = [1, 16] if args.quick else ROWS
-    layers = args.layers or (8 if args.quick else 16)
-    width = args.width or (512 if args.quick else 1024)
-    steps = args.steps or (16 if args.quick else 32)
+    cold_mb = args.cold_mb or max(1024, 2 * (l3_bytes() >> 20))
     started = datetime.datetime.now(datetime.timezone.utc)
+    load_start = load_text()
 
     def log(text: str) -> None:
         print(text, flush=True)
 
+    log(features_line())
     linear_rows: list[list[str]] = []
-    for out_f, in_f in SHAPES:
-        linear_rows += time_linear(out_f, in_f, rows_list, repeats, args.cold_mb << 20, log)
-    decode_rows = [] if args.no_decode else time_decode(layers, width, steps, repeats, log)
-    params = gpt_param_count(n_layer=layers, d_model=width, max_seq_len=max(steps, 64))
+    for out_f, in_f in shapes:
+        linear_rows += time_linear(out_f, in_f, rows_list, patterns, repeats, cold_mb << 20,
+                                   log)
+    decode_rows: list[list[str]] = []
+    if not args.no_decode:
+        from benchmarks import decode
+
+        os.environ["NMSPARSE_KERNELS"] = "auto"
+        os.environ.pop(cpu.ENV_ISA, None)
+        layers = args.decode_layers or (4 if args.quick else 16)
+        described, decode_rows = decode.run(
+            layers=layers, batches=(1, 8) if args.quick else (1, 8, 32),
+            new_tokens=8 if args.quick else 32, prefill_len=128 if args.quick else 512,
+            repeats=2 if args.quick else 3, log=log)
     command = "python benchmarks/cpu_kernels.py " + shlex.join(argv if argv is not None
                                                                else sys.argv[1:])
     page = [
@@ -250,12 +346,18 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"* Date: {started:%Y-%m-%d %H:%M} UTC; command: `{command.strip()}`",
         f"* Machine: {machine_line(args.threads)}",
-        f"* {load_line()} (the machine may have been shared: compare rows of one table, "
-        "which ran interleaved, rather than absolute times)",
+        f"* {features_line()}",
+        f"* Load average (1, 5, 15 min): {load_start} at the start, {load_text()} at the end "
+        "(a loaded machine: compare rows of one table, which ran interleaved, rather than "
+        "absolute times; state figures only from a quiet run)",
         f"* Clock: {CLOCK_TEXT[args.clock]}. "
         f"Median of {repeats} interleaved rounds; each method cycles through copies of its "
-        f"weight totalling >= {args.cold_mb} MB (cold). What the columns mean, and how to "
-        "rerun: the docstring of `benchmarks/cpu_kernels.py`.",
+        f"weight totalling >= {cold_mb} MiB (cold). What the columns mean, and how to "
+        "rerun: the docstring of `benchmarks/cpu_kernels.py`; the kernels and the dispatch: "
+        "`src/nmsparse/kernels/cpu/__init__.py`.",
+        "",
+        "",
+        NOTES,
         "",
         "## Linear: x @ W.T",
         "",
@@ -263,11 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     if decode_rows:
+        from benchmarks import decode
+
         page += [
-            f"## Greedy decode: GPT {layers} layers x {width} ({params / 1e6:.0f}M parameters, "
-            f"fp32, batch 1, {steps} tokens)",
+            f"## Decode and prefill: {described}",
             "",
-            format_table(DECODE_HEAD, decode_rows, right_aligned=[2, 3], markdown=True),
+            "Threads: " + str(args.threads) + "; `model.generate` greedy, dense bf16 "
+            "(`nn.Linear`) vs `NMLinear` (automatic dispatch); see `benchmarks/decode.py`.",
+            "",
+            format_table(decode.HEAD, decode_rows, right_aligned=range(1, 8), markdown=True),
             "",
         ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

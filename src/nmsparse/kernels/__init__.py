@@ -5,8 +5,8 @@ semi-structured sparse tensors), the packed N:M Linear op, ``NMLinear`` and
 The only part of nmsparse that uses Triton, and only lazily: importing this package imports
 no Triton and initialises no CUDA. It registers the custom op ``torch.ops.nmsparse.nm_linear``
 (``x @ W.T + bias`` with W in the :mod:`nmsparse.packing` format; Triton kernels on CUDA,
-the AVX2 kernels of :mod:`nmsparse.kernels.cpu` on the CPU (compiled on first use), unpack +
-``F.linear`` elsewhere, see :mod:`nmsparse.kernels._op`).
+the AVX2 / AVX-512 kernels of :mod:`nmsparse.kernels.cpu` on the CPU (compiled on first use),
+unpack + ``F.linear`` elsewhere, see :mod:`nmsparse.kernels._op`).
 
     from nmsparse.kernels import swap_linear_layers
     nmsparse.finalize(model)

@@ -1,12 +1,36 @@
-"""CPU kernels of the packed N:M Linear (AVX2 + FMA + OpenMP, compiled on first use).
+"""CPU kernels of the packed N:M Linear (AVX2/FMA and AVX-512, OpenMP, compiled on first use).
 
 ``nm_linear_cpu(x, values, indices, n, m, bias)`` computes ``x @ W.T + bias`` reading only the
 packed weight (:mod:`nmsparse.packing` format, unchanged: the positions are decoded in
 registers), with fp32 accumulation, on ``torch.get_num_threads()`` threads. Supported: CPU
 tensors, fp32 or bf16 weights and inputs, N dividing 8 and M at most 16 with N < M (2:4, 4:8,
-1:4, 2:8, 1:8, 1:16, 1:2, ...), any batch (one input row uses a gather loop, 2..64 rows a
-broadcast loop over x transposed, larger batches 64 rows at a time). The result is in x's
-dtype: fp32 accumulation rounded once (bf16 output rounded to nearest even by torch).
+1:4, 2:8, 1:8, 1:16, 1:2, 1:3, ...), any batch. The result is in x's dtype: fp32
+accumulation rounded once (bf16 output rounded to nearest even by torch).
+
+Instruction sets (``ISAS``; the best one this CPU runs is used, ``NMSPARSE_CPU_ISA`` forces
+one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, with the reason):
+
+* ``avx2``: AVX2 + FMA (``nm_linear.cpp``): a gather/permute loop for one row, a broadcast
+  loop over x transposed for more;
+* ``avx512``: AVX-512 F/BW/VL/DQ (``nm_linear_avx512.cpp``): the "dot" kernel for up to
+  :data:`DOT_MAX_ROWS` rows (each N:M tile expanded in registers by ``vexpandps`` and FMA'd
+  with up to 8 rows of x) and the "table" kernel for more (rows in the lanes, only the kept
+  products computed, K blocked to stay in L2); bf16 weights are widened to fp32;
+* ``avx512bf16``: the same with AVX512_BF16 + AVX512_VBMI2: for bf16, the dot kernel expands
+  with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``, and above that many rows the
+  "pairs" kernel (M in {2, 4, 8}, N = 1 or even) puts the rows in the lanes and meets each
+  pair of kept weights, broadcast as one 32-bit word, with a table of the matching pairs of x
+  in one ``vdpbf16ps``: only kept products, two per lane and instruction.
+
+AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
+this work did not have (:func:`features` reports it).
+
+The "dense" path (AVX-512) expands tiles of ~1 MiB of the weight just in time into one small
+buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is in cache: dense
+speed less the expansion, never a whole dense copy. Which kernel runs is the measured table
+:data:`DISPATCH` (by instruction set, dtype and row count): one row runs the AVX2 library's
+permute kernel (as fast as the dot kernel there), few rows the dot kernel, many bf16 rows the
+dense path (oneDNN's register-blocked bf16 GEMM beats computing only the kept products).
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily by :mod:`nmsparse.kernels._op`;
@@ -16,6 +40,7 @@ the core of nmsparse never imports it.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 
 import torch
@@ -23,21 +48,47 @@ import torch
 from ._build import BuildError, load
 
 DTYPES = (torch.float32, torch.bfloat16)
+ISAS = ("avx2", "avx512", "avx512bf16")  # lowest first
+ENV_ISA = "NMSPARSE_CPU_ISA"
+_LIBRARY_OF = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512"}
+_FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512bf16": 4, "amx": 8}
+# The dot kernel takes up to this many rows per pass over the weight.
+DOT_MAX_ROWS = 8
+_BF16, _FP32 = torch.bfloat16, torch.float32
+# The measured dispatch of the AVX-512 instruction sets: (instruction set, weight dtype) ->
+# ((up to this many rows, kernel), ...), the last entry for any number of rows. "avx2" is the
+# AVX2 library's kernel. Measured on an AMD EPYC (Zen 4: AVX-512 BF16 and VBMI, no AMX), one
+# thread (CPU time), 2:4 / 2:8 / 1:4 on 11008x4096 and 4096x11008, cold weights, a loaded
+# machine (docs/cpu_kernels.md), e.g. 2:4 bf16: 1 row avx2 5.3 ms, dot 5.4; 8 rows dot 12.8,
+# dense 15.2; 16 rows dense 18.8, dot 25.4, pairs 29.4, table 26.8; fp32 64 rows table 81.7,
+# dense 84.0; 256 rows dense 300, table 318. "avx512" (no BF16/VBMI: the masks are built by
+# scalar code, bf16 widened to fp32) was measured on the same CPU with the set forced: bf16 at
+# 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. Remeasure on a quiet machine, and on an AMX Xeon
+# (where oneDNN's dense bf16 GEMM is faster) before relying on the cross-overs there.
+DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
+    ("avx512bf16", _BF16): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (None, "dense")),
+    ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
+    ("avx512", _BF16): ((16, "avx2"), (None, "dense")),
+    ("avx512", _FP32): ((DOT_MAX_ROWS, "avx2"), (255, "table"), (None, "dense")),
+}
+# Weight bytes per tile of the dense path: the expanded tile stays in L2 while F.linear reads it.
+DENSE_TILE_BYTES = 1 << 20
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}
+_STATE: dict[str, object] = {}  # library name -> CDLL, or "error:<name>" -> message
 
 
-def library() -> ctypes.CDLL:
-    """The loaded kernels (built on the first call); :class:`BuildError` if they cannot be."""
+def library(name: str = "avx2") -> ctypes.CDLL:
+    """The loaded kernels of one library (built on the first call); :class:`BuildError` if
+    they cannot be."""
     with _LOCK:
-        if "library" not in _STATE and "error" not in _STATE:
+        if name not in _STATE and f"error:{name}" not in _STATE:
             try:
-                _STATE["library"] = load()
-            except BuildError as error:
-                _STATE["error"] = str(error)
-    if "error" in _STATE:
-        raise BuildError(str(_STATE["error"]))
-    return _STATE["library"]  # type: ignore[return-value]
+                _STATE[name] = load(name)
+            except (BuildError, OSError) as error:
+                _STATE[f"error:{name}"] = str(error)
+    if f"error:{name}" in _STATE:
+        raise BuildError(str(_STATE[f"error:{name}"]))
+    return _STATE[name]  # type: ignore[return-value]
 
 
 def build_error() -> str | None:
@@ -47,6 +98,54 @@ def build_error() -> str | None:
     except BuildError as error:
         return str(error)
     return None
+
+
+def features() -> set[str]:
+    """What this CPU runs, of ``avx2``, ``avx512``, ``avx512bf16`` and ``amx`` (empty if the
+    kernels cannot be built)."""
+    if "features" not in _STATE:
+        try:
+            bits = library().nmsparse_cpu_features()
+        except BuildError:
+            bits = 0
+        _STATE["features"] = {name for name, bit in _FEATURE_BITS.items() if bits & bit}
+    return set(_STATE["features"])  # type: ignore[arg-type]
+
+
+def isa_reason(name: str) -> str | None:
+    """Why instruction set ``name`` cannot run here, or ``None`` if it can (cached: a decode
+    step asks for every layer)."""
+    key = f"reason:{name}"
+    if key not in _STATE:
+        _STATE[key] = _isa_reason(name)
+    return _STATE[key]  # type: ignore[return-value]
+
+
+def _isa_reason(name: str) -> str | None:
+    if name not in ISAS:
+        return f"{ENV_ISA}={name!r} is not one of {', '.join(ISAS)}"
+    error = build_error()
+    if error:
+        return error
+    if name not in features():
+        return f"this CPU has no {name.upper()} ({ENV_ISA}={name})"
+    try:
+        library(_LIBRARY_OF[name])
+    except BuildError as error:
+        return str(error)
+    return None
+
+
+def isa() -> str:
+    """The instruction set the kernels use: ``NMSPARSE_CPU_ISA`` if set, else the best one
+    that runs here (``avx2`` if none does: :func:`unsupported_reason` then says why)."""
+    chosen = os.environ.get(ENV_ISA, "").strip().lower()
+    if chosen:
+        return chosen
+    if "best" not in _STATE:
+        _STATE["best"] = next((name for name in reversed(ISAS) if isa_reason(name) is None),
+                              "avx2")
+    return str(_STATE["best"])
 
 
 def pattern_reason(n: int, m: int) -> str | None:
@@ -61,30 +160,118 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
         return f"device {x.device}"
     if values.dtype not in DTYPES:
         return f"dtype {values.dtype} (the CPU kernels take float32 and bfloat16)"
-    return pattern_reason(n, m) or build_error()
+    return pattern_reason(n, m) or isa_reason(isa())
+
+
+KERNELS = ("auto", "avx2", "dot", "table", "pairs", "dense")
+_KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3}
+
+
+def _pairs_ok(n: int, m: int) -> bool:
+    return m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+
+
+def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
+    """The kernel :data:`DISPATCH` picks for ``rows`` rows of an N:M weight of ``dtype`` on
+    instruction set ``name`` (``"avx2"``: the AVX2 library; the dot kernel needs M a power of
+    two, else the AVX2 library runs those rows)."""
+    if name == "avx2":
+        return "avx2"
+    for limit, kernel in DISPATCH[(name, dtype)]:
+        if limit is None or rows <= limit:
+            return "avx2" if kernel == "dot" and m & (m - 1) else kernel
+    raise AssertionError("DISPATCH entries end with None")
+
+
+# Below this many multiply-adds a call runs on one thread: starting a parallel region costs
+# more than the work (and on a busy machine it waits for every thread to be scheduled).
+SERIAL_BELOW = 1 << 18
+
+
+def _threads(batch: int, values: torch.Tensor) -> int:
+    return 1 if batch * values.numel() < SERIAL_BELOW else torch.get_num_threads()
+
+
+def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
+                 m: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The "dense" path: tiles of output rows expanded by the C code into one small buffer,
+    each multiplied by ``F.linear`` (oneDNN) while it is in cache. Exactly F.linear's math."""
+    import torch.nn.functional as F
+
+    out_features, slots = values.shape
+    in_features = x.shape[-1]
+    flat = x.reshape(-1, in_features)
+    values, indices = values.contiguous(), indices.contiguous()
+    tile = max(16, DENSE_TILE_BYTES // (in_features * values.element_size()) // 16 * 16)
+    buffer = torch.empty(min(tile, out_features), in_features, dtype=values.dtype)
+    y = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
+    unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
+    threads = _threads(flat.shape[0], values)
+    options = 4 if name == "avx512bf16" else 0
+    for first in range(0, out_features, tile):
+        last = min(first + tile, out_features)
+        status = unpack(values.data_ptr(), int(values.dtype == torch.bfloat16),
+                        indices.data_ptr(), slots, indices.shape[1], n, m, in_features, first,
+                        last, buffer.data_ptr(), threads, options)
+        if status:
+            raise MemoryError(_STATUS[2]) if status == 2 else ValueError(
+                _STATUS[1].format(n=n, m=m))
+        y[:, first:last] = F.linear(flat, buffer[:last - first],
+                                    None if bias is None else bias[first:last])
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+_STATUS = {1: "the CPU N:M kernels reject pattern {n}:{m} for this kernel",
+           2: "the CPU N:M kernel could not allocate its buffers",
+           3: "the CPU N:M kernels were called with an input dtype they do not take"}
 
 
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``."""
+                  bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
+    """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``.
+    ``kernel``: ``"avx2"`` (the AVX2 library), or with AVX-512 ``"dot"``, ``"table"``,
+    ``"pairs"`` (bf16 weights on ``avx512bf16``, M in {2, 4, 8}, N = 1 or even) or ``"dense"``
+    forces one (tests, benchmarks); ``"auto"`` follows :data:`DISPATCH`."""
     reason = unsupported_reason(x, values, n, m)
     if reason:
         raise ValueError(f"the CPU N:M kernels cannot run this call: {reason}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not one of {KERNELS}")
+    name = isa()
     out_features, slots = values.shape
     in_features = x.shape[-1]
-    rows = x.reshape(-1, in_features).to(torch.float32).contiguous()
-    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    if rows.shape[0] and out_features:
+    flat = x.reshape(-1, in_features)
+    batch = flat.shape[0]
+    options = 0
+    x_dtype = torch.float32
+    chosen = kernel_for(name, values.dtype, batch, n, m) if kernel == "auto" else kernel
+    if name == "avx2" and chosen != "avx2":
+        raise ValueError(f"kernel {chosen!r} needs AVX-512 ({ENV_ISA}={name})")
+    if chosen == "dense":
+        return _dense_tiles(name, x, values, indices, n, m, bias)
+    if chosen == "avx2":
+        name = "avx2"
+    else:
+        options = _KERNEL_CODE[chosen]
+        if name == "avx512bf16":
+            options |= 4
+            if chosen != "table" and values.dtype == torch.bfloat16:
+                x_dtype = torch.bfloat16
+    rows = flat.to(x_dtype).contiguous()
+    y = torch.empty(batch, out_features, dtype=torch.float32)
+    if batch and out_features:
         values = values.contiguous()
         indices = indices.contiguous()
         bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        status = library().nmsparse_nm_linear(
-            rows.data_ptr(), rows.shape[0], in_features, values.data_ptr(),
-            int(values.dtype == torch.bfloat16), indices.data_ptr(), out_features, slots,
-            indices.shape[1], n, m, None if bias32 is None else bias32.data_ptr(),
-            y.data_ptr(), torch.get_num_threads())
+        status = library(_LIBRARY_OF[name]).nmsparse_nm_linear(
+            rows.data_ptr(), int(x_dtype == torch.bfloat16), batch, in_features,
+            values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
+            out_features, slots, indices.shape[1], n, m,
+            None if bias32 is None else bias32.data_ptr(), y.data_ptr(),
+            _threads(batch, values), options)
         if status == 2:
-            raise MemoryError("the CPU N:M kernel could not allocate its input buffer")
+            raise MemoryError(_STATUS[2])
         if status:
-            raise ValueError(f"the CPU N:M kernels reject pattern {n}:{m}")
+            raise ValueError(_STATUS.get(status, "unknown status {status}").format(
+                n=n, m=m, status=status))
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)

@@ -1,32 +1,54 @@
-"""Compile ``nm_linear.cpp`` once per machine and load it with ctypes.
+"""Compile the CPU kernels once per machine and load them with ctypes.
 
-The shared library is built on first use with the system C++ compiler (``$CXX``, else ``g++``,
-else ``c++``; flags ``-O3 -mavx2 -mfma -fopenmp``) into a per-user cache folder
-(``$NMSPARSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/nmsparse``, else ``~/.cache/nmsparse``),
-named by a hash of the source, the flags and the compiler's version: a changed source gets a
-new file, an unchanged one is compiled once. The compiler writes a temporary file in that
-folder which is then renamed into place (``os.replace`` is atomic), so processes that build
-at the same time never load a half-written library. Nothing from torch is compiled (no torch
-headers: a few seconds, not a minute) and nothing is built at package-install time.
+One shared library per instruction set, each from its own translation unit with its own flags,
+so that no AVX-512 instruction can leak into the code an AVX2-only CPU runs:
 
-:func:`load` returns the loaded library or raises :class:`BuildError` saying why it cannot
-(no AVX2/FMA, no compiler, a compile error); the caller decides what to do with that.
+* ``avx2``: ``nm_linear.cpp`` with ``-mavx2 -mfma`` (also exports the CPU feature probe);
+* ``avx512``: ``nm_linear_avx512.cpp`` with AVX-512 F/BW/VL/DQ; its bf16 kernels carry a
+  ``target("avx512bf16,avx512vbmi2")`` attribute and run only where the probe says so.
+
+Each library is built on first use with the system C++ compiler (``$CXX``, else ``g++``, else
+``c++``) into a per-user cache folder (``$NMSPARSE_CACHE_DIR``, else
+``$XDG_CACHE_HOME/nmsparse``, else ``~/.cache/nmsparse``), named by a hash of the source, the
+flags and the compiler's version: a changed source gets a new file, an unchanged one is
+compiled once. Builds run under a file lock in that folder (``fcntl.flock``; where there is
+no ``fcntl`` the atomic rename below still keeps a half-written file from being loaded), so
+processes starting together compile once and the others wait and load the result; the
+compiler writes a temporary file that is renamed into place (``os.replace`` is atomic). After
+a build, the older builds of the same library (other hashes) are deleted. Nothing from torch
+is compiled (no torch headers: seconds, not a minute) and nothing is built at install time.
+
+:func:`load` returns the loaded library or raises :class:`BuildError` saying why it cannot:
+no compiler, a compile error, and *any* ``OSError`` on the way (a cache folder that cannot be
+created, a read-only or missing home, a file in the way); the caller falls back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("nm_linear.cpp")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-ABI = 1  # must equal nmsparse_cpu_abi() in the source
+HERE = Path(__file__).parent
+COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# instruction set -> (source, its flags)
+LIBRARIES = {
+    "avx2": ("nm_linear.cpp", ("-mavx2", "-mfma")),
+    "avx512": ("nm_linear_avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                        "-mfma", "-mbmi2")),
+}
+ABI = 2  # must equal nmsparse_cpu_abi() in every source
 ENV_CACHE = "NMSPARSE_CACHE_DIR"
+LOCK_NAME = "build.lock"
+# A temporary file this old was left by a build that died (builds take seconds).
+STALE_TEMPORARY_S = 600
 
 
 class BuildError(RuntimeError):
@@ -51,7 +73,13 @@ def compiler() -> str | None:
 def cache_dir() -> Path:
     if os.environ.get(ENV_CACHE):
         return Path(os.environ[ENV_CACHE])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError as error:  # no HOME and no password entry
+            raise BuildError(f"no cache folder for the CPU kernels ({error}); set "
+                             f"{ENV_CACHE}") from None
     return Path(base) / "nmsparse"
 
 
@@ -63,52 +91,119 @@ def _compiler_version(cxx: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-def library_path(cxx: str) -> Path:
+def _flags(isa: str) -> tuple[str, ...]:
+    return (*COMMON_FLAGS, *LIBRARIES[isa][1])
+
+
+def library_path(cxx: str, isa: str = "avx2") -> Path:
+    source = HERE / LIBRARIES[isa][0]
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_version(cxx).encode()):
+    for part in (source.read_bytes(), " ".join(_flags(isa)).encode(),
+                 _compiler_version(cxx).encode()):
         digest.update(part)
         digest.update(b"\0")
-    return cache_dir() / f"nm_linear_cpu-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"nm_linear_{isa}-{digest.hexdigest()[:16]}.so"
 
 
-def _compile(cxx: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder``'s lock file (no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename alone
+        yield
+        return
+    with open(folder / LOCK_NAME, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _compile(cxx: str, isa: str, target: Path) -> None:
+    source = HERE / LIBRARIES[isa][0]
     handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so",
                                          dir=target.parent)
     os.close(handle)
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", temporary], capture_output=True,
-                              text=True, timeout=600)
+        done = subprocess.run([cxx, *_flags(isa), str(source), "-o", temporary],
+                              capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise BuildError(f"compiling {SOURCE.name} with {cxx} failed: {message}")
+            raise BuildError(f"compiling {source.name} with {cxx} failed: {message}")
         os.replace(temporary, target)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise BuildError(f"compiling {SOURCE.name} with {cxx} failed: {error}") from None
+    except subprocess.SubprocessError as error:
+        raise BuildError(f"compiling {source.name} with {cxx} failed: {error}") from None
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
 
 
-def load() -> ctypes.CDLL:
-    """Build (if not cached) and load the kernels; :class:`BuildError` if impossible."""
+def remove_stale(target: Path, isa: str) -> list[Path]:
+    """Delete the other builds of ``isa``'s library in ``target``'s folder, and temporary files
+    of builds that died; returns what was deleted. (A process that still has an old build loaded
+    keeps its mapping: unlinking a loaded library is safe.)"""
+    removed = []
+    now = time.time()
+    for path in target.parent.glob(f"nm_linear_{isa}-*"):
+        temporary = path.name.endswith(".tmp.so")
+        if path == target or (temporary and now - path.stat().st_mtime < STALE_TEMPORARY_S):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            path.unlink()
+            removed.append(path)
+    if isa == "avx2":  # builds of nmsparse <= 0.x, named before there was more than one ISA
+        for path in target.parent.glob("nm_linear_cpu-*.so"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _load(isa: str) -> ctypes.CDLL:
+    if isa not in LIBRARIES:
+        raise BuildError(f"unknown instruction set {isa!r}; known: {', '.join(LIBRARIES)}")
     if not cpu_supports_avx2_fma():
         raise BuildError("this CPU has no AVX2/FMA")
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler found (set CXX, or install g++)")
-    target = library_path(cxx)
+    target = library_path(cxx, isa)
     if not target.exists():
-        _compile(cxx, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _build_lock(target.parent):
+            if not target.exists():  # another process may have built it while we waited
+                _compile(cxx, isa, target)
+                remove_stale(target, isa)
     try:
         library = ctypes.CDLL(str(target))
     except OSError as error:
         raise BuildError(f"cannot load {target}: {error}") from None
     if library.nmsparse_cpu_abi() != ABI:
         raise BuildError(f"{target} has ABI {library.nmsparse_cpu_abi()}, expected {ABI}")
+    i64, ptr, int_ = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     function = library.nmsparse_nm_linear
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    function.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, i64, i64, i64, ctypes.c_int,
-                         ctypes.c_int, ptr, ptr, ctypes.c_int]
-    function.restype = ctypes.c_int
+    function.argtypes = [ptr, int_, i64, i64, ptr, int_, ptr, i64, i64, i64, int_, int_, ptr,
+                         ptr, int_, int_]
+    function.restype = int_
+    if isa == "avx512":
+        unpack = library.nmsparse_unpack
+        unpack.argtypes = [ptr, int_, ptr, i64, i64, int_, int_, i64, i64, i64, ptr, int_, int_]
+        unpack.restype = int_
     return library
+
+
+def load(isa: str = "avx2") -> ctypes.CDLL:
+    """Build (if not cached) and load ``isa``'s kernels; :class:`BuildError` if impossible."""
+    try:
+        return _load(isa)
+    except OSError as error:  # any file-system failure: the caller falls back, exactly
+        raise BuildError(f"cannot build the CPU kernels in {_where()}: {error}") from None
+
+
+def _where() -> str:
+    try:
+        return str(cache_dir())
+    except BuildError:
+        return "(no cache folder)"

@@ -384,21 +384,44 @@ int dispatch(const float* x, int64_t batch, int64_t in_features, const T* values
 extern "C" {
 
 // Bumped when a signature changes; the loader checks it.
-int nmsparse_cpu_abi(void) { return 1; }
+int nmsparse_cpu_abi(void) { return 2; }
+
+// What this CPU (and its operating system) runs, for the dispatcher in __init__.py: bit 0
+// AVX2 + FMA, bit 1 AVX-512 F/BW/VL/DQ, bit 2 AVX512_BF16 + AVX512_VBMI + AVX512_VBMI2 (the bf16 kernels),
+// bit 3 AMX-BF16 tiles (reported only: no kernel uses them yet). No AVX instruction here.
+int nmsparse_cpu_features(void) {
+  __builtin_cpu_init();
+  int bits = 0;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) bits |= 1;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    bits |= 2;
+  if ((bits & 2) && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2") &&
+      __builtin_cpu_supports("avx512vbmi"))
+    bits |= 4;
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+  if (__builtin_cpu_supports("amx-bf16")) bits |= 8;
+#endif
+  return bits;
+}
 
 // y (batch, out_features) fp32 = x (batch, in_features) fp32 @ W.T (+ bias fp32). values:
 // (out_features, slots) fp32 (bf16 = 0) or bf16 (bf16 = 1); indices (out_features,
-// index_bytes) uint8. All contiguous. n must divide 8 and m be at most 16; returns 0 on
-// success, 1 for an unsupported pattern, 2 when out of memory.
-int nmsparse_nm_linear(const float* x, int64_t batch, int64_t in_features, const void* values,
-                       int bf16, const uint8_t* indices, int64_t out_features, int64_t slots,
-                       int64_t index_bytes, int n, int m, const float* bias, float* y,
-                       int threads) {
+// index_bytes) uint8. All contiguous. n must divide 8 and m be at most 16. x_bf16 must be 0
+// and options is unused (the same signature as the AVX-512 library's). Returns 0 on success,
+// 1 for an unsupported pattern, 2 when out of memory, 3 for a bf16 x.
+int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_features,
+                       const void* values, int bf16, const uint8_t* indices,
+                       int64_t out_features, int64_t slots, int64_t index_bytes, int n, int m,
+                       const float* bias, float* y, int threads, int options) {
+  (void)options;
   if (n < 1 || 8 % n || n >= m || m > 16) return 1;
+  if (x_bf16) return 3;
+  const float* xf = static_cast<const float*>(x);
   if (bf16)
-    return dispatch(x, batch, in_features, static_cast<const bf16_t*>(values), indices,
+    return dispatch(xf, batch, in_features, static_cast<const bf16_t*>(values), indices,
                     out_features, slots, index_bytes, n, m, bias, y, threads);
-  return dispatch(x, batch, in_features, static_cast<const float*>(values), indices,
+  return dispatch(xf, batch, in_features, static_cast<const float*>(values), indices,
                   out_features, slots, index_bytes, n, m, bias, y, threads);
 }
 

@@ -1,0 +1,852 @@
+// N:M sparse Linear on the CPU with AVX-512 (F/BW/VL/DQ; bf16 kernels also AVX512_BF16 and
+// AVX512_VBMI2, enabled per function by a target attribute and run only where the CPU has
+// them): y = x @ W.T + bias with W packed in the nmsparse.packing format. Only the packed
+// bytes are read; nothing is expanded into memory.
+//
+// Built and loaded by nmsparse/kernels/cpu/_build.py; called through ctypes by
+// nmsparse/kernels/cpu/__init__.py, which checks every argument first.
+//
+// Two kernels, both accumulating in fp32, both register-blocked and both reading each weight
+// once per block of input rows:
+// * "dot" (few rows, M a power of two): the positions of 64 consecutive dense inputs are
+//   turned into a 64-bit mask (a 256-entry table per index byte), and the packed values are
+//   expanded straight from memory into dense registers by that mask (vpexpandw / vexpandps),
+//   which then meet up to 8 rows of x: vdpbf16ps (bf16: products exact in fp32) or FMA.
+//   P output rows x R input rows accumulators; the x registers are shared by the P rows.
+// * "table" (many rows, any M): the rows go into the vector lanes. Per block of KB inputs
+//   the thread transposes x into xt[k][lane] (16 to 64 lanes, in L2), and each kept value is
+//   broadcast and FMA'd with the row of xt at its position: only the kept products are
+//   computed, N/M of the dense work. Partial sums over K blocks live in a per-thread
+//   transposed buffer (one vector load/add/store per output row and block).
+// Threads take contiguous, static shares of the output rows and never wait for each other
+// (no barrier inside the region: on a machine shared with other jobs a barrier waits for the
+// slowest thread to be scheduled).
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+namespace {
+
+typedef uint16_t bf16_t;
+
+inline float scalar_f32(float v) { return v; }
+inline float scalar_f32(bf16_t v) {
+  uint32_t bits = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+struct Shape {
+  int64_t batch, in, out, slots, index_bytes;
+  int n, m, w;
+};
+
+// The dense mask of one output row (bit k set when input k has a kept weight), built from
+// its index bytes once per row and read 64 bits at a time by the dot kernels. lut[b] holds
+// the dense bits of the 8 / w positions index byte b holds: bit (k / n) * m + position_k for
+// each value k of the byte (values of one group when a byte holds fewer than n). Byte i's
+// bits start at dense bit (i * per_byte / n) * m.
+struct Masks {
+  uint64_t lut[256];
+  int n, m, per_byte, bits_per_byte;  // bits_per_byte: 0 when a byte holds part of a group
+
+  Masks(int n_, int m_, int w) : n(n_), m(m_), per_byte(8 / w) {
+    for (int b = 0; b < 256; ++b) {
+      uint64_t bits = 0;
+      for (int k = 0; k < per_byte; ++k) {
+        // & (m - 1): a corrupt field (>= m) must not add a bit, or more values would be read
+        const int position = (b >> (k * w)) & ((1 << w) - 1) & (m - 1);
+        const int group = per_byte >= n ? k / n : 0;
+        bits |= 1ull << ((group * m + position) & 63);
+      }
+      lut[b] = bits;
+    }
+    bits_per_byte = per_byte >= n ? per_byte / n * m : 0;
+  }
+
+  // out: (in + 7) / 8 bytes of mask, then 8 bytes of zeros (the dot kernels read 8 at a time).
+  // Bits arrive in order (a byte's bits start where the previous byte's did or after), so
+  // they are gathered in a register and written 32 at a time.
+  void row(const uint8_t* bits, int64_t index_bytes, int64_t in, uint8_t* out) const {
+    row_from(bits, 0, index_bytes, in, out);
+  }
+  void row_from(const uint8_t* bits, int64_t first, int64_t index_bytes, int64_t in,
+                uint8_t* out) const {
+    const int64_t bytes = (in + 7) / 8;
+    int64_t base = first * per_byte / n * m;  // dense bit of word's bit 0 (a multiple of 8)
+    memset(out + base / 8, 0, bytes + 8 - base / 8);
+    uint64_t word = 0;
+    for (int64_t i = first; i < index_bytes; ++i) {
+      const int64_t at = i * per_byte / n * m;
+      while (at - base >= 32) {
+        const uint32_t low = (uint32_t)word;
+        memcpy(out + base / 8, &low, 4);
+        word >>= 32;
+        base += 32;
+      }
+      word |= lut[bits[i]] << (at - base);  // at most 32 + 31 bits
+    }
+    memcpy(out + base / 8, &word, 8);  // the 8 zero bytes after the mask leave room
+  }
+};
+
+#define VBMI_TARGET __attribute__((target("avx512vbmi")))
+
+// The same with a 256-entry byte table (vpermi2b) where one index byte gives exactly 8 mask
+// bits (2:4, 2:8, 4:16), 16 (1:4, 1:8, 1:2, 2:16), or two bytes give 8 (4:8); else scalar.
+struct FastMasks {
+  const Masks& slow;
+  __m512i table[2][4];  // [output byte 0 / 1][entries 0-63, 64-127, 128-191, 192-255]
+
+  explicit FastMasks(const Masks& masks) : slow(masks) {
+    alignas(64) uint8_t bytes[2][256];
+    for (int b = 0; b < 256; ++b) {
+      bytes[0][b] = (uint8_t)masks.lut[b];
+      bytes[1][b] = (uint8_t)(masks.lut[b] >> 8);
+    }
+    for (int h = 0; h < 2; ++h)
+      for (int q = 0; q < 4; ++q) table[h][q] = _mm512_load_si512(bytes[h] + 64 * q);
+  }
+  VBMI_TARGET static inline __m512i lookup(const __m512i* t, __m512i index) {
+    const __m512i low = _mm512_permutex2var_epi8(t[0], index, t[1]);
+    const __m512i high = _mm512_permutex2var_epi8(t[2], index, t[3]);
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high);
+  }
+  VBMI_TARGET void row(const uint8_t* bits, int64_t index_bytes, int64_t in, uint8_t* out) const {
+    const int64_t bytes = (in + 7) / 8;
+    const bool pairs = slow.bits_per_byte == 0 && slow.n == 2 * slow.per_byte && slow.m == 8;
+    if (slow.bits_per_byte != 8 && slow.bits_per_byte != 16 && !pairs) {
+      slow.row(bits, index_bytes, in, out);
+      return;
+    }
+    int64_t i = 0;
+    if (slow.bits_per_byte == 8) {
+      for (; i + 64 <= index_bytes; i += 64)
+        _mm512_storeu_si512(out + i, lookup(table[0], _mm512_loadu_si512(bits + i)));
+    } else if (slow.bits_per_byte == 16) {
+      for (; i + 32 <= index_bytes; i += 32) {
+        const __m512i index = _mm512_castsi256_si512(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(bits + i)));
+        const __m512i low = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lookup(table[0], index)));
+        const __m512i high = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lookup(table[1], index)));
+        _mm512_storeu_si512(out + 2 * i, _mm512_or_si512(low, _mm512_slli_epi16(high, 8)));
+      }
+    } else {
+      for (; i + 64 <= index_bytes; i += 64) {
+        const __m512i both = lookup(table[0], _mm512_loadu_si512(bits + i));
+        const __m512i merged = _mm512_or_si512(both, _mm512_srli_epi16(both, 8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), _mm512_cvtepi16_epi8(merged));
+      }
+    }
+    // the rest (from the first byte not written above) the scalar way
+    slow.row_from(bits, i, index_bytes, in, out);
+  }
+};
+
+// Where the dot kernels find the row masks: P rows of `stride` bytes.
+struct MaskRows {
+  const Masks* slow;
+  const FastMasks* fast;  // null without AVX512_VBMI
+  uint8_t* buffer;
+  int64_t stride;
+
+  const uint8_t* build(int p, const uint8_t* bits, const Shape& s) const {
+    uint8_t* out = buffer + p * stride;
+    if (fast) fast->row(bits, s.index_bytes, s.in, out);
+    else slow->row(bits, s.index_bytes, s.in, out);
+    return out;
+  }
+};
+
+inline bool power_of_two(int m) { return (m & (m - 1)) == 0; }
+
+// ---------------------------------------------------------------- dot kernels (few rows)
+
+// fp32 weights expanded by a 16-bit mask; bf16 weights widened to fp32 first.
+inline __m512 expand16(__mmask16 mask, const float* v) {
+  const int count = __builtin_popcount(mask);
+  return _mm512_maskz_expand_ps(mask, _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), v));
+}
+inline __m512 expand16(__mmask16 mask, const bf16_t* v) {
+  const int count = __builtin_popcount(mask);
+  const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), v);
+  const __m512 wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  return _mm512_maskz_expand_ps(mask, wide);
+}
+
+// R rows of x (fp32, row stride ldx) times P output rows starting at o.
+template <typename T, int P, int R>
+void dot_f32(const float* x, int64_t ldx, const T* values, const uint8_t* indices,
+             const Shape& s, const MaskRows& rows, const float* bias, float* y, int64_t ldy,
+             int64_t o) {
+  __m512 acc[P][R];
+  const T* v[P];
+  const uint8_t* dense[P];
+  for (int p = 0; p < P; ++p) {
+    v[p] = values + (o + p) * s.slots;
+    dense[p] = rows.build(p, indices + (o + p) * s.index_bytes, s);
+    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
+  }
+  for (int64_t k0 = 0; k0 < s.in; k0 += 64) {
+    const uint64_t valid = s.in - k0 >= 64 ? ~0ull : (1ull << (s.in - k0)) - 1;
+    uint64_t mask[P];
+    for (int p = 0; p < P; ++p) {
+      memcpy(&mask[p], dense[p] + k0 / 8, 8);
+      mask[p] &= valid;
+      _mm_prefetch(reinterpret_cast<const char*>(v[p]) + 1024, _MM_HINT_T0);
+    }
+    for (int q = 0; q < 4; ++q) {
+      const __mmask16 lanes = (__mmask16)(valid >> (16 * q));
+      if (!lanes) break;
+      __m512 xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = _mm512_maskz_loadu_ps(lanes, x + r * ldx + k0 + 16 * q);
+      for (int p = 0; p < P; ++p) {
+        const __mmask16 part = (__mmask16)(mask[p] >> (16 * q));
+        const __m512 w = expand16(part, v[p]);
+        v[p] += __builtin_popcount(part);
+        for (int r = 0; r < R; ++r) acc[p][r] = _mm512_fmadd_ps(w, xr[r], acc[p][r]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r)
+      y[r * ldy + o + p] = _mm512_reduce_add_ps(acc[p][r]) + (bias ? bias[o + p] : 0.0f);
+}
+
+#define BF16_TARGET __attribute__((target("avx512bf16,avx512vbmi2,avx512vbmi")))
+
+// bf16 weights and bf16 x: 32 dense inputs per vdpbf16ps (pairs of products summed in fp32).
+template <int P, int R>
+BF16_TARGET void dot_bf16(const bf16_t* x, int64_t ldx, const bf16_t* values,
+                          const uint8_t* indices, const Shape& s, const MaskRows& rows,
+                          const float* bias, float* y, int64_t ldy, int64_t o) {
+  __m512 acc[P][R];
+  const bf16_t* v[P];
+  const uint8_t* dense[P];
+  for (int p = 0; p < P; ++p) {
+    v[p] = values + (o + p) * s.slots;
+    dense[p] = rows.build(p, indices + (o + p) * s.index_bytes, s);
+    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
+  }
+  for (int64_t k0 = 0; k0 < s.in; k0 += 64) {
+    const uint64_t valid = s.in - k0 >= 64 ? ~0ull : (1ull << (s.in - k0)) - 1;
+    uint64_t mask[P];
+    for (int p = 0; p < P; ++p) {
+      memcpy(&mask[p], dense[p] + k0 / 8, 8);
+      mask[p] &= valid;
+      _mm_prefetch(reinterpret_cast<const char*>(v[p]) + 1024, _MM_HINT_T0);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __mmask32 lanes = (__mmask32)(valid >> (32 * h));
+      if (!lanes) break;
+      __m512i xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = _mm512_maskz_loadu_epi16(lanes, x + r * ldx + k0 + 32 * h);
+      for (int p = 0; p < P; ++p) {
+        const __mmask32 part = (__mmask32)(mask[p] >> (32 * h));
+        // load + register expand: the memory form of vpexpandw is slow on some CPUs
+        const int count = __builtin_popcount(part);
+        const __m512i raw = _mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), v[p]);
+        const __m512i w = _mm512_maskz_expand_epi16(part, raw);
+        v[p] += count;
+        for (int r = 0; r < R; ++r)
+          acc[p][r] = _mm512_dpbf16_ps(acc[p][r], (__m512bh)w, (__m512bh)xr[r]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r)
+      y[r * ldy + o + p] = _mm512_reduce_add_ps(acc[p][r]) + (bias ? bias[o + p] : 0.0f);
+}
+
+// Output rows [begin, end) for R rows of x: blocks of P, then single rows.
+template <typename X, typename T, int R>
+void dot_rows(const X* x, int64_t ldx, const T* values, const uint8_t* indices, const Shape& s,
+              const MaskRows& masks, const float* bias, float* y, int64_t ldy, int64_t begin,
+              int64_t end, bool bf16_dot);
+
+template <int P, int R, typename T>
+inline void dot_one(const void* x, int64_t ldx, const T* values, const uint8_t* indices,
+                    const Shape& s, const MaskRows& masks, const float* bias, float* y,
+                    int64_t ldy, int64_t o, bool bf16_dot) {
+  if constexpr (sizeof(T) == 2) {
+    if (bf16_dot) {
+      dot_bf16<P, R>(static_cast<const bf16_t*>(x), ldx, values, indices, s, masks, bias, y,
+                     ldy, o);
+      return;
+    }
+  }
+  dot_f32<T, P, R>(static_cast<const float*>(x), ldx, values, indices, s, masks, bias, y, ldy,
+                   o);
+}
+
+template <int R, typename T>
+void dot_range(const void* x, int64_t ldx, const T* values, const uint8_t* indices,
+               const Shape& s, const MaskRows& masks, const float* bias, float* y, int64_t ldy,
+               int64_t begin, int64_t end, bool bf16_dot) {
+  constexpr int P = R <= 2 ? 4 : R <= 4 ? 3 : 2;
+  int64_t o = begin;
+  for (; o + P <= end; o += P)
+    dot_one<P, R, T>(x, ldx, values, indices, s, masks, bias, y, ldy, o, bf16_dot);
+  for (; o < end; ++o)
+    dot_one<1, R, T>(x, ldx, values, indices, s, masks, bias, y, ldy, o, bf16_dot);
+}
+
+template <typename T>
+void dot_any(int rows, const void* x, int64_t ldx, const T* values, const uint8_t* indices,
+             const Shape& s, const MaskRows& masks, const float* bias, float* y, int64_t ldy,
+             int64_t begin, int64_t end, bool bf16_dot) {
+  switch (rows) {
+#define NMSPARSE_DOT(R) \
+    case R: dot_range<R, T>(x, ldx, values, indices, s, masks, bias, y, ldy, begin, end, bf16_dot); break;
+    NMSPARSE_DOT(1) NMSPARSE_DOT(2) NMSPARSE_DOT(3) NMSPARSE_DOT(4)
+    NMSPARSE_DOT(5) NMSPARSE_DOT(6) NMSPARSE_DOT(7) NMSPARSE_DOT(8)
+#undef NMSPARSE_DOT
+  }
+}
+
+// The dot kernel takes the rows 8 at a time (accumulators: P x R <= 16 of the 32 registers).
+constexpr int DOT_MAX_ROWS = 8;
+
+// -------------------------------------------------------------- table kernel (many rows)
+
+// Input features per block: a multiple of 16 * m (so a block holds whole chunks of 16 values)
+// with the block of xt (KB x lanes fp32) about 192 KiB.
+int64_t block_inputs(int m, int lanes) {
+  int64_t kb = (192 << 10) / (4 * lanes);
+  const int64_t unit = 16 * m;
+  kb = kb / unit * unit;
+  return kb < unit ? unit : kb;
+}
+
+// Rows of zeros after a block of xt: a position field can hold up to 15 whatever m is, so even
+// a corrupt index never reads outside the buffer.
+constexpr int64_t PAD_ROWS = 16;
+
+inline __m512 broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline __m512 broadcast(const bf16_t* p) { return _mm512_set1_ps(scalar_f32(*p)); }
+
+// Offsets (in floats, relative to the block) of values [j, j + count) of one output row.
+template <int W>
+inline void block_offsets(const uint8_t* bits, int n, int m, int64_t j, int64_t count,
+                          int64_t k_first, int64_t lanes, int32_t* offsets) {
+  const __m512i field = _mm512_set1_epi32((1 << W) - 1);
+  __m512i shifts, in_chunk;
+  __mmask16 high = 0;
+  {
+    alignas(64) int32_t sh[16], ic[16];
+    for (int l = 0; l < 16; ++l) {
+      sh[l] = (W * l) & 31;
+      ic[l] = l / n * m;
+      if (W * l >= 32) high |= (__mmask16)(1u << l);
+    }
+    shifts = _mm512_load_si512(sh);
+    in_chunk = _mm512_load_si512(ic);
+  }
+  const __m512i lanes_v = _mm512_set1_epi32((int)lanes);
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16) {  // j + k is a multiple of 16
+    uint64_t word = 0;
+    memcpy(&word, bits + (j + k) * W / 8, 2 * W);
+    const __m512i both = _mm512_mask_blend_epi32(high, _mm512_set1_epi32((int)(uint32_t)word),
+                                                 _mm512_set1_epi32((int)(word >> 32)));
+    const __m512i pos = _mm512_and_si512(_mm512_srlv_epi32(both, shifts), field);
+    const int base = (int)((j + k) / n * m - k_first);
+    const __m512i at = _mm512_add_epi32(_mm512_add_epi32(pos, in_chunk), _mm512_set1_epi32(base));
+    _mm512_storeu_si512(offsets + k, _mm512_mullo_epi32(at, lanes_v));
+  }
+  for (; k < count; ++k) {
+    const int64_t bit = (j + k) * W;
+    const int64_t pos = (bits[bit >> 3] >> (bit & 7)) & ((1 << W) - 1);
+    offsets[k] = (int32_t)(((j + k) / n * m + pos - k_first) * lanes);
+  }
+}
+
+// One block of values [j, j + count) of output row o: acc (V vectors of 16 lanes) += value *
+// xt row. C independent chains hide the FMA latency when V is small.
+template <typename T, int V>
+inline void table_row(const float* xt, const T* v, const int32_t* offsets, int64_t count,
+                      float* acc_out) {
+  constexpr int C = V >= 4 ? 1 : 4 / V;
+  __m512 acc[C][V];
+  for (int c = 0; c < C; ++c)
+    for (int t = 0; t < V; ++t) acc[c][t] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + C <= count; j += C)
+    for (int c = 0; c < C; ++c) {
+      const __m512 w = broadcast(v + j + c);
+      const float* xr = xt + offsets[j + c];
+      for (int t = 0; t < V; ++t) acc[c][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * t), acc[c][t]);
+    }
+  for (; j < count; ++j) {
+    const __m512 w = broadcast(v + j);
+    const float* xr = xt + offsets[j];
+    for (int t = 0; t < V; ++t) acc[0][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * t), acc[0][t]);
+  }
+  for (int t = 0; t < V; ++t) {
+    __m512 sum = acc[0][t];
+    for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, acc[c][t]);
+    _mm512_store_ps(acc_out + 16 * t, _mm512_add_ps(_mm512_load_ps(acc_out + 16 * t), sum));
+  }
+}
+
+// rows (<= 16 * V) rows of x (fp32, row stride ldx) for output rows [begin, end); xt and yt
+// are this thread's buffers.
+template <typename T, int W, int V>
+void table_range(const float* x, int64_t ldx, int64_t rows, const T* values,
+                 const uint8_t* indices, const Shape& s, const float* bias, float* y,
+                 int64_t ldy, int64_t begin, int64_t end, float* xt, float* yt,
+                 int32_t* offsets) {
+  constexpr int64_t lanes = 16 * V;
+  const int64_t kb = block_inputs(s.m, (int)lanes);
+  const int64_t vals_per_block = kb / s.m * s.n;
+  memset(yt, 0, sizeof(float) * lanes * (end - begin));
+  for (int64_t k_first = 0; k_first < s.in; k_first += kb) {
+    const int64_t k_count = s.in - k_first < kb ? s.in - k_first : kb;
+    for (int64_t k = 0; k < k_count + PAD_ROWS; ++k) {
+      float* dst = xt + k * lanes;
+      int64_t r = 0;
+      if (k < k_count)
+        for (; r < rows; ++r) dst[r] = x[r * ldx + k_first + k];
+      for (; r < lanes; ++r) dst[r] = 0.0f;
+    }
+    const int64_t j = k_first / s.m * s.n;
+    const int64_t count = (j + vals_per_block < s.slots ? j + vals_per_block : s.slots) - j;
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* bits = indices + o * s.index_bytes;
+      block_offsets<W>(bits, s.n, s.m, j, count, k_first, lanes, offsets);
+      table_row<T, V>(xt, values + o * s.slots + j, offsets, count, yt + (o - begin) * lanes);
+    }
+  }
+  for (int64_t o = begin; o < end; ++o) {
+    const float b = bias ? bias[o] : 0.0f;
+    for (int64_t r = 0; r < rows; ++r) y[r * ldy + o] = yt[(o - begin) * lanes + r] + b;
+  }
+}
+
+template <typename T, int W>
+void table_any(const float* x, int64_t ldx, int64_t rows, const T* values,
+               const uint8_t* indices, const Shape& s, const float* bias, float* y, int64_t ldy,
+               int64_t begin, int64_t end, float* xt, float* yt, int32_t* offsets) {
+  if (rows <= 16)
+    table_range<T, W, 1>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, yt, offsets);
+  else if (rows <= 32)
+    table_range<T, W, 2>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, yt, offsets);
+  else if (rows <= 48)
+    table_range<T, W, 3>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, yt, offsets);
+  else
+    table_range<T, W, 4>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, yt, offsets);
+}
+
+constexpr int64_t TABLE_ROWS = 64;
+
+// ------------------------------------------------- pair table kernel (many rows, bf16, M <= 8)
+//
+// vdpbf16ps multiplies pairs: lane r gets w0 * x0 + w1 * x1. Values 2p and 2p + 1 of a row
+// (the pair p) lie in one "unit" of the input: one group when N is even, two groups when N = 1;
+// their positions (a, b) pick two inputs of the unit. Per block of inputs the thread writes,
+// for every unit and every (a, b), the pair (x[r][unit + a], x[r][unit + b']) of each row r
+// into the lanes of one table entry (M * M entries per unit, b' = b or M + b); then each pair
+// of weights is broadcast as one 32-bit word and meets its entry in one vdpbf16ps: 16 to 64
+// rows, two kept products per lane and instruction, no product with a pruned weight.
+
+struct PairShape {
+  int unit, log_m, pairs_per_unit;
+  explicit PairShape(const Shape& s)
+      : unit(s.n % 2 ? 2 * s.m : s.m), log_m(__builtin_ctz(s.m)),
+        pairs_per_unit(s.n % 2 ? 1 : s.n / 2) {}
+};
+
+bool pairs_ok(const Shape& s) { return power_of_two(s.m) && s.m <= 8 && (s.n == 1 || s.n % 2 == 0); }
+
+// Inputs per block: a multiple of 32 * m (whole units, whole runs of 16 pairs) with the table
+// (block / unit * m * m entries of lanes 32-bit words) about 256 KiB.
+int64_t pair_block_inputs(const Shape& s, int64_t lanes) {
+  const PairShape ps(s);
+  const int64_t unit = 32 * s.m;
+  int64_t kb = (256 << 10) * ps.unit / ((int64_t)s.m * s.m * lanes * 4);
+  kb = kb / unit * unit;
+  return kb < unit ? unit : kb;
+}
+
+// Table entry (in lanes-wide words, relative to the block) of pairs [p, p + count).
+template <int W>
+BF16_TARGET inline void pair_offsets(const uint8_t* bits, const Shape& s, const PairShape& ps,
+                                     int64_t p, int64_t count, int64_t unit_first,
+                                     int64_t lanes, int32_t* offsets) {
+  const int mm = s.m * s.m;
+  const __m512i low_m = _mm512_set1_epi32(s.m - 1);
+  alignas(64) int32_t unit_of[16];
+  for (int l = 0; l < 16; ++l) unit_of[l] = l / ps.pairs_per_unit * mm;
+  const __m512i unit_v = _mm512_load_si512(unit_of);
+  const __m512i lanes_v = _mm512_set1_epi32((int)lanes);
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16) {  // p + k is a multiple of 16
+    __m512i code;
+    if (W == 4) {
+      code = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + p + k)));
+    } else {
+      uint64_t word = 0;
+      memcpy(&word, bits + (p + k) * 2 * W / 8, 4 * W);
+      alignas(64) int32_t sh[16];
+      __mmask16 high = 0;
+      for (int l = 0; l < 16; ++l) {
+        sh[l] = (2 * W * l) & 31;
+        if (2 * W * l >= 32) high |= (__mmask16)(1u << l);
+      }
+      const __m512i both = _mm512_mask_blend_epi32(high, _mm512_set1_epi32((int)(uint32_t)word),
+                                                   _mm512_set1_epi32((int)(word >> 32)));
+      code = _mm512_srlv_epi32(both, _mm512_load_si512(sh));
+    }
+    const __m512i a = _mm512_and_si512(code, low_m);
+    const __m512i b = _mm512_and_si512(_mm512_srli_epi32(code, W), low_m);
+    const __m512i combo = _mm512_or_si512(_mm512_sll_epi32(a, _mm_cvtsi32_si128(ps.log_m)), b);
+    const int base = (int)(((p + k) / ps.pairs_per_unit - unit_first) * mm);
+    const __m512i entry = _mm512_add_epi32(_mm512_add_epi32(unit_v, combo), _mm512_set1_epi32(base));
+    _mm512_storeu_si512(offsets + k, _mm512_mullo_epi32(entry, lanes_v));
+  }
+  for (; k < count; ++k) {
+    const int64_t bit = (p + k) * 2 * W;
+    const int code = (bits[bit >> 3] >> (bit & 7)) & ((1 << (2 * W)) - 1);
+    const int a = code & (s.m - 1), b = (code >> W) & (s.m - 1);
+    offsets[k] = (int32_t)((((p + k) / ps.pairs_per_unit - unit_first) * mm + (a << ps.log_m) + b) * lanes);
+  }
+}
+
+template <int V>
+BF16_TARGET inline void pair_row(const uint32_t* table, const bf16_t* v, const int32_t* offsets,
+                                 int64_t count, float* acc_out) {
+  constexpr int C = V >= 4 ? 1 : 4 / V;
+  __m512 acc[C][V];
+  for (int c = 0; c < C; ++c)
+    for (int t = 0; t < V; ++t) acc[c][t] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + C <= count; j += C)
+    for (int c = 0; c < C; ++c) {
+      uint32_t word;
+      memcpy(&word, v + 2 * (j + c), 4);
+      const __m512bh w = (__m512bh)_mm512_set1_epi32((int)word);
+      const uint32_t* xr = table + offsets[j + c];
+      for (int t = 0; t < V; ++t)
+        acc[c][t] = _mm512_dpbf16_ps(acc[c][t], w, (__m512bh)_mm512_load_si512(xr + 16 * t));
+    }
+  for (; j < count; ++j) {
+    uint32_t word;
+    memcpy(&word, v + 2 * j, 4);
+    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)word);
+    const uint32_t* xr = table + offsets[j];
+    for (int t = 0; t < V; ++t)
+      acc[0][t] = _mm512_dpbf16_ps(acc[0][t], w, (__m512bh)_mm512_load_si512(xr + 16 * t));
+  }
+  for (int t = 0; t < V; ++t) {
+    __m512 sum = acc[0][t];
+    for (int c = 1; c < C; ++c) sum = _mm512_add_ps(sum, acc[c][t]);
+    _mm512_store_ps(acc_out + 16 * t, _mm512_add_ps(_mm512_load_ps(acc_out + 16 * t), sum));
+  }
+}
+
+// rows (<= 16 * V) rows of bf16 x for output rows [begin, end); xt (bf16, transposed block),
+// table, yt and offsets are this thread's buffers.
+template <int W, int V>
+BF16_TARGET void pair_range(const bf16_t* x, int64_t ldx, int64_t rows, const bf16_t* values,
+                            const uint8_t* indices, const Shape& s, const float* bias, float* y,
+                            int64_t ldy, int64_t begin, int64_t end, bf16_t* xt,
+                            uint32_t* table, float* yt, int32_t* offsets) {
+  constexpr int64_t lanes = 16 * V;
+  const PairShape ps(s);
+  const int64_t kb = pair_block_inputs(s, lanes);
+  const int64_t pairs = s.slots / 2;
+  const int mm = s.m * s.m;
+  memset(yt, 0, sizeof(float) * lanes * (end - begin));
+  for (int64_t k_first = 0; k_first < s.in; k_first += kb) {
+    const int64_t k_count = s.in - k_first < kb ? s.in - k_first : kb;
+    // x transposed, zero past the inputs (a last unit of N = 1 may have one group only)
+    const int64_t k_padded = (k_count + ps.unit - 1) / ps.unit * ps.unit;
+    for (int64_t k = 0; k < k_padded; ++k) {
+      bf16_t* dst = xt + k * lanes;
+      int64_t r = 0;
+      if (k < k_count)
+        for (; r < rows; ++r) dst[r] = x[r * ldx + k_first + k];
+      for (; r < lanes; ++r) dst[r] = 0;
+    }
+    const int64_t units = k_padded / ps.unit;
+    for (int64_t u = 0; u < units; ++u)
+      for (int a = 0; a < s.m; ++a)
+        for (int b = 0; b < s.m; ++b) {
+          const bf16_t* xa = xt + (u * ps.unit + a) * lanes;
+          const bf16_t* xb = xt + (u * ps.unit + (s.n % 2 ? s.m : 0) + b) * lanes;
+          uint32_t* dst = table + ((u * mm) + a * s.m + b) * lanes;
+          for (int t = 0; t < V; ++t) {
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 16 * t)));
+            const __m512i hi = _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(xb + 16 * t)));
+            _mm512_store_si512(dst + 16 * t, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          }
+        }
+    const int64_t unit_first = k_first / ps.unit;
+    const int64_t p = unit_first * ps.pairs_per_unit;
+    const int64_t block_pairs = units * ps.pairs_per_unit;
+    const int64_t count = (p + block_pairs < pairs ? p + block_pairs : pairs) - p;
+    if (count <= 0) continue;
+    for (int64_t o = begin; o < end; ++o) {
+      pair_offsets<W>(indices + o * s.index_bytes, s, ps, p, count, unit_first, lanes, offsets);
+      pair_row<V>(table, values + o * s.slots + 2 * p, offsets, count, yt + (o - begin) * lanes);
+    }
+  }
+  const bool odd = s.slots % 2;  // N = 1 with an odd number of groups: the last value alone
+  for (int64_t o = begin; o < end; ++o) {
+    float b = bias ? bias[o] : 0.0f;
+    float last = 0.0f;
+    int64_t at = 0;
+    if (odd) {
+      const int64_t j = s.slots - 1, bit = j * W;
+      at = j / s.n * s.m + ((indices[o * s.index_bytes + (bit >> 3)] >> (bit & 7)) & (s.m - 1));
+      last = scalar_f32(values[o * s.slots + j]);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      y[r * ldy + o] = yt[(o - begin) * lanes + r] + (odd ? last * scalar_f32(x[r * ldx + at]) : 0.0f) + b;
+  }
+}
+
+template <int W>
+BF16_TARGET void pair_any(const bf16_t* x, int64_t ldx, int64_t rows, const bf16_t* values,
+                          const uint8_t* indices, const Shape& s, const float* bias, float* y,
+                          int64_t ldy, int64_t begin, int64_t end, bf16_t* xt, uint32_t* table,
+                          float* yt, int32_t* offsets) {
+  if (rows <= 16)
+    pair_range<W, 1>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, table, yt, offsets);
+  else if (rows <= 32)
+    pair_range<W, 2>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, table, yt, offsets);
+  else if (rows <= 48)
+    pair_range<W, 3>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, table, yt, offsets);
+  else
+    pair_range<W, 4>(x, ldx, rows, values, indices, s, bias, y, ldy, begin, end, xt, table, yt, offsets);
+}
+
+
+// This thread's share [begin, end) of the output rows, in multiples of 16.
+inline void share(int64_t out, int64_t& begin, int64_t& end) {
+  const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+  const int64_t units = (out + 15) / 16;
+  begin = units * me / threads * 16;
+  end = units * (me + 1) / threads * 16;
+  if (end > out) end = out;
+  if (begin > out) begin = out;
+}
+
+// kernel: 1 = dot, 2 = table, 3 = pair table (bf16).
+template <typename T>
+int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
+        const float* bias, float* y, int threads, int kernel, bool bf16_dot, bool vbmi) {
+  if (kernel == 1 && !(power_of_two(s.m) && 64 % s.m == 0)) return 1;
+  int failed = 0;
+  if (kernel == 1) {
+    const Masks slow(s.n, s.m, s.w);
+    // vpermi2b needs AVX512_VBMI, which every CPU with the bf16 kernels has (see the probe)
+    const FastMasks* fast = vbmi ? new FastMasks(slow) : nullptr;
+    const int64_t stride = ((s.in + 7) / 8 + 16 + 63) / 64 * 64;
+#pragma omp parallel num_threads(threads)
+    {
+      int64_t begin, end;
+      share(s.out, begin, end);
+      uint8_t* buffer = static_cast<uint8_t*>(aligned_alloc(64, (size_t)(4 * stride)));
+      if (!buffer) {
+#pragma omp atomic write
+        failed = 1;
+      } else {
+        const MaskRows masks{&slow, fast, buffer, stride};
+        const int64_t elem = bf16_dot ? 2 : 4;
+        for (int64_t first = 0; first < s.batch; first += DOT_MAX_ROWS) {
+          const int64_t rows = s.batch - first < DOT_MAX_ROWS ? s.batch - first : DOT_MAX_ROWS;
+          const char* xr = static_cast<const char*>(x) + first * s.in * elem;
+          dot_any<T>((int)rows, xr, s.in, values, indices, s, masks, bias, y + first * s.out,
+                     s.out, begin, end, bf16_dot);
+        }
+      }
+      free(buffer);
+    }
+    delete fast;
+    return failed ? 2 : 0;
+  }
+  const int W = s.w;
+  if (kernel == 3) {
+    if (sizeof(T) != 2 || !pairs_ok(s)) return 1;
+    // the largest block and table: 16 lanes
+    const int64_t kb = pair_block_inputs(s, 16);
+    const int64_t xt_bytes = (kb + 32) * TABLE_ROWS * 2;
+    const int64_t table_bytes = (kb + 32) / (s.n % 2 ? 2 * s.m : s.m) * s.m * s.m * TABLE_ROWS * 4;
+#pragma omp parallel num_threads(threads)
+    {
+      int64_t begin, end;
+      share(s.out, begin, end);
+      bf16_t* xt = static_cast<bf16_t*>(aligned_alloc(64, (size_t)(xt_bytes + 63) / 64 * 64));
+      uint32_t* table = static_cast<uint32_t*>(aligned_alloc(64, (size_t)(table_bytes + 63) / 64 * 64));
+      float* yt = static_cast<float*>(aligned_alloc(64, (size_t)((end - begin) * TABLE_ROWS * 4 + 64)));
+      int32_t* offsets = static_cast<int32_t*>(aligned_alloc(64, (size_t)(kb * 4 + 64)));
+      if (!xt || !table || !yt || !offsets) {
+#pragma omp atomic write
+        failed = 1;
+      } else if (begin < end) {
+        const bf16_t* xb = static_cast<const bf16_t*>(x);
+        const bf16_t* vb = reinterpret_cast<const bf16_t*>(values);
+        for (int64_t first = 0; first < s.batch; first += TABLE_ROWS) {
+          const int64_t rows = s.batch - first < TABLE_ROWS ? s.batch - first : TABLE_ROWS;
+          const bf16_t* xr = xb + first * s.in;
+          float* yr = y + first * s.out;
+          if (W == 1) pair_any<1>(xr, s.in, rows, vb, indices, s, bias, yr, s.out, begin, end, xt, table, yt, offsets);
+          else if (W == 2) pair_any<2>(xr, s.in, rows, vb, indices, s, bias, yr, s.out, begin, end, xt, table, yt, offsets);
+          else pair_any<4>(xr, s.in, rows, vb, indices, s, bias, yr, s.out, begin, end, xt, table, yt, offsets);
+        }
+      }
+      free(xt);
+      free(table);
+      free(yt);
+      free(offsets);
+    }
+    return failed ? 2 : 0;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t begin, end;
+    share(s.out, begin, end);
+    const int64_t kb = block_inputs(s.m, 16);  // the largest block (fewest lanes)
+    float* xt = static_cast<float*>(aligned_alloc(64, (size_t)((kb + PAD_ROWS) * TABLE_ROWS * 4 + 63) / 64 * 64));
+    float* yt = static_cast<float*>(aligned_alloc(64, (size_t)((end - begin) * TABLE_ROWS * 4 + 64)));
+    int32_t* offsets = static_cast<int32_t*>(aligned_alloc(64, (size_t)(kb * 4 + 64)));
+    if (!xt || !yt || !offsets) {
+#pragma omp atomic write
+      failed = 1;
+    } else if (begin < end) {
+      const float* xf = static_cast<const float*>(x);
+      for (int64_t first = 0; first < s.batch; first += TABLE_ROWS) {
+        const int64_t rows = s.batch - first < TABLE_ROWS ? s.batch - first : TABLE_ROWS;
+        const float* xr = xf + first * s.in;
+        float* yr = y + first * s.out;
+        if (W == 1) table_any<T, 1>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
+        else if (W == 2) table_any<T, 2>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
+        else table_any<T, 4>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
+      }
+    }
+    free(xt);
+    free(yt);
+    free(offsets);
+  }
+  return failed ? 2 : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Bumped when a signature changes; the loader checks it.
+int nmsparse_cpu_abi(void) { return 2; }
+
+// y (batch, out_features) fp32 = x (batch, in_features) @ W.T (+ bias fp32). x: bf16 when
+// x_bf16 (only with bf16 values and the bf16 dot kernel: options bit 2), else fp32. values:
+// (out_features, slots) fp32 (bf16 = 0) or bf16; indices (out_features, index_bytes) uint8.
+// All contiguous. options: bits 0-1 the kernel (1 dot: M a power of two, meant for few rows;
+// 2 table: any M, meant for many rows; 3 pair table: bf16, M in {2, 4, 8} and N = 1 or even,
+// many rows), bit 2 "the CPU has AVX512_BF16, AVX512_VBMI and AVX512_VBMI2": then bf16 x
+// (x_bf16 = 1, required) meets bf16 weights in vdpbf16ps in the dot and pair kernels. Returns 0 on success, 1 for an
+// unsupported pattern or kernel, 2 when out of memory, 3 for a bad x dtype.
+int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_features,
+                       const void* values, int bf16, const uint8_t* indices,
+                       int64_t out_features, int64_t slots, int64_t index_bytes, int n, int m,
+                       const float* bias, float* y, int threads, int options) {
+  if (n < 1 || 8 % n || n >= m || m > 16) return 1;
+  const int w = m <= 2 ? 1 : m <= 4 ? 2 : 4;
+  const Shape s{batch, in_features, out_features, slots, index_bytes, n, m, w};
+  const int kernel = options & 3;
+  const bool bf16_dot = (options & 4) != 0;
+  if (kernel < 1 || kernel > 3 || (kernel == 3 && !(bf16 && bf16_dot))) return 1;
+  if (x_bf16 != (bf16 && bf16_dot && kernel != 2)) return 3;
+  if (bf16)
+    return run(x, static_cast<const bf16_t*>(values), indices, s, bias, y, threads, kernel,
+               x_bf16 != 0, bf16_dot);
+  return run(x, static_cast<const float*>(values), indices, s, bias, y, threads, kernel, false,
+             bf16_dot);
+}
+
+// Dense rows [begin, end) of the packed weight, written to dst ((end - begin) x in, the
+// values' dtype: bf16 when bf16): for the "dense" path, which multiplies tiles of the weight
+// expanded just in time with the caller's dense GEMM. options bit 2 as above (VBMI for the
+// masks). Returns 0, or 1 for an unsupported pattern.
+int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_t slots,
+                    int64_t index_bytes, int n, int m, int64_t in, int64_t begin, int64_t end,
+                    void* dst, int threads, int options) {
+  if (n < 1 || 8 % n || n >= m || m > 16) return 1;
+  const int w = m <= 2 ? 1 : m <= 4 ? 2 : 4;
+  const Shape s{0, in, end, slots, index_bytes, n, m, w};
+  const int64_t elem = bf16 ? 2 : 4;
+  if (!(power_of_two(m) && 64 % m == 0)) {  // scalar
+    for (int64_t o = begin; o < end; ++o) {
+      char* row = static_cast<char*>(dst) + (o - begin) * in * elem;
+      memset(row, 0, in * elem);
+      const uint8_t* bits = indices + o * index_bytes;
+      for (int64_t j = 0; j < slots; ++j) {
+        const int64_t bit = j * w;
+        const int64_t at = j / n * m + ((bits[bit >> 3] >> (bit & 7)) & ((1 << w) - 1));
+        if (at < in)
+          memcpy(row + at * elem, static_cast<const char*>(values) + (o * slots + j) * elem, elem);
+      }
+    }
+    return 0;
+  }
+  const Masks slow(n, m, w);
+  const FastMasks* fast = (options & 4) ? new FastMasks(slow) : nullptr;
+  const int64_t stride = ((in + 7) / 8 + 16 + 63) / 64 * 64;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+  uint8_t* buffer = static_cast<uint8_t*>(aligned_alloc(64, (size_t)stride));
+  if (!buffer) {
+#pragma omp atomic write
+    failed = 1;
+  }
+  const MaskRows masks{&slow, fast, buffer, stride};
+#pragma omp for schedule(static)
+  for (int64_t o = begin; o < end; ++o) {
+    if (!buffer) continue;
+    const uint8_t* dense = masks.build(0, indices + o * index_bytes, s);
+    if (bf16) {
+      const bf16_t* v = static_cast<const bf16_t*>(values) + o * slots;
+      bf16_t* row = static_cast<bf16_t*>(dst) + (o - begin) * in;
+      for (int64_t k0 = 0; k0 < in; k0 += 32) {
+        uint32_t mask;
+        memcpy(&mask, dense + k0 / 8, 4);
+        const __mmask32 lanes = in - k0 >= 32 ? ~0u : (1u << (in - k0)) - 1;
+        mask &= lanes;
+        const int count = __builtin_popcount(mask);
+        const __m512i raw = _mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), v);
+        // vpermw-free expand of 16-bit lanes: widen to 32-bit, expand two halves, narrow
+        const __m512i lo = _mm512_maskz_expand_epi32((__mmask16)mask, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)));
+        const int count_lo = __builtin_popcount(mask & 0xFFFF);
+        const __m512i rest = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (count - count_lo)) - 1), v + count_lo);
+        const __m512i hi = _mm512_maskz_expand_epi32((__mmask16)(mask >> 16), _mm512_cvtepu16_epi32(_mm512_castsi512_si256(rest)));
+        _mm256_mask_storeu_epi16(row + k0, (__mmask16)lanes, _mm512_cvtepi32_epi16(lo));
+        _mm256_mask_storeu_epi16(row + k0 + 16, (__mmask16)(lanes >> 16), _mm512_cvtepi32_epi16(hi));
+        v += count;
+      }
+    } else {
+      const float* v = static_cast<const float*>(values) + o * slots;
+      float* row = static_cast<float*>(dst) + (o - begin) * in;
+      for (int64_t k0 = 0; k0 < in; k0 += 16) {
+        uint16_t mask;
+        memcpy(&mask, dense + k0 / 8, 2);
+        const __mmask16 lanes = in - k0 >= 16 ? 0xFFFF : (__mmask16)((1u << (in - k0)) - 1);
+        mask &= lanes;
+        const int count = __builtin_popcount(mask);
+        const __m512 raw = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), v);
+        _mm512_mask_storeu_ps(row + k0, lanes, _mm512_maskz_expand_ps(mask, raw));
+        v += count;
+      }
+    }
+  }
+  free(buffer);
+  }
+  delete fast;
+  return failed ? 2 : 0;
+}
+
+}  // extern "C"
