@@ -10,11 +10,14 @@ Every row of a pattern and seed sees the same number of training sequences (``--
 sequences of the run's length, drawn with the seed): the one-shot rows (Wanda, SparseGPT) as
 calibration data; the rows that start from a SparseGPT mask spend 128 sequences (8 steps'
 worth) on SparseGPT's calibration and the rest on training; the learned rows train for all
-``--steps`` steps. Magnitude uses no data. Training rows use AdamW (lr ``--lr``, no weight
-decay, batch 16); with MaskLLM the weights stay frozen and the method's own Adam trains the
-logits (its defaults, the schedules spread over the row's steps); ProxSparse uses its
-defaults (lambda1 0.1, original weights restored on the final mask). Bits per byte on the
-first ``--eval-batches`` x 16 sequences of the held-out split, after ``finalize``.
+``--steps`` steps. Magnitude uses no data. "sparsegpt mask, original weights" is SparseGPT's
+mask (same data) on the dense weights, without its reconstruction of the kept weights: the
+mask alone, as MaskLLM (frozen weights) and ProxSparse (original weights restored) deploy.
+Training rows use AdamW (lr ``--lr``, no weight decay, batch 16);
+with MaskLLM the weights stay frozen and the method's own Adam trains the logits (its
+defaults, the schedules spread over the row's steps); ProxSparse uses its defaults (lambda1
+0.1, original weights restored on the final mask). Bits per byte on the first
+``--eval-batches`` x 16 sequences of the held-out split, after ``finalize``.
 
 Then the step-time overhead: median wall time of one optimizer step (forward, backward,
 step) over ``--timing-steps`` steps for the dense model, a fixed 2:4 mask, MaskLLM and
@@ -54,7 +57,8 @@ DENSE_FLAGS = ["--data", "text", "--model", "gpt_tiny", "--model-option", "n_lay
                "--weight-decay", "0.01", "--batch-size", "16", "--epochs", "1",
                "--limit-train-batches", "400", "--limit-test-batches", "8",
                "--warmup-epochs", "0.1", "--grad-clip", "1.0", "--no-plots"]
-ROWS = ["magnitude", "wanda", "sparsegpt", "sparsegpt + fixed", "sparsegpt + srste",
+ROWS = ["magnitude", "wanda", "sparsegpt", "sparsegpt mask, original weights",
+        "sparsegpt + fixed", "sparsegpt + srste",
         "maskllm (sparsegpt prior)", "maskllm (no prior)", "proxsparse"]
 BEGIN, END = "<!-- learned_masks:begin -->", "<!-- learned_masks:end -->"
 
@@ -91,6 +95,11 @@ def run_row(row: str, pattern: str, config, state, data, steps: int, seed: int, 
     prior_steps = PRIOR_SEQUENCES // BATCH
     if row in ("magnitude", "wanda", "sparsegpt"):
         nmsparse.prune(model, pattern, row, calibration=None if row == "magnitude" else inputs)
+    elif row == "sparsegpt mask, original weights":  # the mask alone, no reconstruction
+        masks = nmsparse.prune(copy.deepcopy(model), pattern, "sparsegpt", calibration=inputs,
+                               then=None).masks
+        nmsparse.sparsify(model, pattern, "fixed", masks=masks, include=list(masks),
+                          tied="sparse")
     elif row.startswith("sparsegpt + "):
         then = row.split(" + ")[1]
         nmsparse.prune(model, pattern, "sparsegpt", calibration=inputs[:prior_steps], then=then)
@@ -140,14 +149,16 @@ def verdict(report, pattern: str) -> str:
                        key=lambda r: statistics.fmean(cell[r]))
     learned, oneshot = statistics.fmean(cell[best_learned]), statistics.fmean(cell["sparsegpt"])
     fixed = statistics.fmean(cell["sparsegpt + fixed"])
+    alone = statistics.fmean(cell["sparsegpt mask, original weights"])
     if learned < oneshot:
         word, every = "beats", max(cell[best_learned]) < min(cell["sparsegpt"])
     else:
         word, every = "is worse than", min(cell[best_learned]) > max(cell["sparsegpt"])
     return (f"- {pattern}: the best learned mask ({best_learned}, {learned:.3f}) {word} "
             f"SparseGPT with the same data ({oneshot:.3f}) by {abs(oneshot - learned):.3f} bits "
-            f"per byte ({'on every seed' if every else 'not on every seed'}); SparseGPT + "
-            f"fixed-mask recovery reaches {fixed:.3f}.")
+            f"per byte ({'on every seed' if every else 'not on every seed'}); SparseGPT's mask "
+            f"alone on the original weights gives {alone:.3f}, SparseGPT + fixed-mask recovery "
+            f"{fixed:.3f}.")
 
 
 def render(report) -> str:

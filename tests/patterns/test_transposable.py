@@ -91,7 +91,9 @@ def test_specs_and_errors():
 
 
 OPTIMIZERS = {"step": lambda params: torch.optim.Adam(params, lr=1e-3)}
-NOT_ON_TRANSPOSABLE = {"sste"}  # its soft threshold is defined per N:M group of one axis
+# Defined per N:M group of one axis: S-STE's soft threshold, MaskLLM's candidate masks,
+# ProxSparse's group regulariser.
+NOT_ON_TRANSPOSABLE = {"sste", "maskllm", "proxsparse"}
 # Methods refused on transposable masks with their own reason: exchanges need per-unit
 # budgets (prune-and-grow), nested levels need N:M groups.
 REFUSED = {"set": "prune-and-grow supports", "rigl": "prune-and-grow supports",
