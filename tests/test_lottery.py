@@ -80,3 +80,40 @@ def test_every_arm_runs_with_masks_of_the_pattern(pattern, monkeypatch):
     assert not torch.equal(oneshot[2]["0.weight"], finetune[2]["0.weight"])  # rewound vs trained
     table = verdict_table({"tiny": [results]})
     assert table.startswith("| setting") and "tiny" in table
+
+
+@pytest.mark.parametrize("rewind_steps", [0, 2])
+def test_imp_rewinds_to_the_dense_runs_weights_at_step_k(rewind_steps, monkeypatch):
+    # Frankle et al. 2020 rewind the ticket to the dense run's weights after k steps (k = 0:
+    # the initialisation, Frankle & Carbin 2019): replay the dense run by hand to step k and
+    # check that every rewound arm starts from exactly those weights.
+    x, y = blobs()
+    data = {"x_train": x[:160], "y_train": y[:160], "x_test": x[160:], "y_test": y[160:]}
+    setting = TicketSetting("unstructured:0.25", lr=0.1, epochs=1, rounds=2, batch_size=40,
+                            rewind_steps=rewind_steps)
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(3)
+    order = torch.randperm(160, generator=generator)
+    expected = make_model()
+    optimizer = torch.optim.SGD(expected.parameters(), lr=0.1, momentum=0.9)
+    for idx in list(order.split(40))[:rewind_steps]:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(expected(x[idx]), y[idx]).backward()
+        optimizer.step()
+    starts = []
+    original = harness._train_masked
+
+    def spy(make_model_, state, pattern, masks, batches, setting_):
+        starts.append({k: v.clone() for k, v in state.items()})
+        return original(make_model_, state, pattern, masks, batches, setting_)
+
+    monkeypatch.setattr(harness, "_train_masked", spy)
+    run_setting(make_model, data, setting, seed=3)
+    # oneshot_rewind, prune_finetune (trained weights), 2 IMP rounds, random_reinit, random_mask
+    rewound = [starts[0], starts[2], starts[3], starts[5]]
+    for state in rewound:
+        for name, value in expected.state_dict().items():
+            assert torch.equal(state[name], value), name
+    with pytest.raises(ValueError, match="past the dense run"):
+        run_setting(make_model, data, TicketSetting("unstructured:0.25", lr=0.1, epochs=1,
+                                                    batch_size=40, rewind_steps=99), seed=3)

@@ -189,7 +189,7 @@ def _gain_row(arm: Arm, records: dict[str, RunRecord]) -> list[str]:
     srste, ste = _pairs(arm, records, "srste", "ste")
     n = len(srste)
     done = f"{n} / {arm.seeds}"
-    if n < arm.seeds:
+    if n < 2:
         return [arm.key, done, "-", "-", "-", "-", "-", "unfinished" if n else "not run"]
     # Lower bits per byte is better: the gain is STE - SR-STE there.
     a, b = (ste, srste) if lm else (srste, ste)
@@ -201,7 +201,9 @@ def _gain_row(arm: Arm, records: dict[str, RunRecord]) -> list[str]:
             f"{cmp.effect:+.{digits}f} [{cmp.low:+.{digits}f}, {cmp.high:+.{digits}f}]",
             f"{cmp.p:.2g}", f"{sd:.{digits}f} (planned {arm.planning_sd:g}); detects "
             f"{detectable(sd, n):.{digits}f}",
-            verdict(cmp, LM_DELTA if lm else DELTA)]
+            # Fewer seeds than registered decide nothing (the pre-registration's stopping rule).
+            verdict(cmp, LM_DELTA if lm else DELTA) if n == arm.seeds
+            else "unfinished: interim numbers, no verdict"]
 
 
 def _decay_rows(records: dict[str, RunRecord]) -> list[list[str]]:

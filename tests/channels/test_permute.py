@@ -14,6 +14,8 @@ from nmsparse.channels import channel_graph, permute_for_nm
 from nmsparse.channels.permute import (
     exhaustive_order,
     greedy_swap_order,
+    group_splits,
+    pair_search_order,
     partition_count,
     stripe_kept,
 )
@@ -59,6 +61,39 @@ def test_greedy_swaps_solve_a_case_with_a_known_optimum_and_never_lose():
         assert sorted(order.tolist()) == list(range(32))
         assert loop_kept(matrix, order.tolist(), 2, 4) >= \
             loop_kept(matrix, list(range(32)), 2, 4) - 1e-6
+
+
+def test_group_splits_are_every_partition_once():
+    splits = group_splits(4, 2)
+    assert splits.shape == (35, 8) == (partition_count(8, 4), 8)
+    assert len({frozenset(map(frozenset, (row[:4].tolist(), row[4:].tolist())))
+                for row in splits}) == 35
+
+
+@pytest.mark.parametrize("channels", [8, 12])
+def test_stripe_search_reaches_the_brute_force_optimum_on_small_cases(channels):
+    # The brute-force optimum: every partition tried (exhaustive_order, itself checked against
+    # all permutations above); the heuristic starts from the greedy swaps, as beyond the
+    # exhaustive limit, and must land on it.
+    generator = torch.Generator().manual_seed(channels)
+    for _ in range(4):
+        matrix = torch.rand(6, channels, generator=generator) ** 3
+        best = loop_kept(matrix, exhaustive_order(matrix, 2, 4).tolist(), 2, 4)
+        start, _ = greedy_swap_order(matrix, 2, 4)
+        order, _ = pair_search_order(matrix, 2, 4, start)
+        assert sorted(order.tolist()) == list(range(channels))
+        assert loop_kept(matrix, order.tolist(), 2, 4) == pytest.approx(best, rel=1e-6)
+
+
+def test_stripe_search_never_keeps_less_than_the_greedy_swaps():
+    generator = torch.Generator().manual_seed(5)
+    for n, m in ((2, 4), (1, 4), (2, 8)):
+        matrix = torch.rand(8, 4 * m, generator=generator) ** 3
+        start, _ = greedy_swap_order(matrix, n, m)
+        order, _ = pair_search_order(matrix, n, m, start, escapes=5)
+        assert sorted(order.tolist()) == list(range(4 * m))
+        assert loop_kept(matrix, order.tolist(), n, m) >= \
+            loop_kept(matrix, start.tolist(), n, m) - 1e-6
 
 
 def mlp(seed=0):

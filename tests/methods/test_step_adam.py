@@ -118,3 +118,27 @@ def test_bad_options():
         nmsparse.make_method("step", switch_step=0)
     with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
         nmsparse.make_method("step", tolerance=-1)
+
+
+@pytest.mark.parametrize("above", [True, False])
+def test_absolute_autoswitch_is_the_papers_statistic_by_hand(above):
+    # The paper's AutoSwitch: Z_t = mean |v_t - v_(t-1)| of the raw exp_avg_sq. Record v_1 and
+    # v_2 of a plain dense Adam run (the precondition phase is exactly that), compute Z_2, and
+    # set epsilon just above it (switch after step 2) or just below (no switch yet).
+    model, w, x, u = layer("2:4", STEP(switch_step=10))
+    opt = adam(model)
+    seen = []
+    for _ in range(2):
+        step(model, opt, x, u)
+        seen.append(opt.state[w.dense]["exp_avg_sq"].detach().double().clone())
+    z2 = float((seen[1] - seen[0]).abs().mean())
+    epsilon = z2 * (1.01 if above else 0.99)
+    model, w, x, u = layer("2:4", STEP(statistic="absolute", epsilon=epsilon, window=1,
+                                       min_steps=1))
+    opt = adam(model)
+    for _ in range(2):
+        step(model, opt, x, u)
+    switched = w.handle.state_dict()["methods"][repr(w.method)].get("switched_at")
+    assert switched == (2 if above else None)
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        STEP(statistic="median")

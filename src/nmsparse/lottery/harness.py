@@ -6,7 +6,11 @@ Arms (:data:`ARMS`), all with the same training budget per training run:
 * ``dense`` - the unpruned network;
 * ``imp_rewind`` - iterative magnitude pruning: train, prune to the next pattern of
   :func:`imp_patterns` (among the weights still kept), rewind the kept weights to the saved
-  initialisation, train again; ``rounds`` rounds end at the final pattern (the "ticket");
+  weights, train again; ``rounds`` rounds end at the final pattern (the "ticket"). The saved
+  weights are the initialisation (``rewind_steps=0``, Frankle & Carbin 2019, the default) or
+  those after ``rewind_steps`` steps of the dense run (rewinding, Frankle et al. 2020,
+  "Linear Mode Connectivity and the Lottery Ticket Hypothesis"); the optimizer starts afresh
+  either way, as in both papers;
 * ``oneshot_rewind`` - the same in one round: prune the trained dense network to the final
   pattern at once and rewind;
 * ``random_reinit`` - the ticket's final mask with a fresh random initialisation;
@@ -46,6 +50,7 @@ class TicketSetting:
     rounds: int = 3
     batch_size: int = 128
     momentum: float = 0.9
+    rewind_steps: int = 0  # 0: rewind to the initialisation; k: to the dense run's step k
 
     def __post_init__(self) -> None:
         final = parse_pattern(self.pattern)
@@ -53,9 +58,10 @@ class TicketSetting:
             raise ValueError(f"lottery tickets take an unstructured or N:M pattern, got "
                              f"{self.pattern!r}")
         if not (self.lr > 0 and self.epochs >= 1 and self.rounds >= 1 and self.batch_size >= 1
-                and 0 <= self.momentum < 1):
+                and 0 <= self.momentum < 1 and isinstance(self.rewind_steps, int)
+                and self.rewind_steps >= 0):
             raise ValueError(f"invalid setting {self!r}: need lr > 0, epochs >= 1, rounds >= 1, "
-                             "batch_size >= 1, 0 <= momentum < 1")
+                             "batch_size >= 1, 0 <= momentum < 1, rewind_steps an integer >= 0")
 
 
 def imp_patterns(pattern: str | Pattern, rounds: int) -> list[Pattern]:
@@ -80,15 +86,25 @@ def imp_patterns(pattern: str | Pattern, rounds: int) -> list[Pattern]:
 Batches = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def train(model: nn.Module, batches: list, setting: TicketSetting) -> None:
-    """``setting.epochs`` passes over ``batches`` with SGD + momentum (hooks run the method)."""
+def train(model: nn.Module, batches: list, setting: TicketSetting,
+          save_at: int | None = None) -> dict | None:
+    """``setting.epochs`` passes over ``batches`` with SGD + momentum (hooks run the method);
+    returns a copy of the weights after ``save_at`` steps (0: before the first) if asked."""
     optimizer = torch.optim.SGD(model.parameters(), lr=setting.lr, momentum=setting.momentum)
     model.train()
+    saved = copy.deepcopy(model.state_dict()) if save_at == 0 else None
+    steps = 0
     for _ in range(setting.epochs):
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
+            steps += 1
+            if steps == save_at:
+                saved = copy.deepcopy(model.state_dict())
+    if save_at is not None and saved is None:
+        raise ValueError(f"rewind_steps {save_at} is past the dense run's {steps} steps")
+    return saved
 
 
 @torch.no_grad()
@@ -141,7 +157,6 @@ def run_setting(make_model: Callable[[], nn.Module], data: dict[str, torch.Tenso
     batches = [(data["x_train"][idx], data["y_train"][idx])
                for idx in order.split(setting.batch_size)]
     init_model = make_model()
-    init = copy.deepcopy(init_model.state_dict())
     patterns = imp_patterns(setting.pattern, setting.rounds)
     final = patterns[-1]
     results = {}
@@ -150,25 +165,25 @@ def run_setting(make_model: Callable[[], nn.Module], data: dict[str, torch.Tenso
         return accuracy(model, data["x_test"], data["y_test"])
 
     dense = copy.deepcopy(init_model)
-    train(dense, batches, setting)
+    rewind = train(dense, batches, setting, save_at=setting.rewind_steps)
     results["dense"] = score(dense)
 
     oneshot = _magnitude_masks(dense, final, None)
-    results["oneshot_rewind"] = score(_train_masked(make_model, init, final, oneshot, batches,
+    results["oneshot_rewind"] = score(_train_masked(make_model, rewind, final, oneshot, batches,
                                                     setting))
     results["prune_finetune"] = score(_train_masked(make_model, dense.state_dict(), final,
                                                     oneshot, batches, setting))
     trained, masks = dense, None
     for pattern in patterns:
         masks = _magnitude_masks(trained, pattern, masks)
-        trained = _train_masked(make_model, init, pattern, masks, batches, setting)
+        trained = _train_masked(make_model, rewind, pattern, masks, batches, setting)
     results["imp_rewind"] = score(trained)
 
     torch.manual_seed(seed + 10_000)  # a different initialisation, same mask
     reinit = make_model().state_dict()
     results["random_reinit"] = score(_train_masked(make_model, reinit, final, masks, batches,
                                                    setting))
-    results["random_mask"] = score(_train_masked(make_model, init, final,
+    results["random_mask"] = score(_train_masked(make_model, rewind, final,
                                                  random_masks(init_model, final, seed),
                                                  batches, setting))
     assert set(results) == set(ARMS)

@@ -16,7 +16,11 @@ concentrate), not a copy of it: after every step we sample the relative change o
 weights' bias-corrected ``exp_avg_sq``, ``sum |v_t - v_(t-1)| / sum |v_t|``; we switch once at
 least ``min_steps`` steps are done and the mean of the last ``window`` samples is at most
 ``tolerance * (1 - beta2)`` (in a steady state the estimate still moves by about
-``1 - beta2`` of itself per step), or at ``max_steps`` at the latest.
+``1 - beta2`` of itself per step), or at ``max_steps`` at the latest. ``statistic="absolute"``
+is the paper's AutoSwitch statistic instead: the mean over the sparse weights' entries of
+``|v_t - v_(t-1)|`` of the raw ``exp_avg_sq``, switching once the mean of the last ``window``
+samples is at most ``epsilon`` (the paper's window is ``1 / (1 - beta2)`` steps). It depends
+on the scale of the gradients, which is why the relative rule is the default.
 
 Freezing works with ``torch.optim.Adam`` / ``AdamW`` as created by the user (found through the
 step's optimizer, inside wrappers that keep theirs in ``.optimizer``): before each update the
@@ -42,6 +46,7 @@ FROZEN = "step_frozen_v"  # per weight: the bias-corrected second moment at the 
 PREVIOUS = "step_previous_v"  # per weight, before the switch: last step's, for AutoSwitch
 # Keep the pre-compensated estimate's update from rounding below 0 (a NaN in sqrt).
 _FLOOR = 1.0 - 1e-6
+STATISTICS = ("relative", "absolute")
 
 
 def adam_of(optimizer: Any) -> torch.optim.Adam:
@@ -84,6 +89,8 @@ class STEP(SRSTE):
     window: int = 10
     min_steps: int = 10
     max_steps: int = 10000
+    statistic: str = "relative"
+    epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +100,10 @@ class STEP(SRSTE):
         object.__setattr__(self, "tolerance", check_number("tolerance", self.tolerance, 0))
         for name in ("window", "min_steps", "max_steps"):
             object.__setattr__(self, name, check_count(name, getattr(self, name), 1))
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"method 'step': statistic must be one of {STATISTICS}, got "
+                             f"{self.statistic!r}")
+        object.__setattr__(self, "epsilon", check_number("epsilon", self.epsilon, 0))
 
     @staticmethod
     def switched(w) -> bool:
@@ -146,23 +157,29 @@ class STEP(SRSTE):
             changes.append(change)
             del changes[:-self.window]
         beta2 = float(_group_of(adam, waiting[0].dense)["betas"][1])
+        bound = self.epsilon if self.statistic == "absolute" else self.tolerance * (1.0 - beta2)
         settled = (len(changes) == self.window and done >= self.min_steps
-                   and sum(changes) / self.window <= self.tolerance * (1.0 - beta2))
+                   and sum(changes) / self.window <= bound)
         if settled or done >= self.max_steps:
             self._switch(adam, waiting, step, done)
 
     def _variance_change(self, adam: torch.optim.Adam, weights) -> float | None:
-        """``sum |v_t - v_(t-1)| / sum |v_t|`` over ``weights``; None on the first step."""
+        """``sum |v_t - v_(t-1)| / sum |v_t|`` of the bias-corrected estimate over ``weights``
+        (``"absolute"``: the mean ``|v_t - v_(t-1)|`` of the raw one); None on the first
+        step."""
         moved, size, first = 0.0, 0.0, False
+        absolute = self.statistic == "absolute"
         for w in weights:
             beta2 = float(_group_of(adam, w.dense)["betas"][1])
-            current = _bias_corrected(adam.state[w.dense], beta2).detach()
+            state = adam.state[w.dense]
+            current = (state["exp_avg_sq"] if absolute else _bias_corrected(state, beta2))
+            current = current.detach()
             previous = w.state.get(PREVIOUS)
             if previous is None:
                 first = True
             else:
                 moved += float((current - previous).abs().sum())
-                size += float(current.abs().sum())
+                size += current.numel() if absolute else float(current.abs().sum())
             w.state[PREVIOUS] = current.clone()
         if first or size == 0:
             return None
