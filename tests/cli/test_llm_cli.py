@@ -101,3 +101,18 @@ def test_prune_eval_load_and_generate(arch, llm_folders, tmp_path, capsys):  # n
     printed = capsys.readouterr().out
     assert f"{len(masks)} Linear layer(s) swapped to NMLinear {spec}" in printed
     assert printed.count("tokens/s") == 2 and "sparse: " in printed and "dense: " in printed
+
+
+@pytest.mark.cuda
+def test_load_pretrained_puts_2to4_on_the_tensor_cores(llm_folders, tmp_path):  # noqa: F811
+    from nmsparse.kernels import SemiStructuredLinear
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llm_folders["llama"]), "--method", "magnitude", "--dtype",
+                 "bfloat16", "--out", str(out)]) == 0
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval().to("cuda")
+    model = nmsparse.load_pretrained(out)
+    assert next(model.parameters()).device.type == "cuda"
+    assert any(isinstance(m, SemiStructuredLinear) for m in model.modules())
+    ids = torch.arange(1, 33, device="cuda")[None]
+    assert _close(_logits(model, ids), _logits(plain, ids))
