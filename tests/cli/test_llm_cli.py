@@ -55,6 +55,9 @@ def test_prune_eval_load_and_generate(arch, llm_folders, tmp_path, capsys):  # n
     assert "pruned block 1/2" in printed and "pruned block 2/2" in printed
     assert "dense:  perplexity" in printed and "pruned: perplexity" in printed
     report = json.loads((out / "prune.json").read_text())
+    copied = {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert copied == (arch == "gpt2")  # the Llama folder has none: byte fallback
+    assert report["tokenizer"].startswith("bytes") == (arch == "llama")
     assert report["pattern"] == spec and report["mode"] == "sequential blocks"
     assert report["calibration"]["rows"] == 4 * 32
 
