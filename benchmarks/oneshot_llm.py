@@ -135,9 +135,13 @@ def run_model(kind: str, args, train_ids, test_ids, folder: Path) -> dict:
     head = "gpt.lm_head" if kind == "gpt" else "lm_head"
     if kind == "llama":  # from here on, the folder as the command line reads it
         model.save_pretrained(folder / "llama")
+        if args.save_llama:
+            model.save_pretrained(args.save_llama)
         model = load_causal_lm(folder / "llama", "float32")
     dense = score(model, test_ids, args.seq_len)
     print(f"{kind}: dense {dense}", flush=True)
+    if args.train_only:
+        return {"kind": kind, "parameters": params, "train_seconds": seconds, "dense": dense}
     rows = []
     permuted = {}
     for pattern in PATTERNS:
@@ -240,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=["gpt", "llama"])
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny everything")
+    parser.add_argument("--save-llama", metavar="DIR", help="also save the trained Llama "
+                        "here (a model folder for the nmsparse commands)")
+    parser.add_argument("--train-only", action="store_true", help="train and score the dense "
+                        "models, prune nothing, write no table")
     parser.add_argument("--out", default=str(ROOT / "docs" / "oneshot.md"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -258,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for kind in args.models:
             results["models"].append(run_model(kind, args, train_ids, test_ids, Path(folder)))
+    if args.train_only:
+        print(json.dumps(results["models"], indent=2))
+        return 0
     command = "python -m benchmarks.oneshot_llm " + " ".join(argv or sys.argv[1:])
     text = table(results, args, command.strip())
     print(text)

@@ -55,6 +55,9 @@ def test_prune_eval_load_and_generate(arch, llm_folders, tmp_path, capsys):  # n
     assert "pruned block 1/2" in printed and "pruned block 2/2" in printed
     assert "dense:  perplexity" in printed and "pruned: perplexity" in printed
     report = json.loads((out / "prune.json").read_text())
+    copied = {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert copied == (arch == "gpt2")  # the Llama folder has none: byte fallback
+    assert report["tokenizer"].startswith("bytes") == (arch == "llama")
     assert report["pattern"] == spec and report["mode"] == "sequential blocks"
     assert report["calibration"]["rows"] == 4 * 32
 
@@ -101,3 +104,18 @@ def test_prune_eval_load_and_generate(arch, llm_folders, tmp_path, capsys):  # n
     printed = capsys.readouterr().out
     assert f"{len(masks)} Linear layer(s) swapped to NMLinear {spec}" in printed
     assert printed.count("tokens/s") == 2 and "sparse: " in printed and "dense: " in printed
+
+
+@pytest.mark.cuda
+def test_load_pretrained_puts_2to4_on_the_tensor_cores(llm_folders, tmp_path):  # noqa: F811
+    from nmsparse.kernels import SemiStructuredLinear
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llm_folders["llama"]), "--method", "magnitude", "--dtype",
+                 "bfloat16", "--out", str(out)]) == 0
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval().to("cuda")
+    model = nmsparse.load_pretrained(out)
+    assert next(model.parameters()).device.type == "cuda"
+    assert any(isinstance(m, SemiStructuredLinear) for m in model.modules())
+    ids = torch.arange(1, 33, device="cuda")[None]
+    assert _close(_logits(model, ids), _logits(plain, ids))

@@ -211,7 +211,8 @@ def run_hf_prune(args: argparse.Namespace) -> int:
                 written.path = str(Path(args.out) / target.name)  # where it will be
                 print(written)
         written = folders.write_pruned(model, args.out, source=source, masks=result.masks,
-                                       report=report, packed=packed, claimed=claimed)
+                                       report=report, packed=packed, claimed=claimed,
+                                       release_masks=result.masks.clear)
     except BaseException:
         claimed.abandon()
         raise

@@ -8,7 +8,8 @@ for code of its own (``auto_map``) is refused, as is a ``model_type`` that trans
 not know as a causal language model.
 
 A pruned folder (:func:`write_pruned`) is what ``save_pretrained`` writes (the pruned weights
-with their zeros baked in, loadable by plain transformers), the tokenizer files of the source
+with their zeros baked in, loadable by plain transformers; in shards of at most 500 MB, since
+safetensors builds each file in memory), the tokenizer files of the source
 folder, and nmsparse's own files: ``masks.safetensors`` (``<weight>_mask`` bool tensors, what
 :func:`nmsparse.saved_masks` reads), ``prune.json`` (what was done) and, on request, the packed
 file ``model.packed.safetensors``. The folder is claimed like an export folder
@@ -36,6 +37,7 @@ from .._atomic import _umask, atomic_open
 CONFIG = "config.json"
 REPORT = "prune.json"
 MASKS = "masks.safetensors"
+SHARD = "500MB"
 PACKED = "model.packed.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
@@ -109,22 +111,33 @@ def output_head(model: nn.Module) -> str | None:
 
 
 def _save_masks(masks: Mapping[str, torch.Tensor], target: Path) -> None:
-    from safetensors.torch import save
-
+    """``<weight>_mask`` bool tensors as one safetensors file, streamed one mask at a time
+    (a 1B model's masks are a gigabyte: no second copy of them is built in memory)."""
     from ..masks import MASK_SUFFIX
 
-    blob = save({name + MASK_SUFFIX: mask.detach().to("cpu", torch.bool).contiguous()
-                 for name, mask in masks.items()}, metadata={"format": "nmsparse-masks"})
+    header: dict[str, Any] = {"__metadata__": {"format": "nmsparse-masks"}}
+    offset = 0
+    for name, mask in masks.items():
+        header[name + MASK_SUFFIX] = {"dtype": "BOOL", "shape": list(mask.shape),
+                                      "data_offsets": [offset, offset + mask.numel()]}
+        offset += mask.numel()
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
     with atomic_open(target, "wb") as file:
-        file.write(blob)
+        file.write(len(text).to_bytes(8, "little"))
+        file.write(text)
+        for mask in masks.values():
+            file.write(mask.detach().to("cpu", torch.bool).contiguous().numpy().tobytes())
 
 
 def write_pruned(model: nn.Module, out: str | os.PathLike[str], *, source: str | os.PathLike[str],
                  masks: Mapping[str, torch.Tensor], report: Mapping[str, Any],
-                 packed: Callable[[Path], Any] | None = None, claimed=None) -> list[Path]:
+                 packed: Callable[[Path], Any] | None = None, claimed=None,
+                 release_masks: Callable[[], None] | None = None) -> list[Path]:
     """Write the pruned ``model`` into ``out`` (see the module docstring); ``packed`` writes
     the packed file to the path it is given; ``claimed``: ``out`` already claimed by the
-    caller (released here). Returns the files written."""
+    caller (released here); ``release_masks``: called once the masks are on disk, to free
+    them before the weights are written. Returns the files written."""
     from ..train import run_dir as run_folders
 
     folder = claimed or run_folders.claim(out, "export")
@@ -134,11 +147,14 @@ def write_pruned(model: nn.Module, out: str | os.PathLike[str], *, source: str |
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=".pruned.", suffix=".tmp", dir=folder.path))
-        model.save_pretrained(staging)
+        _save_masks(masks, staging / MASKS)
+        if release_masks is not None:
+            release_masks()  # written: their memory is needed for the weights' shards
+        # safetensors builds each file in memory: shards bound that to SHARD per file
+        model.save_pretrained(staging, max_shard_size=SHARD)
         for name in TOKENIZER_FILES:
             if (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, staging / name)
-        _save_masks(masks, staging / MASKS)
         if packed is not None:
             packed(staging / PACKED)
         with atomic_open(staging / REPORT, "w", encoding="utf-8") as file:
