@@ -86,3 +86,13 @@ def test_a_model_made_under_inference_mode_is_one_clear_error():
         model = mlp()
     with pytest.raises(ValueError, match=r"inference tensor .*torch\.no_grad\(\)"):
         nmsparse.sparsify(model, "2:4")
+
+
+def test_prune_of_a_model_made_under_inference_mode_changes_nothing():
+    with torch.inference_mode():
+        model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"inference tensor .*torch\.no_grad\(\)"):
+        nmsparse.prune(model, "2:4", "magnitude")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} was written before the refusal"

@@ -87,21 +87,17 @@ def sparsify(model: nn.Module, pattern: PatternSpec | Mapping[str, object] = "2:
     return sparsify_choices(model, choices, masks)
 
 
+@torch.inference_mode(False)
 def sparsify_choices(model: nn.Module, choices: list[Choice],
                      masks: Mapping[str, torch.Tensor] | None = None) -> SparsityHandle:
     """Make the weights ``choices`` give a pattern sparse (:func:`nmsparse.selection.select`
     decided them; ``prune`` hands over its own selection here) and return the handle."""
+    check_choices(choices)
     holders = parameter_holders(model)
     handle = SparsityHandle(model, [])
     plan = []
     for choice in choices:
         weight = choice.weight
-        if choice.requested and choice.reason == UNINITIALIZED:
-            raise ValueError(f"{choice.name} is {UNINITIALIZED}, then sparsify")
-        if choice.pattern is not None and weight.is_inference():
-            raise ValueError(f"{choice.name} is an inference tensor (created under "
-                             "torch.inference_mode()), which cannot track versions; create "
-                             "the model outside it (torch.no_grad() is fine)")
         if choice.sparse_state is not None:
             if choice.requested:
                 raise ValueError(f"{choice.name} is already sparse; call "
@@ -147,6 +143,18 @@ def sparsify_choices(model: nn.Module, choices: list[Choice],
     setattr(model, _DDP_IGNORE, ignored)
     step_hooks.register(handle)
     return handle
+
+
+def check_choices(choices: list[Choice]) -> None:
+    """Refuse, before anything changes, the chosen weights that cannot be made sparse
+    (``prune`` calls it too, before it writes pruned weights)."""
+    for choice in choices:
+        if choice.requested and choice.reason == UNINITIALIZED:
+            raise ValueError(f"{choice.name} is {UNINITIALIZED}, then sparsify")
+        if choice.pattern is not None and choice.weight.is_inference():
+            raise ValueError(f"{choice.name} is an inference tensor (created under "
+                             "torch.inference_mode()), which cannot track versions; create "
+                             "the model outside it (torch.no_grad() is fine)")
 
 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..make_sparse import sparsify_choices
+from ..make_sparse import check_choices, sparsify_choices
 from ..methods import Method, make_method
 from ..patterns import Pattern, PatternLike, parse_pattern
 from ..selection import Choice, check_tied, select
@@ -218,6 +218,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4",
     pruner = PRUNERS.build("sparsegpt" if pruner is None else pruner, Pruner, **options)
     held_by = make_method(then) if then is not None else None
     choices, targets, layers = _plan(model, pattern, pruner, include, exclude, held_by, tied)
+    if held_by is not None:
+        check_choices(choices)  # refused before a pruned weight is written
     batches: list = []
     if permute:
         batches = list(calibration) if calibration is not None else []
