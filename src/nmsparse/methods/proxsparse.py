@@ -140,9 +140,14 @@ class ProxSparse(Method):
         return original
 
     def initial_mask(self, w) -> torch.Tensor:
-        nm_geometry(w, self.name)
-        w.state[ORIGINAL] = w.dense.detach().clone()
+        nm_geometry(w, self.name)  # refused before sparsify touches the model
         return super().initial_mask(w)
+
+    def refresh(self, w) -> torch.Tensor:
+        if ORIGINAL not in w.state:  # the first refresh, inside sparsify (masks= or not)
+            nm_geometry(w, self.name)
+            w.state[ORIGINAL] = w.dense.detach().clone()
+        return super().refresh(w)
 
     def masked_weight(self, w) -> torch.Tensor:
         if training(w):
