@@ -117,7 +117,7 @@ def test_the_prior_raises_the_agreeing_candidates():
     prior = ~free.mask  # what the start logits would prune
     nmsparse.finalize(model)
     w = nmsparse.sparsify(model, "2:4", MaskLLM(init_std=0.1, prior_strength=3.0),
-                          masks={"0.weight": prior})["0.weight"]
+                          masks={"0.weight": prior.clone()})["0.weight"]
     overlap = prior.float().reshape(OUT, IN // 4, 4) @ torch.tensor(TWO_FOUR).float().t()
     expected = start + 3.0 * start.std() * (overlap - 1.0)  # N^2 / M = 1 for 2:4
     torch.testing.assert_close(w.state[LOGITS].detach(), expected, rtol=0, atol=1e-6)

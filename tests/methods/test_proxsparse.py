@@ -102,6 +102,19 @@ def test_eval_and_finalize_use_the_projected_mask_on_the_chosen_weights(restore)
     torch.testing.assert_close(model[0].weight.detach(), deployed, rtol=0, atol=0)
 
 
+def test_a_given_mask_starts_it_and_the_original_weights_are_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4, bias=False))
+    start = model[0].weight.detach().clone()
+    given = ~nmsparse.nm_mask(start, 2, 4)  # the two smallest of each group
+    w = nmsparse.sparsify(model, "2:4", ProxSparse(lambda1=0.0),
+                          masks={"0.weight": given.clone()})["0.weight"]
+    assert torch.equal(w.state[ORIGINAL], start)
+    assert torch.equal(w.mask, nmsparse.nm_mask(start, 2, 4))  # the projection takes over
+    nmsparse.finalize(model)
+    torch.testing.assert_close(model[0].weight.detach(), start * ~given, rtol=0, atol=0)
+
+
 def test_needs_an_nm_pattern_and_valid_options():
     with pytest.raises(ValueError, match="needs an N:M pattern"):
         nmsparse.sparsify(nn.Sequential(nn.Linear(8, 4)), "unstructured:0.5", "proxsparse")

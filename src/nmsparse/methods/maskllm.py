@@ -65,7 +65,7 @@ from typing import ClassVar
 import torch
 
 from ..grouping import from_groups, to_groups
-from ._nm import nm_geometry
+from ._nm import unsharded_nm_geometry
 from ._progress import check_choice, check_count, check_number, steps_taken, training
 from .base import Method, Step, kept_gradient_only
 
@@ -155,7 +155,7 @@ class MaskLLM(Method):
 
     # -- the logits ----------------------------------------------------------------------------
     def _geometry(self, w) -> tuple[int, int, str, torch.Tensor]:
-        n, m, layout = nm_geometry(w, self.name)
+        n, m, layout = unsharded_nm_geometry(w, self.name)
         count = math.comb(m, n)
         if count > MAX_CANDIDATES:
             raise ValueError(

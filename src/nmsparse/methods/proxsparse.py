@@ -39,7 +39,7 @@ from typing import ClassVar
 import torch
 
 from ..grouping import from_groups, to_groups
-from ._nm import nm_geometry
+from ._nm import unsharded_nm_geometry
 from ._progress import check_count, check_number, training
 from .base import Method, Step, kept_gradient_only
 
@@ -140,9 +140,14 @@ class ProxSparse(Method):
         return original
 
     def initial_mask(self, w) -> torch.Tensor:
-        nm_geometry(w, self.name)
-        w.state[ORIGINAL] = w.dense.detach().clone()
+        unsharded_nm_geometry(w, self.name)  # refused before sparsify touches the model
         return super().initial_mask(w)
+
+    def refresh(self, w) -> torch.Tensor:
+        if ORIGINAL not in w.state:  # the first refresh, inside sparsify (masks= or not)
+            unsharded_nm_geometry(w, self.name)
+            w.state[ORIGINAL] = w.dense.detach().clone()
+        return super().refresh(w)
 
     def masked_weight(self, w) -> torch.Tensor:
         if training(w):
@@ -176,7 +181,7 @@ class ProxSparse(Method):
         if not self.lambda1:
             return
         for w in weights:
-            n, m, layout = nm_geometry(w, self.name)
+            n, m, layout = unsharded_nm_geometry(w, self.name)
             with torch.no_grad():
                 w.dense.copy_(prox_nm(w.dense, n, m, layout, self.lambda1, self.iterations))
             w.refresh()

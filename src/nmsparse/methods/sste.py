@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..grouping import from_groups, to_groups
+from ._nm import nm_geometry
 from .base import Method, value_straight_through
 
 SCALE = "sste_scale"
@@ -50,15 +51,8 @@ class SSTE(Method):
 
     name: ClassVar[str] = "sste"
 
-    @staticmethod
-    def _geometry(w) -> tuple[int, int, str]:
-        pattern = w.pattern
-        n, m = getattr(pattern, "n", None), getattr(pattern, "m", None)
-        layout = getattr(pattern, "layout", None)
-        if not isinstance(n, int) or not isinstance(m, int) or layout is None:
-            raise ValueError(f"{w.name}: method 'sste' needs an N:M pattern such as '2:4' or "
-                             f"'flat:2:4', got {pattern}")
-        return n, m, layout
+    def _geometry(self, w) -> tuple[int, int, str]:
+        return nm_geometry(w, self.name)
 
     def initial_mask(self, w) -> torch.Tensor:
         n, m, layout = self._geometry(w)
