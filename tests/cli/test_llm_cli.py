@@ -60,6 +60,9 @@ def test_prune_eval_load_and_generate(arch, llm_folders, tmp_path, capsys):  # n
     assert report["tokenizer"].startswith("bytes") == (arch == "llama")
     assert report["pattern"] == spec and report["mode"] == "sequential blocks"
     assert report["calibration"]["rows"] == 4 * 32
+    # one block's input for the calibration set, in bf16 (4 x 32 tokens x 32 features x 2
+    # bytes), plus one batch's output while it replaces its input: never a copy per block
+    assert 4 * 32 * 32 * 2 <= report["peak_cached_bytes"] <= 6 * 32 * 32 * 2
 
     # eval prints the same numbers for the pruned and the dense folder
     for folder, key in ((out, "after"), (source, "before")):

@@ -10,11 +10,11 @@ from torch import nn
 
 import nmsparse
 from nmsparse.models.gpt import GPT, Block
-from nmsparse.oneshot import prune
+from nmsparse.oneshot import PRUNERS, prune
 from nmsparse.patterns import parse_pattern
 
 PATTERNS = ["2:4", "4:8", "1:4", "unstructured:0.5"]
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = PRUNERS.names()  # every registered pruner gets the contract tests
 
 
 def _gpt(n_layer=2, d_model=32, seed=0):

@@ -22,14 +22,17 @@ PRUNE_EXAMPLES = """\
 nmsparse prune runs/DENSE --out runs/pruned                 # SparseGPT 2:4, 128 samples
 nmsparse prune runs/DENSE --method wanda --pattern 4:8 --out runs/wanda
 nmsparse prune runs/DENSE --method magnitude --permute --out runs/permuted
-nmsparse train --init runs/pruned --method fixed --epochs 5  # then recover by training"""
+nmsparse train --init runs/pruned --method fixed --epochs 5  # then recover by training
+nmsparse prune llm/ --pruner sparsegpt --text-file corpus.txt --out llm-2of4  # HF folder"""
 
 
 def add_prune_command(commands, parse_option, examples) -> argparse.ArgumentParser:
     parser = commands.add_parser("prune", help="one-shot prune a trained run "
-                                 "(magnitude, wanda, sparsegpt)", **examples(PRUNE_EXAMPLES))
-    parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT",
-                        help="the trained run (a folder or checkpoint) to prune")
+                                 f"({', '.join(PRUNERS.names())}), or a Hugging Face model folder",
+                                 **examples(PRUNE_EXAMPLES))
+    parser.add_argument("path", metavar="RUN_DIR|CHECKPOINT|HF_DIR",
+                        help="the trained run (a folder or checkpoint), or a Hugging Face "
+                        "causal LM folder (config.json + safetensors), to prune")
     how = parser.add_argument_group("how to prune")
     how.add_argument("--pruner", "--method", dest="method", default="sparsegpt",
                      choices=PRUNERS.names(), help="the one-shot pruner (default sparsegpt; "

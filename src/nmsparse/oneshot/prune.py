@@ -3,7 +3,7 @@
 Order of work:
 
 * ``magnitude`` needs no data: every prunable weight is pruned on its own.
-* ``wanda`` and ``sparsegpt`` need calibration statistics of each layer's input. When the
+* ``wanda``, ``ria`` and ``sparsegpt`` need calibration statistics of each layer's input. When the
   model has a chain of repeated blocks (:mod:`nmsparse.oneshot.blocks`), the pruning is
   sequential: the inputs of the first block are computed once, then for each block in turn
   the statistics of all its prunable layers are gathered in one pass over the cached inputs,
@@ -181,8 +181,8 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4",
 
     Args:
         pattern: ``"2:4"``, ``"4:8"``, ``"unstructured:0.5"``, any pattern spec.
-        pruner: ``"magnitude"`` (no data), ``"wanda"`` or ``"sparsegpt"`` (the default), any
-            registered name (:data:`~nmsparse.oneshot.PRUNERS`) or a
+        pruner: ``"magnitude"`` (no data), ``"wanda"``, ``"ria"`` or ``"sparsegpt"`` (the
+            default), any registered name (:data:`~nmsparse.oneshot.PRUNERS`) or a
             :class:`~nmsparse.oneshot.Pruner` instance such as ``SparseGPT(damp=0.1)``.
         calibration: an iterable of batches for the calibrated methods: token tensors
             ``(batch, seq)``, mappings of keyword arguments, or ``(inputs, targets)`` pairs.
