@@ -52,9 +52,9 @@ if __package__ in (None, ""):  # run as a file: benchmarks/kernels would shadow 
 import torch
 import torch.nn.functional as F
 
+from nmsparse.engine.masks import nm_mask
 from nmsparse.kernels import cpu, nm_linear
 from nmsparse.machine import cpu_model
-from nmsparse.masks import nm_mask
 from nmsparse.packing import pack
 from nmsparse.tables import format_table
 

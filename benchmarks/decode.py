@@ -40,8 +40,8 @@ if __package__ in (None, ""):  # run as a file: benchmarks/kernels would shadow 
 import torch
 from torch import nn
 
+from nmsparse.engine.masks import nm_mask
 from nmsparse.kernels import NMLinear, swap_linear_layers
-from nmsparse.masks import nm_mask
 from nmsparse.tables import format_table
 
 HEAD = ["run", "batch", "dense bf16", "N:M", "speedup", "bandwidth limit", "of limit",

@@ -43,11 +43,11 @@ import torch
 
 import nmsparse
 from benchmarks.oneshot import bits_per_byte, fresh_dense
+from nmsparse.app.train import checkpoint
+from nmsparse.app.train.config import from_dict
+from nmsparse.app.train.trainer import build, loss_and_correct
 from nmsparse.machine import cpu_model
 from nmsparse.methods import MaskLLM, ProxSparse
-from nmsparse.train import checkpoint
-from nmsparse.train.config import from_dict
-from nmsparse.train.trainer import build, loss_and_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, PRIOR_SEQUENCES = 16, 128

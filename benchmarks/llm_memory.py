@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     text = folder.parent / f"{folder.name}-text.txt"
     if not text.is_file():
-        from nmsparse.data.text import _source
+        from nmsparse.app.data.text import _source
 
         text.write_bytes(_source(None)[0])
     nmsparse = Path(python).with_name("nmsparse")

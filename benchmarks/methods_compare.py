@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.data.fashion_mnist import DEFAULT_DIR, _load_split, find_files
+from nmsparse.app.data.fashion_mnist import DEFAULT_DIR, _load_split, find_files
 
 MEAN, STD = 0.2860, 0.3530
 PATTERNS = ("2:4", "1:8", "1:16")

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 
 import nmsparse
-from nmsparse.cli.prune import calibration_batches
+from nmsparse.app.cli.prune import calibration_batches
+from nmsparse.app.train import checkpoint
+from nmsparse.app.train.config import from_dict
+from nmsparse.app.train.trainer import build, loss_and_correct
 from nmsparse.machine import cpu_model
-from nmsparse.train import checkpoint
-from nmsparse.train.config import from_dict
-from nmsparse.train.trainer import build, loss_and_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERNS = ["2:4", "4:8", "1:4", "unstructured:0.5"]

@@ -5,7 +5,7 @@ The models are trained here, dense, on the Python standard library sources (the 
 ``nmsparse train --data text``; first 90 % of the bytes for training and calibration, last
 10 % held out):
 
-* ``gpt``: the project's byte-level GPT (:class:`nmsparse.models.gpt.GPT`);
+* ``gpt``: the project's byte-level GPT (:class:`nmsparse.app.models.gpt.GPT`);
 * ``llama``: a transformers ``LlamaForCausalLM`` built from a config with a 256-id (byte)
   vocabulary, saved with ``save_pretrained`` and read back the way ``nmsparse prune`` reads a
   folder (so it is the command line's road, with the byte fallback tokenizer).
@@ -75,7 +75,7 @@ class Logits(nn.Module):
 def build(kind: str, seq_len: int, width: int, layers: int) -> nn.Module:
     torch.manual_seed(0)
     if kind == "gpt":
-        from nmsparse.models.gpt import GPT
+        from nmsparse.app.models.gpt import GPT
 
         return Logits(GPT(vocab_size=256, max_seq_len=seq_len, n_layer=layers, n_head=4,
                           d_model=width))
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def read_text_stdlib() -> tuple[bytes, str]:
     """The standard-library corpus of ``--data text`` (first 8 MiB of its ``*.py``)."""
-    from nmsparse.data.text import _source
+    from nmsparse.app.data.text import _source
 
     return _source(None)
 

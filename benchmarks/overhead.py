@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse import fused
+from nmsparse.engine import fused
 from nmsparse.machine import cpu_model
 from nmsparse.patterns import NM
 
@@ -86,7 +86,7 @@ def cases() -> list[Case]:
 
 
 def vit() -> nn.Module:
-    from nmsparse.models import create_model
+    from nmsparse.app.models import create_model
 
     return create_model("vit_tiny", input_shape=(3, 32, 32), num_classes=10, dim=384,
                         heads=6, depth=6)

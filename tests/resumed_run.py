@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from nmsparse.train import checkpoint, distributed
-from nmsparse.train.config import TrainConfig
-from nmsparse.train.trainer import Run
+from nmsparse.app.train import checkpoint, distributed
+from nmsparse.app.train.config import TrainConfig
+from nmsparse.app.train.trainer import Run
 
 
 def straight_and_resumed(config: Callable[[str], TrainConfig], tmp_path) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""Tests for nmsparse.fused: the compiled kernels reproduce the eager path bit for bit.
+"""Tests for nmsparse.engine.fused: the compiled kernels reproduce the eager path bit for bit.
 
 Compiling is slow (about 10 s for inductor's first use in a process, then 5-20 s per mask
 kernel and ~1 s for each small one), so the shape and edge-case tests use 2:4 on float32;
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse import fused as fused_path
+from nmsparse.engine import fused as fused_path
 from nmsparse.patterns import NM
 
 P24 = NM(2, 4)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse import SRSTE, STE, Method, Step, step_hooks
+from nmsparse import SRSTE, STE, Method, Step
+from nmsparse.engine import step_hooks
 
 LR = 0.1
 
@@ -327,7 +328,7 @@ def test_stateful_method_state_round_trips():
 def test_trainer_resume_with_a_stateful_method_is_bit_identical(tmp_path):
     from resumed_run import straight_and_resumed
 
-    from nmsparse.train.config import TrainConfig
+    from nmsparse.app.train.config import TrainConfig
 
     def config(out):
         return TrainConfig(method="test-noisy-every", method_options={"period": 3, "decay": 0.01},

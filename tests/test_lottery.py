@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from nmsparse.lottery import (
+from nmsparse.app.lottery import (
     ARMS,
     TicketSetting,
     harness,

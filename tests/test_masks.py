@@ -1,4 +1,4 @@
-"""Tests for nmsparse.masks: nm_mask keeps the N largest |w| of every M-group.
+"""Tests for nmsparse.engine.masks: nm_mask keeps the N largest |w| of every M-group.
 
 Golden masks below are worked out by hand; the random tests compare against a deliberately
 naive loop-based reference (`reference_mask`) written here, not against nmsparse itself.
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nmsparse
-from nmsparse.masks import kept_per_group, nm_mask
+from nmsparse.engine.masks import kept_per_group, nm_mask
 
 T, F = True, False
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

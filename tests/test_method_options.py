@@ -9,7 +9,7 @@ import pytest
 from torch import nn
 
 import nmsparse
-from nmsparse.train.config import ConfigError, TrainConfig, from_dict
+from nmsparse.app.train.config import ConfigError, TrainConfig, from_dict
 
 
 def test_the_library_refuses_an_option_the_method_does_not_take():

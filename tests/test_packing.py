@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmsparse.masks import nm_mask
+from nmsparse.engine.masks import nm_mask
 from nmsparse.packing import (
     PackedWeight,
     index_width,

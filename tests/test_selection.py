@@ -1,4 +1,4 @@
-"""One selection for every verb (:func:`nmsparse.selection.select`): the same glob mistake
+"""One selection for every verb (:func:`nmsparse.engine.selection.select`): the same glob mistake
 is the same one-line error in each, and ``prune`` makes sparse exactly what it selected."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import nmsparse
+from nmsparse.engine.selection import select
 from nmsparse.export import save_packed
 from nmsparse.kernels import plan, swap_linear_layers
-from nmsparse.selection import select
 
 
 def _model() -> nn.Sequential:

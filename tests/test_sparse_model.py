@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.masks import nm_mask
+from nmsparse.engine.masks import nm_mask
 
 
 class Net(nn.Module):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.masks import nm_mask
+from nmsparse.engine.masks import nm_mask
 
 LR, DECAY = 0.1, 2e-4
 

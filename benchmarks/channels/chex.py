@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.channels.chex [--seeds 0 1 2] [--out FILE]
 
-MLP 784-128-128-10 (``nmsparse.models`` "mlp"), the first 20,000 training images (seeded
+MLP 784-128-128-10 (``nmsparse.app.models`` "mlp"), the first 20,000 training images (seeded
 shuffle per epoch), batches of 128, 3 epochs (468 steps), SGD lr 0.05 with momentum 0.9,
 weight decay 5e-5 and a cosine decay to 0 per step; the full 10,000 test images; one thread.
 
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nmsparse.app.data.fashion_mnist import DEFAULT_DIR, MEAN, STD, _load_split, find_files
+from nmsparse.app.models import create_model
 from nmsparse.channels import Chex, channel_graph, mask_channels, why_not_slimmable
 from nmsparse.channels.groups import model_tensors
-from nmsparse.data.fashion_mnist import DEFAULT_DIR, MEAN, STD, _load_split, find_files
-from nmsparse.models import create_model
 from nmsparse.summary import summary
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "channels.md"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
 
 DATA = ["--data", "fashion-mnist", "--data-dir", "/usr/share/datasets/fashion-mnist"]
 MODEL = ["--model", "mlp", "--model-option", "hidden=[128,128]"]

@@ -73,7 +73,7 @@ def part_correctness(fixture: bool, save: Save) -> tuple[dict, str]:
 
     import nmsparse
     from nmsparse import kernels
-    from nmsparse.models import create_model
+    from nmsparse.app.models import create_model
     from nmsparse.packing import pack, unpack
 
     assert callable(kernels.nm_linear_triton)  # imports Triton, in the dry run too
@@ -219,7 +219,7 @@ def part_overhead(fixture: bool, save: Save, mode: str) -> tuple[dict, str]:
     import torch
 
     from benchmarks import overhead
-    from nmsparse import fused
+    from nmsparse.engine import fused
 
     cases = overhead.gpu_cases()
     rows = []
@@ -243,7 +243,7 @@ def part_overhead(fixture: bool, save: Save, mode: str) -> tuple[dict, str]:
                 row["compiled_kernels"] = state["kernels"]
                 if mode == "compiled" and (state["broken"] or not state["kernels"]):
                     row["note"] = (row.get("note", "") + " | compiled path not used: "
-                                   f"nmsparse.fused.status() = {state}").strip(" |")
+                                   f"nmsparse.engine.fused.status() = {state}").strip(" |")
                 row.update(dense_ms=r[("dense", "total")], sparse_ms=r[("sparse", "total")],
                            refresh_ms=r[("kernels", "refresh_")],
                            decay_ms=r[("kernels", "add_decay_")], steps=r[("pairs", "timed")])

@@ -8,7 +8,7 @@ For every weight shape (``OUTxIN``, the ``nn.Linear`` weight's shape) and batch 
 * ``N:M Triton`` for 2:4, 4:8, 1:4, 2:8: ``nmsparse.kernels.nm_linear`` on
   ``nmsparse.packing.pack`` weights (``NMSPARSE_KERNELS=triton``: no silent fallback).
 
-End to end: greedy decoding of the ``nmsparse.models`` ``gpt_1b`` preset (bf16, batch 1)
+End to end: greedy decoding of the ``nmsparse.app.models`` ``gpt_1b`` preset (bf16, batch 1)
 through ``GPT.decoder`` (static KV cache), dense vs 2:4 (``accelerate`` and Triton) vs 2:8
 (Triton), each decode step replayed as one CUDA graph; tokens per second.
 

@@ -1,4 +1,4 @@
-"""End-to-end decode: greedy tokens/s of an ``nmsparse.models`` GPT, dense vs N:M kernels.
+"""End-to-end decode: greedy tokens/s of an ``nmsparse.app.models`` GPT, dense vs N:M kernels.
 
 Decoding itself is the model's (``GPT.decoder``, a static KV cache); this module times it
 (:func:`time_decode`: CUDA-graph replays on a GPU, eager steps on the CPU) and builds the
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import nmsparse
+from nmsparse.app.models import create_model
 from nmsparse.kernels import accelerate, swap_linear_layers
-from nmsparse.models import create_model
 
 from . import timing
 from .results import DecodeResult, format_decode_table

@@ -43,7 +43,7 @@ input):
   `NMSPARSE_KERNELS=triton` so that an unsupported call fails instead of silently timing the
   unpack + `F.linear` fallback.
 
-End to end: greedy decoding with the `gpt_1b` preset of `nmsparse.models` (24 layers,
+End to end: greedy decoding with the `gpt_1b` preset of `nmsparse.app.models` (24 layers,
 d_model 2048, byte vocabulary; built on the GPU, cast to bf16), batch 1, dense vs the same
 model pruned by magnitude (`nmsparse.sparsify(model, "2:4", "fixed")` then
 `nmsparse.finalize`) at 2:4 (converted by `accelerate` and, separately, by

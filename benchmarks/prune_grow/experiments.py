@@ -16,7 +16,7 @@ Experiments (``EXPERIMENTS``): each run is ``(experiment, arm, seed)``.
 * ``nested``: levels 1:8 < 2:8 < 4:8 trained progressively or jointly, each level evaluated,
   against each level trained alone with STE (the estimator nested training uses) for the same
   total steps;
-* ``lth``: the lottery-ticket arms (:mod:`nmsparse.lottery`) at ``unstructured:0.1`` and
+* ``lth``: the lottery-ticket arms (:mod:`nmsparse.app.lottery`) at ``unstructured:0.1`` and
   ``1:8`` with a small (0.005) and a standard (0.1) learning rate, 3 IMP rounds.
 """
 
@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.data.idx import read_idx
+from nmsparse.app.data.idx import read_idx
+from nmsparse.app.lottery import TicketSetting, run_setting
+from nmsparse.app.lottery.harness import accuracy, random_masks, train
+from nmsparse.app.models.mlp import mlp
 from nmsparse.levels import set_level
-from nmsparse.lottery import TicketSetting, run_setting
-from nmsparse.lottery.harness import accuracy, random_masks, train
-from nmsparse.models.mlp import mlp
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_SUBSET = 20000

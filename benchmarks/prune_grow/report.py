@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from nmsparse.lottery import ARMS, judge
+from nmsparse.app.lottery import ARMS, judge
 from nmsparse.machine import cpu_model
 from nmsparse.tables import format_table
 
@@ -183,7 +183,7 @@ def write(runs: Path) -> str:
                   "its controls, and pruning + fine-tuning; each training "
                   f"{experiments.LTH_EPOCHS} epochs. A winning ticket exists when IMP beats both "
                   "random re-initialisation and the random mask by more than the combined seed "
-                  "std (`nmsparse.lottery.verdict`).", "",
+                  "std (`nmsparse.app.lottery.verdict`).", "",
                   format_table(["setting", "seeds", *ARMS, "winning ticket", "why"], rows,
                                markdown=True), "", f"![lth]({image})", ""]
         lines += _lth_finding(settings)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from nmsparse.train.config import TrainConfig, resolve
+from nmsparse.app.train.config import TrainConfig, resolve
 
 # Fields that do not change the result (where it is written, whether plots are drawn).
 NOT_HASHED = ("out", "plots", "tensorboard", "num_workers")
@@ -231,7 +231,7 @@ def sum_lr(vision: dict[str, Any], train_size: int) -> float:
     """sum_t lr_t of one phase of a vision run, stepping the trainer's own schedule."""
     import torch
 
-    from nmsparse.train.schedule import warmup_cosine
+    from nmsparse.app.train.schedule import warmup_cosine
 
     cfg = resolve(None, dict(vision))
     # Counts the last partial batch, which the trainer drops (drop_last): 235 steps per epoch

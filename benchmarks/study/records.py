@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nmsparse.train import metrics_log
+from nmsparse.app.train import metrics_log
 
 from .runner import STUDY_FILE
 

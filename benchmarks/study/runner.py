@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from nmsparse.train.config import TrainConfig
+from nmsparse.app.train.config import TrainConfig
 
 from .grid import NOT_HASHED, RunSpec
 

@@ -11,8 +11,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from nmsparse.app.models.spvit import keep_counts_for
 from nmsparse.machine import cpu_model
-from nmsparse.models.spvit import keep_counts_for
 from nmsparse.tables import format_table
 
 from .grid import BLOCK, FREQUENCY_CHANNELS, KEEP_RATIOS, KEPT, PRUNE_AT, VIT

@@ -1,4 +1,4 @@
-"""Run the grid in this process through ``nmsparse.cli.main.main`` (the code path of
+"""Run the grid in this process through ``nmsparse.app.cli.main.main`` (the code path of
 ``nmsparse train``; one process spares each run the import and start-up time), one folder
 per run under ``runs/``, its console output in ``<run>.log``. A folder with ``summary.json``
 is skipped, anything else in its place is cleared and run again. After a gate run, the
@@ -14,9 +14,9 @@ import shutil
 import time
 from pathlib import Path
 
-from nmsparse.cli.main import main
-from nmsparse.models.frequency import top_channels
-from nmsparse.train.trainer import load_trained
+from nmsparse.app.cli.main import main
+from nmsparse.app.models.frequency import top_channels
+from nmsparse.app.train.trainer import load_trained
 
 from .grid import Run
 

@@ -13,18 +13,18 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 """
 
 from .check import CheckReport, NMViolationError, check
-from .handle import LayerReport, SparsityHandle
+from .engine.handle import LayerReport, SparsityHandle
+from .engine.make_sparse import finalize, handles_of, sparsify
+from .engine.masks import nm_mask, saved_masks
+from .engine.sparse_weight import SparseWeight
 from .hf.pretrained import load_pretrained
 from .lora import LoraMerge, merge_lora
-from .make_sparse import finalize, handles_of, sparsify
-from .masks import nm_mask, saved_masks
 from .methods import ASP, METHODS, SRSTE, STE, Fixed, Method, Step, make_method
 from .oneshot import PruneResult, prune
 from .packing import PackedWeight, pack, unpack
 from .patterns import NM, PATTERN_KINDS, Pattern, Unstructured, Violations, parse_pattern
 from .resize import resize_token_embeddings
 from .sad import SADResult, SADTracker, sad
-from .sparse_weight import SparseWeight
 from .summary import ModelSummary, summary
 
 __version__ = "0.1.0"

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._dtensor import gather, is_dtensor
-from .grouping import check_layout
-from .masks import MASK_SUFFIX
+from .engine._dtensor import gather, is_dtensor
+from .engine.grouping import check_layout
+from .engine.masks import MASK_SUFFIX
+from .engine.selection import PatternSpec, as_globs, choose, matches, select
 from .patterns import OnTranspose, Pattern
-from .selection import PatternSpec, as_globs, choose, matches, select
 from .tables import format_table
 
 
@@ -88,7 +88,7 @@ def _tensors_of_state_dict(state_dict: Mapping[str, torch.Tensor]):
 
 
 def _model_rows(model: nn.Module, pattern, include, exclude, layout: str):
-    """The eligible weights as :func:`~nmsparse.selection.select` chose them (a tied weight
+    """The eligible weights as :func:`~nmsparse.engine.selection.select` chose them (a tied weight
     under each of its names, as the state dict holds it); a live sparse weight is checked by
     the weight its forward pass uses (a write into it that bypassed the mask shows), or its
     mask when sharded (FSDP2: the mask is gathered, the forward weight is not)."""

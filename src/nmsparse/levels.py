@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .handle import SparsityHandle
+from .engine.handle import SparsityHandle
+from .engine.sparse_module import sparse_states
+from .engine.sparse_weight import SparseWeight
 from .methods.nested import Nested
 from .patterns import NM, parse_pattern
-from .sparse_module import sparse_states
-from .sparse_weight import SparseWeight
 from .tables import format_table
 
 

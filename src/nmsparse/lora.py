@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .engine.selection import layer_pattern
+from .engine.sparse_module import sparse_states
+from .engine.sparse_weight import SparseWeight, refresh_stale
 from .patterns import Pattern, parse_pattern
-from .selection import layer_pattern
-from .sparse_module import sparse_states
-from .sparse_weight import SparseWeight, refresh_stale
 from .tables import format_table
 
 

@@ -2,7 +2,7 @@
 
 Contract (the format every kernel in :mod:`nmsparse.kernels` reads):
 
-* Groups are those of :mod:`nmsparse.masks` (``layout="in"``: M consecutive entries along
+* Groups are those of :mod:`nmsparse.engine.masks` (``layout="in"``: M consecutive entries along
   dim 1 at each fixed ``(out, kernel position)``; ``"flat"``: M contiguous entries in memory
   order within each output row). Rows are the grouped view flattened to 2-D: for ``"in"`` the
   view ``(out, *kernel, in)``, so ``rows = out * prod(kernel)`` and a row holds
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grouping import check_layout, from_groups, grouping_error, to_groups
+from .engine.grouping import check_layout, from_groups, grouping_error, to_groups
 from .patterns import NM
 
 _WIDTHS = (1, 2, 4, 8)

@@ -19,11 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .handle import LayerReport
+from .engine.handle import LayerReport
+from .engine.selection import parameter_holders
+from .engine.sparse_module import (
+    attach,
+    attach_tied,
+    detach,
+    detach_tied,
+    sparse_states,
+    tied_states,
+)
+from .engine.sparse_weight import SparseWeight
 from .patterns import NM
-from .selection import parameter_holders
-from .sparse_module import attach, attach_tied, detach, detach_tied, sparse_states, tied_states
-from .sparse_weight import SparseWeight
 
 
 def _embedding_weights(model: nn.Module) -> list[SparseWeight]:

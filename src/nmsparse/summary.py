@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .masks import MASK_SUFFIX
-from .selection import is_hf_conv1d
-from .sparse_module import original_class
+from .engine.masks import MASK_SUFFIX
+from .engine.selection import is_hf_conv1d
+from .engine.sparse_module import original_class
 from .tables import format_table
 
 __all__ = ["LayerRow", "ModelSummary", "summary"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from channel_models import Concat, Depthwise, Residual, randomise_norms
 
+from nmsparse.app.models import create_model
 from nmsparse.channels import ChannelGroup, Slice, TraceError, channel_graph, permute_group
 from nmsparse.channels.groups import check_groups
-from nmsparse.models import create_model
 
 
 def group_with(groups, tensor, role, dim=None):

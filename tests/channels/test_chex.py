@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import nmsparse
+from nmsparse.app.models import create_model
 from nmsparse.channels import Chex, allocate, leverage_scores, projection_residuals
-from nmsparse.models import create_model
 
 
 def mlp():

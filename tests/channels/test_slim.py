@@ -7,6 +7,7 @@ import torch
 from channel_models import Concat, Depthwise, Residual, randomise_norms
 from torch import nn
 
+from nmsparse.app.models import create_model
 from nmsparse.channels import (
     channel_graph,
     kept_count,
@@ -14,7 +15,6 @@ from nmsparse.channels import (
     slim,
     why_not_slimmable,
 )
-from nmsparse.models import create_model
 
 
 def parameters(model):

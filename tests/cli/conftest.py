@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
 
 QUICK = ["--epochs", "1", "--limit-train-batches", "2", "--limit-test-batches", "2",
          "--batch-size", "8", "--log-every", "1", "--no-plots", "--model-option",

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
 
 FAST = ["--epochs", "2", "--limit-train-batches", "4", "--limit-test-batches", "2",
         "--batch-size", "8", "--log-every", "1", "--no-plots", "--data", "digits",
@@ -44,7 +44,7 @@ def test_chex_settings_are_checked(tmp_path, capsys):
 def test_resumed_chex_run_equals_the_straight_one(tmp_path):
     from resumed_run import straight_and_resumed
 
-    from nmsparse.train.config import TrainConfig
+    from nmsparse.app.train.config import TrainConfig
 
     def config(out):
         return TrainConfig(pattern="dense", chex_budget=0.5, chex_every=2, chex_until=1.0,

@@ -8,8 +8,8 @@ import sys
 import pytest
 from data_fixtures import write_cifar10, write_cifar100, write_fashion, write_folder
 
-from nmsparse.cli.main import build_parser, main
-from nmsparse.models import create_model
+from nmsparse.app.cli.main import build_parser, main
+from nmsparse.app.models import create_model
 
 FAST = ["--epochs", "1", "--limit-train-batches", "2", "--limit-test-batches", "2",
         "--batch-size", "8", "--log-every", "1", "--no-plots"]

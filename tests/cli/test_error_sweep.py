@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import QUICK
 
-from nmsparse.cli.main import main
-from nmsparse.train import run_dir
+from nmsparse.app.cli.main import main
+from nmsparse.app.train import run_dir
 
 
 def recipe(tmp, text, suffix=".toml"):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from nmsparse.cli.main import build_parser, main
+from nmsparse.app.cli.main import build_parser, main
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -60,8 +60,8 @@ def test_models_table_is_aligned(capsys):
 
 
 def test_load_trained_has_the_public_name_the_readme_gives():
-    import nmsparse.train
-    from nmsparse.train import load_trained
-    from nmsparse.train.trainer import load_trained as where_it_lives
+    import nmsparse.app.train
+    from nmsparse.app.train import load_trained
+    from nmsparse.app.train.trainer import load_trained as where_it_lives
 
-    assert load_trained is where_it_lives is nmsparse.train.load_trained
+    assert load_trained is where_it_lives is nmsparse.app.train.load_trained

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from llm_folders import llm_folders  # noqa: F401  (the session fixture)
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
 
 transformers = pytest.importorskip("transformers")
 

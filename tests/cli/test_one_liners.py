@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import QUICK
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
 
 
 def one_line(capsys) -> str:

@@ -8,8 +8,8 @@ import torch
 from conftest import QUICK
 from data_fixtures import write_fashion
 
-from nmsparse.cli.main import main
-from nmsparse.train.trainer import DataInfo, load_trained
+from nmsparse.app.cli.main import main
+from nmsparse.app.train.trainer import DataInfo, load_trained
 
 
 def fashion_run(tmp_path, epochs="1"):

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
+from nmsparse.app.train import checkpoint
 from nmsparse.patterns import parse_pattern
-from nmsparse.train import checkpoint
 
 FAST = ["--epochs", "1", "--limit-train-batches", "2", "--limit-test-batches", "2",
         "--batch-size", "8", "--log-every", "1", "--no-plots"]
@@ -76,8 +76,8 @@ def test_train_init_recovers_from_the_pruned_run(dense_run, tmp_path, then):
 def test_train_init_loads_the_weights_before_sparsify(dense_run, tmp_path):
     pruned = tmp_path / "pruned"
     assert main(["prune", str(dense_run), "--method", "magnitude", "--out", str(pruned)]) == 0
-    from nmsparse.train.init import load_init
-    from nmsparse.train.trainer import build, from_dict
+    from nmsparse.app.train.init import load_init
+    from nmsparse.app.train.trainer import build, from_dict
 
     config = from_dict(checkpoint.load(pruned)["config"])
     _, model = build(config)
@@ -192,7 +192,7 @@ def test_empty_out_is_refused(dense_run, tmp_path, capsys, monkeypatch, command)
 
 def test_prune_into_a_folder_in_use_or_an_export_folder_is_refused(dense_run, tmp_path,
                                                                     capsys):
-    from nmsparse.train import run_dir
+    from nmsparse.app.train import run_dir
 
     out = tmp_path / "busy"
     holder = run_dir.claim(out, "run")  # another prune (or train) writing there

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
 
 FAST = ["--data", "digits", "--model", "mlp", "--model-option", "hidden=[16]", "--epochs", "1",
         "--limit-train-batches", "4", "--limit-test-batches", "2", "--batch-size", "8",

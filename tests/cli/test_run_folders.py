@@ -12,8 +12,8 @@ import time
 import pytest
 from conftest import QUICK
 
-from nmsparse.cli.main import main
-from nmsparse.train import run_dir
+from nmsparse.app.cli.main import main
+from nmsparse.app.train import run_dir
 
 
 def one_error_line(capsys):
@@ -112,7 +112,7 @@ def test_links_inside_a_run_folder_are_not_followed(link, trained_run, tmp_path,
 
 
 def test_link_planted_during_a_run_is_replaced_not_followed(tmp_path):
-    from nmsparse.train.metrics_log import MetricsLog
+    from nmsparse.app.train.metrics_log import MetricsLog
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -165,7 +165,7 @@ def test_run_written_before_markers_is_adopted(trained_run, capsys):
 def test_failed_export_leaves_no_folder(trained_run, tmp_path, monkeypatch, capsys):
     """The export folder is made only to be written: a failure inside it removes it again
     (it once left an empty folder behind)."""
-    from nmsparse.train import export
+    from nmsparse.app.train import export
 
     def failing(*args, **kwargs):
         raise OSError(28, "No space left on device")

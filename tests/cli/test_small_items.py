@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import QUICK
 
-from nmsparse.cli import _notes
-from nmsparse.cli.main import main
-from nmsparse.train import plots
-from nmsparse.train.progress import Progress
+from nmsparse.app.cli import _notes
+from nmsparse.app.cli.main import main
+from nmsparse.app.train import plots
+from nmsparse.app.train.progress import Progress
 
 
 def test_model_option_changes_one_key_of_the_recipe(tmp_path):

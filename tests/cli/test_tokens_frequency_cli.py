@@ -8,8 +8,8 @@ import json
 import pytest
 from data_fixtures import write_fashion
 
-from nmsparse.cli.main import main
-from nmsparse.models.spvit import TokenPruningViT
+from nmsparse.app.cli.main import main
+from nmsparse.app.models.spvit import TokenPruningViT
 
 QUICK = ["--data", "fashion-mnist", "--epochs", "1", "--limit-train-batches", "2",
          "--limit-test-batches", "1", "--batch-size", "8", "--no-plots"]

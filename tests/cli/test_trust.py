@@ -9,9 +9,9 @@ import textwrap
 import pytest
 from conftest import QUICK, plant_model
 
-from nmsparse.cli.main import main
-from nmsparse.models.trust import TRUST_ENV, is_trusted
-from nmsparse.train.trainer import load_trained
+from nmsparse.app.cli.main import main
+from nmsparse.app.models.trust import TRUST_ENV, is_trusted
+from nmsparse.app.train.trainer import load_trained
 
 COMMANDS = {
     "eval": lambda run, tmp: ["eval", str(run)],
@@ -171,7 +171,7 @@ def glob_package(tmp_path, monkeypatch):
                                   "mypkg.mod : os . system", "mypkg.mod:Nets.__init__",
                                   "mypkg.mod:os.path.join"])
 def test_glob_refuses_attribute_chains_leaving_the_package(glob_package, name):
-    from nmsparse.models.trust import require_trusted
+    from nmsparse.app.models.trust import require_trusted
 
     with pytest.raises(ValueError, match=r"outside the trusted package 'mypkg\.\*'|'__'"):
         require_trusted(name, ["mypkg.*"], "the run")
@@ -181,7 +181,7 @@ def test_glob_refuses_attribute_chains_leaving_the_package(glob_package, name):
 @pytest.mark.parametrize("name", ["mypkg.mod:Nets.build", "mypkg:Nets.build",
                                   " mypkg.mod : Nets . build "])
 def test_glob_trusts_what_the_package_defines(glob_package, name):
-    from nmsparse.models.trust import require_trusted
+    from nmsparse.app.models.trust import require_trusted
 
     require_trusted(name, ["mypkg.*"], "the run")
     require_trusted(name, ["other.*", "mypkg.*"], "the run")
@@ -189,7 +189,7 @@ def test_glob_trusts_what_the_package_defines(glob_package, name):
 
 @pytest.mark.parametrize(("glob", "name", "commands"), [
     ("mypkg.*", "mypkg.mod:os.system", ("eval", "summary", "export")),
-    ("nmsparse.*", "nmsparse.models.trust:os.system", ("eval", "summary", "export")),
+    ("nmsparse.*", "nmsparse.app.models.trust:os.system", ("eval", "summary", "export")),
 ])
 def test_trusted_glob_runs_no_planted_chain(glob_package, planted, tmp_path, capsys,
                                             monkeypatch, glob, name, commands):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from data_fixtures import batch, write_cifar10, write_cifar100
 
-from nmsparse.data import DataError, load_dataset, safe_pickle
+from nmsparse.app.data import DataError, load_dataset, safe_pickle
 
 
 class SystemCall:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from data_fixtures import idx_bytes, write_fashion
 
-from nmsparse.data import DataError, load_dataset
-from nmsparse.data.idx import parse_idx
+from nmsparse.app.data import DataError, load_dataset
+from nmsparse.app.data.idx import parse_idx
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 @pytest.mark.parametrize("gz", [True, False, "mixed"])

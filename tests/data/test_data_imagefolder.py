@@ -7,7 +7,7 @@ import pytest
 import torch
 from data_fixtures import COLOURS, write_folder, write_image
 
-from nmsparse.data import DataError, load_dataset
+from nmsparse.app.data import DataError, load_dataset
 
 Image = pytest.importorskip("PIL.Image")
 

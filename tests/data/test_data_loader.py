@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset
 
-from nmsparse.data import BatchLoader, DataError, make_loader
-from nmsparse.data.tensors import ImageDataset
-from nmsparse.data.transforms import CropFlip, Normalize
+from nmsparse.app.data import BatchLoader, DataError, make_loader
+from nmsparse.app.data.tensors import ImageDataset
+from nmsparse.app.data.transforms import CropFlip, Normalize
 
 
 def images(n=37, augment=True) -> ImageDataset:
@@ -160,7 +160,7 @@ def test_subset_uses_the_fast_path_with_mapped_indices():
 
 
 def test_text_bundle_through_the_loader(tmp_path):
-    from nmsparse.data import load_dataset
+    from nmsparse.app.data import load_dataset
 
     path = tmp_path / "t.txt"
     path.write_bytes(bytes(range(32, 127)) * 50)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from nmsparse.data import DataBundle, DataError, list_datasets, load_dataset
+from nmsparse.app.data import DataBundle, DataError, list_datasets, load_dataset
 
 pytest.importorskip("sklearn")
 
@@ -20,7 +20,7 @@ def test_list_datasets_names_and_one_line_descriptions():
 
 def test_import_is_light():
     code = (
-        "import sys, nmsparse.data; "
+        "import sys, nmsparse.app.data; "
         "print(sorted(m for m in ('sklearn', 'PIL') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmsparse.data import DataError, load_dataset
+from nmsparse.app.data import DataError, load_dataset
 
 
 def corpus_folder(root: Path) -> bytes:

@@ -2,7 +2,7 @@
 
 import torch
 
-from nmsparse.data.transforms import CropFlip, Normalize, crop_flip
+from nmsparse.app.data.transforms import CropFlip, Normalize, crop_flip
 
 
 def windows(image: torch.Tensor, padding: int, flip: bool) -> list[torch.Tensor]:

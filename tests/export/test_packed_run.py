@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
+from nmsparse.app.models import create_model
+from nmsparse.app.train.export import PACKED_NAME, export_run_packed
 from nmsparse.export import load_packed, read_packed_header
-from nmsparse.models import create_model
-from nmsparse.train.export import PACKED_NAME, export_run_packed
 
 FAST = ["--epochs", "1", "--limit-train-batches", "2", "--limit-test-batches", "2",
         "--batch-size", "8", "--log-every", "1", "--no-plots"]

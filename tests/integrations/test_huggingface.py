@@ -239,7 +239,7 @@ def test_training_continues_after_resizing_a_sparse_head():
 
 
 def test_a_plain_resize_of_a_sparse_head_warns_instead_of_going_dense_silently():
-    from nmsparse.swap_guard import SparseModuleReplacedWarning
+    from nmsparse.engine.swap_guard import SparseModuleReplacedWarning
 
     model = make("llama")
     nmsparse.sparsify(model, "2:4")

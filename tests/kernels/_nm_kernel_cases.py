@@ -65,8 +65,8 @@ def run_case(case: Case, device: str) -> dict:
     """Error of the Triton kernels against F.linear with the unpacked weight (in fp32)."""
     import torch.nn.functional as F
 
+    from nmsparse.engine.masks import nm_mask
     from nmsparse.kernels import nm_linear_triton
-    from nmsparse.masks import nm_mask
     from nmsparse.packing import pack, unpack_rows
 
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
@@ -90,8 +90,8 @@ def run_module_checks() -> dict:
     """The op and NMLinear routed to Triton on CPU (TRITON_INTERPRET=1, backend auto)."""
     import torch.nn.functional as F
 
+    from nmsparse.engine.masks import nm_mask
     from nmsparse.kernels import NMLinear
-    from nmsparse.masks import nm_mask
 
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(64, 32).half()

@@ -211,7 +211,7 @@ def test_tensor_bytes(bench):
 
 
 def test_time_decode_on_the_cpu(bench):
-    from nmsparse.models import create_model
+    from nmsparse.app.models import create_model
 
     model = create_model("gpt_tiny", input_shape=(16,), num_classes=256,
                          task="language_model", n_layer=1, n_head=2, d_model=32).eval()

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmsparse.engine.masks import nm_mask
 from nmsparse.kernels import NMLinear, _op, cpu, nm_linear, swap_linear_layers
-from nmsparse.masks import nm_mask
 from nmsparse.packing import pack, unpack_rows
 
 PATTERNS = [(2, 4), (4, 8), (1, 4), (2, 8), (1, 8), (1, 16)]

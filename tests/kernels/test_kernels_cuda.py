@@ -28,7 +28,7 @@ def test_kernel_matches_dense_linear_on_cuda(case):
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (2, 8), (4, 16)])
 @pytest.mark.parametrize("rows", [1, 8, 64, 300])
 def test_larger_shapes_through_the_op(dtype, n, m, rows):
-    from nmsparse.masks import nm_mask
+    from nmsparse.engine.masks import nm_mask
     from nmsparse.packing import pack
 
     torch.manual_seed(0)

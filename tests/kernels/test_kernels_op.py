@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nmsparse
+from nmsparse.engine.masks import nm_mask
 from nmsparse.kernels import NMLinear, nm_linear, reference, swap_linear_layers
-from nmsparse.masks import nm_mask
 from nmsparse.packing import pack
 
 

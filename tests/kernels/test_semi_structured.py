@@ -441,7 +441,7 @@ def test_gpu_unavailable_backend_raises():
 
 @needs_sm80
 def test_gpu_gpt_logits_match():
-    from nmsparse.models import create_model
+    from nmsparse.app.models import create_model
 
     torch.manual_seed(0)
     dense = create_model("gpt_tiny", input_shape=(64,), num_classes=256,

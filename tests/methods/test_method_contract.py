@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse import step_hooks
+from nmsparse.engine import step_hooks
 
 # Which entries of the dense weight a method's gradient reaches: "all" (straight through),
 # "kept" (pruned weights get none) or "none" (frozen: the dense weight gets no gradient, the

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nmsparse.cli.main import main
+from nmsparse.app.cli.main import main
 
 FAST = ["--epochs", "1", "--limit-train-batches", "3", "--limit-test-batches", "1",
         "--batch-size", "8", "--no-plots", "--model-option", "hidden=[16]"]

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import nmsparse
+from nmsparse.app.train.config import TrainConfig
+from nmsparse.app.train.trainer import phases_of
 from nmsparse.methods import Fixed, Reweighted, make_method
-from nmsparse.train.config import TrainConfig
-from nmsparse.train.trainer import phases_of
 
 
 def one_layer(method, pattern="2:4", seed=0):
@@ -113,7 +113,7 @@ def test_nm_groups_need_an_nm_pattern():
 
 
 def test_cli_runs_both_phases(tmp_path):
-    from nmsparse.cli.main import main
+    from nmsparse.app.cli.main import main
 
     out = tmp_path / "run"
     assert main(["train", "--data", "digits", "--model", "mlp", "--model-option",

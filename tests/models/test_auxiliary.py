@@ -9,9 +9,9 @@ import weakref
 import torch
 
 import nmsparse
-from nmsparse import step_hooks
-from nmsparse.models import create_model
-from nmsparse.models._auxiliary import with_auxiliary
+from nmsparse.app.models import create_model
+from nmsparse.app.models._auxiliary import with_auxiliary
+from nmsparse.engine import step_hooks
 
 
 def test_value_unchanged_and_gradient_is_the_sum():

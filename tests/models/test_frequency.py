@@ -12,9 +12,9 @@ import torch
 from scipy.fft import dctn
 
 import nmsparse
-from nmsparse.data.frequency import BlockDCT, dct_matrix
-from nmsparse.models import create_model
-from nmsparse.models.frequency import ChannelGate, top_channels
+from nmsparse.app.data.frequency import BlockDCT, dct_matrix
+from nmsparse.app.models import create_model
+from nmsparse.app.models.frequency import ChannelGate, top_channels
 
 
 def test_dct_matrix_matches_the_formula_and_is_orthonormal():

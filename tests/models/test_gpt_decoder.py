@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nmsparse.models import StaticKVDecoder, create_model
+from nmsparse.app.models import StaticKVDecoder, create_model
 
 
 def tiny_gpt(max_len: int = 16):

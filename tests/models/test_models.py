@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.models import (
+from nmsparse.app.models import (
     TASKS,
     ModelInfo,
     create_model,
@@ -326,7 +326,7 @@ def test_user_factory_import_errors_name_the_module_and_reason(user_module: str)
 
 
 def test_register_model_validates_and_rejects_clashes(monkeypatch):
-    from nmsparse.models import _registry
+    from nmsparse.app.models import _registry
 
     monkeypatch.setattr(_registry, "MODELS", _registry.MODELS.copy())
 

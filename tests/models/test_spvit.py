@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.models import create_model
-from nmsparse.models.spvit import TokenPruningViT, keep_counts_for
-from nmsparse.models.token_selector import keep_mask_bias, merge_package, prune_hard
+from nmsparse.app.models import create_model
+from nmsparse.app.models.spvit import TokenPruningViT, keep_counts_for
+from nmsparse.app.models.token_selector import keep_mask_bias, merge_package, prune_hard
 
 
 def small(**options):

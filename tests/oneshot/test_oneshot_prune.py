@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import nmsparse
-from nmsparse.models.gpt import GPT, Block
+from nmsparse.app.models.gpt import GPT, Block
 from nmsparse.oneshot import PRUNERS, prune
 from nmsparse.patterns import parse_pattern
 

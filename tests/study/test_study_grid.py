@@ -23,8 +23,8 @@ from benchmarks.study.grid import (
     sum_lr,
 )
 from benchmarks.study.runner import train_args
-from nmsparse.cli.main import build_parser
-from nmsparse.train.config import FIELDS, resolve
+from nmsparse.app.cli.main import build_parser
+from nmsparse.app.train.config import FIELDS, resolve
 
 
 def _keys(specs: list[RunSpec]) -> set[tuple]:

@@ -21,7 +21,7 @@ from benchmarks.study.claims import (
 from benchmarks.study.records import load_run
 from benchmarks.study.report import render
 from benchmarks.study.runner import STUDY_FILE
-from nmsparse.train.config import TrainConfig
+from nmsparse.app.train.config import TrainConfig
 
 STEPS = 100
 JITTER = (-0.001, 0.0, 0.001)  # per-seed offsets shared by every row (same-seed pairing)

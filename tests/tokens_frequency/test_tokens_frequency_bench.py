@@ -8,7 +8,7 @@ import json
 from benchmarks.tokens_frequency import report
 from benchmarks.tokens_frequency.grid import all_runs
 from benchmarks.tokens_frequency.runner import META
-from nmsparse.cli.main import build_parser
+from nmsparse.app.cli.main import build_parser
 
 
 def test_grid_counts_order_and_flags_parse():

@@ -2,7 +2,7 @@
 multi-level N:M storage (see :mod:`.nested`).
 
 Core-level: depends on the core only (the export of a trained run lives in
-``nmsparse.train.export``). Importing it does not load safetensors.
+``nmsparse.app.train.export``). Importing it does not load safetensors.
 """
 
 from .nested import NestedReport, load_nested, read_nested, save_nested

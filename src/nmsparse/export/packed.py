@@ -73,7 +73,10 @@ from torch import nn
 from .. import __version__
 from .._atomic import atomic_open
 from ..check import check
-from ..grouping import LAYOUTS, from_groups, grouping_error, to_groups
+from ..engine.grouping import LAYOUTS, from_groups, grouping_error, to_groups
+from ..engine.selection import PatternSpec, eligible_weights, qualified
+from ..engine.sparse_module import sparse_states
+from ..engine.sparse_weight import refresh_stale
 from ..packing import (
     PackedWeight,
     index_width,
@@ -84,9 +87,6 @@ from ..packing import (
     unpack_positions,
 )
 from ..patterns import NM, OnTranspose
-from ..selection import PatternSpec, eligible_weights, qualified
-from ..sparse_module import sparse_states
-from ..sparse_weight import refresh_stale
 from ..tables import format_table
 
 FORMAT_NAME = "nmsparse-packed"

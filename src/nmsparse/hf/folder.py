@@ -13,7 +13,7 @@ safetensors builds each file in memory), the tokenizer files of the source
 folder, and nmsparse's own files: ``masks.safetensors`` (``<weight>_mask`` bool tensors, what
 :func:`nmsparse.saved_masks` reads), ``prune.json`` (what was done) and, on request, the packed
 file ``model.packed.safetensors``. The folder is claimed like an export folder
-(:mod:`nmsparse.train.run_dir`); everything is first written into a hidden temporary folder
+(:mod:`nmsparse.app.train.run_dir`); everything is first written into a hidden temporary folder
 inside it and moved into place only when all of it succeeded, and a failed write leaves no
 folder behind.
 """
@@ -113,7 +113,7 @@ def output_head(model: nn.Module) -> str | None:
 def _save_masks(masks: Mapping[str, torch.Tensor], target: Path) -> None:
     """``<weight>_mask`` bool tensors as one safetensors file, streamed one mask at a time
     (a 1B model's masks are a gigabyte: no second copy of them is built in memory)."""
-    from ..masks import MASK_SUFFIX
+    from ..engine.masks import MASK_SUFFIX
 
     header: dict[str, Any] = {"__metadata__": {"format": "nmsparse-masks"}}
     offset = 0
@@ -138,7 +138,7 @@ def write_pruned(model: nn.Module, out: str | os.PathLike[str], *, source: str |
     the packed file to the path it is given; ``claimed``: ``out`` already claimed by the
     caller (released here); ``release_masks``: called once the masks are on disk, to free
     them before the weights are written. Returns the files written."""
-    from ..train import run_dir as run_folders
+    from ..app.train import run_dir as run_folders
 
     folder = claimed or run_folders.claim(out, "export")
     staging = None

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..engine.selection import is_hf_conv1d
 from ..patterns import NM, parse_pattern
-from ..selection import is_hf_conv1d
 from .folder import REPORT, load_causal_lm
 
 

@@ -7,7 +7,7 @@ import warnings
 
 from torch import nn
 
-from ..selection import select
+from ..engine.selection import select
 
 
 def shared_parameters(model: nn.Module) -> set[int]:
@@ -43,7 +43,7 @@ def not_asked(model: nn.Module, pattern, include, exclude, filter_fn, verb: str
               ) -> dict[str, str]:
     """``{module name: why it was not asked for}`` of the eligible weights that the
     include/exclude globs leave out, by the one selection every verb uses
-    (:func:`nmsparse.selection.select`; a glob matching nothing raises there). What a kernel
+    (:func:`nmsparse.engine.selection.select`; a glob matching nothing raises there). What a kernel
     can do with the rest (dtype, shape, structure, values) is the kernel's own judgement.
 
     ``filter_fn(name, module)`` is the deprecated predicate of the kernel verbs: globs are

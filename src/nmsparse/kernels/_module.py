@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..engine.sparse_module import original_class, sparse_states
 from ..packing import PackedWeight, pack, unpack_rows
 from ..patterns import NM, parse_pattern
-from ..sparse_module import original_class, sparse_states
 from ..tables import format_table
 from . import _op  # noqa: F401  (registers torch.ops.nmsparse.nm_linear)
 from ._eligibility import not_asked, shared_parameters, structural_reason

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..check import NMViolationError
+from ..engine.sparse_module import original_class, sparse_states
 from ..patterns import NM
-from ..sparse_module import original_class, sparse_states
 from ..tables import format_table
 from ._eligibility import not_asked, shared_parameters, structural_reason
 

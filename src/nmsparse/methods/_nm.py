@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._dtensor import is_dtensor
+from ..engine._dtensor import is_dtensor
 from ..patterns import NM
 
 

@@ -2,7 +2,7 @@
 gets, over the life of a training run.
 
 A :class:`Method` is a frozen dataclass of hyperparameters with a lifecycle of hooks, each
-given a :class:`~nmsparse.sparse_weight.SparseWeight` ``w`` (``w.dense``, ``w.mask``,
+given a :class:`~nmsparse.engine.sparse_weight.SparseWeight` ``w`` (``w.dense``, ``w.mask``,
 ``w.pattern``, ``w.state``) or the list of them the method drives:
 
 * :meth:`~Method.score` - what the pattern ranks (default ``|w|``);
@@ -38,7 +38,7 @@ import torch
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..sparse_weight import SparseWeight
+    from ..engine.sparse_weight import SparseWeight
 
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -115,7 +115,7 @@ class Method:
     optimizers: ClassVar[tuple[type[torch.optim.Optimizer], ...] | None] = None
     # True when the method's masks may keep more than the layer's pattern for a while (GaP's
     # dense phase, a nested weight's denser levels): a mask loaded into a sparse module is
-    # then not checked against the pattern (nmsparse.sparse_module).
+    # then not checked against the pattern (nmsparse.engine.sparse_module).
     masks_beyond_pattern: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:

@@ -64,7 +64,7 @@ from typing import ClassVar
 
 import torch
 
-from ..grouping import from_groups, to_groups
+from ..engine.grouping import from_groups, to_groups
 from ._nm import unsharded_nm_geometry
 from ._progress import check_choice, check_count, check_number, steps_taken, training
 from .base import Method, Step, kept_gradient_only

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grouping import from_groups, to_groups
+from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM, Block, GlobalUnstructured, OnTranspose, Pattern, Unstructured
 
 ACCEPTED = ("N:M ('2:4', 'flat:2:4'), 'unstructured:D', 'global:D' or 'block:RxC:D' (also on a "

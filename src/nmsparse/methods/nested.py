@@ -32,7 +32,7 @@ from typing import ClassVar
 
 import torch
 
-from ..grouping import from_groups, to_groups
+from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM, parse_pattern
 from .base import Method, Step, straight_through
 

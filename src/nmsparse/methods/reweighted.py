@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from ..grouping import from_groups, to_groups
+from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM
 from .base import Method, Step
 from .fixed import Fixed

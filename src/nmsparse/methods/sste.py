@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from ..grouping import from_groups, to_groups
+from ..engine.grouping import from_groups, to_groups
 from ._nm import nm_geometry
 from .base import Method, value_straight_through
 

@@ -13,7 +13,7 @@ Order of work:
   all its layers (fallback: statistics then come from the dense model for every layer).
 
 The pruned weights are written into the model (zero where pruned; SparseGPT also updates the
-kept weights). The selection (:func:`nmsparse.selection.select`, the one every verb uses)
+kept weights). The selection (:func:`nmsparse.engine.selection.select`, the one every verb uses)
 and the masks are then handed to ``sparsify`` with the method ``then`` (``"fixed"``: masks
 held during any later training, the ASP recipe; ``"srste"``: SR-STE continuing from the
 one-shot mask), so the model is ready for ``finalize``, packing, or fine-tuning.
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..make_sparse import check_choices, sparsify_choices
+from ..engine.make_sparse import check_choices, sparsify_choices
+from ..engine.selection import Choice, check_tied, select
 from ..methods import Method, make_method
 from ..patterns import Pattern, PatternLike, parse_pattern
-from ..selection import Choice, check_tied, select
 from ..tables import format_table
 from .base import PRUNERS, Pruner
 from .blocks import BlockRunner, call_model, find_blocks, is_chain
@@ -97,7 +97,7 @@ class PruneResult:
 
 def _plan(model: nn.Module, pattern: Pattern, pruner: Pruner, include, exclude, then,
           tied: str) -> tuple[list[Choice], list[Target], list[PrunedLayer]]:
-    """The weights to prune: :func:`nmsparse.selection.select` (the one selection every verb
+    """The weights to prune: :func:`nmsparse.engine.selection.select` (the one selection every verb
     uses), less the layers the pruner cannot calibrate."""
     choices = select(model, pattern, include, exclude, method=then, tied=tied)
     targets, layers = [], []
@@ -189,7 +189,7 @@ def prune(model: nn.Module, pattern: PatternLike = "2:4",
         then: the nmsparse method that holds the masks afterwards (``"fixed"``, ``"srste"``,
             a :class:`~nmsparse.Method`), or ``None`` to only write the pruned weights.
         include / exclude: globs on module or weight names; one matching no eligible layer
-            is an error (as in every verb: :func:`nmsparse.selection.select`).
+            is an error (as in every verb: :func:`nmsparse.engine.selection.select`).
         tied: a weight other modules also read: ``"dense"`` keeps it dense, ``"sparse"``
             prunes it for all of them (as :func:`nmsparse.sparsify`).
         permute: first reorder input channels (through their producers, so the function

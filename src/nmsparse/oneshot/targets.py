@@ -1,6 +1,6 @@
 """Which weights a one-shot pruner works on, and how each reads as an ``(out, in)`` matrix.
 
-A :class:`Target` is one weight :func:`nmsparse.selection.select` chose (Linear,
+A :class:`Target` is one weight :func:`nmsparse.engine.selection.select` chose (Linear,
 Conv1d/2d/3d, the input projections of MultiheadAttention, and Hugging Face's GPT-2
 ``Conv1D``, whose weight is stored transposed, ``(in, out)``). ``matrix()`` gives the weight
 as ``(out, in)`` in both cases, so the N:M groups (consecutive input features) are
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..selection import Choice
+from ..engine.selection import Choice
 
 
 @dataclass

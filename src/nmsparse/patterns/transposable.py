@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from ..grouping import grouping_error
+from ..engine.grouping import grouping_error
 from .base import Pattern, Violations
 from .nm import NM
 
