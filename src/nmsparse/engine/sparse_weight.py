@@ -14,21 +14,13 @@ no masking work at all. What stays keyed on version counters alone: writes outsi
 ``optimizer.step()`` that do not bump them (through ``tensor.data``, or a fused kernel called
 directly); call ``handle.refresh(force=True)`` after such a write.
 
-Sharded weights (FSDP2's ``fully_shard``, before or after ``sparsify``): the dense Parameter
-is a DTensor between forward passes and FSDP swaps in the all-gathered plain weight for the
-forward and backward. The mask buffer becomes a DTensor placed like the weight; refreshes, the
-SR-STE term and fixed-mask re-zeroing work on the local shards (exact: shards hold whole
-groups, see :mod:`nmsparse.engine._dtensor`). In FSDP's forward the mask is all-gathered and the
-masked weight is built afresh (not cached, so the full-size tensors live only as long as
-autograd needs them). Outside forward, ``module.weight`` is FSDP's sharded dense Parameter
-itself: FSDP reads its parameters back through that attribute.
+Sharded weights (FSDP2's ``fully_shard``) keep their storage rules in
+:mod:`nmsparse.engine.sharded_weight`, the other half of this class.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +28,6 @@ from torch import nn
 
 from ..patterns import NM, Pattern
 from ._dtensor import (
-    PLAIN_TYPES,
     check_placements,
     gather,
     grad_key,
@@ -44,20 +35,18 @@ from ._dtensor import (
     local,
     local_like,
     same_grad,
-    shard_like,
     version,
 )
 from .fused import add_decay_, refresh_
 from .masks import MASK_SUFFIX, nonfinite_error
+from .sharded_weight import STATE_ATTRIBUTE, ShardedStorage, _View
+
+__all__ = ["STATE_ATTRIBUTE", "SparseWeight", "raise_if_nonfinite", "refresh_stale"]
 
 if TYPE_CHECKING:
     from ..methods import Method
 
-# On a sparse module: {param name: SparseWeight}; on a sparse weight: its SparseWeight.
-STATE_ATTRIBUTE = "_nmsparse"
-
-
-class SparseWeight:
+class SparseWeight(ShardedStorage):
     """State of one sparse weight (see the module docstring)."""
 
     def __init__(self, module: nn.Module, param_name: str, name: str, pattern: Pattern,
@@ -120,44 +109,6 @@ class SparseWeight:
             raise ValueError(f"{self.name}: {source} breaks pattern {self.pattern} in "
                              f"{found.violating} of {found.groups} groups")
 
-    # -- sharded dense weights (FSDP2) ---------------------------------------------------------
-    def _shard(self) -> nn.Parameter | None:
-        """FSDP's sharded dense Parameter (a DTensor), or ``None`` for a plain weight.
-
-        A newly sharded Parameter (``fully_shard`` after ``sparsify``, FSDP re-creating it) is
-        adopted here: its placements are checked, the mask is sharded like it, and it is
-        tagged so that the step hooks find it in the optimizer."""
-        dense = self.module._parameters[self.param_name]
-        if dense is self._sharded or type(dense) in PLAIN_TYPES or not is_dtensor(dense):
-            return self._sharded  # plain, or FSDP's forward (the all-gathered plain weight)
-        check_placements(dense, self.pattern, self.name)
-        mask = self.mask
-        if not is_dtensor(mask) or mask.device_mesh != dense.device_mesh \
-                or mask.placements != dense.placements:
-            self.module._buffers[self.mask_name] = shard_like(mask, dense)
-        setattr(dense, STATE_ATTRIBUTE, self)
-        self._sharded, self._built_from = dense, None
-        self.masked = None  # built per forward from the gathered mask, never kept
-        if self._forward_guard is None:  # after FSDP's own hooks, which gather the weight
-            self._forward_guard = self.module.register_forward_pre_hook(
-                self._refuse_sharded_forward)
-        return dense
-
-    def _refuse_sharded_forward(self, module: nn.Module, args: tuple) -> None:
-        """Outside FSDP's forward this attribute hands out the dense shard (FSDP needs it):
-        a forward that still sees a DTensor (tensor parallelism, with or without FSDP) would
-        compute with the dense weight, so stop it."""
-        if is_dtensor(self.dense):
-            raise RuntimeError(f"{self.name}: the sharded weight reached forward as a DTensor; "
-                               "nmsparse supports sharded weights under FSDP2's fully_shard, "
-                               "which gathers them before forward (not tensor parallelism)")
-
-    def remove_hooks(self) -> None:
-        """Remove the forward hook a sharded weight installed (called by ``finalize``)."""
-        if self._forward_guard is not None:
-            self._forward_guard.remove()
-            self._forward_guard = None
-
     def claim(self) -> None:
         """Tag the current dense Parameter so that the step hooks find it in an optimizer
         (adopting it if FSDP sharded it since)."""
@@ -180,21 +131,6 @@ class SparseWeight:
                                          run_check=False, shape=dense.shape,
                                          stride=dense.stride()))
 
-    @contextlib.contextmanager
-    def _shard_installed(self, shard: nn.Parameter) -> Iterator[None]:
-        """Let the method see the shard as ``dense`` during FSDP's forward, then put FSDP's
-        all-gathered weight back."""
-        params = self.module._parameters
-        current = params[self.param_name]
-        if current is shard:
-            yield
-            return
-        params[self.param_name] = shard
-        try:
-            yield
-        finally:
-            params[self.param_name] = current
-
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(weight, mask, masked)`` to compute on: the layer's own (``masked`` being the
         forward cache), or for a sharded weight the local shards and a scratch ``masked``."""
@@ -207,29 +143,6 @@ class SparseWeight:
                                "inside FSDP's forward; call it between steps")
         weight = local(shard)
         return weight, local(self.mask), torch.empty_like(weight)
-
-    def _shard_fingerprint(self, shard: nn.Parameter) -> tuple:
-        mask = self.mask
-        weight_shard, mask_shard = local(shard), local(mask)
-        return (version(shard), weight_shard.data_ptr(), weight_shard.dtype,
-                weight_shard.device, version(mask), mask_shard.data_ptr(), mask_shard.device)
-
-    def _sharded_forward_weight(self, shard: nn.Parameter) -> torch.Tensor:
-        compiling = torch.compiler.is_compiling()
-        dense = self.dense
-        if dense is shard:
-            # Between forward passes FSDP reads its sharded Parameter back through this
-            # attribute (lazy init, load_state_dict): it must get the Parameter itself.
-            if not compiling:
-                self.ensure_fresh()
-            return shard
-        if not compiling:
-            self.ensure_fresh()  # a shard edited since its last refresh is redone first
-        with torch.no_grad():
-            mask = gather(self.mask)  # all ranks run the same forward: one all-gather each
-            masked = torch.where(mask, dense, torch.zeros((), dtype=dense.dtype,
-                                                          device=dense.device))
-        return self.method.masked_weight(_View(self, dense, mask, masked))
 
     # -- keeping the forward weight current ----------------------------------------------------
     def _fingerprint(self) -> tuple:
@@ -386,19 +299,6 @@ class SparseWeight:
         state.update(_built_from=None, _seen_grad=None)
         return state
 
-
-
-class _View:
-    """A sparse weight as a method sees it through other tensors: in FSDP's forward the
-    all-gathered dense weight, the gathered mask and their product; at ``sparsify`` time the
-    local shard. Anything else is the sparse weight's own."""
-
-    def __init__(self, weight: SparseWeight, dense: torch.Tensor, mask: torch.Tensor | None,
-                 masked: torch.Tensor | None) -> None:
-        self._weight, self.dense, self.mask, self.masked = weight, dense, mask, masked
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._weight, name)
 
 
 def raise_if_nonfinite(states: list[SparseWeight], finite_flags: list[torch.Tensor]) -> None:
