@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import nmsparse
+from nmsparse.app.cli.llm_text import calibration_batches, split
 from nmsparse.channels.permute import permute_model
 from nmsparse.hf.folder import load_causal_lm
 from nmsparse.hf.perplexity import perplexity
-from nmsparse.hf.text import calibration_batches, split
 from nmsparse.machine import cpu_model
 from nmsparse.oneshot.targets import find_targets
 

@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from nmsparse._atomic import atomic_open  # noqa: E402
+from nmsparse.atomic import atomic_open  # noqa: E402
 
 from . import experiments, report  # noqa: E402
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._atomic import atomic_open
+from .atomic import atomic_open
 
 __all__ = ["TENSOR_KEY", "SADResult", "SADTracker", "sad"]
 

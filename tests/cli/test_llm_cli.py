@@ -10,9 +10,9 @@ import torch
 from llm_folders import llm_folders  # noqa: F401  (the session fixture)
 
 import nmsparse
+from nmsparse.app.cli import llm_text as hf_text
 from nmsparse.app.cli.main import main
 from nmsparse.export.packed import load_packed
-from nmsparse.hf import text as hf_text
 from nmsparse.kernels import NMLinear
 from nmsparse.patterns import parse_pattern
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from nmsparse.app.cli.llm_text import ByteTokenizer, calibration_batches, split
 from nmsparse.hf.perplexity import perplexity, window_starts
-from nmsparse.hf.text import ByteTokenizer, calibration_batches, split
 
 
 class Uniform(nn.Module):

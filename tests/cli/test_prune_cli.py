@@ -235,12 +235,12 @@ class _FullDisk:
 def test_prune_on_a_full_disk_leaves_nothing_half_written(dense_run, tmp_path, capsys,
                                                           monkeypatch, fail_at, name,
                                                           existing):
-    from nmsparse import _atomic
+    from nmsparse import atomic
 
     out = tmp_path / "pruned"
     if existing:
         out.mkdir()
-    monkeypatch.setattr(_atomic, "_open_temp", _FullDisk(fail_at))
+    monkeypatch.setattr(atomic, "_open_temp", _FullDisk(fail_at))
     assert main(["prune", str(dense_run), "--out", str(out), *QUICK_PRUNE]) == 2
     err = _one_line(capsys)
     assert "No space left on device" in err and str(out / name) in err, err

@@ -119,7 +119,7 @@ def test_link_planted_during_a_run_is_replaced_not_followed(tmp_path):
     (tmp_path / "metrics.jsonl").symlink_to(victim)
     with pytest.raises(OSError):
         MetricsLog(tmp_path).write("step", 1, loss=1.0)  # O_NOFOLLOW: refused
-    from nmsparse._atomic import atomic_open
+    from nmsparse.atomic import atomic_open
 
     (tmp_path / "summary.json").symlink_to(victim)
     with atomic_open(tmp_path / "summary.json") as file:

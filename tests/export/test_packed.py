@@ -394,9 +394,9 @@ def test_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
     def broken_fsync(fd):
         raise OSError("disk full")
 
-    import nmsparse._atomic
+    import nmsparse.atomic
 
-    monkeypatch.setattr(nmsparse._atomic.os, "fsync", broken_fsync)
+    monkeypatch.setattr(nmsparse.atomic.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         save_packed(finalized(mlp()), path, "2:8")
     assert path.read_bytes() == old

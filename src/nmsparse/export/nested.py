@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._atomic import atomic_open
+from ..atomic import atomic_open
 from ..engine.grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..engine.selection import qualified
 from ..engine.sparse_module import sparse_states

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .._atomic import atomic_open
+from ..atomic import atomic_open
 from ..check import check
 from ..engine.grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..engine.selection import PatternSpec, eligible_weights, qualified

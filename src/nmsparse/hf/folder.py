@@ -12,10 +12,9 @@ with their zeros baked in, loadable by plain transformers; in shards of at most 
 safetensors builds each file in memory), the tokenizer files of the source
 folder, and nmsparse's own files: ``masks.safetensors`` (``<weight>_mask`` bool tensors, what
 :func:`nmsparse.saved_masks` reads), ``prune.json`` (what was done) and, on request, the packed
-file ``model.packed.safetensors``. The folder is claimed like an export folder
-(:mod:`nmsparse.app.train.run_dir`); everything is first written into a hidden temporary folder
-inside it and moved into place only when all of it succeeded, and a failed write leaves no
-folder behind.
+file ``model.packed.safetensors``. Everything is first written into a hidden temporary folder
+inside it and moved into place only when all of it succeeded (``nmsparse prune`` claims the
+folder first, like an export folder, and removes it again if the write fails).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._atomic import _umask, atomic_open
+from ..atomic import _umask, atomic_open
 
 CONFIG = "config.json"
 REPORT = "prune.json"
@@ -130,23 +129,23 @@ def _save_masks(masks: Mapping[str, torch.Tensor], target: Path) -> None:
             file.write(mask.detach().to("cpu", torch.bool).contiguous().numpy().tobytes())
 
 
-def write_pruned(model: nn.Module, out: str | os.PathLike[str], *, source: str | os.PathLike[str],
-                 masks: Mapping[str, torch.Tensor], report: Mapping[str, Any],
-                 packed: Callable[[Path], Any] | None = None, claimed=None,
+def write_pruned(model: nn.Module, folder: str | os.PathLike[str], *,
+                 source: str | os.PathLike[str], masks: Mapping[str, torch.Tensor],
+                 report: Mapping[str, Any], packed: Callable[[Path], Any] | None = None,
                  release_masks: Callable[[], None] | None = None) -> list[Path]:
-    """Write the pruned ``model`` into ``out`` (see the module docstring); ``packed`` writes
-    the packed file to the path it is given; ``claimed``: ``out`` already claimed by the
-    caller (released here); ``release_masks``: called once the masks are on disk, to free
-    them before the weights are written. Returns the files written."""
-    from ..app.train import run_dir as run_folders
-
-    folder = claimed or run_folders.claim(out, "export")
+    """Write the pruned ``model`` into the existing ``folder`` (see the module docstring; the
+    caller decides whether the folder may be written, as the command line's run-folder rules
+    do); ``packed`` writes the packed file to the path it is given; ``release_masks``: called
+    once the masks are on disk, to free them before the weights are written. All files are
+    staged and moved in at the end: a failure leaves the folder as it was. Returns the files
+    written."""
+    folder = Path(folder)
     staging = None
     try:
-        for stale in folder.path.glob(".pruned.*.tmp"):  # left by a killed writer
+        for stale in folder.glob(".pruned.*.tmp"):  # left by a killed writer
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=".pruned.", suffix=".tmp", dir=folder.path))
+        staging = Path(tempfile.mkdtemp(prefix=".pruned.", suffix=".tmp", dir=folder))
         _save_masks(masks, staging / MASKS)
         if release_masks is not None:
             release_masks()  # written: their memory is needed for the weights' shards
@@ -163,14 +162,12 @@ def write_pruned(model: nn.Module, out: str | os.PathLike[str], *, source: str |
         mode = 0o666 & ~_umask()  # save_pretrained may write 0600 files
         for entry in sorted(staging.iterdir()):
             os.chmod(entry, mode)
-            os.replace(entry, folder.path / entry.name)
-            written.append(folder.path / entry.name)
+            os.replace(entry, folder / entry.name)
+            written.append(folder / entry.name)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        folder.abandon()
         raise
     with contextlib.suppress(OSError):
         staging.rmdir()
-    folder.release()
     return written

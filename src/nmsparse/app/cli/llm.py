@@ -92,8 +92,8 @@ def _length(given: int | None, config: Any, flag: str) -> int:
 
 
 def _eval_ids(path: str, tokenizer, all_text: bool, window: int, stride: int):
-    from ...hf import text
     from ...hf.perplexity import window_starts
+    from . import llm_text as text
 
     corpus = text.read_text(path)
     held_out = corpus if all_text else text.split(corpus)[1]
@@ -142,11 +142,11 @@ def _quiet_transformers() -> None:
 def run_hf_prune(args: argparse.Namespace) -> int:
     from ... import prune
     from ...hf import folder as folders
-    from ...hf import text
     from ...oneshot import PRUNERS
     from ...patterns import parse_pattern
     from ..train import distributed
     from ..train import run_dir as run_folders
+    from . import llm_text as text
 
     source = args.path
     if args.then != "fixed" or args.limit_test_batches is not None:
@@ -210,19 +210,20 @@ def run_hf_prune(args: argparse.Namespace) -> int:
                                       metadata={"source": str(source)})
                 written.path = str(Path(args.out) / target.name)  # where it will be
                 print(written)
-        written = folders.write_pruned(model, args.out, source=source, masks=result.masks,
-                                       report=report, packed=packed, claimed=claimed,
+        written = folders.write_pruned(model, claimed.path, source=source, masks=result.masks,
+                                       report=report, packed=packed,
                                        release_masks=result.masks.clear)
     except BaseException:
         claimed.abandon()
         raise
+    claimed.release()
     print(f"written to {args.out}: {', '.join(sorted(p.name for p in written))}")
     return 0
 
 
 def _report(args, result, tokenizer, seq_len, exclude, before, after, model) -> dict:
     return {
-        "source": str(args.path), "method": result.method, "pattern": str(result.pattern),
+        "source": str(args.path), "method": result.pruner, "pattern": str(result.pattern),
         "options": dict(args.options), "permute": bool(args.permute),
         "exclude": list(exclude or []), "tokenizer": tokenizer.name,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -243,8 +244,8 @@ def run_hf_eval(args: argparse.Namespace) -> int:
     import json
 
     from ...hf import folder as folders
-    from ...hf import text
     from ..train import distributed
+    from . import llm_text as text
 
     if args.data_dir is not None:
         raise ValueError("--data-dir is for run folders; give the text with --text-file")
@@ -319,9 +320,9 @@ def _show(label: str, tokens: list[int], seconds: float, tokenizer) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from ...hf import folder as folders
-    from ...hf import text
     from ...hf.pretrained import load_sparse
     from ..train import distributed
+    from . import llm_text as text
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

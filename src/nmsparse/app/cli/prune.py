@@ -89,7 +89,7 @@ def calibration_batches(dataset, count: int, batch_size: int, seed: int) -> list
 
 def run_prune(args: argparse.Namespace, trusted_models=()) -> int:
     from ... import finalize, prune
-    from ..._atomic import write_files
+    from ...atomic import write_files
     from ..data.loader import make_loader
     from ..train import checkpoint, distributed, run_dir
     from ..train.config import config_json

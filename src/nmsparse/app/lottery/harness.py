@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...engine.make_sparse import finalize, sparsify
+from ... import finalize, sparsify
 from ...patterns import NM, Pattern, Unstructured, parse_pattern
 
 ARMS = ("dense", "imp_rewind", "oneshot_rewind", "random_reinit", "random_mask",

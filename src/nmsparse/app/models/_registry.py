@@ -12,7 +12,6 @@ front end can print it as is.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from ...registry import Registry
-from .trust import split_name
+from .trust import resolve_factory_path, split_name
 
 TASKS = ("classification", "language_model")
 # Arguments every factory may receive from create_model; anything else is a model option.
@@ -118,36 +117,6 @@ def register_model(name: str, *, description: str, tasks: tuple[str, ...],
 def list_models() -> dict[str, ModelInfo]:
     """``{name: ModelInfo}`` of every registered model, sorted by name."""
     return {name: MODELS.get(name)[0] for name in MODELS.names()}
-
-
-def resolve_factory_path(spec: str) -> list[tuple[str, Any]]:
-    """Import the module of ``"package.module:factory"`` and look up the attribute path (it may
-    be dotted: ``Class.build``): ``[(part, object)]`` for every step, the factory last. The
-    name is read as :func:`nmsparse.app.models.trust.split_name` reads it (the name trusted)."""
-    module_name, attribute = split_name(spec)
-    if not module_name or not attribute or ":" in attribute:
-        raise ValueError(f"model {spec!r}: expected 'package.module:factory'")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name is None or not module_name.startswith(error.name):
-            raise ValueError(f"model {spec!r}: importing {module_name!r} failed: "
-                             f"{_one_line(error)}") from error
-        raise ValueError(f"model {spec!r}: no module {error.name!r} on the Python path; "
-                         "install its package, run from the folder that holds it (the "
-                         "command line looks there), or add that folder to PYTHONPATH"
-                         ) from error
-    except Exception as error:  # any failure while importing user code, reported uniformly
-        raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: "
-                         f"{type(error).__name__}: {_one_line(error)}") from error
-    steps = []
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"model {spec!r}: module {module_name!r} has no attribute "
-                             f"{attribute!r}")
-        target = getattr(target, part)
-        steps.append((part, target))
-    return steps
 
 
 def _load_factory(spec: str) -> Factory:

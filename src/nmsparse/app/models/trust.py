@@ -32,9 +32,11 @@ Registered model names (``mlp``, ``resnet20``, ...) import nothing and are alway
 
 from __future__ import annotations
 
+import importlib
 import os
 import types
 from collections.abc import Iterable
+from typing import Any
 
 TRUST_ENV = "NMSPARSE_TRUSTED_MODELS"
 
@@ -102,7 +104,6 @@ def _home(value: object) -> str | None:
 
 def _check_defined_within(name: str, package: str) -> None:
     """Refuse (one line) an attribute path that leaves ``package`` (see the module docs)."""
-    from ._registry import resolve_factory_path
 
     module, attribute = split_name(name)
     if any(part.startswith("__") for part in attribute.split(".")):
@@ -138,3 +139,37 @@ def require_trusted(name: object, trusted: Iterable[str], source: str) -> None:
                      "code because a file names it. If you trust it, give --trust-model "
                      f"{normalised} (API: trusted_models=[{normalised!r}]) or add it to "
                      f"{TRUST_ENV}")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def resolve_factory_path(spec: str) -> list[tuple[str, Any]]:
+    """Import the module of ``"package.module:factory"`` and look up the attribute path (it may
+    be dotted: ``Class.build``): ``[(part, object)]`` for every step, the factory last. The
+    name is read as :func:`split_name` reads it (the name trusted)."""
+    module_name, attribute = split_name(spec)
+    if not module_name or not attribute or ":" in attribute:
+        raise ValueError(f"model {spec!r}: expected 'package.module:factory'")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not module_name.startswith(error.name):
+            raise ValueError(f"model {spec!r}: importing {module_name!r} failed: "
+                             f"{_one_line(error)}") from error
+        raise ValueError(f"model {spec!r}: no module {error.name!r} on the Python path; "
+                         "install its package, run from the folder that holds it (the "
+                         "command line looks there), or add that folder to PYTHONPATH"
+                         ) from error
+    except Exception as error:  # any failure while importing user code, reported uniformly
+        raise ValueError(f"model {spec!r}: cannot import module {module_name!r}: "
+                         f"{type(error).__name__}: {_one_line(error)}") from error
+    steps = []
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"model {spec!r}: module {module_name!r} has no attribute "
+                             f"{attribute!r}")
+        target = getattr(target, part)
+        steps.append((part, target))
+    return steps

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..._atomic import atomic_open
+from ...atomic import atomic_open
 from .run_dir import LATEST
 
 BEST = "best.pt"

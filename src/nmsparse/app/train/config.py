@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..._atomic import atomic_open
+from ...atomic import atomic_open
 from ...methods import METHODS, Method, make_method
 from ...patterns import parse_pattern
 

@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..._atomic import write_files
+from ... import finalize
+from ...atomic import write_files
 from ...check import check
-from ...engine.make_sparse import finalize
 from ...export.packed import PackedReport, save_packed
 from ...packing import index_width
 from ...patterns import parse_pattern

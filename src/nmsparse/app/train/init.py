@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...engine.masks import MASK_SUFFIX, saved_masks
+from ... import MASK_SUFFIX, saved_masks
 from . import checkpoint
 from .config import legacy_decay
 

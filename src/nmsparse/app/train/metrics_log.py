@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..._atomic import atomic_open
+from ...atomic import atomic_open
 from .run_dir import append_text
 
 METRICS = "metrics.jsonl"

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..._atomic import atomic_open
+from ...atomic import atomic_open
 
 
 class PlotsUnavailable(RuntimeError):

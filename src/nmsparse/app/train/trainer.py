@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ... import finalize, sparsify
-from ..._atomic import atomic_open
+from ...atomic import atomic_open
 from ...methods import Method
 from ...sad import SADTracker
 from ...summary import summary

@@ -27,7 +27,7 @@ TEST_FRACTION = 10  # the last 1/10 of the bytes, as in nmsparse.app.data.text
 
 def read_text(path: str | os.PathLike[str]) -> bytes:
     """The corpus at ``path`` (a file or a folder of text files); ``ValueError`` if empty."""
-    from ..app.data.text import _source
+    from ..data.text import _source
 
     corpus, source = _source(Path(path))
     if not corpus:
