@@ -163,27 +163,28 @@ def time_linear(out_f: int, in_f: int, rows_list: list[int], patterns: list[str]
     generator = torch.Generator().manual_seed(out_f * 7 + in_f)
     base = torch.randn(out_f, in_f, generator=generator)
     dense = dense_methods(base, cold_bytes)
-    table = []
+    inputs = {}
     for rows in rows_list:
         x32 = torch.randn(rows, in_f, generator=generator)
-        inputs = {"fp32": x32, "bf16": x32.bfloat16()}
-        shown_dense = False
-        for pattern in patterns:  # one pattern's copies at a time: memory
-            methods = dense + pattern_methods(base, pattern, cold_bytes)
+        inputs[rows] = {"fp32": x32, "bf16": x32.bfloat16()}
+    blocks: dict[tuple[int, int], list[list[str]]] = {}
+    for index, pattern in enumerate(patterns):  # one pattern's copies at a time: memory
+        methods = dense + pattern_methods(base, pattern, cold_bytes)
+        for rows in rows_list:
             for method in methods:
                 method.times = []
                 for i in range(len(method.copies)):  # warm-up: touch every copy once
-                    method(inputs[method.dtype], i)
+                    method(inputs[rows][method.dtype], i)
             for round_ in range(repeats):
                 for method in methods:
-                    x = inputs[method.dtype]
+                    x = inputs[rows][method.dtype]
                     start = clock()
                     method(x, round_)
                     method.times.append(clock() - start)
             median = {method.name: statistics.median(method.times) for method in methods}
             block = []
             for method in methods:
-                if method.pattern == "dense" and shown_dense:
+                if method.pattern == "dense" and index:  # dense rows: from the first pattern
                     continue
                 t = median[method.name]
                 same = median[f"dense {method.dtype}"]
@@ -197,11 +198,10 @@ def time_linear(out_f: int, in_f: int, rows_list: list[int], patterns: list[str]
                               f"{median['dense fp32'] / t:.2f}x", f"{speed_same:.2f}x",
                               f"{limit:.2f}x",
                               "" if method.pattern == "dense" else f"{speed_same / limit:.0%}"])
-            shown_dense = True
-            table += block
+            blocks[(rows, index)] = block
             log(format_table(HEAD, block, right_aligned=range(1, 9)))
-            del methods
-    return table
+        del methods
+    return [row for key in sorted(blocks) for row in blocks[key]]
 
 
 HEAD = ["weight", "rows", "method", "ms", "GB/s", "vs dense fp32", "vs dense same dtype",

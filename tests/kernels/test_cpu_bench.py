@@ -17,7 +17,7 @@ def test_cpu_kernels_page_lists_every_path(tmp_path, monkeypatch):
 
     monkeypatch.delenv(cpu.ENV_ISA, raising=False)
     out = tmp_path / "page.md"
-    assert cpu_kernels.main(["--shapes", "32x64", "--rows", "1,9", "--patterns", "2:4,1:3",
+    assert cpu_kernels.main(["--shapes", "32x96", "--rows", "1,9", "--patterns", "2:4,1:3",
                              "--repeats", "1", "--cold-mb", "1", "--no-decode",
                              "--out", str(out)]) == 0
     page = out.read_text()

@@ -126,6 +126,11 @@ def test_the_best_instruction_set_is_used_and_a_forced_one_is_checked(monkeypatc
     monkeypatch.setenv(cpu.ENV_ISA, "avx512bf16")
     with pytest.raises(ValueError, match="this CPU has no AVX512BF16"):
         nm_linear(x, packed.values, packed.indices, 2, 4)
+    monkeypatch.setenv("NMSPARSE_KERNELS", "auto")  # auto: exact fallback, one warning
+    monkeypatch.setattr(_op, "_CPU_WARNED", [])
+    with pytest.warns(UserWarning, match="unavailable \\(this CPU has no AVX512BF16"):
+        y = nm_linear(x, packed.values, packed.indices, 2, 4)
+    assert torch.equal(y, F.linear(x, unpack_rows(packed.values, packed.indices, 2, 4)))
     monkeypatch.delenv(cpu.ENV_ISA)
     assert cpu.isa() == "avx2"
     assert_close_to_linear(nm_linear(x, packed.values, packed.indices, 2, 4), x, packed.values,

@@ -108,7 +108,7 @@ def _cpu_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | 
 def _warn_cpu_fallback() -> None:
     from . import cpu
 
-    error = cpu.build_error()
+    error = cpu.isa_reason(cpu.isa())  # a build error, or a forced NMSPARSE_CPU_ISA missing here
     if error and not _CPU_WARNED:
         _CPU_WARNED.append(error)
         warnings.warn(f"nmsparse: the CPU N:M kernels are unavailable ({error}); nm_linear "

@@ -2,7 +2,8 @@
 
 ``nm_linear_cpu(x, values, indices, n, m, bias)`` computes ``x @ W.T + bias`` reading only the
 packed weight (:mod:`nmsparse.packing` format, unchanged: the positions are decoded in
-registers), with fp32 accumulation, on ``torch.get_num_threads()`` threads. Supported: CPU
+registers), with fp32 accumulation, on ``torch.get_num_threads()`` threads (one for tiny
+calls). Supported: CPU
 tensors, fp32 or bf16 weights and inputs, N dividing 8 and M at most 16 with N < M (2:4, 4:8,
 1:4, 2:8, 1:8, 1:16, 1:2, 1:3, ...), any batch. The result is in x's dtype: fp32
 accumulation rounded once (bf16 output rounded to nearest even by torch).
@@ -16,11 +17,11 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
   :data:`DOT_MAX_ROWS` rows (each N:M tile expanded in registers by ``vexpandps`` and FMA'd
   with up to 8 rows of x) and the "table" kernel for more (rows in the lanes, only the kept
   products computed, K blocked to stay in L2); bf16 weights are widened to fp32;
-* ``avx512bf16``: the same with AVX512_BF16 + AVX512_VBMI2: for bf16, the dot kernel expands
-  with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``, and above that many rows the
-  "pairs" kernel (M in {2, 4, 8}, N = 1 or even) puts the rows in the lanes and meets each
-  pair of kept weights, broadcast as one 32-bit word, with a table of the matching pairs of x
-  in one ``vdpbf16ps``: only kept products, two per lane and instruction.
+* ``avx512bf16``: the same with AVX512_BF16 + VBMI + VBMI2: for bf16, the dot kernel expands
+  with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``; the "pairs" kernel (M in {2,
+  4, 8}, N = 1 or even; forced only: measured slower than the dense path) puts the rows in the
+  lanes and meets each pair of kept weights, broadcast as one 32-bit word, with a table of the
+  matching pairs of x in one ``vdpbf16ps``: only kept products, two per lane and instruction.
 
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).

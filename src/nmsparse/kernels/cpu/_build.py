@@ -5,7 +5,7 @@ so that no AVX-512 instruction can leak into the code an AVX2-only CPU runs:
 
 * ``avx2``: ``nm_linear.cpp`` with ``-mavx2 -mfma`` (also exports the CPU feature probe);
 * ``avx512``: ``nm_linear_avx512.cpp`` with AVX-512 F/BW/VL/DQ; its bf16 kernels carry a
-  ``target("avx512bf16,avx512vbmi2")`` attribute and run only where the probe says so.
+  ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where the probe says so.
 
 Each library is built on first use with the system C++ compiler (``$CXX``, else ``g++``, else
 ``c++``) into a per-user cache folder (``$NMSPARSE_CACHE_DIR``, else
