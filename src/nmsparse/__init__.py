@@ -14,7 +14,7 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 
 from .check import CheckReport, NMViolationError, check
 from .handle import LayerReport, SparsityHandle
-from .make_sparse import finalize, handles_of, sparsify
+from .make_sparse import drive, finalize, handles_of, sparsify
 from .masks import nm_mask, saved_masks
 from .methods import ASP, METHODS, SRSTE, STE, Fixed, Method, Step, make_method
 from .oneshot import PruneResult, prune
@@ -31,7 +31,7 @@ __all__ = [
     "ASP", "METHODS", "NM", "PATTERN_KINDS", "STE", "SRSTE", "CheckReport", "Fixed",
     "LayerReport", "Method", "ModelSummary", "NMViolationError", "PackedWeight", "Pattern",
     "PruneResult", "SADResult", "SADTracker", "SparseWeight", "SparsityHandle", "Step",
-    "Unstructured", "Violations", "check", "finalize", "handles_of", "make_method", "nm_mask",
-    "pack", "parse_pattern", "prune", "resize_token_embeddings", "sad", "saved_masks", "sparsify",
-    "summary", "unpack",
+    "Unstructured", "Violations", "check", "drive", "finalize", "handles_of", "make_method",
+    "nm_mask", "pack", "parse_pattern", "prune", "resize_token_embeddings", "sad", "saved_masks",
+    "sparsify", "summary", "unpack",
 ]

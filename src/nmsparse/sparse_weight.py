@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +45,6 @@ from .fused import add_decay_, refresh_
 from .masks import MASK_SUFFIX, nonfinite_error
 from .patterns import NM, Pattern
 
-if TYPE_CHECKING:
-    from .methods import Method
-
 # On a sparse module: {param name: SparseWeight}; on a sparse weight: its SparseWeight.
 STATE_ATTRIBUTE = "_nmsparse"
 
@@ -56,7 +53,7 @@ class SparseWeight:
     """State of one sparse weight (see the module docstring)."""
 
     def __init__(self, module: nn.Module, param_name: str, name: str, pattern: Pattern,
-                 method: Method, handle: Any = None) -> None:
+                 method: Any, handle: Any = None) -> None:  # a Method (methods import this)
         self.module = module
         self.param_name = param_name
         self.mask_name = param_name + MASK_SUFFIX

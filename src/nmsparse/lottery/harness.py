@@ -77,9 +77,6 @@ def imp_patterns(pattern: str | Pattern, rounds: int) -> list[Pattern]:
     return [NM(n, final.m, final.layout) for n in counts]
 
 
-Batches = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
-
-
 def train(model: nn.Module, batches: list, setting: TicketSetting) -> None:
     """``setting.epochs`` passes over ``batches`` with SGD + momentum (hooks run the method)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=setting.lr, momentum=setting.momentum)
