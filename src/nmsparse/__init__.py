@@ -14,7 +14,7 @@ Importing nmsparse is light: it loads no GPU code and initialises no CUDA.
 
 from .check import CheckReport, NMViolationError, check
 from .engine.handle import LayerReport, SparsityHandle
-from .engine.make_sparse import finalize, handles_of, sparsify
+from .engine.make_sparse import drive, finalize, handles_of, sparsify
 from .engine.masks import MASK_SUFFIX, nm_mask, saved_masks
 from .engine.sparse_weight import SparseWeight
 from .hf.pretrained import load_pretrained
@@ -30,10 +30,11 @@ from .summary import ModelSummary, summary
 __version__ = "0.1.0"
 
 __all__ = [
-    "ASP", "MASK_SUFFIX", "METHODS", "NM", "PATTERN_KINDS", "SRSTE", "STE", "CheckReport", "Fixed",
-    "LayerReport", "LoraMerge", "Method", "ModelSummary", "NMViolationError", "PackedWeight",
-    "Pattern", "PruneResult", "SADResult", "SADTracker", "SparseWeight", "SparsityHandle",
-    "Step", "Unstructured", "Violations", "check", "finalize", "handles_of", "load_pretrained",
-    "make_method", "merge_lora", "nm_mask", "pack", "parse_pattern", "prune",
-    "resize_token_embeddings", "sad", "saved_masks", "sparsify", "summary", "unpack",
+    "ASP", "MASK_SUFFIX", "METHODS", "NM", "PATTERN_KINDS", "SRSTE", "STE", "CheckReport",
+    "Fixed", "LayerReport", "LoraMerge", "Method", "ModelSummary", "NMViolationError",
+    "PackedWeight", "Pattern", "PruneResult", "SADResult", "SADTracker", "SparseWeight",
+    "SparsityHandle", "Step", "Unstructured", "Violations", "check", "drive", "finalize",
+    "handles_of", "load_pretrained", "make_method", "merge_lora", "nm_mask", "pack",
+    "parse_pattern", "prune", "resize_token_embeddings", "sad", "saved_masks", "sparsify",
+    "summary", "unpack",
 ]

@@ -24,9 +24,11 @@ def test_chex_run_reports_the_slim_model(tmp_path):
     assert chex["params"] == 64 * a + a + a * b + b + b * 10 + 10
     assert chex["macs"] == 64 * a + a * b + b * 10
     assert chex["params"] < result["params_dense"]
-    saved = torch.load(out / "latest.pt", weights_only=False)
-    assert saved["chex"]["step"] == 8  # 2 epochs of 4 steps
-    assert [int(k.sum()) for k in saved["chex"]["keep"]] == chex["widths"]
+    saved = torch.load(out / "latest.pt", weights_only=False)["model_methods"]  # the handle's
+    assert saved["steps"] == 8  # 2 epochs of 4 steps, counted by the handle that runs CHEX
+    state = saved["model_methods"]["chex"]
+    assert state["step"] == 8
+    assert [int(k.sum()) for k in state["keep"]] == chex["widths"]
 
 
 def test_chex_settings_are_checked(tmp_path, capsys):
@@ -53,8 +55,9 @@ def test_resumed_chex_run_equals_the_straight_one(tmp_path):
                            plots=False, out=str(out)).validate()
 
     a, b = straight_and_resumed(config, tmp_path)
-    assert a["chex"]["step"] == b["chex"]["step"] == 12
-    for mask_a, mask_b in zip(a["chex"]["keep"], b["chex"]["keep"], strict=True):
+    a_chex, b_chex = (run["model_methods"]["model_methods"]["chex"] for run in (a, b))
+    assert a_chex["step"] == b_chex["step"] == 12
+    for mask_a, mask_b in zip(a_chex["keep"], b_chex["keep"], strict=True):
         assert torch.equal(mask_a, mask_b)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key

@@ -2,9 +2,10 @@
 
 A method registered in nmsparse (``nmsparse.METHODS``) gets, with no test of its own:
 masks that follow its layer's pattern after every optimizer step, the gradient rule it
-declares below, a handle state that survives ``torch.save`` / ``torch.load(weights_only=True)``,
-a resume from a checkpoint that is bit-identical to a run never stopped, and a finalize that
-leaves plain modules computing the same outputs.
+declares on its class (with ``masks_beyond_pattern`` and ``optimizers``: a method is one file
+plus its registration), a handle state that survives ``torch.save`` /
+``torch.load(weights_only=True)``, a resume from a checkpoint that is bit-identical to a
+run never stopped, and a finalize that leaves plain modules computing the same outputs.
 """
 
 from __future__ import annotations
@@ -18,22 +19,14 @@ from torch import nn
 import nmsparse
 from nmsparse.engine import step_hooks
 
-# Which entries of the dense weight a method's gradient reaches: "all" (straight through),
-# "kept" (pruned weights get none) or "none" (frozen: the dense weight gets no gradient, the
-# method learns something else, e.g. MaskLLM's logits). A new method must declare its rule here.
-GRADIENT_RULES = {"ste": "all", "srste": "all", "fixed": "kept", "asp": "kept",
-                  "decaying": "all", "gradual": "all", "sste": "all", "step": "all",
-                  "reweighted": "all",
-                  "set": "all", "rigl": "all", "mest": "all", "gap": "kept",
-                  "nested": "all", "maskllm": "none", "proxsparse": "all"}
-# Methods that grow a whole layer to dense for a phase (its mask then keeps everything).
-GROWS_DENSE = {"gap"}
 BUILT_IN = [name for name, cls in nmsparse.METHODS.items()
             if cls.__module__.startswith("nmsparse.")]
 PATTERNS = ["2:4", "1:8"]
-# A method that needs a particular optimizer gets it here (STEP freezes Adam's second moment).
-OPTIMIZERS = {"step": lambda params, **flags: torch.optim.Adam(params, lr=1e-3,
-                                                               weight_decay=1e-3, **flags)}
+
+
+def facts(name: str):
+    """The method's class: its facts (gradient rule, masks_beyond_pattern, optimizers)."""
+    return nmsparse.METHODS.get(name)
 
 
 class Net(nn.Module):
@@ -66,14 +59,19 @@ def sparse_net(name: str, pattern: str, seed: int = 0, **flags):
     torch.manual_seed(seed)
     model = Net()
     handle = nmsparse.sparsify(model, pattern, name)
-    make = OPTIMIZERS.get(name, lambda params, **flags: torch.optim.SGD(
-        params, lr=0.05, momentum=0.9, weight_decay=1e-3, **flags))
-    return model, handle, make(model.parameters(), **flags)
+    accepted = facts(name).optimizers  # e.g. STEP freezes Adam's second moment: Adam
+    if accepted is None:
+        return model, handle, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9,
+                                              weight_decay=1e-3, **flags)
+    return model, handle, accepted[0](model.parameters(), lr=1e-3, weight_decay=1e-3, **flags)
 
 
-def test_every_built_in_method_declares_its_gradient_rule():
-    assert set(BUILT_IN) <= set(GRADIENT_RULES), \
-        f"declare the gradient rule of {sorted(set(BUILT_IN) - set(GRADIENT_RULES))} above"
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_method_states_its_facts_on_its_class(name):
+    cls = facts(name)
+    assert cls.gradient in ("all", "kept", "none") and isinstance(cls.masks_beyond_pattern, bool)
+    assert cls.optimizers is None or all(issubclass(o, torch.optim.Optimizer)
+                                         for o in cls.optimizers)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -85,7 +83,8 @@ def test_masks_follow_the_pattern_after_every_step(name, pattern):
         train(model, opt, [(x, y)])
         for w in handle:
             assert w.mask.dtype == torch.bool and w.mask.shape == w.dense.shape
-            assert spec.violations(w.mask).ok or (name in GROWS_DENSE and w.mask.all()), w.name
+            assert spec.violations(w.mask).ok or facts(name).masks_beyond_pattern, \
+                w.name
             # what forward uses is the dense weight with the pruned entries at zero
             assert not w.masked[~w.mask].any()
             torch.testing.assert_close(w.masked[w.mask], w.dense.detach()[w.mask],
@@ -115,10 +114,10 @@ def test_gradient_rule(name):
     w = handle["fc1.weight"]
     upstream = torch.randn(w.dense.shape)
     (model.fc1.weight * upstream).sum().backward()
-    if GRADIENT_RULES[name] == "none":
+    if facts(name).gradient == "none":
         assert w.dense.grad is None
         return
-    expected = upstream if GRADIENT_RULES[name] == "all" else upstream * w.mask
+    expected = upstream if facts(name).gradient == "all" else upstream * w.mask
     torch.testing.assert_close(w.dense.grad, expected, rtol=0, atol=0)
 
 

@@ -89,3 +89,25 @@ def test_trains_under_the_engine():
         opt.step()
     for w in handle:
         assert w.pattern.violations(w.mask).ok and w.mask.float().mean() == 0.25
+
+
+def test_violations_boundary_is_exactly_the_limit():
+    pattern = GatherScatter(2, 2, 0.25)  # (4, 8): blocks of 2 rows x 4 columns keep 2
+    tensor = torch.zeros(4, 8)
+    tensor[0, 0] = tensor[1, 2] = 1.0  # bucket 0 of rows 0-1: exactly the limit
+    assert pattern.violations(tensor).ok
+    tensor[0, 4] = 1.0  # limit + 1
+    found = pattern.violations(tensor)
+    assert (found.violating, found.max_kept) == (1, 3)
+
+
+def test_packed_positions_fill_int16_exactly():
+    limit = torch.iinfo(torch.int16).max  # positions 0 .. block size - 1 must fit
+    pattern = GatherScatter(2, 1, 0.5)
+    # one block per bucket of limit + 1 weights, each keeping its last half (position limit)
+    weight = pattern.mask(torch.arange(2.0 * (limit + 1))[None]).float()
+    packed = pack_gs(weight, pattern)
+    assert int(packed.positions.max()) == limit
+    torch.testing.assert_close(unpack_gs(packed), weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not fit int16 positions"):
+        pack_gs(torch.zeros(1, 2 * (limit + 2)), pattern)

@@ -90,7 +90,6 @@ def test_specs_and_errors():
     assert "output dimension (dim 0) 6" in Transposable(2, 4).why_not((6, 8))
 
 
-OPTIMIZERS = {"step": lambda params: torch.optim.Adam(params, lr=1e-3)}
 # Defined per N:M group of one axis: S-STE's soft threshold, MaskLLM's candidate masks,
 # ProxSparse's group regulariser.
 NOT_ON_TRANSPOSABLE = {"sste", "maskllm", "proxsparse"}
@@ -99,7 +98,6 @@ NOT_ON_TRANSPOSABLE = {"sste", "maskllm", "proxsparse"}
 REFUSED = {"set": "prune-and-grow supports", "rigl": "prune-and-grow supports",
            "mest": "prune-and-grow supports", "nested": "need an N:M pattern"}
 OPTIONS = {"gap": {"phase_steps": 1}}  # its grow phases end within the 3 steps
-GROWS_DENSE = {"gap"}  # a partition is dense (mask all kept) during its grow phase
 
 
 @pytest.mark.parametrize("name", sorted(nmsparse.METHODS.names()))
@@ -115,15 +113,15 @@ def test_every_method_trains_on_transposable_masks(name):
             nmsparse.sparsify(model, "transposable:2:4", name)
         return
     handle = nmsparse.sparsify(model, "transposable:2:4", name, **OPTIONS.get(name, {}))
-    make = OPTIMIZERS.get(name, lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
-    opt = make(model.parameters())
+    cls = nmsparse.METHODS.get(name)  # its facts: the optimizers it needs, masks_beyond_pattern
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if cls.optimizers is None
+           else cls.optimizers[0](model.parameters(), lr=1e-3))
     x, y = torch.randn(6, 16), torch.randint(0, 4, (6,))
     for _ in range(3):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         for w in handle:
-            assert Transposable(2, 4).complies(w.mask) or (
-                name in GROWS_DENSE and w.mask.all()), w.name
+            assert Transposable(2, 4).complies(w.mask) or cls.masks_beyond_pattern, w.name
     nmsparse.finalize(model)
     assert nmsparse.check(model, "transposable:2:4").ok

@@ -3,8 +3,8 @@ scratch while repeatedly pruning channels and regrowing others under a global ch
 then export a physically smaller dense model.
 
     chex = Chex(model, example_batch, budget=0.5, every=100, until=1000, multiple_of=4)
-    chex.attach(optimizer)          # runs after every optimizer.step()
-    ...train...
+    handle = nmsparse.drive(model, chex)   # runs after every optimizer.step()
+    ...train...                            # handle.state_dict() holds CHEX's state
     small = chex.export()           # a smaller nn.Module, same outputs as the masked model
 
 Which channels: the slimmable free groups of :func:`~nmsparse.channels.channel_graph` (the
@@ -37,7 +37,11 @@ At construction the model is pruned at once to an allocation proportional to the
    which channels only). So ``d`` is the share of each width that is re-explored; the
    re-allocation may move more.
 
-After every step (also after ``until``) dropped channels are re-masked: consumer columns
+CHEX is a model-level method (:class:`~nmsparse.methods.ModelMethod`): a sparsity handle runs
+it inside ``optimizer.step()`` with the handle's step index and optimizer, and saves its state
+in ``handle.state_dict()``, as for per-weight methods. Regrown channels get their optimizer
+state reset by :func:`nmsparse.engine.optim_state.reset_optimizer_state` (the one prune-and-grow
+uses). After every step (also after ``until``) dropped channels are re-masked: consumer columns
 (:func:`~nmsparse.channels.mask_channels`), producer rows and biases are zeroed, so the
 optimizer (momentum, weight decay) cannot revive them and :meth:`Chex.export` equals the
 masked model.
@@ -51,6 +55,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..engine.optim_state import reset_optimizer_state
+from ..methods import ModelMethod, Step
 from .groups import ChannelGroup, model_tensors
 from .slim import mask_channels, slim, why_not_slimmable
 from .trace import channel_graph
@@ -123,8 +129,10 @@ def allocate(importance: list[float], sizes: list[int], total: int, multiple_of:
     return [counts[g] * multiple_of for g in range(len(sizes))]
 
 
-class Chex:
+class Chex(ModelMethod):
     """CHEX channel exploration of ``model`` (see the module docstring)."""
+
+    name = "chex"
 
     def __init__(self, model: nn.Module, example, budget: float = 0.5, every: int = 100,
                  until: int = 1000, regrow: float = 0.3, multiple_of: int = 1,
@@ -145,8 +153,8 @@ class Chex:
         if not self.groups:
             raise ValueError("CHEX found no channel group it can prune in this model (every "
                              "group is pinned, unslimmable or smaller than multiple_of)")
-        self.step = 0
-        self.optimizer: torch.optim.Optimizer | None = None  # set by attach
+        self.step = 0  # optimizer steps taken (the handle's index + 1 after a step)
+        self.optimizer: torch.optim.Optimizer | None = None  # the one stepping (from Step)
         self.keep = [torch.ones(g.size, dtype=torch.bool) for g in self.groups]
         # most recently used values of every channel, per group and member slice
         self.saved = [[self._window(piece).detach().clone() for piece in g.members]
@@ -235,11 +243,11 @@ class Chex:
             return
         tensors = model_tensors(self.model)
         for piece in self.groups[index].members:
-            state = self.optimizer.state.get(tensors[piece.tensor], {})
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.shape == tensors[piece.tensor].shape:
-                    window = value.narrow(piece.dim, piece.start, piece.length)
-                    window.index_fill_(piece.dim, channels.to(window.device), 0)
+            param = tensors[piece.tensor]
+            where = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+            where.narrow(piece.dim, piece.start, piece.length).index_fill_(
+                piece.dim, channels.to(param.device), True)
+            reset_optimizer_state(self.optimizer, param, where)
 
     def _save(self, index: int, channels: torch.Tensor) -> None:
         with torch.no_grad():
@@ -286,18 +294,35 @@ class Chex:
                 self.prune_group(index, width)
         self.enforce()
 
-    def after_step(self) -> None:
-        self.step += 1
+    def after_step(self, step: Step | None = None) -> None:
+        """After an optimizer step (run by the handle, :func:`nmsparse.drive`); with no
+        ``step``, a hand-written update loop's next step (its regrown channels keep their
+        optimizer state)."""
+        if step is not None:
+            self.step, self.optimizer = step.index + 1, step.optimizer
+        else:
+            self.step += 1
         if self.step % self.every == 0 and self.step <= self.until:
             self.explore()
         else:
             self.enforce()
 
     def attach(self, optimizer: torch.optim.Optimizer):
-        """Run :meth:`after_step` after every ``optimizer.step()``; returns the hook handle.
-        Regrown channels get their state in this optimizer reset."""
-        self.optimizer = optimizer
-        return optimizer.register_step_post_hook(lambda *args, **kwargs: self.after_step())
+        """Run CHEX at every ``optimizer.step()`` on a handle of its own, attached to
+        ``optimizer``; returns that handle (``nmsparse.drive(model, chex)`` uses the global
+        step hooks instead)."""
+        from ..engine.make_sparse import drive
+
+        return drive(self.model, self).attach(optimizer)
+
+    def report(self, example) -> dict:
+        """The exported slim model's size, for a training run's summary."""
+        from ..summary import summary
+
+        table = summary(self.export(), example)
+        return {"budget": self.budget, "widths": list(self.widths),
+                "params": table.total.params_dense, "macs": table.total.macs_dense,
+                "summary": table.to_dict()}
 
     # -- results ----------------------------------------------------------------------------
     def keep_masks(self) -> list[torch.Tensor]:

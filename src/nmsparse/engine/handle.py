@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods import Method, Step
+from ..methods import Method, ModelMethod, Step
 from ..patterns import Pattern
 from ..tables import format_table
 from . import step_hooks
+from .baking import finalize_weights
 from .sparse_weight import SparseWeight, refresh_stale
 
 STATE_FORMAT = 1
@@ -56,6 +57,7 @@ class SparsityHandle:
         self.stepping: torch.optim.Optimizer | None = None  # the optimizer mid-step
         self.finalized = False
         self._attached: list[tuple[weakref.ref, tuple]] = []
+        self.model_methods: list[ModelMethod] = []  # run at this handle's steps (drive())
 
     # -- what was done -------------------------------------------------------------------------
     @property
@@ -119,11 +121,16 @@ class SparsityHandle:
             groups.setdefault(w.method, []).append(w)
         return groups
 
+    def _model_step(self, method: ModelMethod, optimizer) -> Step:
+        return Step(self.steps, optimizer, self.method_states.setdefault(method.name, {}))
+
     def run_before_step(self, weights: list[SparseWeight], optimizer=None) -> None:
         for method, group in self._by_method(weights).items():
             method.before_step(group, self._step(method, optimizer))
         for w in weights:
             w.saw_gradient()
+        for model_method in self.model_methods:
+            model_method.before_step(self._model_step(model_method, optimizer))
 
     def run_after_step(self, weights: list[SparseWeight], optimizer=None) -> None:
         for w in weights:
@@ -134,7 +141,21 @@ class SparsityHandle:
         refresh_stale(weights)
         for method, group in self._by_method(weights).items():
             method.after_step(group, self._step(method, optimizer))
+        for model_method in self.model_methods:
+            model_method.after_step(self._model_step(model_method, optimizer))
         self.steps += 1
+
+    def add(self, method: ModelMethod) -> SparsityHandle:
+        """Run a model-level method at this handle's steps and keep its state in
+        :meth:`state_dict` (see :func:`nmsparse.drive`). Returns the handle."""
+        if not isinstance(method, ModelMethod):
+            raise ValueError(f"add takes a nmsparse.methods.ModelMethod, got "
+                             f"{type(method).__name__}")
+        if any(m.name == method.name for m in self.model_methods if m is not method):
+            raise ValueError(f"this handle already runs a model method named {method.name!r}")
+        if method not in self.model_methods:
+            self.model_methods.append(method)
+        return self
 
     def before_step(self) -> None:
         """For update loops that bypass ``torch.optim``: call once the gradients are final,
@@ -158,7 +179,8 @@ class SparsityHandle:
         for w in self.weights.values():
             w.claim()  # FSDP2 may have replaced the Parameters since sparsify: tag the new ones
         if not step_hooks.sparse_weights_of(optimizer, only=self):
-            raise ValueError("the optimizer holds none of this handle's sparse weights")
+            raise ValueError("the optimizer holds none of this handle's sparse weights (nor "
+                             "of its model's parameters, for a model method)")
 
         def before(opt, args, kwargs):
             return step_hooks.begin_step(opt, step_hooks.sparse_weights_of(opt, only=self),
@@ -179,10 +201,13 @@ class SparsityHandle:
     def state_dict(self) -> dict[str, Any]:
         """Step count and every method's state (per method and per weight): only tensors and
         plain containers, so it loads with ``torch.load(weights_only=True)``."""
-        return {"format": STATE_FORMAT, "steps": self.steps,
-                "methods": {key: dict(value) for key, value in self.method_states.items()},
-                "weights": {name: dict(w.state) for name, w in self.weights.items()},
-                "layers": _layers(self)}
+        state = {"format": STATE_FORMAT, "steps": self.steps,
+                 "methods": {key: dict(value) for key, value in self.method_states.items()},
+                 "weights": {name: dict(w.state) for name, w in self.weights.items()},
+                 "layers": _layers(self)}
+        if self.model_methods:
+            state["model_methods"] = {m.name: m.state_dict() for m in self.model_methods}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load :meth:`state_dict`; a state of another handle (other layer names, shapes,
@@ -192,18 +217,25 @@ class SparsityHandle:
                              f"SparsityHandle.state_dict(), format {STATE_FORMAT})")
         _check_same_layers(state, self)
         weights = state.get("weights", {})
+        saved = state.get("model_methods", {})
+        missing = sorted({m.name for m in self.model_methods} - set(saved))
+        if missing:
+            raise ValueError(f"the saved handle state has no state of the model method(s) "
+                             f"{missing} this handle runs")
         self.steps = int(state["steps"])
         self.method_states = {key: dict(value) for key, value in state["methods"].items()}
         for name, w in self.weights.items():
             w.state = dict(weights.get(name, {}))
+        for model_method in self.model_methods:
+            model_method.load_state_dict(saved[model_method.name])
 
     # -- the end -----------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:
         """Bake this handle's masks into the weights, remove its machinery (hooks included)
         and return the model; other handles on the same model stay."""
-        from .make_sparse import finalize_weights  # make_sparse builds handles: no cycle
-
         finalize_weights(self.model, list(self.weights.values()))
+        if not self.finalized:  # only model methods were left
+            self.release()
         return self.model
 
     def release(self) -> None:
@@ -213,6 +245,7 @@ class SparsityHandle:
                 hook.remove()
         self._attached.clear()
         self.weights.clear()
+        self.model_methods.clear()
         self.finalized = True
         step_hooks.unregister(self)
 

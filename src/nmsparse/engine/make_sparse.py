@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..lora import settle_before_finalize
-from ..methods import Method, make_method
+from ..methods import Method, ModelMethod, make_method
 from . import step_hooks
+from .baking import DDP_IGNORE, finalize_weights
 from .grouping import check_layout
 from .handle import LayerReport, SparsityHandle
 from .masks import nonfinite_error
@@ -30,18 +30,8 @@ from .selection import (
     qualified,
     select,
 )
-from .sparse_module import (
-    attach,
-    attach_tied,
-    check_mask,
-    detach,
-    detach_tied,
-    sparse_states,
-    tied_states,
-)
+from .sparse_module import attach, attach_tied, check_mask, sparse_states
 from .sparse_weight import SparseWeight
-
-_DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"
 
 
 # Masks and cached forward weights must track versions, which inference tensors cannot: made
@@ -138,9 +128,9 @@ def sparsify_choices(model: nn.Module, choices: list[Choice],
                 attach_tied(module, param, w)
     # DDP would broadcast the masks every forward; they are equal on all ranks anyway
     # because they are a deterministic function of the (synchronised) weights.
-    ignored = list(getattr(model, _DDP_IGNORE, []))
+    ignored = list(getattr(model, DDP_IGNORE, []))
     ignored += [qualified(module_name, w.mask_name) for module_name, w in plan]
-    setattr(model, _DDP_IGNORE, ignored)
+    setattr(model, DDP_IGNORE, ignored)
     step_hooks.register(handle)
     return handle
 
@@ -182,33 +172,18 @@ def _check_model(model: object) -> None:
                          "weights), then sparsify")
 
 
-def finalize_weights(model: nn.Module, weights: list[SparseWeight]) -> None:
-    """Bake ``weights``' masks in, restore their modules' classes and release their handles."""
-    settle_before_finalize(model, weights)  # a LoRA merge into a forward weight is kept
-    chosen = {id(w) for w in weights}
-    mask_names, handles = set(), {}
-    for module_name, module in model.named_modules():
-        states = sparse_states(module)
-        names = [param for param, w in states.items() if id(w) in chosen]
-        for param in names:
-            w = states[param]
-            mask_names.add(qualified(module_name, w.mask_name))
-            if w.handle is not None:
-                handles[id(w.handle)] = w.handle
-        detach(module, names)
-    for module in model.modules():
-        if tied_states(module):
-            detach_tied(module, weights)
-    for handle in handles.values():
-        handle.weights = {name: w for name, w in handle.weights.items() if id(w) not in chosen}
-        if not handle.weights:
-            handle.release()
-    ignored = [name for name in getattr(model, _DDP_IGNORE, []) if name not in mask_names]
-    if hasattr(model, _DDP_IGNORE):
-        if ignored:
-            setattr(model, _DDP_IGNORE, ignored)
-        else:
-            delattr(model, _DDP_IGNORE)
+def drive(model: nn.Module, method: ModelMethod,
+          handle: SparsityHandle | None = None) -> SparsityHandle:
+    """Run a model-level ``method`` (e.g. :class:`nmsparse.channels.Chex`) at ``model``'s
+    optimizer steps, on ``handle`` (one of ``sparsify``'s) or a new handle without sparse
+    weights: the same step hooks, step index and ``state_dict()`` as per-weight methods.
+    ``finalize`` (or the handle's) stops it."""
+    if handle is None:
+        handle = SparsityHandle(model, [])
+        step_hooks.register(handle)
+    elif handle.model is not model:
+        raise ValueError("the handle belongs to another model")
+    return handle.add(method)
 
 
 def handles_of(model: nn.Module) -> list[SparsityHandle]:
@@ -227,4 +202,6 @@ def finalize(model: nn.Module) -> nn.Module:
     """
     weights = [w for module in model.modules() for w in sparse_states(module).values()]
     finalize_weights(model, weights)
+    for handle in step_hooks.live_handles(model):  # those that ran model methods only
+        handle.release()
     return model

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ._dtensor import PLAIN_TYPES, check_placements, gather, is_dtensor, local, shard_like, version
-
-if TYPE_CHECKING:
-    from .sparse_weight import SparseWeight
 
 # On a sparse module: {param name: SparseWeight}; on a sparse weight: its SparseWeight.
 STATE_ATTRIBUTE = "_nmsparse"
@@ -111,7 +108,7 @@ class _View:
     all-gathered dense weight, the gathered mask and their product; at ``sparsify`` time the
     local shard. Anything else is the sparse weight's own."""
 
-    def __init__(self, weight: SparseWeight, dense: torch.Tensor, mask: torch.Tensor | None,
+    def __init__(self, weight: Any, dense: torch.Tensor, mask: torch.Tensor | None,
                  masked: torch.Tensor | None) -> None:
         self._weight, self.dense, self.mask, self.masked = weight, dense, mask, masked
 

@@ -21,7 +21,7 @@ Sharded weights (FSDP2's ``fully_shard``) keep their storage rules in
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,14 +43,12 @@ from .sharded_weight import STATE_ATTRIBUTE, ShardedStorage, _View
 
 __all__ = ["STATE_ATTRIBUTE", "SparseWeight", "raise_if_nonfinite", "refresh_stale"]
 
-if TYPE_CHECKING:
-    from ..methods import Method
 
 class SparseWeight(ShardedStorage):
     """State of one sparse weight (see the module docstring)."""
 
     def __init__(self, module: nn.Module, param_name: str, name: str, pattern: Pattern,
-                 method: Method, handle: Any = None) -> None:
+                 method: Any, handle: Any = None) -> None:  # a Method (methods import this)
         self.module = module
         self.param_name = param_name
         self.mask_name = param_name + MASK_SUFFIX

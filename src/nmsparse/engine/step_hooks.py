@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.nn.modules.module import register_module_module_registration_hook
@@ -47,15 +47,14 @@ from ..lora import notice_unload
 from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
 from .swap_guard import warn_if_sparse_module_replaced
 
-if TYPE_CHECKING:
-    from .handle import SparsityHandle
-
+# Handles (nmsparse.engine.handle.SparsityHandle, typed Any here: the handle registers with this
+# module, which must not import it back).
 _live: weakref.WeakSet = weakref.WeakSet()  # handles not yet finalized
 _global: tuple | None = None
 
 
 def sparse_weights_of(optimizer: torch.optim.Optimizer,
-                      only: SparsityHandle | None = None) -> dict[Any, list[SparseWeight]]:
+                      only: Any = None) -> dict[Any, list[SparseWeight]]:
     """The sparse weights ``optimizer`` holds, by handle (or those of ``only``)."""
     found: dict[Any, list[SparseWeight]] = {}
     for group in optimizer.param_groups:
@@ -66,7 +65,22 @@ def sparse_weights_of(optimizer: torch.optim.Optimizer,
             if only is not None and weight.handle is not only:
                 continue
             found.setdefault(weight.handle, []).append(weight)
+    _add_model_method_handles(optimizer, only, found)
     return found
+
+
+def _add_model_method_handles(optimizer: torch.optim.Optimizer, only: Any,
+                              found: dict[Any, list[SparseWeight]]) -> None:
+    """A handle that runs model methods steps with any optimizer of its model's parameters,
+    sparse weights or not (CHEX on a dense model)."""
+    candidates = [h for h in ([only] if only is not None else list(_live))
+                  if h.model_methods and h not in found]
+    if not candidates:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for handle in candidates:
+        if any(id(p) in held for p in handle.model.parameters()):
+            found[handle] = []
 
 
 def _closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, bool]:
@@ -178,7 +192,7 @@ def _module_registered(parent: torch.nn.Module, name: str, new: torch.nn.Module 
     notice_unload(parent, name, new)
 
 
-def register(handle: SparsityHandle) -> None:
+def register(handle: Any) -> None:
     """A live handle: make sure the global hooks are installed."""
     global _global
     _live.add(handle)
@@ -188,7 +202,12 @@ def register(handle: SparsityHandle) -> None:
                    register_module_module_registration_hook(_module_registered))
 
 
-def unregister(handle: SparsityHandle) -> None:
+def live_handles(model: Any) -> list[Any]:
+    """The handles of ``model`` not yet finalized."""
+    return [handle for handle in list(_live) if handle.model is model]
+
+
+def unregister(handle: Any) -> None:
     _live.discard(handle)
     uninstall_if_unused()
 

@@ -47,11 +47,10 @@ compute capability 8.0, :func:`accelerate` raises ``RuntimeError`` saying so.
 
 from __future__ import annotations
 
-import math
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,357 +58,32 @@ from torch import nn
 
 from ..check import NMViolationError
 from ..engine.sparse_module import original_class, sparse_states
-from ..patterns import NM
-from ..tables import format_table
+from ._accelerate_report import AccelerateReport, LayerResult
+from ._backend_probe import _TOLERANCE, _relative_error, _short, backend_error
 from ._eligibility import not_asked, shared_parameters, structural_reason
-
-BACKENDS = ("auto", "cusparselt", "cutlass")
-KERNEL_BACKENDS = ("cusparselt", "cutlass")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-MIN_CAPABILITY = (8, 0)
-DEFAULT_MAX_PADDING = 0.125
-# Normalised error (max |sparse - dense| / max |dense|) a converted layer may show. Both paths
-# accumulate in fp32, so the difference is output rounding: far below these; garbage from a
-# wrong compression is of order 1.
-_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
-_PROTOTYPE_WARNING = "The PyTorch API of SparseSemiStructuredTensor is in prototype stage"
-
-
-# --------------------------------------------------------------------------------------------
-# 2:4 verification
-
-
-@dataclass(frozen=True)
-class PatternCheck:
-    """Result of :func:`verify_2to4` on one weight."""
-
-    groups: int
-    violating: int
-    max_nonzeros: int
-    first: tuple[int, int] | None = None  # (row, first column) of the first bad group
-
-    @property
-    def ok(self) -> bool:
-        return self.violating == 0
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def describe(self) -> str:
-        if self.ok:
-            return f"2:4 along the input dim ({self.groups} groups of 4)"
-        row, col = self.first or (0, 0)
-        return (f"not 2:4 along the input dim: {self.violating} of {self.groups} groups of 4 "
-                f"hold more than 2 non-zeros (up to {self.max_nonzeros}), the first at row "
-                f"{row}, columns {col}..{col + 3}")
-
-
-TWO_FOUR = NM(2, 4)
-
-
-def verify_2to4(weight: torch.Tensor) -> PatternCheck:
-    """Count the groups of 4 consecutive entries along dim 1 of a 2-D ``weight`` that hold more
-    than 2 non-zeros (NaN counts as non-zero). Works on any device."""
-    if weight.dim() != 2:
-        raise ValueError(f"verify_2to4 takes a 2-D (out, in) weight, got shape "
-                         f"{tuple(weight.shape)}")
-    rows, cols = weight.shape
-    if cols % 4:
-        raise ValueError(f"input dim {cols} of weight shape {tuple(weight.shape)} is not a "
-                         "multiple of 4: it has no 2:4 groups")
-    if weight.numel() == 0:
-        return PatternCheck(0, 0, 0)
-    counts = TWO_FOUR.kept_per_group(weight.detach())  # (rows, cols // 4): the pattern's groups
-    bad = counts > 2
-    # One device-to-host copy for both numbers.
-    violating, worst = torch.stack([bad.sum(), counts.max()]).tolist()
-    first = None
-    if violating:
-        row, group = bad.nonzero()[0].tolist()
-        first = (row, 4 * group)
-    return PatternCheck(counts.numel(), violating, worst, first)
-
-
-# --------------------------------------------------------------------------------------------
-# Tile and padding rules
-
-
-@dataclass(frozen=True)
-class TileRule:
-    """Shape constraints of one backend for one dtype."""
-
-    rows: int  # weight rows (output features): a positive multiple of this
-    cols: int  # weight columns (input features): a positive multiple of this
-    tokens: int  # input rows are padded to a multiple of this
-
-
-# PyTorch 2.13's SparseSemiStructuredTensor{CUSPARSELT,CUTLASS}._DTYPE_SHAPE_CONSTRAINTS for
-# fp16 / bf16, used when the class or its table is missing (a future PyTorch).
-_FALLBACK_RULES = {
-    "cusparselt": {torch.float16: TileRule(16, 16, 8), torch.bfloat16: TileRule(16, 16, 8)},
-    "cutlass": {torch.float16: TileRule(32, 64, 8), torch.bfloat16: TileRule(32, 64, 8)},
-}
-_CLASS_NAMES = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT",
-                "cutlass": "SparseSemiStructuredTensorCUTLASS"}
-
-
-def _backend_class(backend: str) -> type | None:
-    return getattr(torch.sparse, _CLASS_NAMES[backend], None)
-
-
-def _check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> str:
-    if backend not in allowed:
-        raise ValueError(f"unknown backend {backend!r}; accepted: "
-                         f"{', '.join(repr(b) for b in allowed)}")
-    return backend
-
-
-def tile_rule(backend: str, dtype: torch.dtype) -> TileRule | None:
-    """The tile of ``backend`` ("cusparselt" or "cutlass") for ``dtype``, or None if
-    :func:`accelerate` does not convert that dtype (only fp16 and bf16)."""
-    _check_backend(backend, KERNEL_BACKENDS)
-    if dtype not in SUPPORTED_DTYPES:
-        return None
-    table = getattr(_backend_class(backend), "_DTYPE_SHAPE_CONSTRAINTS", None) or {}
-    entry = table.get(dtype)
-    if entry is not None:
-        try:
-            return TileRule(int(entry.sparse_min_rows), int(entry.sparse_min_cols),
-                            int(entry.dense_min_rows))
-        except AttributeError:  # the table changed shape: fall back to the known values
-            pass
-    return _FALLBACK_RULES[backend].get(dtype)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return max(multiple, -(-value // multiple) * multiple)
-
-
-@dataclass(frozen=True)
-class ShapePlan:
-    """How one weight goes to one backend: its shape and the padded shape the kernel gets."""
-
-    backend: str
-    shape: tuple[int, int]  # (out, in)
-    padded: tuple[int, int]
-    rule: TileRule
-
-    @property
-    def is_padded(self) -> bool:
-        return self.padded != self.shape
-
-    @property
-    def overhead(self) -> float:
-        """Extra weight entries from padding, as a fraction of the weight."""
-        return math.prod(self.padded) / math.prod(self.shape) - 1.0
-
-
-def plan_shape(shape: tuple[int, int], dtype: torch.dtype, backend: str,
-               max_padding: float = DEFAULT_MAX_PADDING) -> ShapePlan | str:
-    """A :class:`ShapePlan` for a weight of ``shape`` (out, in) and ``dtype`` on ``backend``,
-    or the reason it cannot be converted (a string)."""
-    rows, cols = shape
-    if dtype not in SUPPORTED_DTYPES:
-        return (f"dtype {str(dtype).removeprefix('torch.')}: the 2:4 kernels take float16 or "
-                "bfloat16 (cast the model, e.g. model.to(torch.bfloat16))")
-    rule = tile_rule(backend, dtype)
-    if rule is None:
-        return f"the {backend} backend has no kernel for {dtype}"
-    if rows == 0 or cols == 0:
-        return "empty weight"
-    if cols % 4:
-        return f"input dim {cols} is not a multiple of 4, so it has no 2:4 groups"
-    padded = (_round_up(rows, rule.rows), _round_up(cols, rule.cols))
-    plan = ShapePlan(backend, (rows, cols), padded, rule)
-    if plan.overhead > max_padding:
-        return (f"too small for {backend} tiles ({rule.rows}x{rule.cols}): {rows}x{cols} would "
-                f"be padded to {padded[0]}x{padded[1]} (+{plan.overhead:.1%} > max_padding "
-                f"{max_padding:.1%})")
-    return plan
-
-
-def capability_error(capability: tuple[int, int], name: str = "this GPU") -> str | None:
-    """Why a GPU of ``capability`` cannot run the 2:4 kernels, or None if it can."""
-    if tuple(capability) >= MIN_CAPABILITY:
-        return None
-    return (f"{name} has compute capability {capability[0]}.{capability[1]}; 2:4 sparse tensor "
-            f"cores need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (A100, A10, L4, "
-            "H100, ...)")
-
-
-# --------------------------------------------------------------------------------------------
-# The report
-
-
-@dataclass
-class LayerResult:
-    """One ``nn.Linear`` of the model: converted (with its backend) or why it stayed dense."""
-
-    name: str
-    shape: tuple[int, int]  # (out, in)
-    dtype: torch.dtype
-    status: str = "skipped"  # "converted", "eligible" (plan only) or "skipped"
-    backend: str = ""
-    reason: str = ""
-    padded: tuple[int, int] | None = None
-    timings_us: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def converted(self) -> bool:
-        return self.status == "converted"
-
-    def note(self) -> str:
-        parts = [self.reason] if self.reason else []
-        if self.padded and self.padded != self.shape:
-            parts.append(f"padded to {self.padded[0]}x{self.padded[1]}")
-        if self.timings_us:
-            parts.append("timed " + ", ".join(f"{b} {t:.1f} us"
-                                              for b, t in self.timings_us.items()))
-        return "; ".join(parts)
-
-
-@dataclass
-class AccelerateReport:
-    """What :func:`accelerate` (or :func:`plan`) did with every ``nn.Linear`` of the model."""
-
-    backend: str
-    layers: list[LayerResult] = field(default_factory=list)
-    device: str = ""
-    notes: list[str] = field(default_factory=list)  # e.g. a backend that cannot run here
-
-    @property
-    def converted(self) -> list[LayerResult]:
-        return [layer for layer in self.layers if layer.converted]
-
-    @property
-    def skipped(self) -> list[LayerResult]:
-        return [layer for layer in self.layers if layer.status == "skipped"]
-
-    def table(self) -> str:
-        rows = [[layer.name, "x".join(map(str, layer.shape)),
-                 str(layer.dtype).removeprefix("torch."), layer.status,
-                 layer.backend or "-", layer.note()] for layer in self.layers]
-        return format_table(["layer", "shape", "dtype", "status", "backend", "note"], rows)
-
-    def __str__(self) -> str:
-        done = len(self.converted)
-        eligible = sum(layer.status == "eligible" for layer in self.layers)
-        what = (f"{done} of {len(self.layers)} Linear layer(s) converted to 2:4 "
-                f"semi-structured" if not eligible else
-                f"{eligible} of {len(self.layers)} Linear layer(s) eligible for 2:4 "
-                "semi-structured (plan only, nothing converted)")
-        where = f" on {self.device}" if self.device else ""
-        notes = "".join(f"\nnote: {note}" for note in self.notes)
-        return f"accelerate: {what}, backend={self.backend}{where}{notes}\n{self.table()}"
-
-
-# --------------------------------------------------------------------------------------------
-# The module
-
-
-def to_semi_structured(weight: torch.Tensor, backend: str) -> torch.Tensor:
-    """Compress a 2:4 CUDA ``weight`` with ``backend``: ``<class>.from_dense``, the same as
-    ``to_sparse_semi_structured`` with ``SparseSemiStructuredTensor._FORCE_CUTLASS`` set for
-    CUTLASS, without touching that global flag. Does not check the pattern."""
-    cls = _backend_class(_check_backend(backend, KERNEL_BACKENDS))
-    if cls is None:
-        raise RuntimeError(f"this PyTorch ({torch.__version__}) has no "
-                           f"torch.sparse.{_CLASS_NAMES[backend]}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PROTOTYPE_WARNING)
-        return cls.from_dense(weight.contiguous())
-
-
-class SemiStructuredLinear(nn.Module):
-    """``y = x @ W.T + bias`` with ``W`` a (padded) PyTorch semi-structured sparse tensor.
-
-    ``x`` may have any number of leading dims; it is reshaped to 2-D, its rows padded to the
-    backend's multiple and its columns to the padded weight, and the result sliced back.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
-                 out_features: int, backend: str, token_multiple: int = 8) -> None:
-        super().__init__()
-        padded_out, padded_in = weight.shape
-        if padded_out < out_features or padded_in < in_features:
-            raise ValueError(f"weight of shape {tuple(weight.shape)} is smaller than "
-                             f"{out_features}x{in_features}")
-        if bias is not None and tuple(bias.shape) != (padded_out,):
-            raise ValueError(f"bias of shape {tuple(bias.shape)} does not match the padded "
-                             f"weight's {padded_out} rows")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.padded_in = padded_in
-        self.padded_out = padded_out
-        self.backend = backend
-        self.token_multiple = max(1, int(token_multiple))
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, plan: ShapePlan,
-                    convert: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
-                    ) -> SemiStructuredLinear:
-        """Pad ``linear``'s weight (and bias) to ``plan.padded`` and compress it with
-        ``convert(weight, backend)`` (default :func:`to_semi_structured`). The weight is not
-        verified here (see :func:`accelerate`).
-        """
-        convert = convert or to_semi_structured
-        weight = linear.weight.detach()
-        rows, cols = plan.shape
-        if tuple(weight.shape) != (rows, cols):
-            raise ValueError(f"plan for {rows}x{cols} given a weight of shape "
-                             f"{tuple(weight.shape)}")
-        padded_rows, padded_cols = plan.padded
-        if plan.is_padded:
-            # Zero rows / columns keep every group of 4 at <= 2 non-zeros.
-            weight = F.pad(weight, (0, padded_cols - cols, 0, padded_rows - rows))
-        bias = None
-        if linear.bias is not None:
-            bias = linear.bias.detach().to(weight.dtype)  # the kernels want one dtype
-            bias = F.pad(bias, (0, padded_rows - rows)).contiguous()
-        return cls(convert(weight.contiguous(), plan.backend), bias, cols, rows,
-                   plan.backend, plan.rule.tokens)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input of shape {tuple(x.shape)} does not match in_features="
-                             f"{self.in_features}")
-        dtype = self.weight.dtype
-        if x.dtype != dtype:
-            if not _autocast_enabled(x.device.type):
-                raise RuntimeError(f"input dtype {x.dtype} differs from the layer's {dtype} "
-                                   "(semi-structured kernels take one dtype)")
-            x = x.to(dtype)  # what autocast does for the dense layer
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        rows = x2.shape[0]
-        if rows == 0:
-            return x.new_zeros(*lead, self.out_features, dtype=dtype)
-        pad_cols = self.padded_in - self.in_features
-        pad_rows = -rows % self.token_multiple
-        if pad_cols or pad_rows:
-            x2 = F.pad(x2, (0, pad_cols, 0, pad_rows))
-        y = F.linear(x2.contiguous(), self.weight, self.bias)
-        if pad_rows or self.padded_out != self.out_features:
-            y = y[:rows, :self.out_features]
-        # Some backends return a transposed view; nn.Linear's output is contiguous and code
-        # after it may .view() it.
-        return y.contiguous().reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        padded = (f", padded={self.padded_out}x{self.padded_in}"
-                  if (self.padded_out, self.padded_in) != (self.out_features, self.in_features)
-                  else "")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, backend={self.backend}{padded}")
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # an older signature without the device type (CUDA only)
-        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+from ._semi_linear import SemiStructuredLinear, to_semi_structured
+from ._tiles import (
+    BACKENDS,
+    DEFAULT_MAX_PADDING,
+    KERNEL_BACKENDS,
+    MIN_CAPABILITY,
+    SUPPORTED_DTYPES,
+    ShapePlan,
+    TileRule,
+    _check_backend,
+    capability_error,
+    plan_shape,
+    tile_rule,
+)
+from ._verify_24 import TWO_FOUR, PatternCheck, verify_2to4
+
+# The jobs live in files of their own (verifier, tiles, module, probe, report); this file is
+# the pipeline, and the names above are its public ones too.
+__all__ = ["BACKENDS", "DEFAULT_MAX_PADDING", "KERNEL_BACKENDS", "MIN_CAPABILITY",
+           "SUPPORTED_DTYPES", "TWO_FOUR", "AccelerateReport", "LayerResult", "PatternCheck",
+           "SemiStructuredLinear", "ShapePlan", "TileRule", "accelerate", "backend_error",
+           "capability_error", "plan", "plan_shape", "semi_structured_linear", "tile_rule",
+           "to_semi_structured", "verify_2to4"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,68 +176,6 @@ def plan(model: nn.Module, *, backend: str = "auto",
 
 # --------------------------------------------------------------------------------------------
 # GPU parts
-
-_PROBES: dict[tuple[str, str, torch.dtype], str | None] = {}
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    scale = ref.float().abs().max().clamp_min(1e-6)
-    return float((out.float() - ref.float()).abs().max() / scale)
-
-
-def backend_error(backend: str, device: torch.device | str | None = None,
-                  dtype: torch.dtype = torch.bfloat16) -> str | None:
-    """Why ``backend`` cannot run 2:4 matmuls of ``dtype`` on ``device`` (a CUDA device,
-    default the current one), or None if it can: a tiny compress + matmul compared with the
-    dense product, cached per (backend, device, dtype)."""
-    _check_backend(backend, KERNEL_BACKENDS)
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None \
-        else torch.device(device)
-    if device.type != "cuda":
-        return f"{device} is not a CUDA device"
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (backend, str(device), dtype)
-    if key not in _PROBES:
-        _PROBES[key] = _probe(backend, device, dtype)
-    return _PROBES[key]
-
-
-def _probe(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    error = capability_error(torch.cuda.get_device_capability(device),
-                             torch.cuda.get_device_name(device))
-    if error:
-        return error
-    if backend == "cusparselt":
-        available = getattr(getattr(torch.backends, "cusparselt", None), "is_available", None)
-        if available is not None and not available():
-            return ("this PyTorch build has no cuSPARSELt "
-                    "(torch.backends.cusparselt.is_available() is False)")
-    rule = tile_rule(backend, dtype)
-    if rule is None:
-        return f"no {backend} kernel for {dtype}"
-    rows, cols = _round_up(64, rule.rows), _round_up(128, rule.cols)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    weight = torch.randn(rows, cols, generator=generator)
-    weight = (weight * torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(cols // 4)).to(device, dtype)
-    x = torch.randn(rule.tokens, cols, generator=generator).to(device, dtype)
-    try:
-        with torch.no_grad():
-            out = F.linear(x, to_semi_structured(weight, backend))
-            error_value = _relative_error(out, F.linear(x, weight))
-        torch.cuda.synchronize(device)
-    except Exception as exc:  # noqa: BLE001 - any failure means "this backend cannot run here"
-        return f"{backend} failed on {torch.cuda.get_device_name(device)}: {_short(exc)}"
-    if not error_value <= _TOLERANCE[dtype]:
-        return f"{backend} gave wrong results on a test matmul (relative error {error_value:.2g})"
-    return None
 
 
 def _require_cuda(model: nn.Module) -> list[torch.device]:
@@ -680,7 +292,8 @@ def _build(linear: nn.Linear, plans: list[ShapePlan], x: torch.Tensor,
     built, failures = {}, []
     for shape_plan in plans:
         try:
-            module = SemiStructuredLinear.from_linear(linear, shape_plan)
+            module = SemiStructuredLinear.from_linear(linear, shape_plan,
+                                                      to_semi_structured)
             if reference is not None:
                 error = _relative_error(module(x), reference)
                 if not error <= _TOLERANCE[dtype]:
@@ -750,4 +363,4 @@ def semi_structured_linear(weight: torch.Tensor, bias: torch.Tensor | None = Non
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return SemiStructuredLinear.from_linear(linear, outcome)
+    return SemiStructuredLinear.from_linear(linear, outcome, to_semi_structured)

@@ -4,6 +4,7 @@ the protocol and how to write one)."""
 from .base import (
     METHODS,
     Method,
+    ModelMethod,
     Step,
     kept_gradient_only,
     make_method,
@@ -22,8 +23,8 @@ from .sste import SSTE
 from .ste import SRSTE, STE
 from .step_adam import STEP
 
-__all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "Step", "kept_gradient_only",
-           "make_method", "straight_through"]
+__all__ = ["ASP", "METHODS", "SRSTE", "STE", "Fixed", "Method", "ModelMethod", "Step",
+           "kept_gradient_only", "make_method", "straight_through"]
 __all__ += ["GaP", "MEST", "Nested", "SET", "PruneGrow", "RigL"]
 __all__ += ["SSTE", "Decaying", "Gradual", "STEP", "Reweighted"]
 __all__ += ["MaskLLM", "ProxSparse"]

@@ -111,12 +111,17 @@ class Method:
     whose masks follow ``|w|``. Override only the hooks your method changes."""
 
     name: ClassVar[str]
-    # The torch.optim classes the method works with (None: any); the trainer checks up front.
+    # Facts about the method that tools and the contract tests read (tests/methods):
+    # the torch.optim classes it works with (None: any; the trainer checks up front),
     optimizers: ClassVar[tuple[type[torch.optim.Optimizer], ...] | None] = None
     # True when the method's masks may keep more than the layer's pattern for a while (GaP's
     # dense phase, a nested weight's denser levels): a mask loaded into a sparse module is
     # then not checked against the pattern (nmsparse.engine.sparse_module).
     masks_beyond_pattern: ClassVar[bool] = False
+    # which entries of the dense weight its gradient reaches from sparsify on: "all"
+    # (straight through), "kept" (pruned weights get none) or "none" (the weight is frozen
+    # and the method learns something else, e.g. MaskLLM's logits).
+    gradient: ClassVar[str] = "all"
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -178,6 +183,33 @@ class Method:
     def options(self) -> dict[str, Any]:
         """The hyperparameters, as given to the constructor."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class ModelMethod:
+    """A method that acts on a whole model at optimizer steps (CHEX channel exploration),
+    driven by a :class:`~nmsparse.engine.handle.SparsityHandle` like the per-weight methods: the
+    handle's step hooks call :meth:`before_step` / :meth:`after_step` with its :class:`Step`
+    (index, optimizer), and ``handle.state_dict()`` carries :meth:`state_dict` (keep it to
+    tensors, numbers, lists and dicts). Attach one with :func:`nmsparse.drive`."""
+
+    name: ClassVar[str] = "model method"  # its key in the handle's state
+
+    def before_step(self, step: Step) -> None:
+        """Gradients are final; the update has not happened yet."""
+
+    def after_step(self, step: Step) -> None:
+        """The update happened (and the per-weight masks were refreshed)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` gave."""
+
+    def report(self, example: Any) -> dict[str, Any] | None:
+        """What a training run adds to its summary for this method (``example``: an input
+        batch), or None."""
+        return None
 
 
 def make_method(method: str | Method | type[Method], **options: Any) -> Method:

@@ -19,6 +19,7 @@ class Fixed(Method):
     """Mask fixed at sparsify time; pruned weights stay exactly zero."""
 
     name: ClassVar[str] = "fixed"
+    gradient: ClassVar[str] = "kept"
 
     def refresh(self, w):
         return w.enforce_mask()

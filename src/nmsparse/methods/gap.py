@@ -23,8 +23,9 @@ from typing import ClassVar
 
 import torch
 
+from ..engine.optim_state import reset_optimizer_state
 from .base import Method, Step, kept_gradient_only
-from .prune_grow import _seeded, reset_optimizer_state
+from .prune_grow import _seeded
 
 ORDERS = ("cyclic", "random")
 
@@ -34,6 +35,7 @@ class GaP(Method):
     """Grow one partition dense per phase, prune it back, then fine-tune with fixed masks."""
 
     name: ClassVar[str] = "gap"
+    gradient: ClassVar[str] = "kept"
     masks_beyond_pattern: ClassVar[bool] = True  # a partition's dense phase
     parts: int = 4
     phase_steps: int = 1000
@@ -107,11 +109,11 @@ class GaP(Method):
         with torch.no_grad():
             w.dense.masked_fill_(grown, 0)
             w.mask.fill_(True)  # dense for this phase: beyond the pattern on purpose
-        reset_optimizer_state(step.optimizer, w, grown)
+        reset_optimizer_state(step.optimizer, w.dense, grown)
         w.refresh()
 
     def _prune_back(self, w, step: Step) -> None:
         mask = w.pattern.mask(w.dense.detach().abs())
         w.set_mask(mask)
-        reset_optimizer_state(step.optimizer, w, ~mask)
+        reset_optimizer_state(step.optimizer, w.dense, ~mask)
         w.refresh()

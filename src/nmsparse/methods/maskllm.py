@@ -110,6 +110,7 @@ class MaskLLM(Method):
     docstring): logits trained inside the optimizer step, weights frozen by default."""
 
     name: ClassVar[str] = "maskllm"
+    gradient: ClassVar[str] = "none"  # frozen weights by default (train_weights=True: "all")
     temperature_start: float = 4.0
     temperature_end: float = 0.05
     scale_start: float = 1e2

@@ -53,6 +53,7 @@ from typing import ClassVar
 
 import torch
 
+from ..engine.optim_state import reset_optimizer_state
 from ..patterns import GlobalUnstructured
 from .base import Method, Step, straight_through
 from .mutation import Units, drop_plan, grow_plan, ranks_in_rows
@@ -67,15 +68,6 @@ _EMA = "grad_ema"
 def _seeded(seed: int, *parts: object) -> torch.Generator:
     key = zlib.crc32(":".join(map(str, (seed, *parts))).encode())
     return torch.Generator().manual_seed(key)
-
-
-def reset_optimizer_state(optimizer, w, where: torch.Tensor) -> None:
-    """Zero every optimizer state tensor of ``w``'s dense weight at ``where``."""
-    if optimizer is None:
-        return
-    for value in optimizer.state.get(w.dense, {}).values():
-        if isinstance(value, torch.Tensor) and value.shape == w.dense.shape:
-            value.masked_fill_(where.to(value.device), 0)
 
 
 @dataclass(frozen=True)
@@ -294,7 +286,7 @@ class PruneGrow(Method):
                     w.mask.copy_(mask)
             with torch.no_grad():
                 w.dense.masked_fill_(changed, 0)
-            reset_optimizer_state(step.optimizer, w, changed)
+            reset_optimizer_state(step.optimizer, w.dense, changed)
             w.refresh()
 
 

@@ -19,7 +19,7 @@ whole-model pass (see :mod:`nmsparse.oneshot.prune`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -160,6 +160,3 @@ class BlockRunner:
     def clear(self) -> None:
         self.hidden.clear()
         self.extras.clear()
-
-    def cached_tensors(self) -> Iterator[torch.Tensor]:
-        return iter(self.hidden)

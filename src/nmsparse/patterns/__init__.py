@@ -5,12 +5,13 @@ input dimension, keep N of every M), ``"flat:2:4"``, ``"unstructured:0.5"`` (kee
 fraction of each weight), and every registered ``"KIND:ARGS"``.
 """
 
-from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted, parse_pattern
+from .base import PATTERN_KINDS, Pattern, PatternLike, Violations, accepted
 from .block import Block
 from .gather_scatter import GatherScatter
 from .global_budget import GlobalUnstructured, global_masks, global_violations
 from .nm import NM
 from .on_transpose import OnTranspose
+from .parse import parse_pattern
 from .transposable import Transposable
 from .unstructured import Unstructured
 

@@ -13,7 +13,7 @@ A :class:`Pattern` is a frozen value that
 use these three and nothing else, so a new pattern kind works everywhere once it implements
 them and registers.
 
-Grammar (:func:`parse_pattern`): ``"N:M"`` is the N:M pattern along the input dimension (keep
+Grammar (:mod:`.parse`): ``"N:M"`` is the N:M pattern along the input dimension (keep
 N of every M); every other kind is written ``"KIND:ARGUMENTS"`` with a registered lower-case
 ``KIND`` (``"flat:2:4"`` is N:M grouped in memory order). ``str(pattern)`` gives back a spec
 that parses to an equal pattern.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import abc
 import math
 import numbers
-import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -104,8 +103,6 @@ def is_density(value: object) -> bool:
 
 PATTERN_KINDS: Registry[type[Pattern]] = Registry("pattern kind")
 
-_KIND = re.compile(r"\s*([a-z][a-z0-9_-]*)\s*:(.*)", re.ASCII | re.DOTALL)
-
 PatternLike = str | Pattern | tuple
 
 
@@ -113,29 +110,3 @@ def accepted() -> str:
     kinds = ", ".join(f"'{kind}:...'" for kind in PATTERN_KINDS.names())
     return ("'N:M' with integers 1 <= N < M (keep N of every M), e.g. '2:4', '1:8', '4:16'"
             + (f"; or one of the kinds {kinds}" if kinds else ""))
-
-
-def parse_pattern(spec: PatternLike, *, layout: str = "in") -> Pattern:
-    """Turn a spec into a :class:`Pattern`: a ``Pattern`` is returned as is; ``"2:4"`` or
-    ``(2, 4)`` is N:M grouped by ``layout``; ``"KIND:ARGS"`` asks the registered kind.
-
-    Anything else (``"4:2"``, ``"0:4"``, ``"2/4"``, ``"a:b"``, ``"2:4:8"``) raises
-    ``ValueError`` naming what is accepted.
-    """
-    from .nm import NM  # the shorthand's pattern; imported here: nm.py imports this module
-
-    if isinstance(spec, Pattern):
-        return spec
-    if isinstance(spec, tuple) and len(spec) == 2:
-        return NM(*spec, layout=layout)
-    if isinstance(spec, str):
-        short = NM.parse_short(spec, layout=layout)
-        if short is not None:
-            return short
-        match = _KIND.fullmatch(spec)
-        if match and match.group(1) in PATTERN_KINDS:
-            return PATTERN_KINDS.get(match.group(1)).from_arguments(match.group(2).strip(),
-                                                                    layout=layout)
-        raise ValueError(f"cannot parse pattern {spec!r}; accepted: {accepted()}")
-    raise ValueError(f"cannot parse pattern {spec!r} of type {type(spec).__name__}; "
-                     f"accepted: {accepted()}")

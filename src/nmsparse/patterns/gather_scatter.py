@@ -155,8 +155,9 @@ def pack_gs(weight: torch.Tensor, pattern: GatherScatter) -> PackedGS:
         raise ValueError(f"the weight breaks pattern {pattern} in {found.violating} of "
                          f"{found.groups} blocks; prune it to the pattern first")
     blocks = pattern.to_blocks(weight.detach())
-    if blocks.shape[-1] > torch.iinfo(torch.int16).max:
-        raise ValueError(f"blocks of {blocks.shape[-1]} weights do not fit int16 positions")
+    if blocks.shape[-1] - 1 > torch.iinfo(torch.int16).max:  # positions run 0 .. size - 1
+        raise ValueError(f"blocks of {blocks.shape[-1]} weights do not fit int16 positions "
+                         f"(at most {torch.iinfo(torch.int16).max + 1} weights per block)")
     keep = pattern.kept_per_block(tuple(weight.shape))
     # kept entries first (in index order), then the zeros that pad a block
     order = torch.sort((blocks == 0).to(torch.int8), dim=-1, stable=True).indices[..., :keep]

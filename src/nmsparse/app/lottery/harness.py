@@ -83,9 +83,6 @@ def imp_patterns(pattern: str | Pattern, rounds: int) -> list[Pattern]:
     return [NM(n, final.m, final.layout) for n in counts]
 
 
-Batches = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]
-
-
 def train(model: nn.Module, batches: list, setting: TicketSetting,
           save_at: int | None = None) -> dict | None:
     """``setting.epochs`` passes over ``batches`` with SGD + momentum (hooks run the method);

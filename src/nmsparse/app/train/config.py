@@ -84,6 +84,16 @@ class TrainConfig:
         option it does not take is an error, as in the library)."""
         return make_method(self.method, **self.method_options)
 
+    def make_model_methods(self, model, example, total_steps: int) -> list:
+        """The configured model-level methods (:class:`nmsparse.methods.ModelMethod`) for
+        ``model``, traced on ``example``: CHEX with ``--chex-budget``."""
+        if self.chex_budget is None:
+            return []
+        from ...channels import Chex
+
+        return [Chex(model, example, budget=self.chex_budget, every=self.chex_every,
+                     until=round(self.chex_until * total_steps))]
+
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` naming the first unusable value."""
         if self.decay is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ... import finalize, sparsify
+from ... import drive, finalize, sparsify
 from ...atomic import atomic_open
 from ...methods import Method
 from ...sad import SADTracker
@@ -220,7 +220,7 @@ class Run:
                                         distributed=self._shard())
         self.test_loader = make_loader(self.data.test, config.batch_size, shuffle=False,
                                        seed=config.seed, num_workers=config.num_workers)
-        self.chex = self._make_chex()
+        self.model_handle = self._drive_model_methods()
         self._start_phase()
         self.log = metrics_log.MetricsLog(None)
 
@@ -241,17 +241,19 @@ class Run:
             batches = min(batches, self.config.limit_train_batches)
         return batches
 
-    def _make_chex(self):
-        """CHEX channel exploration (``--chex-budget``), traced on one training batch."""
-        config = self.config
-        if config.chex_budget is None:
-            return None
-        from ...channels import Chex
-
+    def _drive_model_methods(self):
+        """The configuration's model-level methods (e.g. CHEX), on a handle of their own
+        that runs them at every optimizer step and holds their state; traced on one
+        training batch."""
         example = next(iter(self.train_loader))[0][:2].to(self.world.device)
-        until = round(config.chex_until * config.epochs * self.steps_per_epoch())
-        return Chex(self.model, example, budget=config.chex_budget, every=config.chex_every,
-                    until=until)
+        methods = self.config.make_model_methods(
+            self.model, example, self.config.epochs * self.steps_per_epoch())
+        if not methods:
+            return None
+        handle = drive(self.model, methods[0])
+        for method in methods[1:]:
+            handle.add(method)
+        return handle
 
     def _start_phase(self) -> None:
         """Fresh optimizer, schedule and SAD tracker for the current phase."""
@@ -273,8 +275,6 @@ class Run:
         self.epoch_tracker = SADTracker(self.handle.masks) if self.handle else None
         self.trained = (DistributedDataParallel(self.model) if self.world.distributed
                         else self.model)
-        if self.chex is not None:
-            self.chex.attach(self.optimizer)
 
     def _next_phase(self) -> None:
         self.phase_index += 1
@@ -305,7 +305,8 @@ class Run:
                          if self.handle else None),
             "sparsity": self.handle.state_dict() if self.handle else None,
             "rng": checkpoint.rng_state(),
-            "chex": self.chex.state_dict() if self.chex else None,
+            "model_methods": (self.model_handle.state_dict() if self.model_handle is not None
+                              else None),
         }
 
     def restore(self, payload: dict[str, Any], source: str = "the checkpoint") -> None:
@@ -333,8 +334,11 @@ class Run:
             self.epoch_tracker.load_state_dict(payload["trackers"][1])
         if self.handle and payload.get("sparsity"):
             self.handle.load_state_dict(payload["sparsity"])
-        if self.chex and payload.get("chex"):
-            self.chex.load_state_dict(payload["chex"])
+        if self.model_handle is not None and payload.get("model_methods"):
+            self.model_handle.load_state_dict(payload["model_methods"])
+        elif self.model_handle is not None and payload.get("chex"):  # saved before 0.2
+            self.model_handle.steps = int(payload["chex"]["step"])
+            self.model_handle.model_methods[0].load_state_dict(payload["chex"])
         self.epoch, self.step = payload["epoch"], payload["step"]
         self.elapsed, self.best_score = payload["elapsed"], payload["best_score"]
         checkpoint.set_rng_state(payload["rng"])
@@ -472,15 +476,13 @@ class Run:
             "world_size": world.size, "device": str(world.device),
             "torch": torch.__version__,
         }
-        if self.chex is not None:  # the physically smaller model CHEX exports
-            slim_table = summary(self.chex.export(), example)
-            result["chex"] = {"budget": config.chex_budget, "widths": self.chex.widths,
-                              "params": slim_table.total.params_dense,
-                              "macs": slim_table.total.macs_dense,
-                              "summary": slim_table.to_dict()}
-            self.console(f"CHEX widths {self.chex.widths}: the exported model has "
-                         f"{slim_table.total.params_dense:,} parameters and "
-                         f"{slim_table.total.macs_dense:,} MACs")
+        for method in self.model_handle.model_methods if self.model_handle is not None else ():
+            report = method.report(example)  # e.g. CHEX: the exported slim model's size
+            if report is not None:
+                result[method.name] = report
+                self.console(f"{method.name}: " + ", ".join(
+                    f"{key} {value:,}" if isinstance(value, int) else f"{key} {value}"
+                    for key, value in report.items() if key != "summary"))
         self.summary_table = table
         self.log.write("final", self.step, **{k: v for k, v in final.items()})
         self.log.close()
