@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.apex / "permutation_search_kernels").is_dir():
         print(f"--apex: no permutation_search_kernels folder in {args.apex}", file=sys.stderr)
         return 2
+    # apex caches its partition lists in ./.cache unless told otherwise: keep them out of here
+    os.environ.setdefault("APEX_ASP_CACHE_DIR", tempfile.mkdtemp(prefix="apex-asp-"))
     sys.path.insert(0, str(args.apex))
     apex = importlib.import_module("permutation_search_kernels.exhaustive_search")
     apex.time = time  # its module uses `time` without importing it (its package does elsewhere)

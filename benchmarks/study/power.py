@@ -233,12 +233,18 @@ def section(root: Path = DEFAULT_ROOT) -> str:
     if not records:
         parts += ["### Results", "", "No run has finished yet.", "", END]
         return "\n".join(parts)
-    cpu = sum(r.meta.get("cpu_seconds", 0.0) for r in records.values())
+    cpus = [r.meta.get("cpu_seconds", 0.0) for r in records.values()]
+    walls = [r.wall for r in records.values()]
+    cpu = sum(cpus)
     wall = sum(r.wall for r in records.values())
     parts += ["### Results", "",
               f"{len(records)} of {len(specs())} runs finished; CPU time {cpu / 3600:.2f} h "
               f"(user + system of every training process), summed wall time "
-              f"{wall / 3600:.2f} h, on 2 CPU cores shared with other sessions.", "",
+              f"{wall / 3600:.2f} h, on 2 CPU cores shared with other sessions; a run took "
+              f"{min(walls):.0f}-{max(walls):.0f} s of wall time (median "
+              f"{statistics.median(walls):.0f} s) for a median {statistics.median(cpus):.0f} s "
+              "of CPU, where the pre-registration planned on 75-150 s: other sessions kept "
+              "the machine's load average between about 7 and 20 for the first hour.", "",
               "Gain is SR-STE - STE in top-1 points (LM: STE - SR-STE in bits per byte, so "
               "positive favours SR-STE), paired over seeds, 95 % CI; \"detects\" is the gain "
               "these seeds detect with 80 % power at the observed sd.", "",

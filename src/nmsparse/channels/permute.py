@@ -29,8 +29,10 @@ largest ``|w|``, summed over all consumers of the group (they share the order).
 * **Escapes**: ``escapes`` times (seeded, so the result is reproducible) the best order so far
   gets two random channels of two random stripes swapped and is re-optimised by stripe
   pairs; the result is kept when it keeps more. Pair search and escapes run where the pair
-  table stays within ``pair_budget`` stripe evaluations (always at M=4 up to thousands of
-  channels; M=8 only for small groups); otherwise the greedy swaps stand alone.
+  table stays within ``pair_budget`` scored entries (rows x channels of every split; 1e9:
+  e.g. 256 channels read by 256 rows at M=4, small groups at M=8), and the escapes spend at
+  most ``_ESCAPE_BUDGET`` (1e8) scored entries, so the search stays within seconds; otherwise
+  the greedy swaps stand alone.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .groups import ChannelGroup, model_tensors, permute_group
 
 _CHUNK_ELEMENTS = 1 << 23  # bounds the scratch tensor of one swap evaluation
 _NETWORK_MAX_M = 16
+_ESCAPE_BUDGET = 1e8  # scored entries all escapes of one group may spend
 
 
 @dataclass
@@ -316,6 +319,14 @@ def group_search_fits(rows: int, channels: int, m: int, budget: float, size: int
     return math.comb(count, size) * splits * size * m * max(rows, 1) <= budget
 
 
+def _affordable_escapes(rows: int, channels: int, m: int, budget: float) -> int:
+    """Escapes that fit the budget left after the first pair table (each rescores the pairs
+    of two stripes)."""
+    count, entries = channels // m, partition_count(2 * m, m) * 2 * m * max(rows, 1)
+    left = min(budget - math.comb(count, 2) * entries, _ESCAPE_BUDGET)
+    return max(0, int(left // (2 * (count - 1) * entries)))
+
+
 def consumer_matrix(model: nn.Module, group: ChannelGroup,
                     weights: set[str] | None = None) -> tuple[torch.Tensor, list[str]]:
     """``|w|`` of the group's consumers as ``(rows, C)``: one row per output channel and
@@ -336,7 +347,7 @@ def consumer_matrix(model: nn.Module, group: ChannelGroup,
 def permute_for_nm(model: nn.Module, groups: list[ChannelGroup], pattern: PatternLike = "2:4",
                    *, weights: Iterable[str] | None = None, exhaustive_limit: int = 6000,
                    max_swaps: int | None = None, escapes: int = 100,
-                   pair_budget: float = 2e9, seed: int = 0) -> PermutationReport:
+                   pair_budget: float = 1e9, seed: int = 0) -> PermutationReport:
     """Permute every free group whose consumers are N:M-pruned so that more ``|w|`` survives
     ``pattern``; the model's function is unchanged. ``weights``: the names of the weights
     that will be pruned (default: every consumer). ``escapes``, ``pair_budget``, ``seed``:
@@ -373,9 +384,11 @@ def permute_for_nm(model: nn.Module, groups: list[ChannelGroup], pattern: Patter
             order, swaps = greedy_swap_order(matrix, n, m, max_swaps)
             search = f"greedy swaps ({swaps} applied)"
             if group_search_fits(matrix.shape[0], group.size, m, pair_budget):
-                order, moves = pair_search_order(matrix, n, m, order, escapes, seed,
+                affordable = _affordable_escapes(matrix.shape[0], group.size, m, pair_budget)
+                tries = min(escapes, affordable)
+                order, moves = pair_search_order(matrix, n, m, order, tries, seed,
                                                  pair_budget)
-                search += f", stripe pairs ({moves} moves, {escapes} escapes)"
+                search += f", stripe pairs ({moves} moves, {tries} escapes)"
         after = stripe_kept(matrix, order.reshape(-1, m), n).sum().item()
         if after <= before:
             order, after = identity, before
