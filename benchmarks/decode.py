@@ -104,7 +104,7 @@ def run(layers: int = 16, hidden: int = 2048, intermediate: int = 5632, pattern:
     prune_linears(dense, n, m)
     parameters = sum(p.numel() for p in dense.parameters())
     sparse = copy.deepcopy(dense)
-    report = swap_linear_layers(sparse, pattern, filter_fn=lambda name, _: name != "lm_head")
+    report = swap_linear_layers(sparse, pattern, exclude="lm_head")
     read_dense, _ = weight_bytes(dense)
     read_sparse, _ = weight_bytes(sparse)
     limit = read_dense / read_sparse

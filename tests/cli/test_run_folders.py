@@ -44,7 +44,8 @@ def holds(folder, process) -> bool:
 
 def test_lock_signals_and_resume_hint_with_a_real_process(tmp_path, capsys):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "nmsparse", "train", "--out", str(out), "--epochs", "400",
+    # far more epochs than the test lasts: a fast machine must not finish before the signal
+    command = [sys.executable, "-m", "nmsparse", "train", "--out", str(out), "--epochs", "100000",
                "--no-plots", "--model-option", "hidden=[16]", "--threads", "1"]
     env = {**os.environ, "NMSPARSE_COMPILE": "0"}
     for signum, status, words in ((signal.SIGTERM, 143, "terminated (SIGTERM)"),

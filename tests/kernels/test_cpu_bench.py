@@ -47,7 +47,7 @@ def test_decode_benchmark_runs_a_swapped_llama():
     decode.prune_linears(model, 2, 4)
     from nmsparse.kernels import swap_linear_layers
 
-    swap_linear_layers(model, "2:4", filter_fn=lambda name, _: name != "lm_head")
+    swap_linear_layers(model, "2:4", exclude="lm_head")
     assert sum(isinstance(module, NMLinear) for module in model.modules()) == 7
     with torch.inference_mode():
         assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
