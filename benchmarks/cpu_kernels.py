@@ -265,11 +265,12 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
     FMA for fp32. The weight is read once per 8 rows; nothing is expanded to memory.
   * `table` (any M) and `pairs` (bf16, M in {2, 4, 8}): rows in the vector lanes, only the kept
     products; `pairs` broadcasts two kept bf16 weights as one word into `vdpbf16ps` against a
-    per-block table of the matching pairs of x. Their loads from that table (L2) cap them:
-    measured here they lose to oneDNN's dense bf16 GEMM from 16 rows.
+    per-block table of the matching pairs of x. Their loads from that table (L2) cap them;
+    the dispatch takes `pairs` for 9-64 bf16 rows (where it beat the dense path on a quiet
+    run) and `table` for 9-255 fp32 rows.
   * `dense`: tiles of ~1 MiB of the weight expanded just in time into one buffer and multiplied
-    by `F.linear`; the dispatch takes it from 9 rows for bf16 and 256 for fp32, so many-row
-    calls run at close to dense speed (less the expansion) instead of losing 2-3x.
+    by `F.linear`; the dispatch takes it above 64 rows for bf16 (and for bf16 N:M that `pairs`
+    cannot take) and from 256 rows for fp32.
 * AMX (`tdpbf16ps` tiles) is future work: it needs an AMX machine to write and verify, and this
   one (AMD Zen 4) has none; on an AMX Xeon oneDNN's dense bf16 uses AMX, so the cross-over
   rows there must be remeasured (rerun this benchmark there).

@@ -30,8 +30,9 @@ The "dense" path (AVX-512) expands tiles of ~1 MiB of the weight just in time in
 buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is in cache: dense
 speed less the expansion, never a whole dense copy. Which kernel runs is the measured table
 :data:`DISPATCH` (by instruction set, dtype and row count): one row runs the AVX2 library's
-permute kernel (as fast as the dot kernel there), few rows the dot kernel, many bf16 rows the
-dense path (oneDNN's register-blocked bf16 GEMM beats computing only the kept products).
+permute kernel (as fast as the dot kernel there), few rows the dot kernel, 9-64 bf16 rows the
+pairs kernel, more bf16 rows the dense path (oneDNN's register-blocked bf16 GEMM beats
+computing only the kept products there).
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily by :mod:`nmsparse.kernels._op`;
@@ -64,10 +65,12 @@ _BF16, _FP32 = torch.bfloat16, torch.float32
 # dense 15.2; 16 rows dense 18.8, dot 25.4, pairs 29.4, table 26.8; fp32 64 rows table 81.7,
 # dense 84.0; 256 rows dense 300, table 318. "avx512" (no BF16/VBMI: the masks are built by
 # scalar code, bf16 widened to fp32) was measured on the same CPU with the set forced: bf16 at
-# 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. Remeasure on a quiet machine, and on an AMX Xeon
-# (where oneDNN's dense bf16 GEMM is faster) before relying on the cross-overs there.
+# 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. The quiet rerun (2 threads, docs/cpu_kernels.md)
+# moved bf16 9-64 rows to pairs: against dense bf16 pairs 0.59-1.65x where the tiled dense path
+# gave 0.21-0.76x (2:4, 2:8, 1:4; both shapes); at 256 rows dense stays ahead (0.85-0.88x vs
+# 0.58-0.71x). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is faster there).
 DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("avx512bf16", _BF16): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (None, "dense")),
+    ("avx512bf16", _BF16): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (64, "pairs"), (None, "dense")),
     ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
     ("avx512", _BF16): ((16, "avx2"), (None, "dense")),
     ("avx512", _FP32): ((DOT_MAX_ROWS, "avx2"), (255, "table"), (None, "dense")),
@@ -180,7 +183,9 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         return "avx2"
     for limit, kernel in DISPATCH[(name, dtype)]:
         if limit is None or rows <= limit:
-            return "avx2" if kernel == "dot" and m & (m - 1) else kernel
+            if kernel == "dot" and m & (m - 1):
+                return "avx2"
+            return "dense" if kernel == "pairs" and not _pairs_ok(n, m) else kernel
     raise AssertionError("DISPATCH entries end with None")
 
 
