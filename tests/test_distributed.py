@@ -2,8 +2,7 @@
 single-process run on the same global batch (so the SR-STE term is not scaled by world size)."""
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_group import spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,10 +31,7 @@ def train(model, data, rank=0, world=1):
         opt.step()
 
 
-def worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)  # two processes on two cores: no oversubscription
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+def worker(rank, world, out_dir):
     model = make_model()
     if rank == 1:  # a different start on rank 1: DDP's broadcast must win, masks must follow
         with torch.no_grad():
@@ -46,13 +42,11 @@ def worker(rank, world, init_file, out_dir):
     train(ddp, batches(), rank, world)
     torch.save({"state": model.state_dict(), "masks": handle.masks()},
                f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def test_ddp_matches_single_process(tmp_path):
     world = 2
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-             join=True)
+    spawn(worker, tmp_path, world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for name, mask in ranks[0]["masks"].items():
         assert torch.equal(mask, ranks[1]["masks"][name]), name

@@ -4,13 +4,10 @@ equal up to the order of the gradient reduction), the SR-STE term lands once per
 the reduced gradient, ``check`` and ``finalize`` work on the sharded model, and a sharding
 that splits the N:M groups is refused."""
 
-import os
-import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_group import spawn
 from torch import nn
 
 import nmsparse
@@ -104,13 +101,10 @@ def refuses_dtensor_forward_without_fsdp(mesh):
         layer(torch.randn(2, 8))
 
 
-def worker(rank, world, init_file, out_dir):
+def worker(rank, world, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
-    torch.set_num_threads(1)  # two processes on two cores: no oversubscription
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     results = {}
 
@@ -157,13 +151,6 @@ def worker(rank, world, init_file, out_dir):
 
     if rank == 0:
         torch.save(results, f"{out_dir}/results.pt")
-    dist.destroy_process_group()
-    # Every check above has passed and the results are saved: leave without the interpreter's
-    # teardown, where gloo's threads once aborted the process ("terminate called without an
-    # active exception") after a successful run. A failure before this line still fails.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def single_process(method="srste") -> dict:
@@ -176,8 +163,7 @@ def single_process(method="srste") -> dict:
 
 def test_fsdp2_matches_single_process(tmp_path):
     world = 2
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-             join=True)
+    spawn(worker, tmp_path, world)
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     references = {"before": single_process(), "fixed": single_process("fixed")}
     references["after"] = references["before"]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from process_group import spawn
 from torch import nn
 
 import nmsparse
@@ -165,10 +164,7 @@ def test_grad_scaler_with_a_fused_optimizer_adds_the_term_to_the_true_gradient()
 
 
 # -- ZeroRedundancyOptimizer: each rank updates its shard of the parameters, then broadcasts ---
-def _zero_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+def _zero_worker(rank, world, out_dir):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     model = tiny_mlp()
@@ -181,13 +177,11 @@ def _zero_worker(rank, world, init_file, out_dir):
     torch.save({"state": model.state_dict(), "steps": handle.steps,
                 "forward": {w.name: w.module.weight.detach().clone() for w in handle}},
                f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def test_zero_redundancy_optimizer(tmp_path):
     world = 2
-    mp.spawn(_zero_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-             join=True)
+    spawn(_zero_worker, tmp_path, world)
     single = tiny_mlp()
     handle = nmsparse.sparsify(single, "2:4", decay=DECAY)
     opt = torch.optim.AdamW(single.parameters(), lr=LR, fused=True)

@@ -380,6 +380,7 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if folder is not None:
             folder.release()
+        run = None  # DDP's reducer holds the process group: free it before the group goes
         distributed.teardown(world)
     return 0
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -56,7 +57,11 @@ def setup(device_name: str) -> World:
 
 
 def teardown(world: World) -> None:
+    """Leave the process group. Call it once the run's models are dropped: DDP keeps the group
+    in reference cycles, and a group freed only in the interpreter's teardown can take gloo's
+    threads down with it ("terminate called without an active exception")."""
     if world.distributed and dist.is_initialized():
+        gc.collect()  # no barrier: after a failure on one rank it would hang the others
         dist.destroy_process_group()
 
 
