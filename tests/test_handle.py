@@ -122,6 +122,18 @@ def test_global_hooks_are_removed_when_the_last_handle_is_finalized():
     assert not step_hooks._live and not step_hooks.installed()
 
 
+def test_global_hooks_go_with_the_last_handle_collected_without_finalize():
+    gc.collect()
+    for handle in list(step_hooks._live):  # an earlier test's handle still alive: finalize it
+        handle.finalize()
+    model = mlp()
+    nmsparse.sparsify(model, "2:4")
+    assert step_hooks.installed()
+    del model  # the model and its handle hold each other: only the collector frees them
+    gc.collect()
+    assert not step_hooks._live and not step_hooks.installed()
+
+
 @pytest.mark.parametrize("attach", [False, True])
 @pytest.mark.parametrize("keyword", [False, True])
 def test_closure_gradient_gets_the_term(attach, keyword):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..lora import settle_before_finalize
 from .selection import qualified
 from .sparse_module import detach, detach_tied, sparse_states, tied_states
 from .sparse_weight import SparseWeight
+from .written import settle_before_finalize
 
 # DDP would broadcast the masks every forward; sparsify lists them here (see make_sparse).
 DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"

@@ -26,7 +26,7 @@ kernel skips, skips the methods too.
 While a handle is live a global module-registration hook is installed too: it warns when a
 module holding a sparse weight is replaced (:mod:`nmsparse.engine.swap_guard`), and settles a merge
 written into a sparse module's forward weight when the module is put back in place of its
-wrapper (PEFT unloading a merged adapter, :mod:`nmsparse.lora`).
+wrapper (PEFT unloading a merged adapter, :mod:`nmsparse.engine.written`).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ..lora import notice_unload
 from .sparse_weight import STATE_ATTRIBUTE, SparseWeight
 from .swap_guard import warn_if_sparse_module_replaced
+from .written import notice_unload
 
 # Handles (nmsparse.engine.handle.SparsityHandle, typed Any here: the handle registers with this
 # module, which must not import it back).
@@ -195,6 +195,10 @@ def _module_registered(parent: torch.nn.Module, name: str, new: torch.nn.Module 
 def register(handle: Any) -> None:
     """A live handle: make sure the global hooks are installed."""
     global _global
+    if handle not in _live:
+        # a handle dropped without finalize (collected with its model) must not leave the
+        # global hooks behind: the last one to go removes them
+        weakref.finalize(handle, uninstall_if_unused).atexit = False
     _live.add(handle)
     if _global is None:
         _global = (register_optimizer_step_pre_hook(eager_only(_global_before)),
@@ -214,7 +218,8 @@ def unregister(handle: Any) -> None:
 
 def uninstall_if_unused() -> None:
     global _global
-    if not _live and _global is not None:
+    # iterate, not len(): inside a collection the set may still count a dead handle
+    if _global is not None and next(iter(_live), None) is None:
         for hook in _global:
             hook.remove()
         _global = None
