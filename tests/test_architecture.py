@@ -1,7 +1,7 @@
 """The house's shape, read from the source (ast over src/nmsparse, nothing imported): the
 library never imports the application (``nmsparse.app``), the application reaches the library
-only through its public modules (not the engine's insides, not private modules), and the
-import graph has no circles."""
+only through its public modules (not the engine's insides, not private modules), the engine
+reaches only down (patterns, methods and a few leaves), and the import graph has no circles."""
 
 from __future__ import annotations
 
@@ -104,3 +104,17 @@ def test_no_import_circles():
         if module not in state:
             visit(module, [module])
     assert not cycles, "\n".join(cycles)
+
+
+# What the engine stands on. Everything else (lora, hf, oneshot, export, ...) is built on the
+# engine, so the engine must not reach up to it, even without a circle.
+BELOW_THE_ENGINE = ("nmsparse.patterns", "nmsparse.methods", "nmsparse.tables",
+                    "nmsparse.registry", "nmsparse.atomic", "nmsparse.machine")
+
+
+def test_the_engine_reaches_only_down():
+    engine = "nmsparse.engine"
+    wrong = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _in(m, engine)
+                   for t in targets if not _in(t, engine)
+                   and not any(_in(t, below) for below in BELOW_THE_ENGINE))
+    assert not wrong, "\n".join(wrong)
