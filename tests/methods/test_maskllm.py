@@ -171,7 +171,7 @@ def test_too_many_candidates_are_refused_in_one_line_and_nothing_changes():
         nmsparse.sparsify(model, "8:16", "maskllm")
     assert "\n" not in str(info.value)
     assert type(model[0]) is nn.Linear and not hasattr(model[0], "weight_mask")
-    with pytest.raises(ValueError, match="needs an N:M pattern"):
+    with pytest.raises(ValueError, match="needs a pattern of kind N:M"):
         nmsparse.sparsify(model, "unstructured:0.5", "maskllm")
 
 

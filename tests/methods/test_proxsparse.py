@@ -116,7 +116,7 @@ def test_a_given_mask_starts_it_and_the_original_weights_are_kept():
 
 
 def test_needs_an_nm_pattern_and_valid_options():
-    with pytest.raises(ValueError, match="needs an N:M pattern"):
+    with pytest.raises(ValueError, match="needs a pattern of kind N:M"):
         nmsparse.sparsify(nn.Sequential(nn.Linear(8, 4)), "unstructured:0.5", "proxsparse")
     for bad in ({"lambda1": -1}, {"epsilon": 0}, {"iterations": 0}, {"restore": 1}):
         with pytest.raises(ValueError):

@@ -63,5 +63,5 @@ def test_finalize_bakes_in_the_soft_weight():
 
 
 def test_patterns_without_groups_are_refused():
-    with pytest.raises(ValueError, match="method 'sste' needs an N:M pattern"):
+    with pytest.raises(ValueError, match="method 'sste' needs a pattern of kind N:M"):
         nmsparse.sparsify(nn.Sequential(nn.Linear(8, 8)), "transposable:2:4", "sste")

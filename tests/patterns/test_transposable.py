@@ -90,13 +90,6 @@ def test_specs_and_errors():
     assert "output dimension (dim 0) 6" in Transposable(2, 4).why_not((6, 8))
 
 
-# Defined per N:M group of one axis: S-STE's soft threshold, MaskLLM's candidate masks,
-# ProxSparse's group regulariser.
-NOT_ON_TRANSPOSABLE = {"sste", "maskllm", "proxsparse"}
-# Methods refused on transposable masks with their own reason: exchanges need per-unit
-# budgets (prune-and-grow), nested levels need N:M groups.
-REFUSED = {"set": "prune-and-grow supports", "rigl": "prune-and-grow supports",
-           "mest": "prune-and-grow supports", "nested": "need an N:M pattern"}
 OPTIONS = {"gap": {"phase_steps": 1}}  # its grow phases end within the 3 steps
 
 
@@ -104,16 +97,14 @@ OPTIONS = {"gap": {"phase_steps": 1}}  # its grow phases end within the 3 steps
 def test_every_method_trains_on_transposable_masks(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-    if name in NOT_ON_TRANSPOSABLE:
-        with pytest.raises(ValueError, match="needs an N:M pattern"):
+    cls = nmsparse.METHODS.get(name)  # its facts: patterns, optimizers, masks_beyond_pattern
+    if cls.patterns is not None and not isinstance(Transposable(2, 4), cls.patterns):
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=f"method '{name}' needs a pattern of kind"):
             nmsparse.sparsify(model, "transposable:2:4", name)
-        return
-    if name in REFUSED:
-        with pytest.raises(ValueError, match=REFUSED[name]):
-            nmsparse.sparsify(model, "transposable:2:4", name)
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
         return
     handle = nmsparse.sparsify(model, "transposable:2:4", name, **OPTIONS.get(name, {}))
-    cls = nmsparse.METHODS.get(name)  # its facts: the optimizers it needs, masks_beyond_pattern
     opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if cls.optimizers is None
            else cls.optimizers[0](model.parameters(), lr=1e-3))
     x, y = torch.randn(6, 16), torch.randint(0, 4, (6,))

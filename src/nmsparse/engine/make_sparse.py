@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..methods import Method, ModelMethod, make_method
+from ..patterns import OnTranspose
 from . import step_hooks
 from .baking import DDP_IGNORE, finalize_weights
 from .grouping import check_layout
@@ -139,12 +140,26 @@ def check_choices(choices: list[Choice]) -> None:
     """Refuse, before anything changes, the chosen weights that cannot be made sparse
     (``prune`` calls it too, before it writes pruned weights)."""
     for choice in choices:
+        _check_method_takes(choice)
         if choice.requested and choice.reason == UNINITIALIZED:
             raise ValueError(f"{choice.name} is {UNINITIALIZED}, then sparsify")
         if choice.pattern is not None and choice.weight.is_inference():
             raise ValueError(f"{choice.name} is an inference tensor (created under "
                              "torch.inference_mode()), which cannot track versions; create "
                              "the model outside it (torch.no_grad() is fine)")
+
+
+def _check_method_takes(choice: Choice) -> None:
+    """The method's ``patterns`` fact: a pattern it cannot train is refused up front."""
+    method, pattern = choice.method, choice.pattern
+    accepted = getattr(method, "patterns", None)
+    if pattern is None or accepted is None:
+        return
+    inner = pattern.inner if isinstance(pattern, OnTranspose) else pattern
+    if not isinstance(inner, accepted):
+        kinds = " or ".join(kind.syntax or kind.__name__ for kind in accepted)
+        raise ValueError(f"{choice.name}: method {method.name!r} needs a pattern of kind "
+                         f"{kinds}, got {pattern}")
 
 
 def _initial_mask(w: SparseWeight, given: torch.Tensor | None) -> torch.Tensor:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..patterns import Pattern
 from ..registry import Registry
 
 if TYPE_CHECKING:
@@ -122,6 +123,9 @@ class Method:
     # (straight through), "kept" (pruned weights get none) or "none" (the weight is frozen
     # and the method learns something else, e.g. MaskLLM's logits).
     gradient: ClassVar[str] = "all"
+    # the pattern classes it can train (subclasses included); None: any. sparsify refuses
+    # the others before it changes anything (OnTranspose is judged by the pattern it wraps).
+    patterns: ClassVar[tuple[type[Pattern], ...] | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

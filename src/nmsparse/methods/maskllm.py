@@ -65,6 +65,7 @@ from typing import ClassVar
 import torch
 
 from ..engine.grouping import from_groups, to_groups
+from ..patterns import NM
 from ._nm import unsharded_nm_geometry
 from ._progress import check_choice, check_count, check_number, steps_taken, training
 from .base import Method, Step, kept_gradient_only
@@ -110,6 +111,7 @@ class MaskLLM(Method):
     docstring): logits trained inside the optimizer step, weights frozen by default."""
 
     name: ClassVar[str] = "maskllm"
+    patterns: ClassVar[tuple] = (NM,)
     gradient: ClassVar[str] = "none"  # frozen weights by default (train_weights=True: "all")
     temperature_start: float = 4.0
     temperature_end: float = 0.05

@@ -83,6 +83,7 @@ class Nested(Method):
     """Several nested N:M levels in one weight (see the module docstring)."""
 
     name: ClassVar[str] = "nested"
+    patterns: ClassVar[tuple] = (NM,)
     masks_beyond_pattern: ClassVar[bool] = True  # the live level may be denser than w.pattern
     levels: str = "auto"
     training: str = "progressive"

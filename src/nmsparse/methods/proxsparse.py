@@ -39,6 +39,7 @@ from typing import ClassVar
 import torch
 
 from ..engine.grouping import from_groups, to_groups
+from ..patterns import NM
 from ._nm import unsharded_nm_geometry
 from ._progress import check_count, check_number, training
 from .base import Method, Step, kept_gradient_only
@@ -117,6 +118,7 @@ class ProxSparse(Method):
     (``lambda2``, ``epsilon``), the top-N projection as the mask (see the module docstring)."""
 
     name: ClassVar[str] = "proxsparse"
+    patterns: ClassVar[tuple] = (NM,)
     lambda1: float = 0.1
     lambda2: float = 0.0
     epsilon: float = 0.1

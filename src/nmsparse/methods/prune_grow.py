@@ -54,7 +54,7 @@ from typing import ClassVar
 import torch
 
 from ..engine.optim_state import reset_optimizer_state
-from ..patterns import GlobalUnstructured
+from ..patterns import NM, Block, GlobalUnstructured, Unstructured
 from .base import Method, Step, straight_through
 from .mutation import Units, drop_plan, grow_plan, ranks_in_rows
 
@@ -74,6 +74,8 @@ def _seeded(seed: int, *parts: object) -> torch.Generator:
 class PruneGrow(Method):
     """The prune-and-grow engine; the registered methods set its defaults."""
 
+    # exchanges need a budget per unit (an N:M group, a row, a tile, the whole tensor)
+    patterns: ClassVar[tuple] = (NM, Unstructured, Block)
     every: int = 100
     fraction: float = 0.3
     schedule: str = "cosine"

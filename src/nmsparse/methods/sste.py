@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..engine.grouping import from_groups, to_groups
+from ..patterns import NM
 from ._nm import nm_geometry
 from .base import Method, value_straight_through
 
@@ -50,6 +51,7 @@ class SSTE(Method):
     """Soft-thresholding per group times a per-tensor scale frozen at ``sparsify`` time."""
 
     name: ClassVar[str] = "sste"
+    patterns: ClassVar[tuple] = (NM,)
 
     def _geometry(self, w) -> tuple[int, int, str]:
         return nm_geometry(w, self.name)

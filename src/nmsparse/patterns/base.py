@@ -52,6 +52,8 @@ class Pattern(abc.ABC):
     registered under that name (a clash raises); one without is an abstract intermediate."""
 
     kind: ClassVar[str]
+    # how the kind is written, for messages that say what is accepted
+    syntax: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

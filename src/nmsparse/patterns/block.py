@@ -29,6 +29,7 @@ class Block(Pattern):
     """Keep ``keep`` of the ``rows x cols`` tiles of a weight, highest total score first."""
 
     kind: ClassVar[str] = "block"
+    syntax: ClassVar[str] = "'block:RxC:D'"
     rows: int
     cols: int
     keep: float

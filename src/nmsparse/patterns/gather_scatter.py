@@ -41,6 +41,7 @@ class GatherScatter(Pattern):
     column buckets: ``round(keep * rows * columns / buckets)``."""
 
     kind: ClassVar[str] = "gs"
+    syntax: ClassVar[str] = "'gs:B:R:D'"
     buckets: int
     rows: int
     keep: float

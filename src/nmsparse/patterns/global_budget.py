@@ -32,6 +32,7 @@ class GlobalUnstructured(Unstructured):
     """Keep ``keep`` of the weights of all the layers with this pattern, taken together."""
 
     kind: ClassVar[str] = "global"
+    syntax: ClassVar[str] = "'global:D'"
 
     def __str__(self) -> str:
         return f"global:{self.keep:g}"

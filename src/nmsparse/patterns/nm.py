@@ -36,6 +36,7 @@ class NM(Pattern):
     """An N:M pattern: keep ``n`` of every ``m`` consecutive weights along ``layout``."""
 
     kind: ClassVar[str] = "flat"  # "N:M" needs no kind; "flat:N:M" is the memory-order one
+    syntax: ClassVar[str] = "N:M ('2:4', 'flat:2:4')"
     n: int
     m: int
     layout: str = "in"

@@ -127,6 +127,7 @@ class Transposable(Pattern):
     """N:M along both the input and the output dimension in every M x M block."""
 
     kind: ClassVar[str] = "transposable"
+    syntax: ClassVar[str] = "'transposable:N:M'"
     n: int
     m: int
 

@@ -24,6 +24,7 @@ class Unstructured(Pattern):
     """Keep ``keep`` (a fraction in (0, 1)) of every weight, highest scores first."""
 
     kind: ClassVar[str] = "unstructured"
+    syntax: ClassVar[str] = "'unstructured:D'"
     keep: float
 
     def __post_init__(self) -> None:
