@@ -56,7 +56,7 @@ CONV = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-5, "d
         "data_dir": FASHION, "model": "resnet20", "model_options": {"width": 0.5},
         "epochs": 1, "batch_size": 128, "warmup_epochs": 0.1, "device": "cpu",
         "plots": False, "log_every": 20}
-CONV_SEEDS = 6  # fixed by the CPU budget, not by a power estimate (no conv runs existed)
+CONV_SEEDS = 8  # fixed by the CPU budget, not by a power estimate (no conv runs existed)
 CONV_ARMS = tuple(Arm(f"resnet20w0.5-{p}", "resnet20", p, float("nan"),
                       "none (seeds fixed by the CPU budget)", CONV_SEEDS, config=CONV)
                   for p in ("2:4", "1:8", "1:16"))
