@@ -81,3 +81,17 @@ def test_the_follow_up_block_sits_inside_the_section_and_survives_its_rewrite(tm
     assert text.index(power.START) < text.index(block) < text.index(power.END)
     power.write_section(results, tmp_path / "runs")  # stage 1 rewritten: the block stays
     assert block in results.read_text() and "stage 1\n" not in results.read_text()
+
+
+def test_a_conv_arm_stopped_by_the_clock_is_decided_on_its_seeds_finished_in_order():
+    arm = power_followup.CONV_ARMS[0]
+    gains = [0.30, 0.35, 0.25, 0.42]
+    scores = {("ste", k): 90.0 for k in range(4)}
+    scores.update({("srste", k): 90.0 + g for k, g in enumerate(gains)})
+    scores[("ste", 5)] = scores[("srste", 5)] = 80.0  # seed 4 unfinished: seed 5 not used
+    assert power_followup.finished_in_order(arm, scores) == 4
+    row = power_followup._clocked_row(arm, scores)
+    assert row[1] == "4 / 8 (stopped by the clock)"
+    assert row[4].startswith("+0.33 [") and row[-1] == "reproduced"
+    two = {k: v for k, v in scores.items() if k[1] < 2}
+    assert power_followup._clocked_row(arm, two)[-1].startswith("unfinished")
