@@ -42,10 +42,10 @@ def _observed_sd() -> float:
 
 OBSERVED_SD = _observed_sd()  # 0.308 from stage 1's 8 pairs
 TOTAL = power.seeds_for(OBSERVED_SD)  # 21 pairs in all by the study's formula
-MLP_NEW = Arm("mlp512-1:16 follow-up", "mlp512", "1:16", OBSERVED_SD,
+MLP_NEW = Arm("mlp512-1:16 follow-up", "mlp512", "1:16", round(OBSERVED_SD, 3),
               "stage 1's observed paired sd (8 seeds)", TOTAL - STAGE1_ARM.seeds,
               first_seed=STAGE1_ARM.seeds)
-MLP_ALL = Arm("mlp512-1:16 stage 1 + follow-up", "mlp512", "1:16", OBSERVED_SD,
+MLP_ALL = Arm("mlp512-1:16 stage 1 + follow-up", "mlp512", "1:16", round(OBSERVED_SD, 3),
               "stage 1's observed paired sd (8 seeds)", TOTAL)
 
 # CIFAR ResNet-20 at width 0.5 (8/16/32 channels, 9 residual blocks), the paper's recipe shape;
