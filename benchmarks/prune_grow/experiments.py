@@ -22,6 +22,7 @@ Experiments (``EXPERIMENTS``): each run is ``(experiment, arm, seed)``.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from nmsparse.app.lottery import TicketSetting, run_setting
 from nmsparse.app.lottery.harness import accuracy, random_masks, train
 from nmsparse.app.models.mlp import mlp
 from nmsparse.levels import set_level
+from nmsparse.machine import cpu_model
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_SUBSET = 20000
@@ -100,6 +102,10 @@ def run_dst(data, arm: str, seed: int) -> dict:
     else:
         method = nmsparse.make_method(arm, **options)
         model, handle = _sparse_run(data, seed, pattern, method)
+        # the resolved options (defaults included), so the page says which rule ran
+        return {"accuracy": accuracy(model, data["x_test"], data["y_test"]),
+                "kept": _kept(model), "method_options": method.options(),
+                "load_average": os.getloadavg()[0], "machine": cpu_model()}
     return {"accuracy": accuracy(model, data["x_test"], data["y_test"]),
             "kept": _kept(model)}
 

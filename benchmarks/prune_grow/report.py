@@ -27,6 +27,26 @@ def _load(runs: Path) -> dict:
     return found
 
 
+# The CPU of the first set of runs (what this page said then; those runs did not record it).
+FIRST_MACHINE = "Intel(R) Xeon(R) Processor"
+
+
+def _rules(dst: dict) -> str:
+    """What each prune-and-grow arm ran, from the options its runs saved."""
+    out = []
+    for arm, rs in dst.items():
+        options = rs[0].get("method_options")
+        if options is None:
+            continue
+        out.append(f"{arm.upper() if arm != 'rigl' else 'RigL'} drops by |w|"
+                   + (f" + {options['gradient_weight']:g} |g|" if options["gradient_weight"]
+                      else " alone")
+                   + f", {options['rounding']} count"
+                   + (", each sign on its own" if options["signed"] else "")
+                   + (", may regrow a just-dropped weight" if options["regrow"] else ""))
+    return "; ".join(out) if out else "options not recorded"
+
+
 def _stats(values: list[float]) -> str:
     if not values:
         return "-"
@@ -97,11 +117,24 @@ def write(runs: Path) -> str:
              "std over seeds.", ""]
     cpu = sum(r.get("cpu_seconds", 0) for arms in found.values() for rs in arms.values()
               for r in rs)
-    lines += [f"Machine: {cpu_model() or platform.processor() or 'unknown CPU'} (shared with "
-              f"other jobs while running); total CPU time of all runs: {cpu / 60:.1f} "
-              "minutes.", ""]
+    here = cpu_model() or platform.processor() or "unknown CPU"
+    runs = [r for arms in found.values() for rs in arms.values() for r in rs]
+    machines = sorted({r["machine"] for r in runs if "machine" in r})
+    unrecorded = sum("machine" not in r for r in runs)
+    if machines and unrecorded:  # runs made before results recorded their machine
+        where = (f"{', '.join(machines)} for the runs that recorded it; the other "
+                 f"{unrecorded} on {FIRST_MACHINE}")
+    else:
+        where = ", ".join(machines) or here
+    lines += [f"Machine: {where} (shared with other jobs while running); total CPU time of "
+              f"all runs: {cpu / 60:.1f} minutes.", ""]
 
     dst = found.get("dst", {})
+    loads = [r["load_average"] for rs in dst.values() for r in rs if "load_average" in r]
+    if loads:
+        lines += [f"The RigL / MEST / SET runs were rerun with the current defaults while "
+                  f"other jobs used the machine: 1-minute load average {min(loads):.1f}-"
+                  f"{max(loads):.1f} at their starts (accuracy does not depend on it).", ""]
     if dst:
         names = {"dense": "dense (reference)", "static": "static random mask (fixed)",
                  "set": "SET", "rigl": "RigL", "mest": "MEST"}
@@ -114,8 +147,9 @@ def write(runs: Path) -> str:
         lines += ["## RigL / MEST / SET at 90 % unstructured vs a static random mask", "",
                   "`unstructured:0.1` per layer, every method for the same number of steps "
                   "(exchanges every 50 steps, α = 0.3; RigL and MEST decay α by a cosine to 0 at "
-                  "75 % of the steps, SET keeps it constant until then; MEST drops by "
-                  "|w| + |g|).", "",
+                  "75 % of the steps, SET keeps it constant until then), each with nmsparse's "
+                  "defaults, which follow the authors' code (docs/fidelity.md): "
+                  + _rules(dst) + ".", "",
                   format_table(["method", "seeds", "accuracy %", "kept"], rows, markdown=True),
                   "", f"![dst]({image})", ""]
         rigl, static = _accuracies(dst.get("rigl", [])), _accuracies(dst.get("static", []))
@@ -192,7 +226,7 @@ def write(runs: Path) -> str:
               "ResNets/WideResNets on CIFAR and ImageNet for hundreds of epochs; the "
               "differences measured here are small and some are inside the seed noise.",
               "- RigL/MEST/SET use uniform per-layer density (no ERK), exchanges every 50 "
-              "steps; MEST's λ = 1 was not tuned. GaP runs one cycle over 3 partitions. "
+              "steps; MEST's λ was not tuned. GaP runs one cycle over 3 partitions. "
               "The lottery-ticket runs use a constant learning rate without warm-up.",
               "- The verdict rule (mean lead larger than the combined seed std) still finds a "
               "ticket at the standard learning rate, where its lead is below one point; with "

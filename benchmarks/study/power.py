@@ -14,7 +14,7 @@ import argparse
 import math
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import stats
@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "results.md"
 START = "<!-- power-study:start (benchmarks/study/power.py writes this section) -->"
 END = "<!-- power-study:end -->"
+# The follow-up's block (power_followup.py writes it) lies inside this section, before END.
+FOLLOW_UP_START = "<!-- power-followup:start (benchmarks/study/power_followup.py writes this) -->"
+FOLLOW_UP_END = "<!-- power-followup:end -->"
 
 DELTA = 0.2  # the smallest SR-STE - STE gain (top-1 points) the study must detect
 ALPHA, POWER = 0.05, 0.80
@@ -56,6 +59,13 @@ class Arm:
     planning_sd: float  # paired sd of SR-STE - STE in earlier runs
     sd_source: str
     seeds: int
+    first_seed: int = 0  # a follow-up's new seeds start after the ones already run
+    # the setting's training configuration when it is not one of this module's
+    config: dict | None = field(default=None, hash=False, compare=False)
+
+    @property
+    def seed_range(self) -> range:
+        return range(self.first_seed, self.first_seed + self.seeds)
 
 
 # Earlier paired sds of SR-STE - STE (issue 26 and docs/results.md's cpu preset):
@@ -132,19 +142,32 @@ configuration, seeds and test were not changed afterwards).
 """
 
 
+def _for_method(base: dict, method: str) -> dict:
+    """``base`` with its SR-STE decay as a method option of SR-STE only. STE refuses a decay
+    since the decay became a method option; stage 1 ran before, when every run saved a
+    top-level ``decay`` that STE ignored: the resolved configuration is the same but for that
+    deprecated key (2e-4 then, None now), so the run ids differ from stage 1's."""
+    out = {k: v for k, v in base.items() if k != "decay"}
+    if method == "srste":
+        out["method_options"] = {"decay": base["decay"]}
+    return out
+
+
 def arm_specs(arm: Arm) -> list[RunSpec]:
     out: list[RunSpec] = []
-    for seed in range(arm.seeds):
-        if arm.setting == "lm":
-            out.append(RunSpec("lm", {**LM, "pattern": "dense", "method": "srste",
-                                      "seed": seed}))
+    for seed in arm.seed_range:
+        if arm.config is not None:
+            base = arm.config
+        elif arm.setting == "lm":
+            out.append(RunSpec("lm", {**_for_method(LM, "srste"), "pattern": "dense",
+                                      "method": "srste", "seed": seed}))
             base = LM
         else:
             base = MLP512
         for method in ("ste", "srste"):
             out.append(RunSpec("lm" if arm.setting == "lm" else "main",
-                               {**base, "pattern": arm.pattern, "method": method,
-                                "seed": seed}))
+                               {**_for_method(base, method), "pattern": arm.pattern,
+                                "method": method, "seed": seed}))
     return out
 
 
@@ -154,23 +177,31 @@ def specs() -> list[RunSpec]:
     return [spec for arm in order for spec in arm_specs(arm)]
 
 
-def _records(root: Path) -> dict[str, RunRecord]:
+def records_of(run_specs: list[RunSpec], root: Path) -> dict[str, RunRecord]:
+    """The finished runs among ``run_specs``, by run name."""
     out = {}
-    for spec in specs():
+    for spec in run_specs:
         record = load_run(root / spec.name)
         if record is not None:
             out[spec.name] = record
     return out
 
 
-def _pairs(arm: Arm, records: dict[str, RunRecord], a: str, b: str
-           ) -> tuple[list[float], list[float]]:
+Scores = dict[tuple[str, int], float]  # (method, seed) -> top-1 or bits per byte
+
+
+def arm_scores(arm: Arm, records: dict[str, RunRecord]) -> Scores:
+    """The finished scores of ``arm``'s runs."""
     by = {}
     for spec in arm_specs(arm):
         r = records.get(spec.name)
         if r is not None:
             by[(r.method, r.seed)] = r.score
-    seeds = [s for s in range(arm.seeds) if (a, s) in by and (b, s) in by]
+    return by
+
+
+def _pairs(arm: Arm, by: Scores, a: str, b: str) -> tuple[list[float], list[float]]:
+    seeds = [s for s in arm.seed_range if (a, s) in by and (b, s) in by]
     return [by[(a, s)] for s in seeds], [by[(b, s)] for s in seeds]
 
 
@@ -184,9 +215,11 @@ def verdict(cmp: stats.Comparison, bound: float) -> str:
     return "not decided"
 
 
-def _gain_row(arm: Arm, records: dict[str, RunRecord]) -> list[str]:
+def gain_row(arm: Arm, scores: Scores) -> list[str]:
+    """One row of the gains table: SR-STE against STE over ``arm``'s seeds, and the
+    verdict once every registered seed has finished."""
     lm = arm.setting == "lm"
-    srste, ste = _pairs(arm, records, "srste", "ste")
+    srste, ste = _pairs(arm, scores, "srste", "ste")
     n = len(srste)
     done = f"{n} / {arm.seeds}"
     if n < 2:
@@ -206,20 +239,43 @@ def _gain_row(arm: Arm, records: dict[str, RunRecord]) -> list[str]:
             else "unfinished: interim numbers, no verdict"]
 
 
+def decay_row(key: str, runs: list[RunRecord]) -> list[str] | None:
+    """The cumulative SR-STE decay of one configuration's runs (None when none logged it)."""
+    sums = [c for r in runs if (c := r.cumulative_decay())]
+    if not sums:
+        return None
+    steps = max(s for s, _ in sums)
+    total = statistics.mean(t for _, t in sums)
+    return [key, f"{steps:,}", f"{total:.3g}", f"{total / 6.0:.2g}"]
+
+
+DECAY_HEADERS = ["arm", "steps", "sum_t lr_t * decay", "/ paper's 6.0"]
+GAIN_HEADERS = ["arm", "seeds done", "SR-STE", "STE", "gain [95 % CI]", "p",
+                "paired sd; detects", "verdict"]
+
+
 def _decay_rows(records: dict[str, RunRecord]) -> list[list[str]]:
     rows = []
     for arm in (*MLP_ARMS, LM_ARM):
-        sums = [c for r in records.values()
-                if r.method == "srste" and r.pattern == arm.pattern
-                and (r.lm == (arm.setting == "lm")) and (c := r.cumulative_decay())]
-        if sums:
-            steps = max(s for s, _ in sums)
-            total = statistics.mean(t for _, t in sums)
-            rows.append([arm.key, f"{steps:,}", f"{total:.3g}", f"{total / 6.0:.2g}"])
+        row = decay_row(arm.key, [r for r in records.values() if r.method == "srste"
+                                  and r.pattern == arm.pattern
+                                  and r.lm == (arm.setting == "lm")])
+        if row:
+            rows.append(row)
     return rows
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def usage(records: dict[str, RunRecord]) -> str:
+    """CPU and wall time of the finished runs."""
+    cpus = [r.meta.get("cpu_seconds", 0.0) for r in records.values()]
+    walls = [r.wall for r in records.values()]
+    return (f"CPU time {sum(cpus) / 3600:.2f} h (user + system of every training process), "
+            f"summed wall time {sum(walls) / 3600:.2f} h; a run took {min(walls):.0f}-"
+            f"{max(walls):.0f} s of wall time (median {statistics.median(walls):.0f} s) for a "
+            f"median {statistics.median(cpus):.0f} s of CPU")
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -227,36 +283,28 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def section(root: Path = DEFAULT_ROOT) -> str:
     """The study's Markdown section: the pre-registration, then what the runs say."""
-    records = _records(root)
+    records = records_of(specs(), root)
     parts = [START, "", "## Pre-registered study: SR-STE against STE with power (issue 26)",
              "", "### Pre-registration", "", PREREGISTRATION]
     if not records:
         parts += ["### Results", "", "No run has finished yet.", "", END]
         return "\n".join(parts)
-    cpus = [r.meta.get("cpu_seconds", 0.0) for r in records.values()]
-    walls = [r.wall for r in records.values()]
-    cpu = sum(cpus)
-    wall = sum(r.wall for r in records.values())
     parts += ["### Results", "",
-              f"{len(records)} of {len(specs())} runs finished; CPU time {cpu / 3600:.2f} h "
-              f"(user + system of every training process), summed wall time "
-              f"{wall / 3600:.2f} h, on 2 CPU cores shared with other sessions; a run took "
-              f"{min(walls):.0f}-{max(walls):.0f} s of wall time (median "
-              f"{statistics.median(walls):.0f} s) for a median {statistics.median(cpus):.0f} s "
-              "of CPU, where the pre-registration planned on 75-150 s: other sessions kept "
-              "the machine's load average between about 7 and 20 for the first hour.", "",
+              f"{len(records)} of {len(specs())} runs finished; {usage(records)}, on 2 CPU "
+              "cores shared with other sessions, where the pre-registration planned on 75-150 "
+              "s: other sessions kept the machine's load average between about 7 and 20 for "
+              "the first hour.", "",
               "Gain is SR-STE - STE in top-1 points (LM: STE - SR-STE in bits per byte, so "
               "positive favours SR-STE), paired over seeds, 95 % CI; \"detects\" is the gain "
               "these seeds detect with 80 % power at the observed sd.", "",
-              _table(["arm", "seeds done", "SR-STE", "STE", "gain [95 % CI]", "p",
-                      "paired sd; detects", "verdict"],
-                     [_gain_row(arm, records) for arm in (*MLP_ARMS, LM_ARM)]), ""]
+              table(GAIN_HEADERS, [gain_row(arm, arm_scores(arm, records))
+                                   for arm in (*MLP_ARMS, LM_ARM)]), ""]
     parts += _secondary(records)
     rows = _decay_rows(records)
     if rows:
         parts += ["Cumulative SR-STE decay sum_t lr_t * decay per configuration (the paper's "
                   "ImageNet run: 6.0):", "",
-                  _table(["arm", "steps", "sum_t lr_t * decay", "/ paper's 6.0"], rows), ""]
+                  table(DECAY_HEADERS, rows), ""]
     parts.append(END)
     return "\n".join(parts)
 
@@ -272,7 +320,7 @@ def _secondary(records: dict[str, RunRecord]) -> list[str]:
         out.append(f"- Secondary, not powered: the gain grows with sparsity (gain at 1:16 "
                    f"minus gain at 2:4): {cmp.text()}; "
                    f"{verdict(cmp, DELTA).split(' (')[0]}.")
-    lm_dense, lm_srste = _pairs(LM_ARM, records, "dense", "srste")
+    lm_dense, lm_srste = _pairs(LM_ARM, arm_scores(LM_ARM, records), "dense", "srste")
     if len(lm_dense) == LM_ARM.seeds:
         cmp = stats.paired(lm_dense, lm_srste)
         margin = -0.02 * statistics.mean(lm_dense)
@@ -303,19 +351,35 @@ def _seeded_gain(arm: Arm, records: dict[str, RunRecord]) -> tuple[list[int], li
     return seeds, [by[("srste", s)] - by[("ste", s)] for s in seeds]
 
 
-def splice(text: str, block: str) -> str:
-    """``text`` with its marked section replaced by ``block`` (appended when it has none)."""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        return head + block + rest.split(END, 1)[1]
+def splice(text: str, block: str, start: str = START, end: str = END) -> str:
+    """``text`` with its section marked by ``start`` and ``end`` replaced by ``block``
+    (appended when it has none)."""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
     return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def marked(text: str, start: str, end: str) -> str | None:
+    """The block of ``text`` from ``start`` to ``end`` (markers included), or None."""
+    if start not in text or end not in text.split(start, 1)[1]:
+        return None
+    return start + text.split(start, 1)[1].split(end, 1)[0] + end
 
 
 def write_section(results: Path = RESULTS, root: Path = DEFAULT_ROOT) -> None:
     old = results.read_text(encoding="utf-8") if results.is_file() else ""
-    tmp = results.with_name(results.name + ".tmp")
-    tmp.write_text(splice(old, section(root)), encoding="utf-8")
-    tmp.replace(results)
+    block = section(root)
+    follow_up = marked(old, FOLLOW_UP_START, FOLLOW_UP_END)
+    if follow_up:  # the follow-up (power_followup.py) sits inside this section: keep it
+        block = block.replace(END, follow_up + "\n\n" + END)
+    atomic_write(results, splice(old, block))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

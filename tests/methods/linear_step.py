@@ -15,15 +15,17 @@ import nmsparse
 IN, OUT, BATCH, LR = 8, 4, 5, 0.1
 
 
-def layer(pattern: str, method, seed: int = 0, out: int = OUT, inp: int = IN):
-    """A sparsified bias-free Linear, its handle, and a fixed input ``x`` and upstream ``u``."""
+def layer(pattern: str, method, seed: int = 0, out: int = OUT, inp: int = IN,
+          dtype: torch.dtype = torch.float32):
+    """A sparsified bias-free Linear, its handle, and a fixed input ``x`` and upstream ``u``
+    (float64 where a test's hand value needs more than float32's digits)."""
     generator = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(inp, out, bias=False))
+    model = nn.Sequential(nn.Linear(inp, out, bias=False)).to(dtype)
     with torch.no_grad():
         model[0].weight.copy_(torch.randn(out, inp, generator=generator))
     handle = nmsparse.sparsify(model, pattern, method)
-    x = torch.randn(BATCH, inp, generator=generator)
-    u = torch.randn(BATCH, out, generator=generator)
+    x = torch.randn(BATCH, inp, generator=generator).to(dtype)
+    u = torch.randn(BATCH, out, generator=generator).to(dtype)
     return model, handle["0.weight"], x, u
 
 

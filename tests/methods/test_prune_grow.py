@@ -142,6 +142,51 @@ def test_set_drops_each_sign_on_its_own(signed):
     assert int(w.mask.sum()) == 4
 
 
+@pytest.mark.parametrize("rounding", ["sorted", "half-up"])
+def test_set_sorted_rounding_gives_the_reference_counts(rounding):
+    # 32 entries, the 16 with |w| >= 1.1 kept (magnitude init), then the kept 1.1 set to 0:
+    # 6 positives (1.2 .. 1.7), 9 negatives (-1.1 .. -1.9), one active 0, 16 pruned 0s.
+    # SET's reference sorts all 32 values: 9 negatives, 17 zeros, 6 positives, then keeps
+    #   w < values[int((1 - 0.3) * 9)] = values[6] = -1.3 -> drops -1.3, -1.2, -1.1 (3);
+    #   w > values[int(min(31, 26 + 0.3 * 6))] = values[27] = 1.3 -> drops 1.2 and 1.3 (2);
+    #   the active 0 is neither, so it goes too: 6 dropped.
+    # Half up (the default): round(0.3 * 7) = 2 "positives" (0 counts as one: 0 and 1.2) and
+    # round(0.3 * 9) = 3 negatives: 5 dropped, 1.3 stays.
+    weight = torch.tensor([[1.1, 0.01, -1.1, 0.02, 1.2, 0.03, -1.2, 0.04],
+                           [1.3, 0.05, -1.3, 0.06, 1.4, 0.07, -1.4, 0.08],
+                           [1.5, 0.09, -1.5, 0.10, 1.6, 0.11, -1.6, 0.12],
+                           [1.7, 0.13, -1.7, 0.14, -1.8, 0.15, -1.9, 0.16]])
+    layer = nn.Linear(8, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    handle = nmsparse.sparsify(layer, "unstructured:0.5", SET(every=1, fraction=0.3,
+                                                              init="magnitude",
+                                                              rounding=rounding))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+    w = handle["weight"]
+    assert w.mask[:, 0::2].all() and not w.mask[:, 1::2].any()
+    with torch.no_grad():
+        w.dense[0, 0] = 0.0
+    step_with(layer, opt, torch.zeros(4, 8))
+    dropped = {(0, 0), (0, 4), (0, 2), (0, 6), (1, 2)} | ({(1, 0)} if rounding == "sorted"
+                                                          else set())
+    kept = {(i, j) for i in range(4) for j in range(0, 8, 2)} - dropped
+    assert {(i, j) for i, j in w.mask.nonzero().tolist() if j % 2 == 0} == kept
+    assert int(w.mask.sum()) == 16  # as many grown among the weights pruned before
+
+
+def test_set_sorted_counts_by_hand():
+    # first positive at n - p; the positive threshold's index is int(min(n - 1, n - p + α p))
+    rule = SET(rounding="sorted")
+    assert rule.signed_counts(0.3, 6, 9, 32) == (2, 3)  # int(1.8) + 1, 9 - int(6.3)
+    assert rule.signed_counts(0.3, 10, 10, 40) == (4, 3)  # int(3.0) + 1, 10 - int(7.0)
+    assert rule.signed_counts(0.3, 0, 4, 8) == (0, 2)  # no positives; 4 - int(2.8)
+    assert rule.signed_counts(0.9, 3, 0, 8) == (3, 0)  # int(min(7, 7.7)) - 5 + 1: all 3
+    assert SET().signed_counts(0.3, 10, 10, 40) == (3, 3)  # half up
+    with pytest.raises(ValueError, match="needs signed=true"):
+        SET(rounding="sorted", signed=False)
+
+
 def test_grown_weights_start_at_zero_with_fresh_optimizer_state():
     layer, handle, opt = one_layer("unstructured:0.5", RigL(every=2, fraction=0.5,
                                                             schedule="constant",

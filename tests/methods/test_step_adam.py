@@ -142,3 +142,39 @@ def test_absolute_autoswitch_is_the_papers_statistic_by_hand(above):
     assert switched == (2 if above else None)
     with pytest.raises(ValueError, match="statistic must be one of"):
         STEP(statistic="median")
+
+
+def test_raw_frozen_moment_is_the_reimplementations_rule_by_hand():
+    # frozen="raw" (thu-ml's STEP AdamW): after the switch the update is
+    # w -= lr / (1 - beta1^t) * m_t / (sqrt(v_raw) + eps^0.75), v_raw the exp_avg_sq at the
+    # switch, not bias-corrected. eps 1e-3 makes eps^0.75 (5.6e-3) and eps visibly different.
+    # float64: right after a switch at step 1 the frozen raw estimate is 500x smaller than one
+    # step's fresh (1 - beta2) g^2, and the pre-compensated exp_avg_sq cancels float32 digits.
+    eps, decay = 1e-3, 0.05
+    model, w, x, u = layer("2:4", STEP(decay=decay, switch_step=1, frozen="raw"),
+                           dtype=torch.float64)
+    opt = adam(model)
+    for group in opt.param_groups:
+        group["eps"] = eps
+    g = grad_of_forward_weight(x, u).double()
+    w0, _ = snapshot(w)
+    step(model, opt, x, u)  # dense Adam: m_hat = g, v_hat = g^2
+    w1 = w0.double() - LR * g / (g.abs() + eps)
+    torch.testing.assert_close(w.dense.detach().double(), w1, rtol=1e-12, atol=0)
+    denom = ((1 - BETA2) * g * g).sqrt() + eps ** 0.75  # v_raw after one step: (1 - beta2) g^2
+
+    _, mask1 = snapshot(w)
+    step(model, opt, x, u)  # first sparse step
+    g1 = g + decay * (~mask1).double() * w1
+    m2 = BETA1 * (1 - BETA1) * g + (1 - BETA1) * g1
+    w2 = w1 - LR * m2 / (1 - BETA1 ** 2) / denom
+    torch.testing.assert_close(w.dense.detach().double(), w2, rtol=1e-10, atol=0)
+
+    _, mask2 = snapshot(w)
+    step(model, opt, x, u)  # second sparse step: the same frozen denominator
+    g2 = g + decay * (~mask2).double() * w2
+    m3 = BETA1 * m2 + (1 - BETA1) * g2
+    w3 = w2 - LR * m3 / (1 - BETA1 ** 3) / denom
+    torch.testing.assert_close(w.dense.detach().double(), w3, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="frozen must be one of"):
+        STEP(frozen="bias")

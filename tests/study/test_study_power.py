@@ -3,9 +3,11 @@ section kept in place when the report is rewritten."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
-from benchmarks.study import power, stats
+from benchmarks.study import power, power_followup, stats
 
 
 def test_seed_counts_follow_the_power_formula():
@@ -42,3 +44,54 @@ def test_the_section_is_replaced_in_place_or_appended():
     text = f"head\n{power.START}\nold\n{power.END}\ntail\n"
     assert power.splice(text, block) == f"head\n{block}\ntail\n"
     assert power.splice("head\n", block) == f"head\n\n{block}\n"
+
+
+def test_follow_up_seeds_come_from_stage_ones_observed_sd():
+    scores = power_followup.stage1_scores()
+    diffs = [scores[("srste", k)] - scores[("ste", k)] for k in range(8)]
+    assert diffs[4] == pytest.approx(85.79 - 85.22)  # seed 4 of stage 1's table
+    sd = statistics.stdev(diffs)
+    assert power_followup.OBSERVED_SD == pytest.approx(sd) == pytest.approx(0.308, abs=1e-3)
+    assert power_followup.TOTAL == power.seeds_for(sd) == 21
+    new = {(s.overrides["method"], s.overrides["seed"]) for s in power_followup.mlp_specs()}
+    assert new == {(m, k) for m in ("ste", "srste") for k in range(8, 21)}
+    # stage 1's eight pairs give its row of the table (85.45 / 85.47, sd 0.31)
+    row = power.gain_row(power.MLP_ARMS[2], scores)
+    assert row[1:4] == ["8 / 8", "85.45", "85.47"] and row[6].startswith("0.31 ")
+
+
+def test_conv_runs_pair_the_methods_and_go_seed_by_seed():
+    specs = power_followup.conv_specs()
+    assert len(specs) == 3 * 2 * power_followup.CONV_SEEDS
+    first = [(s.overrides["pattern"], s.overrides["method"], s.overrides["seed"])
+             for s in specs[:6]]
+    assert first == [(p, m, 0) for p in ("2:4", "1:8", "1:16") for m in ("ste", "srste")]
+    configs = {s.overrides["method"]: s.config() for s in specs[:2]}
+    assert configs["srste"].make_method().decay == 2e-4
+    assert configs["ste"].exclude == ["conv1", "fc"] and configs["ste"].model == "resnet20"
+
+
+def test_the_follow_up_block_sits_inside_the_section_and_survives_its_rewrite(tmp_path):
+    results = tmp_path / "results.md"
+    results.write_text(f"head\n{power.START}\nstage 1\n{power.END}\ntail\n")
+    power_followup.write_block(results, tmp_path / "runs")
+    text = results.read_text()
+    block = power.marked(text, power.FOLLOW_UP_START, power.FOLLOW_UP_END)
+    assert "No run has finished yet." in block
+    assert text.index(power.START) < text.index(block) < text.index(power.END)
+    power.write_section(results, tmp_path / "runs")  # stage 1 rewritten: the block stays
+    assert block in results.read_text() and "stage 1\n" not in results.read_text()
+
+
+def test_a_conv_arm_stopped_by_the_clock_is_decided_on_its_seeds_finished_in_order():
+    arm = power_followup.CONV_ARMS[0]
+    gains = [0.30, 0.35, 0.25, 0.42]
+    scores = {("ste", k): 90.0 for k in range(4)}
+    scores.update({("srste", k): 90.0 + g for k, g in enumerate(gains)})
+    scores[("ste", 5)] = scores[("srste", 5)] = 80.0  # seed 4 unfinished: seed 5 not used
+    assert power_followup.finished_in_order(arm, scores) == 4
+    row = power_followup._clocked_row(arm, scores)
+    assert row[1] == "4 / 8 (stopped by the clock)"
+    assert row[4].startswith("+0.33 [") and row[-1] == "reproduced"
+    two = {k: v for k, v in scores.items() if k[1] < 2}
+    assert power_followup._clocked_row(arm, two)[-1].startswith("unfinished")

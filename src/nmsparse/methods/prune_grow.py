@@ -12,6 +12,12 @@ many pruned ones, so the sparsity stays fixed while the mask explores. Per excha
 * what drops: the lowest ``|w| + gradient_weight * |g|`` (``gradient_weight=0``: magnitude);
   ``signed=True`` (SET's rule) drops α of the positive weights and α of the negative ones,
   each set ranked on its own (an active weight of exactly 0 counts as positive);
+  ``rounding="sorted"`` (with ``signed``) takes the counts SET's reference code derives from
+  indices into the sorted weights of the budget (n entries, ``p`` positive, ``q`` negative, the
+  rest 0): ``q - int((1 - α) q)`` negatives and ``int(min(n - 1, n - p + α p)) - (n - p) + 1``
+  positives (``int(α p) + 1`` but for float rounding and the cap at ``p``; one more than α p,
+  since it keeps only the weights strictly above the one at that index), and every active
+  weight of exactly 0 (neither above nor below the thresholds);
 * what grows: ``grow="random"`` (seeded by ``seed``, the step and the layer name, so a resumed
   run grows the same weights), ``"gradient"`` (largest ``|g|`` of the dense gradient, RigL) or
   ``"momentum"`` (largest ``|EMA of g|`` with factor ``momentum``, sparse momentum);
@@ -60,7 +66,7 @@ from .mutation import Units, drop_plan, grow_plan, ranks_in_rows
 
 GROWTH = ("random", "gradient", "momentum")
 SCHEDULES = ("cosine", "constant")
-ROUNDINGS = ("half-up", "floor")
+ROUNDINGS = ("half-up", "floor", "sorted")
 _GRAD = "_prune_grow_grad"  # |g| kept from before_step to after_step of one step
 _EMA = "grad_ema"
 
@@ -124,6 +130,8 @@ class PruneGrow(Method):
              f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         need(isinstance(self.regrow, bool), f"regrow must be true or false, got {self.regrow!r}")
         need(isinstance(self.signed, bool), f"signed must be true or false, got {self.signed!r}")
+        need(self.rounding != "sorted" or self.signed, "rounding='sorted' (SET's reference "
+             "counts, one per sign) needs signed=true")
 
     # -- schedule ------------------------------------------------------------------------------
     def fraction_at(self, step: int) -> float:
@@ -225,20 +233,39 @@ class PruneGrow(Method):
         return drop, grow
 
     def count(self, fraction: float, active: int) -> int:
-        """How many of ``active`` weights one exchange drops."""
-        if self.rounding == "floor":
+        """How many of ``active`` weights one exchange drops (``"sorted"``: at least this
+        many, see :meth:`signed_counts`)."""
+        if self.rounding in ("floor", "sorted"):
             return math.floor(fraction * active)
         return math.floor(fraction * active + 0.5)
+
+    def signed_counts(self, fraction: float, positive: int, negative: int, size: int
+                      ) -> tuple[int, int]:
+        """(positives, negatives) one signed exchange drops from a budget of ``size``
+        entries. ``"sorted"``: the indices of SET's reference (``rewireMask``) into the
+        ascending weights, whose first positive sits at ``size - positive``."""
+        if self.rounding != "sorted":
+            return self.count(fraction, positive), self.count(fraction, negative)
+        first_positive = size - positive
+        threshold = int(min(size - 1, first_positive + fraction * positive))
+        return (max(0, threshold - first_positive + 1),
+                negative - int((1 - fraction) * negative))
 
     def _dropped(self, members: list, units: Units, active: torch.Tensor, drop: torch.Tensor,
                  fraction: float) -> torch.Tensor:
         """Bool ``(units, size)``: what this exchange drops."""
         if not self.signed:
             return drop_plan(active, drop, self.count(fraction, int(active.sum())))
-        positive = units.view([w.dense.detach() for w in members]) >= 0
-        dropped = torch.zeros_like(active)
-        for side in (active & positive, active & ~positive):  # each sign ranked on its own
-            dropped |= drop_plan(side, drop, self.count(fraction, int(side.sum())))
+        values = units.view([w.dense.detach() for w in members])
+        sorted_counts = self.rounding == "sorted"
+        positive = values > 0 if sorted_counts else values >= 0
+        negative = active & (values < 0)
+        counts = self.signed_counts(fraction, int((active & positive).sum()),
+                                    int(negative.sum()), active.numel())
+        # the reference keeps only weights strictly beyond its thresholds: an active 0 goes
+        dropped = active & (values == 0) if sorted_counts else torch.zeros_like(active)
+        for side, count in zip((active & positive, negative), counts, strict=True):
+            dropped |= drop_plan(side, drop, count)  # each sign ranked on its own
         # A unit can only drop as many as it has pruned slots to grow into (drop_plan's cap,
         # which each sign alone does not see).
         free = (~active).sum(-1, keepdim=True)
@@ -248,7 +275,9 @@ class PruneGrow(Method):
     def _mutate(self, key: str, members: list, step: Step, fraction: float) -> None:
         units = Units.of(members[0].pattern, [w.dense.shape for w in members])
         active = units.view([w.mask for w in members], reduce="any")
-        if self.count(fraction, int(active.sum())) == 0:
+        # "sorted" drops at least one positive weight whenever α > 0, as its reference does
+        if fraction == 0 or (self.count(fraction, int(active.sum())) == 0
+                             and self.rounding != "sorted"):
             return
         drop, grow = self._scores(key, members, units, step)
         dropped = self._dropped(members, units, active, drop, fraction)
@@ -297,7 +326,10 @@ class SET(PruneGrow):
     """Sparse Evolutionary Training: drop α of the positive weights nearest zero and α of the
     negative ones (``signed``, the paper's rule), grow at random, fixed α.
 
-    Default as in the paper; ``signed=False`` ranks all weights by ``|w|`` together."""
+    Default as in the paper, α of each sign rounded half up; ``rounding="sorted"`` gives the
+    exact counts of the reference code (one more positive than α p, every active 0 dropped:
+    artefacts of its thresholds on the sorted weights, not the paper's α, hence not the
+    default); ``signed=False`` ranks all weights by ``|w|`` together."""
 
     name: ClassVar[str] = "set"
     schedule: str = "constant"

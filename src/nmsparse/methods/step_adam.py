@@ -22,6 +22,16 @@ is the paper's AutoSwitch statistic instead: the mean over the sparse weights' e
 samples is at most ``epsilon`` (the paper's window is ``1 / (1 - beta2)`` steps). It depends
 on the scale of the gradients, which is why the relative rule is the default.
 
+What is frozen: by default (``frozen="corrected"``) the bias-corrected second moment
+``exp_avg_sq / (1 - beta2^t)`` at the switch, so that Adam's step size carries on where the
+dense phase left it. The re-implementation of STEP in thu-ml's 2:4 pre-training code (the
+authors published no code we could find) freezes the raw ``exp_avg_sq`` instead and divides
+by ``sqrt(v) + eps^0.75``: ``frozen="raw"`` gives exactly that rule. The two differ by the
+factor ``1 - beta2^t`` at the switch, which matters for an early switch (at step 100 with
+beta2 = 0.999 the raw estimate is 0.095 of the corrected one, so the first sparse steps are
+~3.2x larger than Adam's last dense ones); that jump is why the corrected estimate is the
+default.
+
 Freezing works with ``torch.optim.Adam`` / ``AdamW`` as created by the user (found through the
 step's optimizer, inside wrappers that keep theirs in ``.optimizer``): before each update the
 method writes into ``exp_avg_sq`` the value that Adam's own update turns into
@@ -42,11 +52,12 @@ import torch
 from ._progress import check_count, check_number, training
 from .ste import SRSTE
 
-FROZEN = "step_frozen_v"  # per weight: the bias-corrected second moment at the switch
+FROZEN = "step_frozen_v"  # per weight: the estimate Adam divides by (sqrt + eps) from the switch
 PREVIOUS = "step_previous_v"  # per weight, before the switch: last step's, for AutoSwitch
 # Keep the pre-compensated estimate's update from rounding below 0 (a NaN in sqrt).
 _FLOOR = 1.0 - 1e-6
 STATISTICS = ("relative", "absolute")
+FROZEN_RULES = ("corrected", "raw")
 
 
 def adam_of(optimizer: Any) -> torch.optim.Adam:
@@ -91,6 +102,7 @@ class STEP(SRSTE):
     max_steps: int = 10000
     statistic: str = "relative"
     epsilon: float = 1e-8
+    frozen: str = "corrected"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,6 +116,9 @@ class STEP(SRSTE):
             raise ValueError(f"method 'step': statistic must be one of {STATISTICS}, got "
                              f"{self.statistic!r}")
         object.__setattr__(self, "epsilon", check_number("epsilon", self.epsilon, 0))
+        if self.frozen not in FROZEN_RULES:
+            raise ValueError(f"method 'step': frozen must be one of {FROZEN_RULES}, got "
+                             f"{self.frozen!r}")
 
     @staticmethod
     def switched(w) -> bool:
@@ -187,8 +202,16 @@ class STEP(SRSTE):
 
     def _switch(self, adam: torch.optim.Adam, weights, step, done: int) -> None:
         for w in weights:
-            beta2 = float(_group_of(adam, w.dense)["betas"][1])
-            w.state[FROZEN] = _bias_corrected(adam.state[w.dense], beta2).detach().clone()
+            group = _group_of(adam, w.dense)
+            state = adam.state[w.dense]
+            if self.frozen == "raw":
+                # The reference divides by sqrt(v_raw) + eps^0.75; Adam divides by
+                # sqrt(frozen) + eps, so freeze the square of the difference's root.
+                eps = float(group["eps"])
+                root = state["exp_avg_sq"].detach().sqrt() + (eps ** 0.75 - eps)
+                w.state[FROZEN] = root * root
+            else:
+                w.state[FROZEN] = _bias_corrected(state, float(group["betas"][1])).detach().clone()
             w.state.pop(PREVIOUS, None)
         step.state["switched_at"] = done
         step.state.pop("changes", None)
