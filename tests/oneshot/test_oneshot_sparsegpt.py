@@ -136,3 +136,14 @@ def test_dead_inputs_get_zero_weight_and_no_error():
 def test_a_hessian_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         sparsegpt(torch.randn(2, 8), torch.eye(4), NM(2, 4))
+
+
+@pytest.mark.parametrize("blocksize", [3, 8, 128])
+def test_unstructured_sweep_equals_the_naive_loop_given_its_mask(blocksize):
+    # The mask is chosen per block of columns; given that mask, the weights must be the
+    # column-by-column OBS result (blocks that do not divide the width included).
+    weight, hessian = _random_problem(6, 20, seed=8)
+    pruned, kept = sparsegpt(weight, hessian, Unstructured(0.5), blocksize=blocksize)
+    expected, _ = _naive_sparsegpt(weight, hessian, NM(1, 2), damp=0.01, mask=kept)
+    assert torch.allclose(pruned, expected, atol=1e-9)
+    assert torch.all(pruned[~kept] == 0)

@@ -74,26 +74,32 @@ def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *,
 
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
-        block = weight[:, start:end].clone()
+        # The block is worked on transposed, (columns, rows), so that every column read and
+        # written in the sweep is contiguous (strided columns made the sweep several times
+        # slower); the arithmetic per element is unchanged.
+        block = weight[:, start:end].t().contiguous()
         factor = upper[start:end, start:end]
         diagonal = torch.diagonal(factor)
-        errors = torch.zeros_like(block)
+        errors = torch.empty_like(block)
         if mask is None and isinstance(pattern, Unstructured):
             keep = math.floor(pattern.keep * block.numel() + 1e-9)
-            chosen[:, start:end] = top_count(block.pow(2) / diagonal.pow(2), keep)
+            chosen[:, start:end] = top_count(weight[:, start:end].pow(2) / diagonal.pow(2),
+                                             keep)
+        kept_t = chosen[:, start:end].t().contiguous()
         for j in range(end - start):
             if nm is not None and j % nm.m == 0:
                 group = slice(j, j + nm.m)
-                scores = block[:, group].pow(2) / diagonal[group].pow(2)
-                chosen[:, start + j:start + j + nm.m] = nm.mask(scores)
-            column = block[:, j]
-            kept = column * chosen[:, start + j]
+                scores = block[group].pow(2) / diagonal[group].pow(2).unsqueeze(1)
+                kept_t[group] = nm.mask(scores.t()).t()
+            column = block[j]
+            kept = column * kept_t[j]
             error = (column - kept) / factor[j, j]
-            block[:, j:] -= error.unsqueeze(1) * factor[j, j:].unsqueeze(0)
-            block[:, j] = kept  # exact zeros where pruned
-            errors[:, j] = error
-        weight[:, start:end] = block
-        weight[:, end:] -= errors @ upper[start:end, end:]
+            block[j + 1:] -= factor[j, j + 1:].unsqueeze(1) * error.unsqueeze(0)
+            block[j] = kept  # exact zeros where pruned
+            errors[j] = error
+        weight[:, start:end] = block.t()
+        chosen[:, start:end] = kept_t.t()
+        weight[:, end:] -= errors.t().contiguous() @ upper[start:end, end:]
     return weight, chosen
 
 
