@@ -147,3 +147,27 @@ def test_unstructured_sweep_equals_the_naive_loop_given_its_mask(blocksize):
     expected, _ = _naive_sparsegpt(weight, hessian, NM(1, 2), damp=0.01, mask=kept)
     assert torch.allclose(pruned, expected, atol=1e-9)
     assert torch.all(pruned[~kept] == 0)
+
+
+def test_statistics_are_the_same_only_bit_for_bit():
+    from nmsparse.oneshot.statistics import InputHessian, InputNorms
+
+    rows = torch.randn(10, 4, generator=torch.Generator().manual_seed(9))
+    first, second, other = InputHessian(4), InputHessian(4), InputHessian(4)
+    first.add(rows)
+    second.add(rows.clone())
+    other.add(rows * 1.0001)
+    assert first.same_as(second) and not first.same_as(other)
+    assert not first.same_as(InputHessian(4))  # nothing seen yet
+    norms = InputNorms(4)
+    norms.add(rows)
+    assert not norms.same_as(first)
+    zero, negative_zero = InputNorms(1), InputNorms(1)
+    zero.add(torch.zeros(1, 1))
+    negative_zero.add(torch.zeros(1, 1))
+    negative_zero.sum_squares = -negative_zero.sum_squares  # -0.0 == 0.0 but not its bits
+    assert not zero.same_as(negative_zero)
+    calls = []
+    assert first.derive("key", lambda: calls.append(1) or "value") == "value"
+    assert first.derive("key", lambda: calls.append(1) or "other") == "value"
+    assert calls == [1]
