@@ -116,9 +116,9 @@ def test_llama_layers_reading_one_input_share_one_sparsegpt_factor(monkeypatch):
         factor = sparsegpt_module.inverse_hessian_factor
         widths = []
 
-        def counted(hessian, damp):
+        def counted(hessian, damp, **options):
             widths.append(hessian.shape[0])
-            return factor(hessian, damp)
+            return factor(hessian, damp, **options)
 
         monkeypatch.setattr(sparsegpt_module, "inverse_hessian_factor", counted)
         prune(model, "2:4", "sparsegpt", calibration=_batches(), then=None)

@@ -171,3 +171,21 @@ def test_statistics_are_the_same_only_bit_for_bit():
     assert first.derive("key", lambda: calls.append(1) or "value") == "value"
     assert first.derive("key", lambda: calls.append(1) or "other") == "value"
     assert calls == [1]
+
+
+def test_the_pruner_overwrites_the_handed_over_hessian_and_gives_the_same_bits():
+    from nmsparse.oneshot.sparsegpt import SparseGPT
+    from nmsparse.oneshot.statistics import InputHessian
+
+    generator = torch.Generator().manual_seed(10)
+    inputs = torch.randn(64, 16, generator=generator)
+    weight = torch.randn(6, 16, generator=generator)
+    statistic = InputHessian(16)
+    statistic.add(inputs)
+    expected = sparsegpt(weight, statistic.matrix(), NM(2, 4))
+    pruned, kept = SparseGPT().prune(weight, statistic, NM(2, 4))
+    assert torch.equal(pruned.view(torch.int32), expected[0].view(torch.int32))
+    assert torch.equal(kept, expected[1])
+    assert statistic.hessian is None  # handed over: its memory went with the factor
+    again, _ = SparseGPT().prune(weight, statistic, NM(2, 4))  # the derived factor serves
+    assert torch.equal(again, pruned)

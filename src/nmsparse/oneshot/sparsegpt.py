@@ -33,11 +33,13 @@ from .base import Pruner, nm_of, top_count
 from .statistics import InputHessian
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, dead)``: the upper Cholesky factor of the damped ``H^-1``, and the inputs whose
-    Hessian diagonal is zero (they never fired)."""
-    hessian = hessian.clone()
+    Hessian diagonal is zero (they never fired). ``overwrite``: the caller gives ``hessian``
+    up, so it is damped in place instead of copied."""
+    if not overwrite:
+        hessian = hessian.clone()
     dead = torch.diagonal(hessian) == 0
     hessian[dead, dead] = 1.0
     if damp > 0:
@@ -53,18 +55,19 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     return upper, dead
 
 
-def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *,
+def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor | None, pattern: Pattern, *,
               blocksize: int = 128, damp: float = 0.01, mask: torch.Tensor | None = None,
               factor: tuple[torch.Tensor, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``matrix`` ``(out, in)`` to ``pattern`` given the input Hessian ``(in, in)``;
     returns ``(pruned matrix, mask)``. ``mask`` fixes the mask instead of choosing it;
     ``factor`` is ``inverse_hessian_factor(hessian, damp)`` when already computed (layers
-    reading the same input share it)."""
+    reading the same input share it; ``hessian`` may then be ``None``)."""
     weight = matrix.clone()
     rows, columns = weight.shape
-    if hessian.shape != (columns, columns):
-        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not fit a weight with "
+    given = hessian if factor is None else factor[0]
+    if given.shape != (columns, columns):
+        raise ValueError(f"Hessian shape {tuple(given.shape)} does not fit a weight with "
                          f"{columns} input features")
     if factor is None:
         factor = inverse_hessian_factor(hessian.to(weight.dtype), damp)
@@ -124,9 +127,11 @@ class SparseGPT(Pruner):
             raise ValueError(f"sparsegpt damp must be a finite number >= 0, got {self.damp!r}")
 
     def prune(self, matrix, statistic, pattern):
-        hessian = statistic.matrix().to(matrix.device)
+        # H is needed only to make the factor: the statistic hands it over and it is
+        # overwritten, so one 5632-wide layer holds 2 such matrices at a time, not 4
         factor = statistic.derive(
             ("sparsegpt factor", self.damp, matrix.dtype, matrix.device),
-            lambda: inverse_hessian_factor(hessian.to(matrix.dtype), self.damp))
-        return sparsegpt(matrix, hessian, pattern, blocksize=self.blocksize, damp=self.damp,
+            lambda: inverse_hessian_factor(statistic.take().to(matrix.device, matrix.dtype),
+                                           self.damp, overwrite=True))
+        return sparsegpt(matrix, None, pattern, blocksize=self.blocksize, damp=self.damp,
                          factor=factor)

@@ -102,6 +102,12 @@ class InputHessian(Statistic):
             raise ValueError("no calibration input reached this layer")
         return self.hessian
 
+    def take(self) -> torch.Tensor:
+        """The matrix, handed over: the statistic no longer holds it (a pruner that needs
+        only something derived from it may overwrite it, and its memory goes with it)."""
+        hessian, self.hessian = self.matrix(), None
+        return hessian
+
 
 def _input_rows(module: nn.Module, args: tuple, features: int) -> torch.Tensor:
     x = args[0]
