@@ -7,8 +7,10 @@
 2. runs ``nmsparse prune`` on it as a child process for each ``--methods`` (calibration text:
    the standard-library corpus written to a file), sampling the child's resident set size
    (``VmRSS``) every 0.1 s and reading its peak (``ru_maxrss`` of ``wait4``) when it ends;
-3. prints a table: weight bytes, peak RSS, their ratio, wall time, and the sampled peak of each
-   phase (loading, the per-block pruning, writing) as the child's output lines delimit them.
+3. prints a table: weight bytes, peak RSS, their ratio, wall time, the child's CPU time (user +
+   system: on a shared machine the wall time mostly measures the others), and the sampled peak
+   of each phase (loading, the per-block pruning, writing) as the child's output lines
+   delimit them.
 
     python -m benchmarks.llm_memory --folder /tmp/llama1b            # the committed table
     python -m benchmarks.llm_memory --folder /tmp/llama-small --small # a smoke run
@@ -91,7 +93,8 @@ def measure(command: list[str]) -> dict:
     phases = {"load": peak(0, loaded), "prune": peak(loaded, pruned),
               "write": peak(pruned, wall)}
     return {"peak_rss": usage.ru_maxrss * 1024, "sampled_peak": peak(0, wall),
-            "wall_seconds": wall, "phases": phases}
+            "wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "phases": phases}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     gib = 2 ** 30
     print(f"\nmodel: {json.dumps(config)}; weights {weights / gib:.2f} GiB (bf16 safetensors)")
     print("| method | weights (GiB) | peak RSS (GiB) | peak / weights | load | prune | write "
-          "| wall (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| wall (s) | CPU (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         phases = row["phases"]
         print(f"| {row['method']} | {weights / gib:.2f} | {row['peak_rss'] / gib:.2f} | "
               f"{row['peak_rss'] / weights:.2f} | "
               + " | ".join(f"{phases.get(k, 0) / gib:.2f}" for k in ("load", "prune", "write"))
-              + f" | {row['wall_seconds']:.0f} |")
+              + f" | {row['wall_seconds']:.0f} | {row['cpu_seconds']:.0f} |")
     print(json.dumps({"weights": weights, "config": config, "rows": rows}))
     return 0
 

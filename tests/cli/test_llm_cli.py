@@ -122,3 +122,29 @@ def test_load_pretrained_puts_2to4_on_the_tensor_cores(llm_folders, tmp_path):  
     assert any(isinstance(m, SemiStructuredLinear) for m in model.modules())
     ids = torch.arange(1, 33, device="cuda")[None]
     assert _close(_logits(model, ids), _logits(plain, ids))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(("spec", "dtype"), [("4:8", "bfloat16"), ("2:4", "float32")])
+def test_load_pretrained_on_a_gpu_swaps_other_patterns_onto_nm_linear(
+        spec, dtype, llm_folders, tmp_path, capsys):  # noqa: F811
+    # Not 2:4 in bf16/fp16: the tensor cores do not take it, so every N:M layer becomes an
+    # NMLinear on the GPU (Triton when installed, else torch); generate runs there too.
+    from nmsparse.kernels import SemiStructuredLinear
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(llm_folders["llama"]), "--method", "sparsegpt", "--pattern", spec,
+                 "--text-file", str(llm_folders["text"]), "--dtype", dtype, "--device", "cuda",
+                 "--out", str(out), *COMMON[:6]]) == 0
+    masks = nmsparse.saved_masks(out / "masks.safetensors")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval().to("cuda")
+    model = nmsparse.load_pretrained(out)
+    assert next(model.parameters()).device.type == "cuda"
+    assert sum(isinstance(m, NMLinear) for m in model.modules()) == len(masks) == 14
+    assert not any(isinstance(m, SemiStructuredLinear) for m in model.modules())
+    ids = torch.arange(1, 33, device="cuda")[None]
+    assert _close(_logits(model, ids), _logits(plain, ids))
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "def wrap(", "--max-new-tokens", "4",
+                 "--device", "cuda"]) == 0
+    assert "tokens/s" in capsys.readouterr().out

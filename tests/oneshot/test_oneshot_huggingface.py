@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -98,3 +100,35 @@ def test_gpt2_calibration_as_keyword_batches():
     result = prune(model, "4:8", "sparsegpt", calibration=batches)
     assert result.mode == "sequential blocks" and result.calibration_rows == 3 * 2 * 16
     assert model.config.use_cache  # restored after calibration
+
+
+def test_llama_layers_reading_one_input_share_one_sparsegpt_factor(monkeypatch):
+    # q/k/v read the same hidden states, gate/up too: 4 factors of H^-1 per block, not 7, and
+    # the pruned weights are bit for bit those of one factor per layer.
+    prune_module = importlib.import_module("nmsparse.oneshot.prune")
+    sparsegpt_module = importlib.import_module("nmsparse.oneshot.sparsegpt")
+
+    def pruned(share):
+        torch.manual_seed(0)
+        model = _llama()
+        if not share:
+            monkeypatch.setattr(prune_module, "_share_statistics", lambda statistics: None)
+        factor = sparsegpt_module.inverse_hessian_factor
+        widths = []
+
+        def counted(hessian, damp, **options):
+            widths.append(hessian.shape[0])
+            return factor(hessian, damp, **options)
+
+        monkeypatch.setattr(sparsegpt_module, "inverse_hessian_factor", counted)
+        prune(model, "2:4", "sparsegpt", calibration=_batches(), then=None)
+        monkeypatch.undo()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, widths
+
+    shared, shared_widths = pruned(share=True)
+    alone, alone_widths = pruned(share=False)
+    assert shared_widths == [32, 32, 32, 64] * 2 + [32]  # qkv, o, gate/up, down; the head
+    assert alone_widths == ([32] * 6 + [64]) * 2 + [32]
+    assert shared.keys() == alone.keys()
+    for name, value in shared.items():
+        assert torch.equal(value.view(torch.int32), alone[name].view(torch.int32)), name

@@ -136,3 +136,56 @@ def test_dead_inputs_get_zero_weight_and_no_error():
 def test_a_hessian_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         sparsegpt(torch.randn(2, 8), torch.eye(4), NM(2, 4))
+
+
+@pytest.mark.parametrize("blocksize", [3, 8, 128])
+def test_unstructured_sweep_equals_the_naive_loop_given_its_mask(blocksize):
+    # The mask is chosen per block of columns; given that mask, the weights must be the
+    # column-by-column OBS result (blocks that do not divide the width included).
+    weight, hessian = _random_problem(6, 20, seed=8)
+    pruned, kept = sparsegpt(weight, hessian, Unstructured(0.5), blocksize=blocksize)
+    expected, _ = _naive_sparsegpt(weight, hessian, NM(1, 2), damp=0.01, mask=kept)
+    assert torch.allclose(pruned, expected, atol=1e-9)
+    assert torch.all(pruned[~kept] == 0)
+
+
+def test_statistics_are_the_same_only_bit_for_bit():
+    from nmsparse.oneshot.statistics import InputHessian, InputNorms
+
+    rows = torch.randn(10, 4, generator=torch.Generator().manual_seed(9))
+    first, second, other = InputHessian(4), InputHessian(4), InputHessian(4)
+    first.add(rows)
+    second.add(rows.clone())
+    other.add(rows * 1.0001)
+    assert first.same_as(second) and not first.same_as(other)
+    assert not first.same_as(InputHessian(4))  # nothing seen yet
+    norms = InputNorms(4)
+    norms.add(rows)
+    assert not norms.same_as(first)
+    zero, negative_zero = InputNorms(1), InputNorms(1)
+    zero.add(torch.zeros(1, 1))
+    negative_zero.add(torch.zeros(1, 1))
+    negative_zero.sum_squares = -negative_zero.sum_squares  # -0.0 == 0.0 but not its bits
+    assert not zero.same_as(negative_zero)
+    calls = []
+    assert first.derive("key", lambda: calls.append(1) or "value") == "value"
+    assert first.derive("key", lambda: calls.append(1) or "other") == "value"
+    assert calls == [1]
+
+
+def test_the_pruner_overwrites_the_handed_over_hessian_and_gives_the_same_bits():
+    from nmsparse.oneshot.sparsegpt import SparseGPT
+    from nmsparse.oneshot.statistics import InputHessian
+
+    generator = torch.Generator().manual_seed(10)
+    inputs = torch.randn(64, 16, generator=generator)
+    weight = torch.randn(6, 16, generator=generator)
+    statistic = InputHessian(16)
+    statistic.add(inputs)
+    expected = sparsegpt(weight, statistic.matrix(), NM(2, 4))
+    pruned, kept = SparseGPT().prune(weight, statistic, NM(2, 4))
+    assert torch.equal(pruned.view(torch.int32), expected[0].view(torch.int32))
+    assert torch.equal(kept, expected[1])
+    assert statistic.hessian is None  # handed over: its memory went with the factor
+    again, _ = SparseGPT().prune(weight, statistic, NM(2, 4))  # the derived factor serves
+    assert torch.equal(again, pruned)

@@ -136,6 +136,18 @@ def _prune_one(target: Target, pruner: Pruner, statistic, pattern: Pattern
     return target.to_parameter_layout(mask)
 
 
+def _share_statistics(statistics: dict) -> None:
+    """Layers that read the same input (bit-identical statistics) get one statistic object,
+    so that what the pruner derives from it is computed once."""
+    distinct: list = []
+    for module, statistic in statistics.items():
+        same = next((d for d in distinct if d.same_as(statistic)), None)
+        if same is None:
+            distinct.append(statistic)
+        else:
+            statistics[module] = same
+
+
 def _prune_with_statistics(targets: Sequence[Target], pruner: Pruner, pattern: Pattern,
                            feed, masks: dict[str, torch.Tensor]) -> int:
     """Gather statistics of ``targets`` while ``feed()`` runs the calibration data, then prune
@@ -147,9 +159,14 @@ def _prune_with_statistics(targets: Sequence[Target], pruner: Pruner, pattern: P
         if statistics[target.module].rows == 0:
             raise ValueError(f"{target.name}: no calibration input reached this layer (is it "
                              "used in the forward pass?); leave it out with exclude=")
-    for target in targets:
-        masks[target.name] = _prune_one(target, pruner, statistics[target.module], pattern)
-    return statistics[targets[0].module].rows
+    rows = statistics[targets[0].module].rows
+    _share_statistics(statistics)
+    last = {target.module: target for target in targets}
+    for target in targets:  # each statistic is freed after the last layer that reads it
+        statistic = (statistics.pop(target.module) if last[target.module] is target
+                     else statistics[target.module])
+        masks[target.name] = _prune_one(target, pruner, statistic, pattern)
+    return rows
 
 
 @contextlib.contextmanager

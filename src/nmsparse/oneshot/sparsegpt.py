@@ -33,37 +33,45 @@ from .base import Pruner, nm_of, top_count
 from .statistics import InputHessian
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, dead)``: the upper Cholesky factor of the damped ``H^-1``, and the inputs whose
-    Hessian diagonal is zero (they never fired)."""
-    hessian = hessian.clone()
+    Hessian diagonal is zero (they never fired). ``overwrite``: the caller gives ``hessian``
+    up, so it is damped in place instead of copied."""
+    if not overwrite:
+        hessian = hessian.clone()
     dead = torch.diagonal(hessian) == 0
     hessian[dead, dead] = 1.0
     if damp > 0:
         diagonal = torch.diagonal(hessian)
         diagonal += damp * diagonal.mean()
-    try:
-        lower = torch.linalg.cholesky(hessian)
-        inverse = torch.cholesky_inverse(lower)
-        upper = torch.linalg.cholesky(inverse, upper=True)
+    try:  # one name, so that each step's input is freed (4 x 127 MB for a 5632-wide input)
+        hessian = torch.linalg.cholesky(hessian)
+        hessian = torch.cholesky_inverse(hessian)
+        upper = torch.linalg.cholesky(hessian, upper=True)
     except torch.linalg.LinAlgError:
         raise ValueError(f"the input Hessian is not positive definite with damp={damp}; "
                          "use more calibration data or a larger damp (e.g. 0.1)") from None
     return upper, dead
 
 
-def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *,
-              blocksize: int = 128, damp: float = 0.01,
-              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor | None, pattern: Pattern, *,
+              blocksize: int = 128, damp: float = 0.01, mask: torch.Tensor | None = None,
+              factor: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``matrix`` ``(out, in)`` to ``pattern`` given the input Hessian ``(in, in)``;
-    returns ``(pruned matrix, mask)``. ``mask`` fixes the mask instead of choosing it."""
+    returns ``(pruned matrix, mask)``. ``mask`` fixes the mask instead of choosing it;
+    ``factor`` is ``inverse_hessian_factor(hessian, damp)`` when already computed (layers
+    reading the same input share it; ``hessian`` may then be ``None``)."""
     weight = matrix.clone()
     rows, columns = weight.shape
-    if hessian.shape != (columns, columns):
-        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not fit a weight with "
+    given = hessian if factor is None else factor[0]
+    if given.shape != (columns, columns):
+        raise ValueError(f"Hessian shape {tuple(given.shape)} does not fit a weight with "
                          f"{columns} input features")
-    upper, dead = inverse_hessian_factor(hessian.to(weight.dtype), damp)
+    if factor is None:
+        factor = inverse_hessian_factor(hessian.to(weight.dtype), damp)
+    upper, dead = factor
     weight[:, dead] = 0
     nm = nm_of(pattern) if mask is None else None
     if nm is not None:
@@ -74,26 +82,32 @@ def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, *,
 
     for start in range(0, columns, blocksize):
         end = min(start + blocksize, columns)
-        block = weight[:, start:end].clone()
-        factor = upper[start:end, start:end]
-        diagonal = torch.diagonal(factor)
-        errors = torch.zeros_like(block)
+        # The block is worked on transposed, (columns, rows), so that every column read and
+        # written in the sweep is contiguous (strided columns made the sweep several times
+        # slower); the arithmetic per element is unchanged.
+        block = weight[:, start:end].t().contiguous()
+        inner = upper[start:end, start:end]
+        diagonal = torch.diagonal(inner)
+        errors = torch.empty_like(block)
         if mask is None and isinstance(pattern, Unstructured):
             keep = math.floor(pattern.keep * block.numel() + 1e-9)
-            chosen[:, start:end] = top_count(block.pow(2) / diagonal.pow(2), keep)
+            chosen[:, start:end] = top_count(weight[:, start:end].pow(2) / diagonal.pow(2),
+                                             keep)
+        kept_t = chosen[:, start:end].t().contiguous()
         for j in range(end - start):
             if nm is not None and j % nm.m == 0:
                 group = slice(j, j + nm.m)
-                scores = block[:, group].pow(2) / diagonal[group].pow(2)
-                chosen[:, start + j:start + j + nm.m] = nm.mask(scores)
-            column = block[:, j]
-            kept = column * chosen[:, start + j]
-            error = (column - kept) / factor[j, j]
-            block[:, j:] -= error.unsqueeze(1) * factor[j, j:].unsqueeze(0)
-            block[:, j] = kept  # exact zeros where pruned
-            errors[:, j] = error
-        weight[:, start:end] = block
-        weight[:, end:] -= errors @ upper[start:end, end:]
+                scores = block[group].pow(2) / diagonal[group].pow(2).unsqueeze(1)
+                kept_t[group] = nm.mask(scores.t()).t()
+            column = block[j]
+            kept = column * kept_t[j]
+            error = (column - kept) / inner[j, j]
+            block[j + 1:] -= inner[j, j + 1:].unsqueeze(1) * error.unsqueeze(0)
+            block[j] = kept  # exact zeros where pruned
+            errors[j] = error
+        weight[:, start:end] = block.t()
+        chosen[:, start:end] = kept_t.t()
+        weight[:, end:] -= errors.t().contiguous() @ upper[start:end, end:]
     return weight, chosen
 
 
@@ -113,5 +127,11 @@ class SparseGPT(Pruner):
             raise ValueError(f"sparsegpt damp must be a finite number >= 0, got {self.damp!r}")
 
     def prune(self, matrix, statistic, pattern):
-        return sparsegpt(matrix, statistic.matrix().to(matrix.device), pattern,
-                         blocksize=self.blocksize, damp=self.damp)
+        # H is needed only to make the factor: the statistic hands it over and it is
+        # overwritten, so one 5632-wide layer holds 2 such matrices at a time, not 4
+        factor = statistic.derive(
+            ("sparsegpt factor", self.damp, matrix.dtype, matrix.device),
+            lambda: inverse_hessian_factor(statistic.take().to(matrix.device, matrix.dtype),
+                                           self.damp, overwrite=True))
+        return sparsegpt(matrix, None, pattern, blocksize=self.blocksize, damp=self.damp,
+                         factor=factor)

@@ -7,6 +7,11 @@ activations: what Wanda and SparseGPT need, accumulated batch by batch.
   ``X`` (rows = tokens), accumulated as a running mean so the scale does not depend on how
   much data was seen.
 
+Layers that read the same input (a Llama block's q/k/v projections, gate/up) end with
+bit-identical statistics; :meth:`Statistic.same_as` finds them so that one statistic, and what a
+pruner derives from it once (:meth:`Statistic.derive`: SparseGPT's factor of ``H^-1``), serves
+all of them.
+
 :func:`collecting` registers one hook per layer and always removes them, also when the
 calibration forward raises.
 """
@@ -26,9 +31,32 @@ class Statistic:
     def __init__(self, features: int) -> None:
         self.features = features
         self.rows = 0
+        self._derived: dict = {}
 
     def add(self, rows: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def state(self) -> torch.Tensor | None:
+        """The accumulated tensor (``None`` before any input)."""
+        raise NotImplementedError
+
+    def same_as(self, other: Statistic) -> bool:
+        """Whether ``other`` holds bit for bit the same statistic (the same input was seen)."""
+        mine, theirs = self.state(), other.state()
+        if type(self) is not type(other) or self.rows != other.rows or mine is None \
+                or theirs is None or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            return False
+        if mine.dtype.is_floating_point:  # bits, so that -0.0 and 0.0 differ
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[mine.element_size()]
+            mine, theirs = mine.view(bits), theirs.view(bits)
+        return torch.equal(mine, theirs)
+
+    def derive(self, key, compute):
+        """``compute()``, remembered under ``key`` for the other layers sharing this
+        statistic (the accumulation must be finished)."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
 
 class InputNorms(Statistic):
@@ -40,6 +68,9 @@ class InputNorms(Statistic):
         squares = rows.float().pow(2).sum(0)
         self.sum_squares = squares if self.sum_squares is None else self.sum_squares + squares
         self.rows += rows.shape[0]
+
+    def state(self) -> torch.Tensor | None:
+        return self.sum_squares
 
     def norms(self) -> torch.Tensor:
         if self.sum_squares is None:
@@ -63,10 +94,19 @@ class InputHessian(Statistic):
             self.hessian = self.hessian * (self.rows / total) + update
         self.rows = total
 
+    def state(self) -> torch.Tensor | None:
+        return self.hessian
+
     def matrix(self) -> torch.Tensor:
         if self.hessian is None:
             raise ValueError("no calibration input reached this layer")
         return self.hessian
+
+    def take(self) -> torch.Tensor:
+        """The matrix, handed over: the statistic no longer holds it (a pruner that needs
+        only something derived from it may overwrite it, and its memory goes with it)."""
+        hessian, self.hessian = self.matrix(), None
+        return hessian
 
 
 def _input_rows(module: nn.Module, args: tuple, features: int) -> torch.Tensor:
