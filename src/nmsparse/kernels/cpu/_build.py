@@ -5,7 +5,9 @@ so that no AVX-512 instruction can leak into the code an AVX2-only CPU runs:
 
 * ``avx2``: ``nm_linear.cpp`` with ``-mavx2 -mfma`` (also exports the CPU feature probe);
 * ``avx512``: ``nm_linear_avx512.cpp`` with AVX-512 F/BW/VL/DQ; its bf16 kernels carry a
-  ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where the probe says so.
+  ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where the probe says so;
+* ``mask_avx2`` / ``mask_avx512``: ``nm_mask.cpp`` (the per-step mask pass of sparse training,
+  :mod:`.mask_pass`) built with the same two sets of flags.
 
 The sources share the headers in this folder (``*.h``), which count in every library's hash.
 
@@ -46,6 +48,8 @@ AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", 
 LIBRARIES = {
     "avx2": ("nm_linear.cpp", AVX2_FLAGS, "nm_linear_avx2"),
     "avx512": ("nm_linear_avx512.cpp", AVX512_FLAGS, "nm_linear_avx512"),
+    "mask_avx2": ("nm_mask.cpp", AVX2_FLAGS, "nm_mask_avx2"),
+    "mask_avx512": ("nm_mask.cpp", AVX512_FLAGS, "nm_mask_avx512"),
 }
 ABI = 2  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -55,6 +59,9 @@ SIGNATURES = {
                             _INT, _PTR, _PTR, _INT, _INT], _INT),
     "nmsparse_unpack": ([_PTR, _INT, _PTR, _I64, _I64, _INT, _INT, _I64, _I64, _I64, _PTR, _INT,
                          _INT], _INT),
+    "nmsparse_mask_refresh": ([_PTR, _INT, _PTR, _PTR, _I64, _INT, _INT, _I64, _INT, _PTR], _INT),
+    "nmsparse_mask_fixed": ([_PTR, _INT, _PTR, _PTR, _I64, _INT, _PTR], _INT),
+    "nmsparse_mask_decay": ([_PTR, _PTR, _PTR, ctypes.c_float, _I64, _INT], _INT),
 }
 ENV_CACHE = "NMSPARSE_CACHE_DIR"
 LOCK_NAME = "build.lock"
