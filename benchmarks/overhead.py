@@ -4,12 +4,14 @@ For each model the dense and the sparse copy (same initial weights, ``nmsparse.s
 are trained side by side with an ordinary loop (``opt.zero_grad(); loss.backward();
 opt.step()``, SGD with momentum 0.9 and weight decay 5e-5). Their steps alternate, so a
 noisy machine slows both alike; the table reports the median step time of each after the
-warm-up steps (which include compiling the fused mask kernels) and their ratio.
+warm-up steps (which include building the native mask pass or compiling the fused mask
+kernels) and their ratio.
 
     python benchmarks/overhead.py            # full run, writes benchmarks/results/overhead.md
     python benchmarks/overhead.py --quick    # fewer steps
     python benchmarks/overhead.py --check    # compiled vs eager mask kernels, bit for bit
     python benchmarks/overhead.py --device cuda --cases gpu   # GPU-sized batches, ViT too
+    python benchmarks/overhead.py --mask-path compiled   # the torch.compile mask kernels
 
 The breakdown section times the parts of a sparse step: forward+backward, the optimizer
 step with its hooks, and inside them the SR-STE gradient term (``add_decay_``) and the mask
@@ -279,7 +281,15 @@ def machine() -> str:
     return text
 
 
+# --mask-path: (set_native, set_compile) for nmsparse.engine.fused
+MASK_PATHS = {"auto": (None, None), "native": (True, None), "compiled": (False, None),
+              "eager": (False, False)}
+
+
 def benchmark(args: argparse.Namespace) -> str:
+    native, compiled = MASK_PATHS[args.mask_path]
+    fused.set_native(native)
+    fused.set_compile(compiled)
     devices = [torch.device(d) for d in args.device]
     warmup, steps = (2, 5) if args.quick else (3, 9)
     lines = [
@@ -287,8 +297,10 @@ def benchmark(args: argparse.Namespace) -> str:
         f"- machine: {machine()}",
         f"- command: `{shlex.join(['python', *sys.argv])}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        f"- fused compiled kernels: NMSPARSE_COMPILE={os.environ.get('NMSPARSE_COMPILE', 'auto')}"
-        f" (auto: CPU weights of >= {fused.COMPILE_MIN_NUMEL} elements)",
+        f"- mask pass: {args.mask_path} (native C++ pass on the CPU: "
+        f"{fused.status()['native'] or 'runs'}; compiled kernels: NMSPARSE_COMPILE="
+        f"{os.environ.get('NMSPARSE_COMPILE', 'auto')}, auto: CPU weights of >= "
+        f"{fused.COMPILE_MIN_NUMEL} elements the native pass does not take)",
         f"- {warmup} warm-up steps (not timed, they include compiling), then the median of "
         f"{steps} steps; dense and sparse steps alternate, and a pair of steps during which "
         "other processes used the CPU is dropped and repeated (at most 4x; before each pair "
@@ -373,6 +385,7 @@ def check(args: argparse.Namespace) -> bool:
     # Linear, odd row count, conv2d (grouped axis stride 9), conv with stride 5, conv1d, and
     # one above the automatic size threshold.
     shapes = [(96, 160), (33, 112), (40, 32, 3, 3), (24, 64, 5, 1), (16, 48, 3), (256, 1024)]
+    fused.set_native(False)  # compiled against eager (tests/test_fused_native.py: the native pass)
     failures = 0
     compared = 0
     decay_diffs = 0
@@ -394,6 +407,7 @@ def check(args: argparse.Namespace) -> bool:
                             failures += 1
                             print(f"MISMATCH {pattern} {dtype} {layout} {shape} {kind}")
     fused.set_compile(None)
+    fused.set_native(None)
     print(f"check: {compared} cases, {failures} mismatches in masks / masked weights / "
           f"finite flags / fixed-mask refresh; add_decay_: {decay_diffs} of {decay_total} "
           f"entries differ from eager (allowed: rounding of eager's fused multiply-add); "
@@ -452,6 +466,10 @@ def main() -> None:
                         help="only check the compiled kernels against eager, bit for bit")
     parser.add_argument("--profile", action="store_true",
                         help="append a torch.profiler table of sparse MLP steps")
+    parser.add_argument("--mask-path", choices=list(MASK_PATHS), default="auto",
+                        help="which implementation of the per-step mask pass runs: auto (the "
+                        "native C++ pass on the CPU), native, compiled (torch.compile "
+                        "kernels) or eager")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.device is None:

@@ -29,6 +29,13 @@ def compiled():
     fused_path.set_compile(True)
     yield
     fused_path.set_compile(None)
+    fused_path.set_native(None)
+
+
+def eager_only():
+    """The eager reference: neither the compiled nor the native path."""
+    fused_path.set_compile(False)
+    fused_path.set_native(False)
 
 
 def weights(shape, kind: str, seed: int = 0) -> torch.Tensor:
@@ -69,11 +76,12 @@ def test_compiled_refresh_is_bit_identical(compiled, shape, layout, kind):
 
 
 def _eager(fn):
-    fused_path.set_compile(False)
+    eager_only()
     try:
         return fn()
     finally:
         fused_path.set_compile(True)
+        fused_path.set_native(None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -125,7 +133,7 @@ def test_compiled_fixed_mask_refresh_matches_eager(compiled, shape):
     weight = weights(shape, "ties")
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.5
     fused = refresh(weight, "in", recompute=False, mask=mask)
-    fused_path.set_compile(False)
+    eager_only()
     eager = refresh(weight, "in", recompute=False, mask=mask)
     assert torch.equal(bits(fused[0]), bits(eager[0]))  # pruned weights zeroed
     assert torch.equal(bits(fused[2]), bits(eager[2]))
@@ -139,7 +147,7 @@ def test_compiled_add_decay_matches_eager(compiled, shape):
     grad = weights(shape, "normal", seed=2)
     fused, eager = grad.clone(), grad.clone()
     fused_path.add_decay_(fused, weight, mask, 2e-4)
-    fused_path.set_compile(False)
+    eager_only()
     fused_path.add_decay_(eager, weight, mask, 2e-4)
     # Eager CPU uses a fused multiply-add; the kernel computes exactly in float64 and rounds
     # once, so they agree unless double rounding hits a tie: allow one rounding step.
@@ -162,6 +170,7 @@ def test_new_layer_shapes_do_not_recompile(compiled):
 def test_training_with_compiled_kernels_matches_eager():
     def train(compile_on: bool):
         fused_path.set_compile(compile_on)
+        fused_path.set_native(None if compile_on else False)
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
         nmsparse.sparsify(model, "2:4", method="srste", decay=1e-2)
@@ -177,6 +186,7 @@ def test_training_with_compiled_kernels_matches_eager():
         fused, eager = train(True), train(False)
     finally:
         fused_path.set_compile(None)
+        fused_path.set_native(None)
     for name, value in eager.items():
         if value.dtype == torch.bool:
             assert torch.equal(fused[name], value), name
@@ -229,6 +239,7 @@ def test_automatic_mode_compiles_only_large_cpu_weights(monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.delenv(fused_path.ENV_VAR, raising=False)
+    monkeypatch.setenv(fused_path.NATIVE_ENV_VAR, "0")  # else the native path takes CPU weights
     monkeypatch.setattr(fused_path, "_kernel", recording)
     monkeypatch.setattr(fused_path, "_broken", False)
     refresh(weights((64, 64), "normal"), "in")  # small: eager, no compile attempt

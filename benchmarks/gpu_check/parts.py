@@ -216,6 +216,7 @@ def part_overhead(fixture: bool, save: Save, mode: str) -> tuple[dict, str]:
     """SR-STE 2:4 step time vs dense with the mask refresh eager or compiled
     (``NMSPARSE_COMPILE``, set before nmsparse runs any step)."""
     os.environ["NMSPARSE_COMPILE"] = "1" if mode == "compiled" else "0"
+    os.environ["NMSPARSE_NATIVE_MASKS"] = "0"  # the CPU's C++ pass: neither mode (a CPU dry run)
     import torch
 
     from benchmarks import overhead

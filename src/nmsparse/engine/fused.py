@@ -7,15 +7,23 @@
 Both write in place: on the CPU, allocating fresh weight-sized tensors every step costs more
 than the arithmetic (page faults), so the buffers live as long as the layer.
 
-Two implementations compute the same results:
+Three implementations compute the same results:
 
 * the eager path (plain torch ops, the reference), used for small weights and as fallback;
+* the native path for CPU weights (float32 and bfloat16; the SR-STE term float32 only): a C++
+  pass (:mod:`nmsparse.kernels.cpu.mask_pass`, AVX-512 or AVX2, built on first use like the
+  CPU Linear kernels) that reads the weight once and writes mask and masked weight once, at
+  the speed of a copy (about 3x the compiled path below, which it replaces on the CPU, with no
+  compile time). Used by default for CPU weights of any size unless the compiled path is
+  forced on; ``NMSPARSE_NATIVE_MASKS=0`` (or :func:`set_native`) turns it off. Where it
+  cannot build or run, the next path takes the call (:func:`status` says why);
 * a fused path built with ``torch.compile`` on first use (never at import), used by default
-  for CPU weights of at least :data:`COMPILE_MIN_NUMEL` elements. One pass over the weight
-  writes the mask, the masked weight and the finiteness flag, about 10x faster than eager.
-  ``NMSPARSE_COMPILE=0`` / ``=1`` (or :func:`set_compile`) forces it off / on (on: every
-  eligible weight, any size, CUDA included). If compiling or running it raises, nmsparse
-  warns once and stays on the eager path for the rest of the process.
+  for CPU weights of at least :data:`COMPILE_MIN_NUMEL` elements that the native path does
+  not take. One pass over the weight writes the mask, the masked weight and the finiteness
+  flag, about 10x faster than eager. ``NMSPARSE_COMPILE=0`` / ``=1`` (or :func:`set_compile`)
+  forces it off / on (on: every eligible weight, any size, CUDA included, before the native
+  path). If compiling or running it raises, nmsparse warns once and stays on the eager path
+  for the rest of the process.
 
 How the fused mask kernel is vectorised: the weight is viewed as rows of ``C`` elements (a
 multiple of ``M * K`` and of 16 when possible, ``K`` = the grouped axis' stride), so every row
@@ -56,6 +64,7 @@ from ..patterns import NM
 from .grouping import _PAIRWISE_MAX_M
 
 ENV_VAR = "NMSPARSE_COMPILE"
+NATIVE_ENV_VAR = "NMSPARSE_NATIVE_MASKS"
 # Below this many weight elements the eager path is fast enough; compiling costs seconds.
 COMPILE_MIN_NUMEL = 1 << 18
 # Each extra group member adds two shifted loads; above M=16 compile time and kernel size grow.
@@ -67,6 +76,8 @@ _INDUCTOR_OPTIONS = {"realize_acc_reads_threshold": 1 << 20, "realize_opcount_th
                      "realize_reads_threshold": 1 << 20}
 
 _forced: bool | None = None  # set_compile(); None: follow the environment variable
+_native_forced: bool | None = None  # set_native(); None: follow NMSPARSE_NATIVE_MASKS
+_native_module: types.ModuleType | None = None
 _broken = False  # a compile or compiled call failed: eager for the rest of the process
 _kernels: dict[tuple, Callable] = {}
 _tables: dict[tuple, torch.Tensor] = {}
@@ -94,9 +105,45 @@ def compile_mode() -> bool | None:
     return None
 
 
-def status() -> dict[str, int | bool]:
-    """How many compiled kernels exist, and whether a failure switched to eager for good."""
-    return {"kernels": len(_kernels), "broken": _broken}
+def set_native(enabled: bool | None) -> None:
+    """Turn the native C++ path for CPU weights off (``False``) or on (``True``, the default
+    where it builds); ``None`` follows ``NMSPARSE_NATIVE_MASKS`` again."""
+    global _native_forced
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"set_native takes True, False or None, got {enabled!r}")
+    _native_forced = enabled
+
+
+def native_mode() -> bool:
+    """Whether the native path may run (it still needs a CPU it builds for)."""
+    if _native_forced is not None:
+        return _native_forced
+    return os.environ.get(NATIVE_ENV_VAR, "").strip().lower() not in ("0", "false", "off", "no")
+
+
+def status() -> dict[str, int | bool | str | None]:
+    """How many compiled kernels exist, whether a failure switched them to eager for good,
+    and ``native``: ``None`` if the native CPU path runs here, else why not."""
+    if not native_mode():
+        native = f"turned off ({NATIVE_ENV_VAR}=0 or set_native(False))"
+    else:
+        native = _native_pass().reason()
+    return {"kernels": len(_kernels), "broken": _broken, "native": native}
+
+
+def _native_pass() -> types.ModuleType:
+    global _native_module
+    if _native_module is None:
+        # lazy: importing the CPU kernels' package costs ~60 ms; the library builds on first use
+        from ..kernels.cpu import mask_pass
+
+        _native_module = mask_pass
+    return _native_module
+
+
+def _wants_native(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and compile_mode() is not True and native_mode()
+            and not torch.compiler.is_compiling())
 
 
 def _wants_compiled(weight: torch.Tensor) -> bool:
@@ -284,6 +331,19 @@ def _refresh_eager(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tenso
     return finite
 
 
+def _refresh_native(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor,
+                    pattern: NM, recompute: bool) -> torch.Tensor | None:
+    native = _native_pass()
+    if not recompute:
+        return native.fixed(weight, mask, masked)
+    stride = math.prod(weight.shape[2:]) if pattern.layout == "in" else 1
+    finite = native.refresh(weight, mask, masked, pattern.n, pattern.m, stride)
+    if finite is not None and pattern.m > _PAIRWISE_MAX_M and not bool(finite):
+        # as in _refresh_compiled: eager's sort ranks NaN above +inf, comparisons cannot
+        return _refresh_eager(weight, mask, masked, pattern, True)
+    return finite
+
+
 def refresh_(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, pattern: NM,
              recompute: bool) -> torch.Tensor:
     """Update ``mask`` (if ``recompute``) and ``masked = W * mask``; returns "all finite".
@@ -292,6 +352,10 @@ def refresh_(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, pat
     The returned 0-d bool tensor lets callers check many layers with one host sync.
     """
     with torch.no_grad():
+        if _wants_native(weight) and _fits(weight, mask, masked):
+            finite = _refresh_native(weight, mask, masked, pattern, recompute)
+            if finite is not None:
+                return finite
         if _wants_compiled(weight) and _fits(weight, mask, masked):
             try:
                 if not recompute:
@@ -317,6 +381,9 @@ def add_decay_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                decay: float) -> None:
     """``grad += decay * (1 - mask) * weight``, in place."""
     with torch.no_grad():
+        if (_wants_native(weight) and _fits(weight, mask, grad)
+                and _native_pass().add_decay(grad, weight, mask, decay)):
+            return
         if _wants_compiled(weight) and _fits(weight, mask, grad):
             try:
                 _kernel("decay", weight.dtype)(_flat(grad), _flat(weight),

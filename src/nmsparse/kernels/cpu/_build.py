@@ -5,7 +5,11 @@ so that no AVX-512 instruction can leak into the code an AVX2-only CPU runs:
 
 * ``avx2``: ``nm_linear.cpp`` with ``-mavx2 -mfma`` (also exports the CPU feature probe);
 * ``avx512``: ``nm_linear_avx512.cpp`` with AVX-512 F/BW/VL/DQ; its bf16 kernels carry a
-  ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where the probe says so.
+  ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where the probe says so;
+* ``mask_avx2`` / ``mask_avx512``: ``nm_mask.cpp`` (the per-step mask pass of sparse training,
+  :mod:`.mask_pass`) built with the same two sets of flags.
+
+The sources share the headers in this folder (``*.h``), which count in every library's hash.
 
 Each library is built on first use with the system C++ compiler (``$CXX``, else ``g++``, else
 ``c++``) into a per-user cache folder (``$NMSPARSE_CACHE_DIR``, else
@@ -38,13 +42,27 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-# instruction set -> (source, its flags)
+AVX2_FLAGS = ("-mavx2", "-mfma")
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mbmi2")
+# library -> (source, its flags, the cache file's name before the hash)
 LIBRARIES = {
-    "avx2": ("nm_linear.cpp", ("-mavx2", "-mfma")),
-    "avx512": ("nm_linear_avx512.cpp", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                                        "-mfma", "-mbmi2")),
+    "avx2": ("nm_linear.cpp", AVX2_FLAGS, "nm_linear_avx2"),
+    "avx512": ("nm_linear_avx512.cpp", AVX512_FLAGS, "nm_linear_avx512"),
+    "mask_avx2": ("nm_mask.cpp", AVX2_FLAGS, "nm_mask_avx2"),
+    "mask_avx512": ("nm_mask.cpp", AVX512_FLAGS, "nm_mask_avx512"),
 }
-ABI = 2  # must equal nmsparse_cpu_abi() in every source
+ABI = 2  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+# function -> (argument types, result type), set on every library that exports it
+SIGNATURES = {
+    "nmsparse_nm_linear": ([_PTR, _INT, _I64, _I64, _PTR, _INT, _PTR, _I64, _I64, _I64, _INT,
+                            _INT, _PTR, _PTR, _INT, _INT], _INT),
+    "nmsparse_unpack": ([_PTR, _INT, _PTR, _I64, _I64, _INT, _INT, _I64, _I64, _I64, _PTR, _INT,
+                         _INT], _INT),
+    "nmsparse_mask_refresh": ([_PTR, _INT, _PTR, _PTR, _I64, _INT, _INT, _I64, _INT, _PTR], _INT),
+    "nmsparse_mask_fixed": ([_PTR, _INT, _PTR, _PTR, _I64, _INT, _PTR], _INT),
+    "nmsparse_mask_decay": ([_PTR, _PTR, _PTR, ctypes.c_float, _I64, _INT], _INT),
+}
 ENV_CACHE = "NMSPARSE_CACHE_DIR"
 LOCK_NAME = "build.lock"
 # A temporary file this old was left by a build that died (builds take seconds).
@@ -91,18 +109,19 @@ def _compiler_version(cxx: str) -> str:
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-def _flags(isa: str) -> tuple[str, ...]:
-    return (*COMMON_FLAGS, *LIBRARIES[isa][1])
+def _flags(name: str) -> tuple[str, ...]:
+    return (*COMMON_FLAGS, *LIBRARIES[name][1])
 
 
-def library_path(cxx: str, isa: str = "avx2") -> Path:
-    source = HERE / LIBRARIES[isa][0]
+def library_path(cxx: str, name: str = "avx2") -> Path:
+    source = HERE / LIBRARIES[name][0]
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(_flags(isa)).encode(),
+    headers = [header.read_bytes() for header in sorted(HERE.glob("*.h"))]
+    for part in (source.read_bytes(), *headers, " ".join(_flags(name)).encode(),
                  _compiler_version(cxx).encode()):
         digest.update(part)
         digest.update(b"\0")
-    return cache_dir() / f"nm_linear_{isa}-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"{LIBRARIES[name][2]}-{digest.hexdigest()[:16]}.so"
 
 
 @contextlib.contextmanager
@@ -121,13 +140,13 @@ def _build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _compile(cxx: str, isa: str, target: Path) -> None:
-    source = HERE / LIBRARIES[isa][0]
+def _compile(cxx: str, name: str, target: Path) -> None:
+    source = HERE / LIBRARIES[name][0]
     handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so",
                                          dir=target.parent)
     os.close(handle)
     try:
-        done = subprocess.run([cxx, *_flags(isa), str(source), "-o", temporary],
+        done = subprocess.run([cxx, *_flags(name), str(source), "-o", temporary],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
@@ -140,20 +159,20 @@ def _compile(cxx: str, isa: str, target: Path) -> None:
             os.unlink(temporary)
 
 
-def remove_stale(target: Path, isa: str) -> list[Path]:
-    """Delete the other builds of ``isa``'s library in ``target``'s folder, and temporary files
+def remove_stale(target: Path, name: str) -> list[Path]:
+    """Delete the other builds of ``name``'s library in ``target``'s folder, and temporary files
     of builds that died; returns what was deleted. (A process that still has an old build loaded
     keeps its mapping: unlinking a loaded library is safe.)"""
     removed = []
     now = time.time()
-    for path in target.parent.glob(f"nm_linear_{isa}-*"):
+    for path in target.parent.glob(f"{LIBRARIES[name][2]}-*"):
         temporary = path.name.endswith(".tmp.so")
         if path == target or (temporary and now - path.stat().st_mtime < STALE_TEMPORARY_S):
             continue
         with contextlib.suppress(FileNotFoundError):  # another process removed it first
             path.unlink()
             removed.append(path)
-    if isa == "avx2":  # builds of nmsparse <= 0.x, named before there was more than one ISA
+    if name == "avx2":  # builds of nmsparse <= 0.x, named before there was more than one ISA
         for path in target.parent.glob("nm_linear_cpu-*.so"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -161,43 +180,38 @@ def remove_stale(target: Path, isa: str) -> list[Path]:
     return removed
 
 
-def _load(isa: str) -> ctypes.CDLL:
-    if isa not in LIBRARIES:
-        raise BuildError(f"unknown instruction set {isa!r}; known: {', '.join(LIBRARIES)}")
+def _load(name: str) -> ctypes.CDLL:
+    if name not in LIBRARIES:
+        raise BuildError(f"unknown CPU kernel library {name!r}; known: {', '.join(LIBRARIES)}")
     if not cpu_supports_avx2_fma():
         raise BuildError("this CPU has no AVX2/FMA")
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler found (set CXX, or install g++)")
-    target = library_path(cxx, isa)
+    target = library_path(cxx, name)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with _build_lock(target.parent):
             if not target.exists():  # another process may have built it while we waited
-                _compile(cxx, isa, target)
-                remove_stale(target, isa)
+                _compile(cxx, name, target)
+                remove_stale(target, name)
     try:
         library = ctypes.CDLL(str(target))
     except OSError as error:
         raise BuildError(f"cannot load {target}: {error}") from None
     if library.nmsparse_cpu_abi() != ABI:
         raise BuildError(f"{target} has ABI {library.nmsparse_cpu_abi()}, expected {ABI}")
-    i64, ptr, int_ = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    function = library.nmsparse_nm_linear
-    function.argtypes = [ptr, int_, i64, i64, ptr, int_, ptr, i64, i64, i64, int_, int_, ptr,
-                         ptr, int_, int_]
-    function.restype = int_
-    if isa == "avx512":
-        unpack = library.nmsparse_unpack
-        unpack.argtypes = [ptr, int_, ptr, i64, i64, int_, int_, i64, i64, i64, ptr, int_, int_]
-        unpack.restype = int_
+    for symbol, (argtypes, restype) in SIGNATURES.items():
+        if hasattr(library, symbol):
+            function = getattr(library, symbol)
+            function.argtypes, function.restype = argtypes, restype
     return library
 
 
-def load(isa: str = "avx2") -> ctypes.CDLL:
-    """Build (if not cached) and load ``isa``'s kernels; :class:`BuildError` if impossible."""
+def load(name: str = "avx2") -> ctypes.CDLL:
+    """Build (if not cached) and load ``name``'s kernels; :class:`BuildError` if impossible."""
     try:
-        return _load(isa)
+        return _load(name)
     except OSError as error:  # any file-system failure: the caller falls back, exactly
         raise BuildError(f"cannot build the CPU kernels in {_where()}: {error}") from None
 

@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "nm_common.h"
+
 #include <utility>
 
 namespace {
@@ -25,15 +27,6 @@ namespace {
 // How far ahead of use the weight values are prefetched (bytes).
 constexpr int PREFETCH_BYTES = 1024;
 
-typedef uint16_t bf16_t;
-
-inline float scalar_f32(float v) { return v; }
-inline float scalar_f32(bf16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16_t* p) {
@@ -383,8 +376,7 @@ int dispatch(const float* x, int64_t batch, int64_t in_features, const T* values
 
 extern "C" {
 
-// Bumped when a signature changes; the loader checks it.
-int nmsparse_cpu_abi(void) { return 2; }
+int nmsparse_cpu_abi(void) { return NMSPARSE_CPU_ABI; }
 
 // What this CPU (and its operating system) runs, for the dispatcher in __init__.py: bit 0
 // AVX2 + FMA, bit 1 AVX-512 F/BW/VL/DQ, bit 2 AVX512_BF16 + AVX512_VBMI + AVX512_VBMI2 (the bf16 kernels),

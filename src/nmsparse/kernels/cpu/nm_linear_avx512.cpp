@@ -27,17 +27,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "nm_common.h"
+
 namespace {
 
-typedef uint16_t bf16_t;
-
-inline float scalar_f32(float v) { return v; }
-inline float scalar_f32(bf16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 struct Shape {
   int64_t batch, in, out, slots, index_bytes;
@@ -177,11 +170,47 @@ inline __m512 expand16(__mmask16 mask, const bf16_t* v) {
   return _mm512_maskz_expand_ps(mask, wide);
 }
 
-// R rows of x (fp32, row stride ldx) times P output rows starting at o.
-template <typename T, int P, int R>
-void dot_f32(const float* x, int64_t ldx, const T* values, const uint8_t* indices,
-             const Shape& s, const MaskRows& rows, const float* bias, float* y, int64_t ldy,
-             int64_t o) {
+#define BF16_TARGET __attribute__((target("avx512bf16,avx512vbmi2,avx512vbmi")))
+
+// How the dot kernel meets x. Fp32Step: fp32 x, 16 dense inputs per vector, FMA with the
+// weights expanded (bf16 weights widened). Bf16Step: bf16 weights and bf16 x, 32 dense inputs
+// per vdpbf16ps (pairs of products summed in fp32). Its functions carry the bf16 target, so
+// only the bf16 kernel (which has it too) can inline them.
+struct Fp32Step {
+  typedef float X;
+  typedef __m512 XVec;
+  typedef __mmask16 Lanes;
+  static constexpr int WIDTH = 16;
+  static XVec load_x(Lanes lanes, const float* x) { return _mm512_maskz_loadu_ps(lanes, x); }
+  template <typename T>
+  static __m512 expand(Lanes part, const T* v) { return expand16(part, v); }
+  static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+
+struct Bf16Step {
+  typedef bf16_t X;
+  typedef __m512i XVec;
+  typedef __mmask32 Lanes;
+  static constexpr int WIDTH = 32;
+  BF16_TARGET static XVec load_x(Lanes lanes, const bf16_t* x) {
+    return _mm512_maskz_loadu_epi16(lanes, x);
+  }
+  // load + register expand: the memory form of vpexpandw is slow on some CPUs
+  BF16_TARGET static __m512i expand(Lanes part, const bf16_t* v) {
+    const int count = __builtin_popcount(part);
+    return _mm512_maskz_expand_epi16(part, _mm512_maskz_loadu_epi16((Lanes)((1ull << count) - 1), v));
+  }
+  BF16_TARGET static __m512 madd(__m512 acc, __m512i w, __m512i x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+  }
+};
+
+// R rows of x (row stride ldx) times P output rows starting at o. Always inlined into the
+// two kernels below, so that each is compiled for its own instruction set.
+template <typename Step, typename T, int P, int R>
+__attribute__((always_inline)) inline void dot_loop(
+    const typename Step::X* x, int64_t ldx, const T* values, const uint8_t* indices,
+    const Shape& s, const MaskRows& rows, const float* bias, float* y, int64_t ldy, int64_t o) {
   __m512 acc[P][R];
   const T* v[P];
   const uint8_t* dense[P];
@@ -190,6 +219,7 @@ void dot_f32(const float* x, int64_t ldx, const T* values, const uint8_t* indice
     dense[p] = rows.build(p, indices + (o + p) * s.index_bytes, s);
     for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
   }
+  typedef typename Step::Lanes Lanes;
   for (int64_t k0 = 0; k0 < s.in; k0 += 64) {
     const uint64_t valid = s.in - k0 >= 64 ? ~0ull : (1ull << (s.in - k0)) - 1;
     uint64_t mask[P];
@@ -198,16 +228,16 @@ void dot_f32(const float* x, int64_t ldx, const T* values, const uint8_t* indice
       mask[p] &= valid;
       _mm_prefetch(reinterpret_cast<const char*>(v[p]) + 1024, _MM_HINT_T0);
     }
-    for (int q = 0; q < 4; ++q) {
-      const __mmask16 lanes = (__mmask16)(valid >> (16 * q));
+    for (int q = 0; q < 64 / Step::WIDTH; ++q) {
+      const Lanes lanes = (Lanes)(valid >> (Step::WIDTH * q));
       if (!lanes) break;
-      __m512 xr[R];
-      for (int r = 0; r < R; ++r) xr[r] = _mm512_maskz_loadu_ps(lanes, x + r * ldx + k0 + 16 * q);
+      typename Step::XVec xr[R];
+      for (int r = 0; r < R; ++r) xr[r] = Step::load_x(lanes, x + r * ldx + k0 + Step::WIDTH * q);
       for (int p = 0; p < P; ++p) {
-        const __mmask16 part = (__mmask16)(mask[p] >> (16 * q));
-        const __m512 w = expand16(part, v[p]);
+        const Lanes part = (Lanes)(mask[p] >> (Step::WIDTH * q));
+        const auto w = Step::expand(part, v[p]);
         v[p] += __builtin_popcount(part);
-        for (int r = 0; r < R; ++r) acc[p][r] = _mm512_fmadd_ps(w, xr[r], acc[p][r]);
+        for (int r = 0; r < R; ++r) acc[p][r] = Step::madd(acc[p][r], w, xr[r]);
       }
     }
   }
@@ -216,49 +246,20 @@ void dot_f32(const float* x, int64_t ldx, const T* values, const uint8_t* indice
       y[r * ldy + o + p] = _mm512_reduce_add_ps(acc[p][r]) + (bias ? bias[o + p] : 0.0f);
 }
 
-#define BF16_TARGET __attribute__((target("avx512bf16,avx512vbmi2,avx512vbmi")))
+// fp32 x; fp32 or bf16 weights.
+template <typename T, int P, int R>
+void dot_f32(const float* x, int64_t ldx, const T* values, const uint8_t* indices,
+             const Shape& s, const MaskRows& rows, const float* bias, float* y, int64_t ldy,
+             int64_t o) {
+  dot_loop<Fp32Step, T, P, R>(x, ldx, values, indices, s, rows, bias, y, ldy, o);
+}
 
-// bf16 weights and bf16 x: 32 dense inputs per vdpbf16ps (pairs of products summed in fp32).
+// bf16 weights and bf16 x.
 template <int P, int R>
 BF16_TARGET void dot_bf16(const bf16_t* x, int64_t ldx, const bf16_t* values,
                           const uint8_t* indices, const Shape& s, const MaskRows& rows,
                           const float* bias, float* y, int64_t ldy, int64_t o) {
-  __m512 acc[P][R];
-  const bf16_t* v[P];
-  const uint8_t* dense[P];
-  for (int p = 0; p < P; ++p) {
-    v[p] = values + (o + p) * s.slots;
-    dense[p] = rows.build(p, indices + (o + p) * s.index_bytes, s);
-    for (int r = 0; r < R; ++r) acc[p][r] = _mm512_setzero_ps();
-  }
-  for (int64_t k0 = 0; k0 < s.in; k0 += 64) {
-    const uint64_t valid = s.in - k0 >= 64 ? ~0ull : (1ull << (s.in - k0)) - 1;
-    uint64_t mask[P];
-    for (int p = 0; p < P; ++p) {
-      memcpy(&mask[p], dense[p] + k0 / 8, 8);
-      mask[p] &= valid;
-      _mm_prefetch(reinterpret_cast<const char*>(v[p]) + 1024, _MM_HINT_T0);
-    }
-    for (int h = 0; h < 2; ++h) {
-      const __mmask32 lanes = (__mmask32)(valid >> (32 * h));
-      if (!lanes) break;
-      __m512i xr[R];
-      for (int r = 0; r < R; ++r) xr[r] = _mm512_maskz_loadu_epi16(lanes, x + r * ldx + k0 + 32 * h);
-      for (int p = 0; p < P; ++p) {
-        const __mmask32 part = (__mmask32)(mask[p] >> (32 * h));
-        // load + register expand: the memory form of vpexpandw is slow on some CPUs
-        const int count = __builtin_popcount(part);
-        const __m512i raw = _mm512_maskz_loadu_epi16((__mmask32)((1ull << count) - 1), v[p]);
-        const __m512i w = _mm512_maskz_expand_epi16(part, raw);
-        v[p] += count;
-        for (int r = 0; r < R; ++r)
-          acc[p][r] = _mm512_dpbf16_ps(acc[p][r], (__m512bh)w, (__m512bh)xr[r]);
-      }
-    }
-  }
-  for (int p = 0; p < P; ++p)
-    for (int r = 0; r < R; ++r)
-      y[r * ldy + o + p] = _mm512_reduce_add_ps(acc[p][r]) + (bias ? bias[o + p] : 0.0f);
+  dot_loop<Bf16Step, bf16_t, P, R>(x, ldx, values, indices, s, rows, bias, y, ldy, o);
 }
 
 // Output rows [begin, end) for R rows of x: blocks of P, then single rows.
@@ -739,8 +740,7 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
 
 extern "C" {
 
-// Bumped when a signature changes; the loader checks it.
-int nmsparse_cpu_abi(void) { return 2; }
+int nmsparse_cpu_abi(void) { return NMSPARSE_CPU_ABI; }
 
 // y (batch, out_features) fp32 = x (batch, in_features) @ W.T (+ bias fp32). x: bf16 when
 // x_bf16 (only with bf16 values and the bf16 dot kernel: options bit 2), else fp32. values:
