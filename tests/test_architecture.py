@@ -109,7 +109,8 @@ def test_no_import_circles():
 # What the engine stands on. Everything else (lora, hf, oneshot, export, ...) is built on the
 # engine, so the engine must not reach up to it, even without a circle.
 BELOW_THE_ENGINE = ("nmsparse.patterns", "nmsparse.methods", "nmsparse.tables",
-                    "nmsparse.registry", "nmsparse.atomic", "nmsparse.machine")
+                    "nmsparse.registry", "nmsparse.atomic", "nmsparse.machine",
+                    "nmsparse.kernels.cpu")  # the native libraries: the mask pass lives there
 
 
 def test_the_engine_reaches_only_down():
@@ -117,4 +118,12 @@ def test_the_engine_reaches_only_down():
     wrong = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() if _in(m, engine)
                    for t in targets if not _in(t, engine)
                    and not any(_in(t, below) for below in BELOW_THE_ENGINE))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_what_the_engine_stands_on_never_imports_the_engine():
+    wrong = sorted(f"{m} -> {t}" for m, targets in GRAPH.items()
+                   if any(_in(m, below) for below in BELOW_THE_ENGINE)
+                   and not _in(m, "nmsparse.methods")  # methods use the engine's leaves
+                   for t in targets if _in(t, "nmsparse.engine"))
     assert not wrong, "\n".join(wrong)
