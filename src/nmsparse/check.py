@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from .engine._dtensor import gather, is_dtensor
-from .engine.grouping import check_layout
 from .engine.masks import MASK_SUFFIX
 from .engine.selection import PatternSpec, as_globs, choose, matches, select
 from .patterns import OnTranspose, Pattern
+from .patterns.grouping import check_layout
 from .tables import format_table
 
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine.grouping import check_layout, from_groups, grouping_error, to_groups
 from .patterns import NM
+from .patterns.grouping import check_layout, from_groups, grouping_error, to_groups
 
 _WIDTHS = (1, 2, 4, 8)
 

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import NM
-from .grouping import _PAIRWISE_MAX_M
+from ..patterns.grouping import _PAIRWISE_MAX_M
 
 ENV_VAR = "NMSPARSE_COMPILE"
 NATIVE_ENV_VAR = "NMSPARSE_NATIVE_MASKS"

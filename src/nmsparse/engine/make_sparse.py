@@ -17,9 +17,9 @@ from torch import nn
 
 from ..methods import Method, ModelMethod, make_method
 from ..patterns import OnTranspose
+from ..patterns.grouping import check_layout
 from . import step_hooks
 from .baking import DDP_IGNORE, finalize_weights
-from .grouping import check_layout
 from .handle import LayerReport, SparsityHandle
 from .masks import nonfinite_error
 from .selection import (

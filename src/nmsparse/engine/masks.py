@@ -1,7 +1,7 @@
 """Masks by magnitude, the functional API: ``nm_mask(weight, n, m)`` and friends.
 
 Each group keeps its N largest ``|w|``; ties go to the lower index, so a mask is the same on
-every device. The geometry of the groups lives in :mod:`nmsparse.engine.grouping`, the pattern
+every device. The geometry of the groups lives in :mod:`nmsparse.patterns.grouping`, the pattern
 object in :mod:`nmsparse.patterns`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import NM
-from .grouping import LAYOUTS, check_layout, grouping_error, kept_per_group
+from ..patterns.grouping import LAYOUTS, check_layout, grouping_error, kept_per_group
 
 __all__ = ["LAYOUTS", "MASK_SUFFIX", "check_layout", "compute_mask", "kept_per_group", "nm_mask",
            "nonfinite_error", "saved_masks"]

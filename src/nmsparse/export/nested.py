@@ -35,12 +35,12 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import atomic_open
-from ..engine.grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..engine.selection import qualified
 from ..engine.sparse_module import sparse_states
 from ..engine.sparse_weight import refresh_stale
 from ..levels import nested_weights
 from ..packing import index_width, pack_positions, packed_shapes, unpack_positions
+from ..patterns.grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from .packed import (
     HEADER_KEY,
     PackedFormatError,

@@ -73,7 +73,6 @@ from torch import nn
 from .. import __version__
 from ..atomic import atomic_open
 from ..check import check
-from ..engine.grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..engine.selection import PatternSpec, eligible_weights, qualified
 from ..engine.sparse_module import sparse_states
 from ..engine.sparse_weight import refresh_stale
@@ -87,6 +86,7 @@ from ..packing import (
     unpack_positions,
 )
 from ..patterns import NM, OnTranspose
+from ..patterns.grouping import LAYOUTS, from_groups, grouping_error, to_groups
 from ..tables import format_table
 
 FORMAT_NAME = "nmsparse-packed"

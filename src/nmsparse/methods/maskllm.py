@@ -64,8 +64,8 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM
+from ..patterns.grouping import from_groups, to_groups
 from ._nm import unsharded_nm_geometry
 from ._progress import check_choice, check_count, check_number, steps_taken, training
 from .base import Method, Step, kept_gradient_only

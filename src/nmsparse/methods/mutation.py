@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM, Block, GlobalUnstructured, OnTranspose, Pattern, Unstructured
+from ..patterns.grouping import from_groups, to_groups
 
 ACCEPTED = ("N:M ('2:4', 'flat:2:4'), 'unstructured:D', 'global:D' or 'block:RxC:D' (also on a "
             "weight stored transposed)")

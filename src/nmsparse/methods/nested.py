@@ -32,8 +32,8 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM, parse_pattern
+from ..patterns.grouping import from_groups, to_groups
 from .base import Method, Step, straight_through
 
 TRAINING = ("progressive", "joint")

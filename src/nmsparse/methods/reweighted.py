@@ -29,8 +29,8 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM
+from ..patterns.grouping import from_groups, to_groups
 from .base import Method, Step
 from .fixed import Fixed
 

@@ -23,8 +23,8 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.grouping import from_groups, to_groups
 from ..patterns import NM
+from ..patterns.grouping import from_groups, to_groups
 from ._nm import nm_geometry
 from .base import Method, value_straight_through
 

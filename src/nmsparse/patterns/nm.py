@@ -3,7 +3,7 @@
 nmsparse reads "N:M" as *keep N of every M*: 2:4 keeps half (50 % sparse), 1:4 keeps a
 quarter (75 % sparse). Some other tools count the pruned weights instead; nmsparse never does.
 
-The grouping axis is part of the pattern (``layout``, see :mod:`nmsparse.engine.grouping`): ``"in"``
+The grouping axis is part of the pattern (``layout``, see :mod:`.grouping`): ``"in"``
 (the default and the hardware layout: M consecutive input channels) or ``"flat"`` (M
 contiguous weights of an output row in memory order, the grouping behind the SR-STE paper's
 conv numbers). Specs: ``"2:4"`` (or the caller's default layout), ``"flat:2:4"``.
@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.grouping import (
+from .base import Pattern, Violations, accepted
+from .grouping import (
     check_layout,
     from_groups,
     grouping_error,
@@ -26,7 +27,6 @@ from ..engine.grouping import (
     kept_per_group,
     to_groups,
 )
-from .base import Pattern, Violations, accepted
 
 _SHORT = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", re.ASCII)
 

@@ -37,8 +37,8 @@ from typing import ClassVar
 
 import torch
 
-from ..engine.grouping import grouping_error
 from .base import Pattern, Violations
+from .grouping import grouping_error
 from .nm import NM
 
 _ARGS = re.compile(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", re.ASCII)
