@@ -1,0 +1,47 @@
+"""``python -m nmsparse.kernels.cpu``: build now the CPU libraries this machine can use, and
+say which instruction set each part runs, or why it cannot.
+
+The libraries are otherwise compiled on first use (a few seconds, once per user and source).
+Run this where that first use should not pay for it: while building a container image or a
+shared install (with ``NMSPARSE_CACHE_DIR`` pointing at a folder the users read, at build
+time and at run time). Exit status 0 when every part this CPU supports is built, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import ISAS, build_error, features, isa, isa_reason, mask_pass
+from ._build import BuildError, cache_dir, compiler
+
+
+def main() -> int:
+    try:
+        folder = str(cache_dir())
+    except BuildError as error:
+        print(f"nmsparse CPU kernels: {error}")
+        return 1
+    print(f"cache folder: {folder}")
+    print(f"compiler: {compiler() or 'none found (set CXX, or install g++)'}")
+    error = build_error()
+    if error:
+        print(f"not built: {error}")
+        print("the N:M layers compute unpack + F.linear instead (exact, no faster)")
+        return 1
+    cpu = sorted(features())
+    print(f"this CPU: {', '.join(cpu) or 'none of ' + ', '.join(ISAS)}")
+    missing = 0
+    for name in ISAS:
+        reason = isa_reason(name)
+        if reason is not None and name in cpu:
+            missing += 1
+        print(f"  Linear kernels, {name}: {'built' if reason is None else reason}")
+    reason = mask_pass.reason()
+    missing += reason is not None
+    print(f"  training mask pass: {'built' if reason is None else reason}")
+    print(f"Linear kernels use: {isa()}")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
