@@ -45,14 +45,33 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: boo
     if damp > 0:
         diagonal = torch.diagonal(hessian)
         diagonal += damp * diagonal.mean()
-    try:  # one name, so that each step's input is freed (4 x 127 MB for a 5632-wide input)
-        hessian = torch.linalg.cholesky(hessian)
-        hessian = torch.cholesky_inverse(hessian)
-        upper = torch.linalg.cholesky(hessian, upper=True)
+    try:
+        if _bit_symmetric(hessian):
+            # LAPACK takes column-major matrices and PyTorch copies others into one; the
+            # transpose of a symmetric H is the same matrix in that layout, so the three
+            # steps overwrite it in place (a copy of 127 MB less for a 5632-wide input)
+            upper = hessian.mT
+            torch.linalg.cholesky(upper, out=upper)
+            torch.cholesky_inverse(upper, out=upper)
+            torch.linalg.cholesky(upper, upper=True, out=upper)
+        else:  # one name, so that each step's input is freed
+            hessian = torch.linalg.cholesky(hessian)
+            hessian = torch.cholesky_inverse(hessian)
+            upper = torch.linalg.cholesky(hessian, upper=True)
     except torch.linalg.LinAlgError:
         raise ValueError(f"the input Hessian is not positive definite with damp={damp}; "
                          "use more calibration data or a larger damp (e.g. 0.1)") from None
     return upper, dead
+
+
+def _bit_symmetric(matrix: torch.Tensor) -> bool:
+    """Whether ``matrix`` equals its transpose bit for bit (then both layouts give LAPACK the
+    same numbers)."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(matrix.element_size())
+    if bits is None or not matrix.dtype.is_floating_point:
+        return False
+    view = matrix.view(bits)
+    return torch.equal(view, view.mT)
 
 
 def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor | None, pattern: Pattern, *,

@@ -87,11 +87,13 @@ class InputHessian(Statistic):
         rows = rows.float()
         count = rows.shape[0]
         total = self.rows + count
-        update = rows.t() @ rows * (2.0 / total)
+        update = rows.t() @ rows
+        update *= 2.0 / total  # in place (the same bits): no second (in, in) matrix
         if self.hessian is None:
             self.hessian = update
         else:  # running mean: old * rows/total + new batch's share
-            self.hessian = self.hessian * (self.rows / total) + update
+            self.hessian *= self.rows / total
+            self.hessian += update
         self.rows = total
 
     def state(self) -> torch.Tensor | None:
