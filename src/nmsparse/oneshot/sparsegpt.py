@@ -30,7 +30,7 @@ import torch
 
 from ..patterns import Pattern, Unstructured
 from .base import Pruner, nm_of, top_count
-from .statistics import InputHessian
+from .statistics import InputHessian, bit_view
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool = False
@@ -67,11 +67,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: boo
 def _bit_symmetric(matrix: torch.Tensor) -> bool:
     """Whether ``matrix`` equals its transpose bit for bit (then both layouts give LAPACK the
     same numbers)."""
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}.get(matrix.element_size())
-    if bits is None or not matrix.dtype.is_floating_point:
-        return False
-    view = matrix.view(bits)
-    return torch.equal(view, view.mT)
+    bits = bit_view(matrix)
+    return torch.equal(bits, bits.mT)
 
 
 def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor | None, pattern: Pattern, *,
