@@ -46,10 +46,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: boo
         diagonal = torch.diagonal(hessian)
         diagonal += damp * diagonal.mean()
     try:
-        if _bit_symmetric(hessian):
+        if hessian.device.type == "cpu" and _bit_symmetric(hessian):
             # LAPACK takes column-major matrices and PyTorch copies others into one; the
             # transpose of a symmetric H is the same matrix in that layout, so the three
-            # steps overwrite it in place (a copy of 127 MB less for a 5632-wide input)
+            # steps overwrite it in place (a copy of 127 MB less for a 5632-wide input;
+            # checked on the CPU, where that memory is the process's)
             upper = hessian.mT
             torch.linalg.cholesky(upper, out=upper)
             torch.cholesky_inverse(upper, out=upper)
@@ -143,8 +144,8 @@ class SparseGPT(Pruner):
             raise ValueError(f"sparsegpt damp must be a finite number >= 0, got {self.damp!r}")
 
     def prune(self, matrix, statistic, pattern):
-        # H is needed only to make the factor: the statistic hands it over and it is
-        # overwritten, so one 5632-wide layer holds 2 such matrices at a time, not 4
+        # H is needed only to make the factor: the statistic hands it over and it becomes
+        # the factor in place (one (in, in) matrix per input; the old code held up to five)
         factor = statistic.derive(
             ("sparsegpt factor", self.damp, matrix.dtype, matrix.device),
             lambda: inverse_hessian_factor(statistic.take().to(matrix.device, matrix.dtype),
