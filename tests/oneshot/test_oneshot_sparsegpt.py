@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -189,3 +191,32 @@ def test_the_pruner_overwrites_the_handed_over_hessian_and_gives_the_same_bits()
     assert statistic.hessian is None  # handed over: its memory went with the factor
     again, _ = SparseGPT().prune(weight, statistic, NM(2, 4))  # the derived factor serves
     assert torch.equal(again, pruned)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_in_place_factor_has_the_bits_of_the_three_plain_calls(dtype, symmetric):
+    from nmsparse.oneshot.sparsegpt import inverse_hessian_factor
+
+    inputs = torch.randn(96, 24, generator=torch.Generator().manual_seed(11), dtype=dtype)
+    hessian = inputs.t() @ inputs
+    hessian = (hessian + hessian.t()) / 2  # bit-symmetric
+    if not symmetric:  # one entry off by its last bit: the transposed layout would differ
+        hessian[0, 1] = torch.nextafter(hessian[0, 1], torch.tensor(math.inf, dtype=dtype))
+    damped = hessian.clone()
+    damped.diagonal().add_(0.01 * damped.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)),
+                                     upper=True)
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for overwrite in (False, True):
+        given = hessian.clone()
+        upper, _ = inverse_hessian_factor(given, 0.01, overwrite=overwrite)
+        assert torch.equal(upper.contiguous().view(bits), expected.view(bits))
+        assert torch.equal(given, hessian) != overwrite  # overwritten only when given up
+
+
+def test_a_hessian_that_is_not_positive_definite_is_one_clear_error():
+    from nmsparse.oneshot.sparsegpt import inverse_hessian_factor
+
+    with pytest.raises(ValueError, match="not positive definite with damp=0"):
+        inverse_hessian_factor(-torch.eye(4), 0.0)

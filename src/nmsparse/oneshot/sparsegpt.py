@@ -30,7 +30,7 @@ import torch
 
 from ..patterns import Pattern, Unstructured
 from .base import Pruner, nm_of, top_count
-from .statistics import InputHessian
+from .statistics import InputHessian, bit_view
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: bool = False
@@ -45,14 +45,31 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *, overwrite: boo
     if damp > 0:
         diagonal = torch.diagonal(hessian)
         diagonal += damp * diagonal.mean()
-    try:  # one name, so that each step's input is freed (4 x 127 MB for a 5632-wide input)
-        hessian = torch.linalg.cholesky(hessian)
-        hessian = torch.cholesky_inverse(hessian)
-        upper = torch.linalg.cholesky(hessian, upper=True)
+    try:
+        if hessian.device.type == "cpu" and _bit_symmetric(hessian):
+            # LAPACK takes column-major matrices and PyTorch copies others into one; the
+            # transpose of a symmetric H is the same matrix in that layout, so the three
+            # steps overwrite it in place (a copy of 127 MB less for a 5632-wide input;
+            # checked on the CPU, where that memory is the process's)
+            upper = hessian.mT
+            torch.linalg.cholesky(upper, out=upper)
+            torch.cholesky_inverse(upper, out=upper)
+            torch.linalg.cholesky(upper, upper=True, out=upper)
+        else:  # one name, so that each step's input is freed
+            hessian = torch.linalg.cholesky(hessian)
+            hessian = torch.cholesky_inverse(hessian)
+            upper = torch.linalg.cholesky(hessian, upper=True)
     except torch.linalg.LinAlgError:
         raise ValueError(f"the input Hessian is not positive definite with damp={damp}; "
                          "use more calibration data or a larger damp (e.g. 0.1)") from None
     return upper, dead
+
+
+def _bit_symmetric(matrix: torch.Tensor) -> bool:
+    """Whether ``matrix`` equals its transpose bit for bit (then both layouts give LAPACK the
+    same numbers)."""
+    bits = bit_view(matrix)
+    return torch.equal(bits, bits.mT)
 
 
 def sparsegpt(matrix: torch.Tensor, hessian: torch.Tensor | None, pattern: Pattern, *,
@@ -127,8 +144,8 @@ class SparseGPT(Pruner):
             raise ValueError(f"sparsegpt damp must be a finite number >= 0, got {self.damp!r}")
 
     def prune(self, matrix, statistic, pattern):
-        # H is needed only to make the factor: the statistic hands it over and it is
-        # overwritten, so one 5632-wide layer holds 2 such matrices at a time, not 4
+        # H is needed only to make the factor: the statistic hands it over and it becomes
+        # the factor in place (one (in, in) matrix per input; the old code held up to five)
         factor = statistic.derive(
             ("sparsegpt factor", self.damp, matrix.dtype, matrix.device),
             lambda: inverse_hessian_factor(statistic.take().to(matrix.device, matrix.dtype),

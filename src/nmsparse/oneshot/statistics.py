@@ -25,6 +25,14 @@ import torch
 from torch import nn
 
 
+def bit_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bits as integers of its width (so that -0.0 and 0.0 differ); other
+    tensors as they are."""
+    if not tensor.dtype.is_floating_point:
+        return tensor
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
 class Statistic:
     """Accumulates a statistic of ``(rows, features)`` input matrices."""
 
@@ -46,10 +54,7 @@ class Statistic:
         if type(self) is not type(other) or self.rows != other.rows or mine is None \
                 or theirs is None or mine.shape != theirs.shape or mine.dtype != theirs.dtype:
             return False
-        if mine.dtype.is_floating_point:  # bits, so that -0.0 and 0.0 differ
-            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[mine.element_size()]
-            mine, theirs = mine.view(bits), theirs.view(bits)
-        return torch.equal(mine, theirs)
+        return torch.equal(bit_view(mine), bit_view(theirs))
 
     def derive(self, key, compute):
         """``compute()``, remembered under ``key`` for the other layers sharing this
@@ -87,11 +92,13 @@ class InputHessian(Statistic):
         rows = rows.float()
         count = rows.shape[0]
         total = self.rows + count
-        update = rows.t() @ rows * (2.0 / total)
+        update = rows.t() @ rows
+        update *= 2.0 / total  # in place (the same bits): no second (in, in) matrix
         if self.hessian is None:
             self.hessian = update
         else:  # running mean: old * rows/total + new batch's share
-            self.hessian = self.hessian * (self.rows / total) + update
+            self.hessian *= self.rows / total
+            self.hessian += update
         self.rows = total
 
     def state(self) -> torch.Tensor | None:
