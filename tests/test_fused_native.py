@@ -143,3 +143,23 @@ def test_the_srste_term_is_one_fused_multiply_add_like_eager(isa, size, monkeypa
         finally:
             fused_path.set_native(None)
         assert torch.equal(result, torch.full((size,), 2 ** -11 + 2 ** -24)), native
+
+
+@needs_native
+def test_native_writes_bump_version_counters_like_torch_in_place_ops():
+    """Autograd must see the writes: a masked weight saved for backward and then rebuilt
+    makes backward raise, as with the eager path."""
+    weight = weight_of((16, 64), "normal", torch.float32)
+    mask, masked = torch.zeros(weight.shape, dtype=torch.bool), torch.empty_like(weight)
+    grad = torch.zeros_like(weight)
+    before = [t._version for t in (weight, mask, masked, grad)]
+    fused_path.refresh_(weight, mask, masked, NM(2, 4), True)
+    fused_path.refresh_(weight, mask, masked, NM(2, 4), False)
+    fused_path.add_decay_(grad, weight, mask, 1e-2)
+    after = [t._version for t in (weight, mask, masked, grad)]
+    assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
+    x = torch.randn(3, 16, requires_grad=True)
+    y = (x @ masked).sum()  # saves masked for x's gradient
+    fused_path.refresh_(weight, mask, masked, NM(2, 4), True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
