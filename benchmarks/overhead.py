@@ -298,9 +298,9 @@ def benchmark(args: argparse.Namespace) -> str:
         f"- command: `{shlex.join(['python', *sys.argv])}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"- mask pass: {args.mask_path} (native C++ pass on the CPU: "
-        f"{fused.status()['native'] or 'runs'}; compiled kernels: NMSPARSE_COMPILE="
-        f"{os.environ.get('NMSPARSE_COMPILE', 'auto')}, auto: CPU weights of >= "
-        f"{fused.COMPILE_MIN_NUMEL} elements the native pass does not take)",
+        f"{fused.status()['native'] or 'runs'}; compiled kernels: "
+        f"{ {None: 'auto', True: 'on', False: 'off'}[fused.compile_mode()]}, auto: CPU weights "
+        f"of >= {fused.COMPILE_MIN_NUMEL} elements the native pass does not take)",
         f"- {warmup} warm-up steps (not timed, they include compiling), then the median of "
         f"{steps} steps; dense and sparse steps alternate, and a pair of steps during which "
         "other processes used the CPU is dropped and repeated (at most 4x; before each pair "

@@ -1,7 +1,7 @@
 """The native C++ mask pass (nmsparse.kernels.cpu.mask_pass) through nmsparse.engine.fused:
 bit-identical to the eager path for every group size, layout, dtype and edge case, on each
 instruction set this CPU runs (NMSPARSE_CPU_ISA forces one), and used by default for CPU
-weights without compiling anything."""
+weights without compiling anything. (Training on it: tests/test_fused.py.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
-import nmsparse
 from nmsparse.engine import fused as fused_path
 from nmsparse.kernels.cpu import ENV_ISA, mask_pass
 from nmsparse.patterns import NM
@@ -123,47 +121,8 @@ def test_the_native_pass_runs_by_default_and_compiles_nothing(monkeypatch):
         _, mask, masked, finite = run(weight, NM(2, 4), None)
     assert calls == [1] and finite and fused_path.status()["native"] is None
     assert torch.equal(mask, NM(2, 4).mask(weight.abs()))
-
-
-def test_native_switch(monkeypatch):
     monkeypatch.setenv(fused_path.NATIVE_ENV_VAR, "0")
-    assert fused_path.native_mode() is False
     assert "turned off" in fused_path.status()["native"]
-    monkeypatch.delenv(fused_path.NATIVE_ENV_VAR)
-    assert fused_path.native_mode() is True
-    fused_path.set_native(False)
-    try:
-        assert fused_path.native_mode() is False
-    finally:
-        fused_path.set_native(None)
-    with pytest.raises(ValueError, match="set_native takes True, False or None"):
-        fused_path.set_native("yes")
-
-
-@needs_native
-def test_srste_training_on_the_native_pass_equals_eager_bit_for_bit():
-    def train(native: bool):
-        fused_path.set_native(native)
-        try:
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Unflatten(1, (4, 32)),
-                                  nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Flatten(),
-                                  nn.Linear(8 * 30, 16))
-            nmsparse.sparsify(model, "2:4", method="srste", decay=1e-2)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-            data = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
-            for _ in range(4):
-                opt.zero_grad()
-                model(data).square().mean().backward()
-                opt.step()
-            return model.state_dict()
-        finally:
-            fused_path.set_native(None)
-
-    native, eager = train(True), train(False)
-    for name, value in eager.items():
-        assert same(native[name], value) if value.is_floating_point() else \
-            torch.equal(native[name], value), name
 
 
 @needs_native
@@ -184,3 +143,23 @@ def test_the_srste_term_is_one_fused_multiply_add_like_eager(isa, size, monkeypa
         finally:
             fused_path.set_native(None)
         assert torch.equal(result, torch.full((size,), 2 ** -11 + 2 ** -24)), native
+
+
+@needs_native
+def test_native_writes_bump_version_counters_like_torch_in_place_ops():
+    """Autograd must see the writes: a masked weight saved for backward and then rebuilt
+    makes backward raise, as with the eager path."""
+    weight = weight_of((16, 64), "normal", torch.float32)
+    mask, masked = torch.zeros(weight.shape, dtype=torch.bool), torch.empty_like(weight)
+    grad = torch.zeros_like(weight)
+    before = [t._version for t in (weight, mask, masked, grad)]
+    fused_path.refresh_(weight, mask, masked, NM(2, 4), True)
+    fused_path.refresh_(weight, mask, masked, NM(2, 4), False)
+    fused_path.add_decay_(grad, weight, mask, 1e-2)
+    after = [t._version for t in (weight, mask, masked, grad)]
+    assert all(b > a for a, b in zip(before, after, strict=True)), (before, after)
+    x = torch.randn(3, 16, requires_grad=True)
+    y = (x @ masked).sum()  # saves masked for x's gradient
+    fused_path.refresh_(weight, mask, masked, NM(2, 4), True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -22,6 +22,7 @@ def small_cpu(monkeypatch):
     monkeypatch.setattr(parts, "DEVICE", "cpu")
     monkeypatch.setenv("NMSPARSE_KERNELS", "auto")  # restored after a part forces "triton"
     monkeypatch.setenv("NMSPARSE_COMPILE", "0")
+    monkeypatch.setenv("NMSPARSE_NATIVE_MASKS", "1")  # restored after the overhead part's "0"
     monkeypatch.setattr(parts, "CORRECTNESS_SHAPES", {"bfloat16": (64, 128),
                                                       "float16": (48, 64)})
     monkeypatch.setattr(parts, "CORRECTNESS_GPT", {"n_layer": 1, "n_head": 2, "d_model": 64})

@@ -305,6 +305,24 @@ exec "{cxx}" "$@"
 """
 
 
+def test_a_changed_shared_header_names_a_new_build_of_every_library(tmp_path, monkeypatch):
+    build = cpu._build
+    for path in build.HERE.iterdir():
+        if path.suffix in (".cpp", ".h"):
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(build, "HERE", tmp_path)
+    monkeypatch.setenv(build.ENV_CACHE, str(tmp_path / "cache"))
+    cxx = build.compiler() or "c++"
+    before = {name: build.library_path(cxx, name) for name in build.LIBRARIES}
+    assert len(set(before.values())) == len(build.LIBRARIES)
+    header = tmp_path / "nm_common.h"
+    header.write_text(header.read_text() + "\n// changed\n")
+    after = {name: build.library_path(cxx, name) for name in build.LIBRARIES}
+    assert all(after[name] != before[name] for name in build.LIBRARIES)
+    assert all('#include "nm_common.h"' in (tmp_path / source).read_text()
+               for source, _, _ in build.LIBRARIES.values())
+
+
 def test_build_without_a_compiler_says_why(tmp_path):
     env = clean_env(NMSPARSE_CACHE_DIR=str(tmp_path), PATH=str(tmp_path))
     expected = ("error: no C++ compiler found (set CXX, or install g++)"

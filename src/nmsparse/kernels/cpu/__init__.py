@@ -35,8 +35,10 @@ pairs kernel, more bf16 rows the dense path (oneDNN's register-blocked bf16 GEMM
 computing only the kept products there).
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
-library on the first call (:mod:`._build`). Imported lazily by :mod:`nmsparse.kernels._op`;
-the core of nmsparse never imports it.
+library on the first call (:mod:`._build`). Imported lazily: by :mod:`nmsparse.kernels._op`,
+and by :mod:`nmsparse.engine.fused` on the first mask refresh of a CPU weight, for the per-step
+mask pass of sparse training that is built the same way (``nm_mask.cpp``, :mod:`.mask_pass`);
+``import nmsparse`` does not import it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import ctypes
 import os
 
 import torch
+from torch.autograd.graph import increment_version
 
 from . import ENV_ISA, ISAS, library
 from ._build import BuildError
@@ -82,7 +83,11 @@ def refresh(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor, n: i
     status = lib.nmsparse_mask_refresh(weight.data_ptr(), DTYPES[weight.dtype], mask.data_ptr(),
                                        masked.data_ptr(), weight.numel(), n, m, stride,
                                        _threads(weight), finite.data_ptr())
-    return None if status else finite.view(torch.bool)
+    if status:
+        return None
+    # writes through a pointer: tell autograd, as torch's in-place ops do
+    increment_version((mask, masked))
+    return finite.view(torch.bool)
 
 
 def fixed(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor) -> torch.Tensor | None:
@@ -95,6 +100,7 @@ def fixed(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tensor) -> tor
     lib.nmsparse_mask_fixed(weight.data_ptr(), DTYPES[weight.dtype], mask.data_ptr(),
                             masked.data_ptr(), weight.numel(), _threads(weight),
                             finite.data_ptr())
+    increment_version((weight, masked))
     return finite.view(torch.bool)
 
 
@@ -107,4 +113,5 @@ def add_decay(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
     # eager's add_(alpha=) rounds alpha to the tensor's dtype first: ctypes' c_float does too
     lib.nmsparse_mask_decay(grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), decay,
                             weight.numel(), _threads(weight))
+    increment_version(grad)
     return True

@@ -174,17 +174,23 @@ inline __m512 expand16(__mmask16 mask, const bf16_t* v) {
 
 // How the dot kernel meets x. Fp32Step: fp32 x, 16 dense inputs per vector, FMA with the
 // weights expanded (bf16 weights widened). Bf16Step: bf16 weights and bf16 x, 32 dense inputs
-// per vdpbf16ps (pairs of products summed in fp32). Its functions carry the bf16 target, so
-// only the bf16 kernel (which has it too) can inline them.
+// per vdpbf16ps (pairs of products summed in fp32). Bf16Step's functions carry the bf16
+// target, so they cannot be forced inline into the generic loop (only the bf16 kernel, which
+// has the target too, inlines them); Fp32Step's are, as the loop was before it was shared.
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
 struct Fp32Step {
   typedef float X;
   typedef __m512 XVec;
   typedef __mmask16 Lanes;
   static constexpr int WIDTH = 16;
-  static XVec load_x(Lanes lanes, const float* x) { return _mm512_maskz_loadu_ps(lanes, x); }
+  static ALWAYS_INLINE XVec load_x(Lanes lanes, const float* x) {
+    return _mm512_maskz_loadu_ps(lanes, x);
+  }
   template <typename T>
-  static __m512 expand(Lanes part, const T* v) { return expand16(part, v); }
-  static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+  static ALWAYS_INLINE __m512 expand(Lanes part, const T* v) { return expand16(part, v); }
+  static ALWAYS_INLINE __m512 madd(__m512 acc, __m512 w, __m512 x) {
+    return _mm512_fmadd_ps(w, x, acc);
+  }
 };
 
 struct Bf16Step {
@@ -208,7 +214,7 @@ struct Bf16Step {
 // R rows of x (row stride ldx) times P output rows starting at o. Always inlined into the
 // two kernels below, so that each is compiled for its own instruction set.
 template <typename Step, typename T, int P, int R>
-__attribute__((always_inline)) inline void dot_loop(
+ALWAYS_INLINE void dot_loop(
     const typename Step::X* x, int64_t ldx, const T* values, const uint8_t* indices,
     const Shape& s, const MaskRows& rows, const float* bias, float* y, int64_t ldy, int64_t o) {
   __m512 acc[P][R];
@@ -228,6 +234,7 @@ __attribute__((always_inline)) inline void dot_loop(
       mask[p] &= valid;
       _mm_prefetch(reinterpret_cast<const char*>(v[p]) + 1024, _MM_HINT_T0);
     }
+#pragma GCC unroll 1
     for (int q = 0; q < 64 / Step::WIDTH; ++q) {
       const Lanes lanes = (Lanes)(valid >> (Step::WIDTH * q));
       if (!lanes) break;
