@@ -62,6 +62,7 @@ CONV_ARMS = tuple(Arm(f"resnet20w0.5-{p}", "resnet20", p, float("nan"),
                       "none (seeds fixed by the CPU budget)", CONV_SEEDS, config=CONV)
                   for p in ("2:4", "1:8", "1:16"))
 DEADLINE = "11:50 UTC"
+LATE = "after-deadline"  # runs/ subfolder of the runs that finished after the deadline
 CLOCK_MIN_SEEDS = 3  # fewest finished seeds a conv arm is decided on when the clock stops it
 
 PREREGISTRATION = f"""\
@@ -149,6 +150,12 @@ def section(root: Path = DEFAULT_ROOT) -> str:
               "conv arms \"planned nan\": no planning sd existed). The combined row pools "
               "stage 1 and the follow-up: read it with the caveat above.", "",
               power.table(power.GAIN_HEADERS, rows), ""]
+    late = power.records_of(specs(), root / LATE)
+    if late:
+        parts += [f"Left out by the stopping rule: runs still going at {DEADLINE} that wrote "
+                  "their results while being stopped (moved to `runs/" + LATE + "/`): "
+                  + "; ".join(f"{r.name} top-1 {r.score:.2f}" for r in late.values())
+                  + ".", ""]
     decay = [row for arm in (MLP_NEW, *CONV_ARMS)
              if (row := power.decay_row(arm.key, _srste_runs(arm, records)))]
     if decay:
