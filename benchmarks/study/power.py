@@ -382,9 +382,13 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.study.power",
-                                     description=__doc__.split("\n\n")[0])
+def command_line(argv: list[str] | None, *, prog: str, description: str, specs_of, write,
+                 label: str) -> int:
+    """The command line of a study stage: ``--list`` its runs, run them, then ``write`` the
+    report. With no finished run under ``--root`` it writes nothing: the report in the
+    results file may rest on run folders that are gone (stage 1's were), and "no run has
+    finished" must not replace it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
@@ -393,14 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="the runs, in their order")
     args = parser.parse_args(argv)
     if args.list:
-        for spec in specs():
+        for spec in specs_of():
             print(spec.name)
         return 0
     if not args.report_only:
-        run_all(specs(), args.root, jobs=args.jobs, threads=args.threads)
-    write_section(args.results, args.root)
-    print(f"[power] section written into {args.results}")
+        run_all(specs_of(), args.root, jobs=args.jobs, threads=args.threads)
+    if not records_of(specs_of(), args.root):
+        print(f"[{label}] no finished run under {args.root}: {args.results} left as it is",
+              file=sys.stderr)
+        return 1
+    write(args.results, args.root)
+    print(f"[{label}] written into {args.results}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command_line(argv, prog="python -m benchmarks.study.power",
+                        description=__doc__.split("\n\n")[0], specs_of=specs,
+                        write=write_section, label="power")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ verdicts are :mod:`.power`'s.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -22,7 +21,7 @@ from . import power
 from .grid import FASHION
 from .power import Arm, Scores
 from .records import RunRecord
-from .runner import DEFAULT_ROOT, run_all
+from .runner import DEFAULT_ROOT
 
 STAGE1 = Path(__file__).with_name("power_stage1.json")
 STAGE1_ARM = power.MLP_ARMS[2]  # mlp512-1:16, 8 seeds
@@ -204,24 +203,9 @@ def write_block(results: Path = power.RESULTS, root: Path = DEFAULT_ROOT) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.study.power_followup",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--results", type=Path, default=power.RESULTS)
-    parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--list", action="store_true", help="the runs, in their order")
-    args = parser.parse_args(argv)
-    if args.list:
-        for spec in specs():
-            print(spec.name)
-        return 0
-    if not args.report_only:
-        run_all(specs(), args.root, jobs=args.jobs, threads=args.threads)
-    write_block(args.results, args.root)
-    print(f"[power-followup] block written into {args.results}")
-    return 0
+    return power.command_line(argv, prog="python -m benchmarks.study.power_followup",
+                              description=__doc__.split("\n\n")[0], specs_of=specs,
+                              write=write_block, label="power-followup")
 
 
 if __name__ == "__main__":
