@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ..patterns import NM
-from ..patterns.grouping import _PAIRWISE_MAX_M
+from ..patterns.grouping import PAIRWISE_MAX_M
 
 ENV_VAR = "NMSPARSE_COMPILE"
 NATIVE_ENV_VAR = "NMSPARSE_NATIVE_MASKS"
@@ -313,7 +313,7 @@ def _refresh_compiled(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Te
     mask8[length - row:].copy_(edge_mask[1])
     masked_flat[:row].copy_(edge_masked[0])
     masked_flat[length - row:].copy_(edge_masked[1])
-    if pattern.m > _PAIRWISE_MAX_M and not bool(finite):
+    if pattern.m > PAIRWISE_MAX_M and not bool(finite):
         # Eager's stable sort ranks NaN above +inf, pairwise comparisons cannot; the step is
         # about to fail on the NaN anyway, so redo it eagerly for identical masks.
         return _refresh_eager(weight, mask, masked, pattern, True)
@@ -339,7 +339,7 @@ def _refresh_native(weight: torch.Tensor, mask: torch.Tensor, masked: torch.Tens
         return native.fixed(weight, mask, masked)
     stride = math.prod(weight.shape[2:]) if pattern.layout == "in" else 1
     finite = native.refresh(weight, mask, masked, pattern.n, pattern.m, stride)
-    if finite is not None and pattern.m > _PAIRWISE_MAX_M and not bool(finite):
+    if finite is not None and pattern.m > PAIRWISE_MAX_M and not bool(finite):
         # as in _refresh_compiled: eager's sort ranks NaN above +inf, comparisons cannot
         return _refresh_eager(weight, mask, masked, pattern, True)
     return finite

@@ -23,7 +23,7 @@ import torch
 LAYOUTS = ("in", "flat")
 
 # Above this group size counting ranks pairwise (M*(M-1) passes) loses to one stable sort.
-_PAIRWISE_MAX_M = 8
+PAIRWISE_MAX_M = 8
 
 
 def check_layout(layout: str) -> str:
@@ -69,7 +69,7 @@ def from_groups(groups: torch.Tensor, shape: torch.Size, layout: str) -> torch.T
 def keep_largest(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Bool mask keeping the ``n`` largest entries along the last dim; ties: lower index wins."""
     m = scores.shape[-1]
-    if m > _PAIRWISE_MAX_M:
+    if m > PAIRWISE_MAX_M:
         # A stable descending sort keeps equal scores in index order: lower index first.
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n]
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, True)
