@@ -2,17 +2,18 @@
 
 Each worker frees what its body built (DDP's reducer and FSDP's mesh hold the process group,
 often inside reference cycles) and destroys the process group while the interpreter is still
-whole. Left to the interpreter's teardown, gloo's threads can outlive what they use and abort
-the process ("terminate called without an active exception") after a run that passed.
+whole, through the teardown ``nmsparse train`` uses under torchrun. Left to the
+interpreter's teardown, gloo's threads can outlive what they use and abort the process
+("terminate called without an active exception") after a run that passed.
 """
 
 from __future__ import annotations
 
-import gc
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from nmsparse.app.train.distributed import World, teardown
 
 
 def _entry(rank: int, body, world: int, init_file: str, out_dir: str) -> None:
@@ -20,9 +21,8 @@ def _entry(rank: int, body, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     body(rank, world, out_dir)
-    gc.collect()  # the body's frame is gone; its cycles go now, with the group's last users
-    dist.barrier()
-    dist.destroy_process_group()
+    # the body's frame is gone: the run's own teardown collects its cycles, then leaves
+    teardown(World(rank=rank, size=world))
 
 
 def spawn(body, tmp_path, world: int = 2) -> None:
