@@ -188,6 +188,50 @@ def test_kernels_detect_a_wrong_position(path, dtype, monkeypatch):
             assert_close_to_linear(y, x, packed.values, packed.indices, 2, 4, None)
 
 
+PAIR_PATTERNS = [(2, 4), (4, 8), (1, 4), (2, 8), (1, 8), (1, 2)]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("n", "m"), PAIR_PATTERNS)
+def test_pairs_kernel_over_panels_row_blocks_and_positions_in_any_order(n, m, monkeypatch):
+    """The pairs kernel's loop nest (panels of 512 outputs per thread, superblocks, slices,
+    two outputs at a time, row blocks of 64) on a layer with more outputs than one panel per
+    thread; and positions stored in any order within a pair (the format asks for ascending
+    ones, a hand-made weight may not have them), which must still give x[a] w0 + x[b] w1."""
+    if "pairs" not in [kernel for isa, kernel in PATHS if isa == "avx512bf16"]:
+        pytest.skip("the pairs kernel needs AVX512_BF16 and the kernels built")
+    monkeypatch.setenv(cpu.ENV_ISA, "avx512bf16")
+    generator = torch.Generator().manual_seed(11 * n + m)
+    out, inp = 1100, 40 * m + (2 * m if n == 1 else 0)  # an odd number of groups for N = 1
+    packed = pack(nm_weight(out, inp, n, m, torch.bfloat16, generator), n, m)
+    for rows in (16, 80):
+        x = torch.randn(rows, inp, generator=generator).bfloat16()
+        bias = torch.randn(out, generator=generator).bfloat16()
+        y = cpu.nm_linear_cpu(x, packed.values, packed.indices, n, m, bias, kernel="pairs")
+        assert_close_to_linear(y, x, packed.values, packed.indices, n, m, bias)
+    # swap the two positions of every pair (and the values with them): the same weight
+    width = {2: 1, 4: 2, 8: 4}[m]
+    positions = torch.stack([(packed.indices >> (width * k)) & ((1 << width) - 1)
+                             for k in range(8 // width)], dim=-1).flatten(1)
+    positions = positions[:, :packed.values.shape[1]]
+    pairs = packed.values.shape[1] // 2 * 2
+    order = torch.arange(packed.values.shape[1])
+    order[:pairs] = order[:pairs].view(-1, 2).flip(-1).flatten()
+    values, positions = packed.values[:, order].contiguous(), positions[:, order]
+    if n > 1:  # within a group the swapped pair now reads (b, a): descending
+        assert bool((positions[:, 0] > positions[:, 1]).all())
+    padded = torch.zeros(out, packed.indices.shape[1] * (8 // width), dtype=torch.uint8)
+    padded[:, :positions.shape[1]] = positions
+    indices = sum((padded.view(out, -1, 8 // width)[..., k] << (width * k)).to(torch.uint8)
+                  for k in range(8 // width)).to(torch.uint8)
+    x = torch.randn(24, inp, generator=generator).bfloat16()
+    y = cpu.nm_linear_cpu(x, values, indices, n, m, None, kernel="pairs")
+    if n > 1:
+        assert torch.equal(unpack_rows(values, indices, n, m),
+                           unpack_rows(packed.values, packed.indices, n, m))
+    assert_close_to_linear(y, x, values, indices, n, m, None)
+
+
 @needs_kernels
 def test_backend_cpu_refuses_what_it_cannot_run():
     packed = pack(nm_weight(8, 32, 3, 16, torch.float32, torch.Generator()), 3, 16)
