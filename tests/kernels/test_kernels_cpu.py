@@ -232,6 +232,24 @@ def test_pairs_kernel_over_panels_row_blocks_and_positions_in_any_order(n, m, mo
     assert_close_to_linear(y, x, values, indices, n, m, None)
 
 
+def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
+    """Every (instruction set, dtype) row of the measured table, every pattern the CPU kernels
+    take and every batch size: the pick exists and takes the pattern (pairs: M in {2, 4, 8}
+    and N = 1 or even; dot: M a power of two; table and dense: any)."""
+    for (isa, dtype), entries in cpu.DISPATCH.items():
+        assert entries[-1][0] is None
+        for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)]:
+            for rows in range(1, 300):
+                kernel = cpu.kernel_for(isa, dtype, rows, n, m)
+                assert kernel in cpu.KERNELS[1:], (isa, dtype, n, m, rows, kernel)
+                if kernel == "pairs":
+                    assert dtype == torch.bfloat16 and m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+                if kernel == "dot":
+                    assert m & (m - 1) == 0
+                if rows > cpu.DOT_MAX_ROWS:  # the dot kernel would pass over the weight again
+                    assert kernel != "dot"
+
+
 @needs_kernels
 def test_backend_cpu_refuses_what_it_cannot_run():
     packed = pack(nm_weight(8, 32, 3, 16, torch.float32, torch.Generator()), 3, 16)

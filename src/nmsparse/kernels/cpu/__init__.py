@@ -19,9 +19,11 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
   products computed, K blocked to stay in L2); bf16 weights are widened to fp32;
 * ``avx512bf16``: the same with AVX512_BF16 + VBMI + VBMI2: for bf16, the dot kernel expands
   with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``; the "pairs" kernel (M in {2,
-  4, 8}, N = 1 or even; forced only: measured slower than the dense path) puts the rows in the
-  lanes and meets each pair of kept weights, broadcast as one 32-bit word, with a table of the
-  matching pairs of x in one ``vdpbf16ps``: only kept products, two per lane and instruction.
+  4, 8}, N = 1 or even) puts up to 64 rows in the lanes and meets each pair of kept weights,
+  broadcast as one 32-bit word, with a table entry holding the matching pairs of x in one
+  ``vdpbf16ps``: only kept products, two per lane and instruction, so 2:4 needs half the
+  instructions of the dense product (how its loops keep the table in cache: the comment above
+  ``pair_range`` in ``nm_linear_avx512.cpp``).
 
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
@@ -29,10 +31,9 @@ this work did not have (:func:`features` reports it).
 The "dense" path (AVX-512) expands tiles of ~1 MiB of the weight just in time into one small
 buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is in cache: dense
 speed less the expansion, never a whole dense copy. Which kernel runs is the measured table
-:data:`DISPATCH` (by instruction set, dtype and row count): one row runs the AVX2 library's
-permute kernel (as fast as the dot kernel there), few rows the dot kernel, 9-64 bf16 rows the
-pairs kernel, more bf16 rows the dense path (oneDNN's register-blocked bf16 GEMM beats
-computing only the kept products there).
+:data:`DISPATCH` (by instruction set, dtype and row count): for bf16 weights one row runs the
+AVX2 library's permute kernel, a few rows the dot kernel, then the pairs kernel, and the dense
+path where even skipping the pruned products no longer beats oneDNN's dense GEMM.
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily: by :mod:`nmsparse.kernels._op`,
@@ -72,7 +73,7 @@ _BF16, _FP32 = torch.bfloat16, torch.float32
 # gave 0.21-0.76x (2:4, 2:8, 1:4; both shapes); at 256 rows dense stays ahead (0.85-0.88x vs
 # 0.58-0.71x). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is faster there).
 DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("avx512bf16", _BF16): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (64, "pairs"), (None, "dense")),
+    ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (128, "pairs"), (None, "dense")),
     ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
     ("avx512", _BF16): ((16, "avx2"), (None, "dense")),
     ("avx512", _FP32): ((DOT_MAX_ROWS, "avx2"), (255, "table"), (None, "dense")),
@@ -185,9 +186,11 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         return "avx2"
     for limit, kernel in DISPATCH[(name, dtype)]:
         if limit is None or rows <= limit:
+            if kernel == "pairs" and not _pairs_ok(n, m):
+                kernel = "dot" if rows <= DOT_MAX_ROWS else "dense"
             if kernel == "dot" and m & (m - 1):
                 return "avx2"
-            return "dense" if kernel == "pairs" and not _pairs_ok(n, m) else kernel
+            return kernel
     raise AssertionError("DISPATCH entries end with None")
 
 
