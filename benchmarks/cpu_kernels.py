@@ -12,9 +12,10 @@ through every path of :mod:`nmsparse.kernels.cpu` this CPU runs: ``auto`` (what
 ``NMLinear`` gets: the best instruction set and the kernel its dispatch picks for that many
 rows, named in brackets), ``avx2`` (the AVX2/FMA library), and each AVX-512 kernel forced
 (``dot``, ``table``, ``pairs``, ``dense``; with ``avx512bf16`` where the CPU has it, else
-``avx512``). Same process, same thread count (``torch.set_num_threads``). Cold weights: every
-method cycles through enough copies of its weight to read at least ``--cold-mb`` between two
-uses of one copy (default: the larger of 1 GiB and twice the L3 cache). The methods of one
+``avx512``). Same process, same thread count (``torch.set_num_threads``). Cold weights: the
+methods of one dtype take turns on enough copies of the weight to read at least ``--cold-mb``
+between two uses of one copy (default: the larger of 1 GiB and twice the L3 cache), so no
+method reads a copy another has just brought into cache. The methods of one
 shape, row count and pattern run in turn, round after round, so a busy machine slows all alike;
 the table gives the median over the rounds. ``--clock wall`` (default) times with
 ``time.perf_counter``. On a machine shared with other jobs, waiting for the CPU dominates wall
@@ -66,18 +67,33 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KERNEL_PATHS = ("dot", "table", "pairs", "dense")
 
 
-class Method:
-    """One way of computing ``x @ W.T`` with its own cold copies of the weight."""
+class Copies(list):
+    """Copies of one weight, handed out in turn to every method that shares them: a copy comes
+    back only after all the others were read, whichever method read them (methods that each
+    counted their own calls would read, within one round, the copy the previous method had
+    just brought into L3)."""
 
-    def __init__(self, name: str, dtype: str, pattern: str, copies: list, nbytes: int,
+    def __init__(self, items) -> None:
+        super().__init__(items)
+        self.cursor = 0
+
+    def next(self):
+        self.cursor += 1
+        return self[(self.cursor - 1) % len(self)]
+
+
+class Method:
+    """One way of computing ``x @ W.T``, on cold copies of the weight."""
+
+    def __init__(self, name: str, dtype: str, pattern: str, copies: Copies, nbytes: int,
                  dense_nbytes: int, isa: str | None = None, kernel: str = "auto") -> None:
         self.name, self.dtype, self.pattern = name, dtype, pattern
         self.copies, self.nbytes, self.dense_nbytes = copies, nbytes, dense_nbytes
         self.isa, self.kernel = isa, kernel
         self.times: list[float] = []
 
-    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        weight = self.copies[i % len(self.copies)]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.copies.next()
         if isinstance(weight, torch.Tensor):
             return F.linear(x, weight)
         if self.isa is None:
@@ -116,7 +132,7 @@ def dense_methods(base: torch.Tensor, cold_bytes: int) -> list[Method]:
     for dtype_name, dtype in DTYPES.items():
         dense = base.to(dtype)
         nbytes = dense.numel() * dense.element_size()
-        copies = [dense.clone() for _ in range(copies_for(nbytes, cold_bytes))]
+        copies = Copies(dense.clone() for _ in range(copies_for(nbytes, cold_bytes)))
         methods.append(Method(f"dense {dtype_name}", dtype_name, "dense", copies, nbytes,
                               nbytes))
     return methods
@@ -128,8 +144,9 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
     methods = []
     for dtype_name, dtype in DTYPES.items():
         packed = pack(pruned.to(dtype), n, m)
-        copies = [type(packed)(packed.values.clone(), packed.indices.clone(), n, m, packed.shape)
-                  for _ in range(copies_for(packed.nbytes, cold_bytes))]
+        copies = Copies(type(packed)(packed.values.clone(), packed.indices.clone(), n, m,
+                                     packed.shape)
+                        for _ in range(copies_for(packed.nbytes, cold_bytes)))
         for isa, kernel in paths():
             if not applies(isa, kernel, dtype_name, n, m):
                 continue
@@ -173,13 +190,13 @@ def time_linear(out_f: int, in_f: int, rows_list: list[int], patterns: list[str]
         for rows in rows_list:
             for method in methods:
                 method.times = []
-                for i in range(len(method.copies)):  # warm-up: touch every copy once
-                    method(inputs[rows][method.dtype], i)
-            for round_ in range(repeats):
+                for _ in method.copies:  # warm-up: touch every copy once
+                    method(inputs[rows][method.dtype])
+            for _ in range(repeats):
                 for method in methods:
                     x = inputs[rows][method.dtype]
                     start = clock()
-                    method(x, round_)
+                    method(x)
                     method.times.append(clock() - start)
             median = {method.name: statistics.median(method.times) for method in methods}
             block = []
@@ -259,18 +276,22 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
   each kept value over x transposed.
 * `avx512` / `avx512bf16`, by rows (the measured table `cpu.DISPATCH`; one row runs the AVX2
   kernel, as fast as `dot` there):
-  * `dot` (1-8 rows): each 64-input chunk of a weight row is expanded in registers from the
-    packed values by a mask built from the positions (`vpexpandw` / `vexpandps`; masks built 64
-    index bytes at a time with `vpermi2b`), then meets up to 8 rows of x: `vdpbf16ps` for bf16,
-    FMA for fp32. The weight is read once per 8 rows; nothing is expanded to memory.
-  * `table` (any M) and `pairs` (bf16, M in {2, 4, 8}): rows in the vector lanes, only the kept
-    products; `pairs` broadcasts two kept bf16 weights as one word into `vdpbf16ps` against a
-    per-block table of the matching pairs of x. Their loads from that table (L2) cap them;
-    the dispatch takes `pairs` for 9-64 bf16 rows (where it beat the dense path on a quiet
-    run) and `table` for 9-255 fp32 rows.
-  * `dense`: tiles of ~1 MiB of the weight expanded just in time into one buffer and multiplied
-    by `F.linear`; the dispatch takes it above 64 rows for bf16 (and for bf16 N:M that `pairs`
-    cannot take) and from 256 rows for fp32.
+  * `dot` (up to 8 rows a pass; the dispatch takes it for 2-4 bf16 rows, 2-8 fp32 rows):
+    each 64-input chunk of a weight row is expanded in registers from the packed values by a
+    mask built from the positions (`vpexpandw` / `vexpandps`; masks built 64 index bytes at a
+    time with `vpermi2b`), then meets up to 8 rows of x: `vdpbf16ps` for bf16, FMA for fp32.
+    The weight is read once per 8 rows; nothing is expanded to memory.
+  * `table` (any M): rows in the vector lanes, only the kept products, fp32; the dispatch
+    takes it for 9-255 fp32 rows.
+  * `pairs` (bf16, M in {2, 4, 8}, N = 1 or even): up to 64 rows in the lanes; each pair of
+    kept weights is broadcast as one 32-bit word into `vdpbf16ps` against a table entry holding
+    the matching pairs of x, so 2:4 takes half the instructions of the dense product. The
+    entry's place comes from the position bits; slices of the table are reused from L1 by
+    every output of a panel, whose weights are prefetched (the loop nest: the comment above
+    `pair_range` in `nm_linear_avx512.cpp`). The dispatch takes it from 5 bf16 rows up.
+  * `dense`: tiles of the weight (8 MiB, at least 256 output rows) expanded just in time into
+    one buffer and multiplied by `F.linear`; the dispatch takes it above 8 rows for bf16 N:M
+    that `pairs` cannot take, and from 256 rows for fp32.
 * AMX (`tdpbf16ps` tiles) is future work: it needs an AMX machine to write and verify, and this
   one (AMD Zen 4) has none; on an AMX Xeon oneDNN's dense bf16 uses AMX, so the cross-over
   rows there must be remeasured (rerun this benchmark there).
@@ -352,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         "(a loaded machine: compare rows of one table, which ran interleaved, rather than "
         "absolute times; state figures only from a quiet run)",
         f"* Clock: {CLOCK_TEXT[args.clock]}. "
-        f"Median of {repeats} interleaved rounds; each method cycles through copies of its "
-        f"weight totalling >= {cold_mb} MiB (cold). What the columns mean, and how to "
+        f"Median of {repeats} interleaved rounds; the methods of one dtype take their turns on "
+        f"copies of the weight totalling >= {cold_mb} MiB, each copy read again only after "
+        "all the others (cold). What the columns mean, and how to "
         "rerun: the docstring of `benchmarks/cpu_kernels.py`; the kernels and the dispatch: "
         "`src/nmsparse/kernels/cpu/__init__.py`.",
         "",

@@ -33,6 +33,16 @@ def test_cpu_kernels_page_lists_every_path(tmp_path, monkeypatch):
     assert "| dense bf16 |" in page
 
 
+def test_methods_sharing_copies_never_read_one_another_has_just_read():
+    from benchmarks.cpu_kernels import Copies
+
+    copies = Copies(range(5))
+    taken = [copies.next() for _ in range(12)]  # as three methods taking turns, 4 rounds
+    assert taken == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    for i, copy in enumerate(taken):  # a copy comes back only after all the others
+        assert copy not in taken[max(0, i - 4):i]
+
+
 def test_decode_benchmark_runs_a_swapped_llama():
     pytest.importorskip("transformers")
     from benchmarks import decode

@@ -28,12 +28,12 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
 
-The "dense" path (AVX-512) expands tiles of ~1 MiB of the weight just in time into one small
-buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is in cache: dense
-speed less the expansion, never a whole dense copy. Which kernel runs is the measured table
-:data:`DISPATCH` (by instruction set, dtype and row count): for bf16 weights one row runs the
-AVX2 library's permute kernel, a few rows the dot kernel, then the pairs kernel, and the dense
-path where even skipping the pruned products no longer beats oneDNN's dense GEMM.
+The "dense" path (AVX-512) expands tiles of the weight (8 MiB, at least 256 output rows) just
+in time into one buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is
+in cache: dense speed less the expansion, never a whole dense copy. Which kernel runs is the
+measured table :data:`DISPATCH` (by instruction set, dtype and row count): for bf16 weights
+one row runs the AVX2 library's permute kernel, up to 4 rows the dot kernel, more the pairs
+kernel (patterns it cannot take: the dot kernel up to 8 rows, then the dense path).
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily: by :mod:`nmsparse.kernels._op`,
@@ -68,18 +68,23 @@ _BF16, _FP32 = torch.bfloat16, torch.float32
 # dense 15.2; 16 rows dense 18.8, dot 25.4, pairs 29.4, table 26.8; fp32 64 rows table 81.7,
 # dense 84.0; 256 rows dense 300, table 318. "avx512" (no BF16/VBMI: the masks are built by
 # scalar code, bf16 widened to fp32) was measured on the same CPU with the set forced: bf16 at
-# 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. The quiet rerun (2 threads, docs/cpu_kernels.md)
-# moved bf16 9-64 rows to pairs: against dense bf16 pairs 0.59-1.65x where the tiled dense path
-# gave 0.21-0.76x (2:4, 2:8, 1:4; both shapes); at 256 rows dense stays ahead (0.85-0.88x vs
-# 0.58-0.71x). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is faster there).
+# 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. bf16 on avx512bf16 after the pairs kernel's
+# rework (2 threads, cold, both shapes, 2:4): 4 rows dot 1.06-1.40x of dense bf16, pairs
+# 0.79-0.92x; 8 rows pairs 1.32-1.33x, dot 0.91-1.05x; 16-128 rows pairs 0.96-1.73x; 256 rows
+# pairs 0.84-0.98x, the tiled dense path 0.60-0.85x. Remeasure on an AMX Xeon (oneDNN's dense
+# bf16 GEMM is faster there).
 DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (128, "pairs"), (None, "dense")),
+    ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (None, "pairs")),
     ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
     ("avx512", _BF16): ((16, "avx2"), (None, "dense")),
     ("avx512", _FP32): ((DOT_MAX_ROWS, "avx2"), (255, "table"), (None, "dense")),
 }
-# Weight bytes per tile of the dense path: the expanded tile stays in L2 while F.linear reads it.
-DENSE_TILE_BYTES = 1 << 20
+# Weight bytes per tile of the dense path, and at least this many output rows per tile: few
+# large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
+# threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
+# 0.80x; fp32 at 256 rows 0.52-1.12x and 1.09-1.34x).
+DENSE_TILE_BYTES = 8 << 20
+DENSE_TILE_ROWS = 256
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # library name -> CDLL, or "error:<name>" -> message
 
@@ -213,7 +218,8 @@ def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torc
     in_features = x.shape[-1]
     flat = x.reshape(-1, in_features)
     values, indices = values.contiguous(), indices.contiguous()
-    tile = max(16, DENSE_TILE_BYTES // (in_features * values.element_size()) // 16 * 16)
+    tile = max(DENSE_TILE_ROWS,
+               DENSE_TILE_BYTES // (in_features * values.element_size()) // 16 * 16)
     buffer = torch.empty(min(tile, out_features), in_features, dtype=values.dtype)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
     unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
