@@ -204,7 +204,7 @@ def test_pairs_kernel_over_panels_row_blocks_and_positions_in_any_order(n, m, mo
     generator = torch.Generator().manual_seed(11 * n + m)
     out, inp = 1100, 40 * m + (2 * m if n == 1 else 0)  # an odd number of groups for N = 1
     packed = pack(nm_weight(out, inp, n, m, torch.bfloat16, generator), n, m)
-    for rows in (16, 80):
+    for rows in (5, 16, 80):  # 8 lanes (a ymm), 16, and 64 + 16
         x = torch.randn(rows, inp, generator=generator).bfloat16()
         bias = torch.randn(out, generator=generator).bfloat16()
         y = cpu.nm_linear_cpu(x, packed.values, packed.indices, n, m, bias, kernel="pairs")
