@@ -61,3 +61,17 @@ def test_decode_benchmark_runs_a_swapped_llama():
     assert sum(isinstance(module, NMLinear) for module in model.modules()) == 7
     with torch.inference_mode():
         assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_pairs_loop_benchmark_writes_its_table(tmp_path):
+    if "avx512bf16" not in cpu.features():
+        pytest.skip("the pairs loop needs AVX512_BF16")
+    from benchmarks.pairs_loop import run
+
+    out = tmp_path / "loop.md"
+    assert run.main(["--repeats", "1", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "CPU flags:" in page and "Load average" in page
+    for case in ("registers", "table V=1 units=8", "table V=4 units=256"):
+        line = next(line for line in page.splitlines() if line.startswith(f"| {case}"))
+        assert float(line.split("|")[2]) > 0
