@@ -570,7 +570,9 @@ BF16_TARGET inline void pair_slice(const char* table, const bf16_t* v, int64_t s
     for (int c = 0; c < 8; ++c)
       for (int i = 0; i < O; ++i) {
         const char* x = unit + c / PPU * UNIT + pair_entry<M, W>(bits[i] >> (2 * W * c)) * ENTRY;
-        __asm__("" : "+r"(x));  // one register per pair, the V loads at displacements from it
+        // one register per pair, the V loads at displacements from it (with one load, the
+        // compiler folds the address into it: an instruction less per pair)
+        if constexpr (V > 1) __asm__("" : "+r"(x));
         const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair_word(v + i * slots + 2 * (j + c)));
         for (int t = 0; t < V; ++t)
           acc[i][c % K][t] = _mm512_dpbf16_ps(acc[i][c % K][t], w, (__m512bh)_mm512_load_si512(x + 64 * t));
