@@ -123,7 +123,7 @@ def paths() -> list[tuple[str | None, str]]:
 
 def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
     if kernel == "pairs":
-        return dtype == "bf16" and isa == "avx512bf16" and m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+        return dtype == "bf16" and isa == "avx512bf16" and cpu.pairs_take(n, m)
     return not (kernel == "dot" and m & (m - 1))
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from nmsparse.engine.masks import nm_mask
 from nmsparse.kernels import NMLinear, _op, cpu, nm_linear, swap_linear_layers
-from nmsparse.packing import pack, unpack_rows
+from nmsparse.packing import pack, pack_positions, unpack_positions, unpack_rows
 
 PATTERNS = [(2, 4), (4, 8), (1, 4), (2, 8), (1, 8), (1, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -204,26 +204,20 @@ def test_pairs_kernel_over_panels_row_blocks_and_positions_in_any_order(n, m, mo
     generator = torch.Generator().manual_seed(11 * n + m)
     out, inp = 1100, 40 * m + (2 * m if n == 1 else 0)  # an odd number of groups for N = 1
     packed = pack(nm_weight(out, inp, n, m, torch.bfloat16, generator), n, m)
-    for rows in (5, 16, 80):  # 8 lanes (a ymm), 16, and 64 + 16
+    for rows in (5, 16, 80):  # fewer rows than lanes, 16, and a block of 64 plus 16
         x = torch.randn(rows, inp, generator=generator).bfloat16()
         bias = torch.randn(out, generator=generator).bfloat16()
         y = cpu.nm_linear_cpu(x, packed.values, packed.indices, n, m, bias, kernel="pairs")
         assert_close_to_linear(y, x, packed.values, packed.indices, n, m, bias)
     # swap the two positions of every pair (and the values with them): the same weight
-    width = {2: 1, 4: 2, 8: 4}[m]
-    positions = torch.stack([(packed.indices >> (width * k)) & ((1 << width) - 1)
-                             for k in range(8 // width)], dim=-1).flatten(1)
-    positions = positions[:, :packed.values.shape[1]]
-    pairs = packed.values.shape[1] // 2 * 2
-    order = torch.arange(packed.values.shape[1])
+    slots = packed.values.shape[1]
+    pairs = slots // 2 * 2
+    order = torch.arange(slots)
     order[:pairs] = order[:pairs].view(-1, 2).flip(-1).flatten()
-    values, positions = packed.values[:, order].contiguous(), positions[:, order]
+    positions = unpack_positions(packed.indices, m, slots)[:, order]
+    values, indices = packed.values[:, order].contiguous(), pack_positions(positions, m)
     if n > 1:  # within a group the swapped pair now reads (b, a): descending
         assert bool((positions[:, 0] > positions[:, 1]).all())
-    padded = torch.zeros(out, packed.indices.shape[1] * (8 // width), dtype=torch.uint8)
-    padded[:, :positions.shape[1]] = positions
-    indices = sum((padded.view(out, -1, 8 // width)[..., k] << (width * k)).to(torch.uint8)
-                  for k in range(8 // width)).to(torch.uint8)
     x = torch.randn(24, inp, generator=generator).bfloat16()
     y = cpu.nm_linear_cpu(x, values, indices, n, m, None, kernel="pairs")
     if n > 1:

@@ -69,10 +69,11 @@ _BF16, _FP32 = torch.bfloat16, torch.float32
 # dense 84.0; 256 rows dense 300, table 318. "avx512" (no BF16/VBMI: the masks are built by
 # scalar code, bf16 widened to fp32) was measured on the same CPU with the set forced: bf16 at
 # 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. bf16 on avx512bf16 after the pairs kernel's
-# rework (2 threads, cold, both shapes, 2:4): 4 rows dot 1.06-1.40x of dense bf16, pairs
-# 0.79-0.92x; 8 rows pairs 1.32-1.33x, dot 0.91-1.05x; 16-128 rows pairs 0.96-1.73x; 256 rows
-# pairs 0.84-0.98x, the tiled dense path 0.60-0.85x. Remeasure on an AMX Xeon (oneDNN's dense
-# bf16 GEMM is faster there).
+# rework (docs/cpu_kernels.md, 2 threads, cold, both shapes, 2:4, against dense bf16): 4 rows
+# dot 1.31-1.48x, pairs 1.15-1.19x; 8 rows pairs 1.22-1.35x, dot 0.94-1.09x; 16-128 rows pairs
+# 0.94-1.55x, the tiled dense path 0.72-0.83x; 256 rows pairs 0.81-0.99x, the dense path 0.85x
+# (the two within the runs' noise). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is
+# faster there).
 DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
     ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (None, "pairs")),
     ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
@@ -179,7 +180,8 @@ KERNELS = ("auto", "avx2", "dot", "table", "pairs", "dense")
 _KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3}
 
 
-def _pairs_ok(n: int, m: int) -> bool:
+def pairs_take(n: int, m: int) -> bool:
+    """Whether the pairs kernel takes N:M: M in {2, 4, 8}, N = 1 or even."""
     return m in (2, 4, 8) and (n == 1 or n % 2 == 0)
 
 
@@ -191,7 +193,7 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         return "avx2"
     for limit, kernel in DISPATCH[(name, dtype)]:
         if limit is None or rows <= limit:
-            if kernel == "pairs" and not _pairs_ok(n, m):
+            if kernel == "pairs" and not pairs_take(n, m):
                 kernel = "dot" if rows <= DOT_MAX_ROWS else "dense"
             if kernel == "dot" and m & (m - 1):
                 return "avx2"
