@@ -11,7 +11,7 @@ same weight pruned to each pattern (default 2:4, 2:8, 1:4, 4:8) by magnitude, in
 through every path of :mod:`nmsparse.kernels.cpu` this CPU runs: ``auto`` (what
 ``NMLinear`` gets: the best instruction set and the kernel its dispatch picks for that many
 rows, named in brackets), ``avx2`` (the AVX2/FMA library), and each AVX-512 kernel forced
-(``dot``, ``table``, ``pairs``, ``dense``; with ``avx512bf16`` where the CPU has it, else
+(``dot``, ``table``, ``pairs``, ``lanes``, ``dense``; with ``avx512bf16`` where the CPU has it, else
 ``avx512``). Same process, same thread count (``torch.set_num_threads``). Cold weights: the
 methods of one dtype take turns on enough copies of the weight to read at least ``--cold-mb``
 between two uses of one copy (default: the larger of 1 GiB and twice the L3 cache), so no
@@ -64,7 +64,9 @@ SHAPES = [(11008, 4096), (4096, 11008)]
 ROWS = [1, 4, 16, 64, 256]
 PATTERNS = ["2:4", "2:8", "1:4", "4:8"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-KERNEL_PATHS = ("dot", "table", "pairs", "dense")
+KERNEL_PATHS = ("dot", "table", "pairs", "lanes", "dense")
+# The bf16-only kernels and what else they need of the pattern.
+BF16_KERNELS = {"pairs": cpu.pairs_take, "lanes": cpu.lanes_take}
 
 
 class Copies(list):
@@ -122,8 +124,8 @@ def paths() -> list[tuple[str | None, str]]:
 
 
 def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
-    if kernel == "pairs":
-        return dtype == "bf16" and isa == "avx512bf16" and cpu.pairs_take(n, m)
+    if kernel in BF16_KERNELS:
+        return dtype == "bf16" and isa == "avx512bf16" and BF16_KERNELS[kernel](n, m)
     return not (kernel == "dot" and m & (m - 1))
 
 
@@ -288,7 +290,15 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
     the matching pairs of x, so 2:4 takes half the instructions of the dense product. The
     entry's place comes from the position bits; slices of the table are reused from L1 by
     every output of a panel, whose weights are prefetched (the loop nest: the comment above
-    `pair_range` in `nm_linear_avx512.cpp`). The dispatch takes it from 5 bf16 rows up.
+    `pair_range` in `nm_linear_avx512.cpp`). The dispatch takes it for 5 bf16 rows up to
+    where `lanes` takes over.
+  * `lanes` (bf16, M in {2, 4, 8}, N even, or N = 1 with M <= 4): 16 outputs in the vector
+    lanes, 8 rows at a time; each pair of kept weights lies in one 8-input window of x, one
+    `vpshufb` per pair and row moves each lane's two inputs into place and one `vdpbf16ps`
+    multiplies them, where the dense product needs two `vdpbf16ps`. The weights and shuffle
+    controls of 32 outputs are first laid out lane by lane in L2 (registers transpose them);
+    one load of x serves four windows, one per quarter of the lanes (the comment at the top
+    of `nm_lanes_avx512.h`). The dispatch takes it for many bf16 rows.
   * `dense`: tiles of the weight (8 MiB, at least 256 output rows) expanded just in time into
     one buffer and multiplied by `F.linear`; the dispatch takes it above 8 rows for bf16 N:M
     that `pairs` cannot take, and from 256 rows for fp32.

@@ -38,7 +38,9 @@ needs_kernels = pytest.mark.skipif(BUILD_ERROR is not None,
 # (instruction set, kernel) pairs this machine runs: every path the CPU supports, separately.
 PATHS = [(isa, kernel) for isa in cpu.ISAS if BUILD_ERROR is None and cpu.isa_reason(isa) is None
          for kernel in {"avx2": ("auto",), "avx512": ("auto", "dot", "table", "dense"),
-                        "avx512bf16": ("auto", "dot", "table", "pairs", "dense")}[isa]]
+                        "avx512bf16": ("auto", "dot", "table", "pairs", "lanes", "dense")}[isa]]
+# The bf16-only kernels and what else they need of the pattern.
+BF16_KERNELS = {"pairs": cpu.pairs_take, "lanes": cpu.lanes_take}
 
 
 @pytest.fixture(autouse=True)
@@ -92,14 +94,14 @@ def run_path(path, x, packed_or_values, indices, n, m, bias, monkeypatch):
 def test_kernels_match_linear_over_shapes_and_batches(n, m, dtype, path, monkeypatch):
     if path[1] == "dot" and m & (m - 1):
         pytest.skip("the dot kernel takes M a power of two (the table kernel takes the rest)")
-    if path[1] == "pairs" and not (dtype == torch.bfloat16 and m in (2, 4, 8)
-                                   and (n == 1 or n % 2 == 0)):
-        pytest.skip("the pairs kernel takes bf16, M in {2, 4, 8}, N = 1 or even")
+    takes = BF16_KERNELS.get(path[1])
+    if takes and not (dtype == torch.bfloat16 and takes(n, m)):
+        pytest.skip(f"the {path[1]} kernel does not take {dtype} {n}:{m}")
     generator = torch.Generator().manual_seed(1000 * n + m)
     # odd output counts; group counts that leave tails after the 8-, 16- and 64-input steps
     # and rows long enough for the vector mask builder (>= 64 index bytes)
-    # batches: 1 and 3 (dot, AVX2), 9 (dot in two passes, dense), 65 (table and pairs in two
-    # tiles of 64 rows)
+    # batches: 1 and 3 (dot, AVX2), 9 (dot in two passes, dense, lanes 8 + 1), 65 (table and
+    # pairs in two tiles of 64 rows)
     for out, groups in [(1, 1), (7, 3), (37, 13), (9, 300)]:
         inp = groups * m
         weight = nm_weight(out, inp, n, m, dtype, generator)
@@ -175,8 +177,8 @@ def test_non_contiguous_and_batched_inputs(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_kernels_detect_a_wrong_position(path, dtype, monkeypatch):
     """The tolerance is tight enough to see one moved weight (so the tests above can fail)."""
-    if path[1] == "pairs" and dtype != torch.bfloat16:
-        pytest.skip("the pairs kernel takes bf16")
+    if path[1] in BF16_KERNELS and dtype != torch.bfloat16:
+        pytest.skip(f"the {path[1]} kernel takes bf16")
     generator = torch.Generator().manual_seed(3)
     packed = pack(nm_weight(16, 256, 2, 4, dtype, generator), 2, 4)
     broken = packed.indices.clone()
@@ -226,18 +228,59 @@ def test_pairs_kernel_over_panels_row_blocks_and_positions_in_any_order(n, m, mo
     assert_close_to_linear(y, x, values, indices, n, m, None)
 
 
+@needs_kernels
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (2, 8), (1, 2)])
+def test_lanes_kernel_over_panels_row_blocks_window_tails_and_positions_in_any_order(
+        n, m, monkeypatch):
+    """The lanes kernel's layout and loops: more outputs than one panel per thread and a
+    partial block of 16; inputs that end inside an 8-input window and, for N = 1, a last pair
+    with one value; row counts around its blocks of 8; rows long enough for full 64-byte
+    loads of the position bits and short enough that no step is wholly inside the row; and
+    positions stored in any order within a pair, which must still give x[a] w0 + x[b] w1.
+    Then a moved position must be seen (so these assertions can fail)."""
+    if "lanes" not in [kernel for isa, kernel in PATHS if isa == "avx512bf16"]:
+        pytest.skip("the lanes kernel needs AVX512_BF16 and the kernels built")
+    monkeypatch.setenv(cpu.ENV_ISA, "avx512bf16")
+    generator = torch.Generator().manual_seed(13 * n + m)
+    # groups: 16 windows and a half (when M <= 4: an odd group count, so N = 1 ends alone)
+    for out, inp in [(83, 132 if m <= 4 else 136), (21, m), (40, 24 if m != 8 else 16),
+                     (1100, 1032 if m <= 4 else 1024)]:
+        packed = pack(nm_weight(out, inp, n, m, torch.bfloat16, generator), n, m)
+        for rows in (1, 7, 8, 21):
+            x = torch.randn(rows, inp, generator=generator).bfloat16()
+            bias = torch.randn(out, generator=generator).bfloat16() if rows % 2 else None
+            y = cpu.nm_linear_cpu(x, packed.values, packed.indices, n, m, bias, kernel="lanes")
+            assert_close_to_linear(y, x, packed.values, packed.indices, n, m, bias)
+    slots = packed.values.shape[1]
+    order = torch.arange(slots)
+    order[:slots // 2 * 2] = order[:slots // 2 * 2].view(-1, 2).flip(-1).flatten()
+    positions = unpack_positions(packed.indices, m, slots)[:, order]
+    values, indices = packed.values[:, order].contiguous(), pack_positions(positions, m)
+    x = torch.randn(9, inp, generator=generator).bfloat16()
+    y = cpu.nm_linear_cpu(x, values, indices, n, m, None, kernel="lanes")
+    if n > 1:  # the same weight, each pair now stored (b, a)
+        assert torch.equal(unpack_rows(values, indices, n, m),
+                           unpack_rows(packed.values, packed.indices, n, m))
+    assert_close_to_linear(y, x, values, indices, n, m, None)
+    largest = int(values[700].float().abs().argmax())  # one product moves by |w x|
+    positions[700, largest] = (positions[700, largest] + 1) % m
+    y = cpu.nm_linear_cpu(x, values, pack_positions(positions, m), n, m, None, kernel="lanes")
+    with pytest.raises(AssertionError):
+        assert_close_to_linear(y, x, values, indices, n, m, None)
+
+
 def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
     """Every (instruction set, dtype) row of the measured table, every pattern the CPU kernels
-    take and every batch size: the pick exists and takes the pattern (pairs: M in {2, 4, 8}
-    and N = 1 or even; dot: M a power of two; table and dense: any)."""
+    take and every batch size: the pick exists and takes the pattern (pairs and lanes: bf16 and
+    their predicates; dot: M a power of two; table and dense: any)."""
     for (isa, dtype), entries in cpu.DISPATCH.items():
         assert entries[-1][0] is None
         for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)]:
             for rows in range(1, 300):
                 kernel = cpu.kernel_for(isa, dtype, rows, n, m)
                 assert kernel in cpu.KERNELS[1:], (isa, dtype, n, m, rows, kernel)
-                if kernel == "pairs":
-                    assert dtype == torch.bfloat16 and m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+                if kernel in BF16_KERNELS:
+                    assert dtype == torch.bfloat16 and BF16_KERNELS[kernel](n, m)
                 if kernel == "dot":
                     assert m & (m - 1) == 0
                 if rows > cpu.DOT_MAX_ROWS:  # the dot kernel would pass over the weight again

@@ -23,7 +23,10 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
   broadcast as one 32-bit word, with a table entry holding the matching pairs of x in one
   ``vdpbf16ps``: only kept products, two per lane and instruction, so 2:4 needs half the
   instructions of the dense product (how its loops keep the table in cache: the comment above
-  ``pair_range`` in ``nm_linear_avx512.cpp``).
+  ``pair_range`` in ``nm_linear_avx512.cpp``); the "lanes" kernel (:func:`lanes_take`) puts 16
+  outputs in the lanes instead and moves each lane's two inputs of a pair into place with one
+  ``vpshufb`` per row: a shuffle and a dot instruction per pair, where the pairs kernel waits
+  on a table load per instruction (``nm_lanes_avx512.h``).
 
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
@@ -75,11 +78,15 @@ _BF16, _FP32 = torch.bfloat16, torch.float32
 # (the two within the runs' noise). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is
 # faster there).
 DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (None, "pairs")),
+    ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (48, "pairs"), (None, "lanes")),
     ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
     ("avx512", _BF16): ((16, "avx2"), (None, "dense")),
     ("avx512", _FP32): ((DOT_MAX_ROWS, "avx2"), (255, "table"), (None, "dense")),
 }
+# The pairs kernel reads a table entry per pair, and for N > 2 several per group: measured 4:8
+# bf16 (11008x4096 and 4096x11008, 2 threads, cold) it stays below dense bf16 from 5 to 128
+# rows (0.63-1.10x) where the lanes kernel reaches 0.94-1.34x; so such patterns take lanes.
+PAIRS_MAX_N = 2
 # Weight bytes per tile of the dense path, and at least this many output rows per tile: few
 # large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
 # threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
@@ -176,13 +183,21 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
     return pattern_reason(n, m) or isa_reason(isa())
 
 
-KERNELS = ("auto", "avx2", "dot", "table", "pairs", "dense")
-_KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3}
+KERNELS = ("auto", "avx2", "dot", "table", "pairs", "lanes", "dense")
+_KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3, "lanes": 4}
+# The options bit "the CPU has AVX512_BF16 and VBMI" (OPTION_BF16 in nm_common.h).
+OPTION_BF16 = 8
 
 
 def pairs_take(n: int, m: int) -> bool:
     """Whether the pairs kernel takes N:M: M in {2, 4, 8}, N = 1 or even."""
     return m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+
+
+def lanes_take(n: int, m: int) -> bool:
+    """Whether the lanes kernel takes N:M: M in {2, 4, 8}, N even, or N = 1 with M <= 4 (every
+    pair of kept values must lie in one aligned window of 8 inputs)."""
+    return m in (2, 4, 8) and (n % 2 == 0 or (n == 1 and m <= 4))
 
 
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
@@ -193,6 +208,10 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         return "avx2"
     for limit, kernel in DISPATCH[(name, dtype)]:
         if limit is None or rows <= limit:
+            if kernel == "lanes" and not lanes_take(n, m):
+                kernel = "pairs"
+            if kernel == "pairs" and n > PAIRS_MAX_N and lanes_take(n, m):
+                kernel = "lanes"
             if kernel == "pairs" and not pairs_take(n, m):
                 kernel = "dot" if rows <= DOT_MAX_ROWS else "dense"
             if kernel == "dot" and m & (m - 1):
@@ -226,7 +245,7 @@ def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torc
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
     unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
     threads = _threads(flat.shape[0], values)
-    options = 4 if name == "avx512bf16" else 0
+    options = OPTION_BF16 if name == "avx512bf16" else 0
     for first in range(0, out_features, tile):
         last = min(first + tile, out_features)
         status = unpack(values.data_ptr(), int(values.dtype == torch.bfloat16),
@@ -249,8 +268,9 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
                   bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
     """``x @ W.T + bias`` for a packed N:M weight; arguments as checked by ``nm_linear``.
     ``kernel``: ``"avx2"`` (the AVX2 library), or with AVX-512 ``"dot"``, ``"table"``,
-    ``"pairs"`` (bf16 weights on ``avx512bf16``, M in {2, 4, 8}, N = 1 or even) or ``"dense"``
-    forces one (tests, benchmarks); ``"auto"`` follows :data:`DISPATCH`."""
+    ``"pairs"`` (bf16 weights on ``avx512bf16``, :func:`pairs_take`), ``"lanes"`` (the same,
+    :func:`lanes_take`) or ``"dense"`` forces one (tests, benchmarks); ``"auto"`` follows
+    :data:`DISPATCH`."""
     reason = unsupported_reason(x, values, n, m)
     if reason:
         raise ValueError(f"the CPU N:M kernels cannot run this call: {reason}")
@@ -273,7 +293,7 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     else:
         options = _KERNEL_CODE[chosen]
         if name == "avx512bf16":
-            options |= 4
+            options |= OPTION_BF16
             if chosen != "table" and values.dtype == torch.bfloat16:
                 x_dtype = torch.bfloat16
     rows = flat.to(x_dtype).contiguous()

@@ -51,7 +51,7 @@ LIBRARIES = {
     "mask_avx2": ("nm_mask.cpp", AVX2_FLAGS, "nm_mask_avx2"),
     "mask_avx512": ("nm_mask.cpp", AVX512_FLAGS, "nm_mask_avx512"),
 }
-ABI = 2  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
+ABI = 3  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 # function -> (argument types, result type), set on every library that exports it
 SIGNATURES = {

@@ -728,7 +728,9 @@ inline void share(int64_t out, int64_t& begin, int64_t& end) {
   if (begin > out) begin = out;
 }
 
-// kernel: 1 = dot, 2 = table, 3 = pair table (bf16).
+#include "nm_lanes_avx512.h"
+
+// kernel: 1 = dot, 2 = table, 3 = pair table (bf16), 4 = lanes (bf16).
 template <typename T>
 int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
         const float* bias, float* y, int threads, int kernel, bool bf16_dot, bool vbmi) {
@@ -763,6 +765,11 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
     return failed ? 2 : 0;
   }
   const int W = s.w;
+  if (kernel == 4) {
+    if (sizeof(T) != 2 || !lanes_ok(s)) return 1;
+    return lanes_run(static_cast<const bf16_t*>(x), reinterpret_cast<const bf16_t*>(values),
+                     indices, s, bias, y, threads);
+  }
   if (kernel == 3) {
     if (sizeof(T) != 2 || !pairs_ok(s)) return 1;
     const int64_t unit_inputs = s.n == 1 ? 2 * s.m : s.m;
@@ -842,13 +849,14 @@ extern "C" {
 int nmsparse_cpu_abi(void) { return NMSPARSE_CPU_ABI; }
 
 // y (batch, out_features) fp32 = x (batch, in_features) @ W.T (+ bias fp32). x: bf16 when
-// x_bf16 (only with bf16 values and the bf16 dot kernel: options bit 2), else fp32. values:
+// x_bf16 (only with bf16 values and the bf16 dot kernel: options bit 3), else fp32. values:
 // (out_features, slots) fp32 (bf16 = 0) or bf16; indices (out_features, index_bytes) uint8.
-// All contiguous. options: bits 0-1 the kernel (1 dot: M a power of two, meant for few rows;
-// 2 table: any M, meant for many rows; 3 pair table: bf16, M in {2, 4, 8} and N = 1 or even,
-// many rows), bit 2 "the CPU has AVX512_BF16, AVX512_VBMI and AVX512_VBMI2": then bf16 x
-// (x_bf16 = 1, required) meets bf16 weights in vdpbf16ps in the dot and pair kernels. Returns 0 on success, 1 for an
-// unsupported pattern or kernel, 2 when out of memory, 3 for a bad x dtype.
+// All contiguous. options: bits 0-2 the kernel (1 dot: M a power of two, meant for few rows;
+// 2 table: any M, meant for many rows; 3 pair table: bf16, M in {2, 4, 8} and N = 1 or even;
+// 4 lanes: bf16, M in {2, 4, 8} and N even or N = 1 with M <= 4), bit 3 (OPTION_BF16) "the
+// CPU has AVX512_BF16, AVX512_VBMI and AVX512_VBMI2": then bf16 x (x_bf16 = 1, required)
+// meets bf16 weights in vdpbf16ps in the dot, pair and lanes kernels. Returns 0 on success, 1
+// for an unsupported pattern or kernel, 2 when out of memory, 3 for a bad x dtype.
 int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_features,
                        const void* values, int bf16, const uint8_t* indices,
                        int64_t out_features, int64_t slots, int64_t index_bytes, int n, int m,
@@ -856,9 +864,9 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
   if (n < 1 || 8 % n || n >= m || m > 16) return 1;
   const int w = m <= 2 ? 1 : m <= 4 ? 2 : 4;
   const Shape s{batch, in_features, out_features, slots, index_bytes, n, m, w};
-  const int kernel = options & 3;
-  const bool bf16_dot = (options & 4) != 0;
-  if (kernel < 1 || kernel > 3 || (kernel == 3 && !(bf16 && bf16_dot))) return 1;
+  const int kernel = options & 7;
+  const bool bf16_dot = (options & OPTION_BF16) != 0;
+  if (kernel < 1 || kernel > 4 || (kernel >= 3 && !(bf16 && bf16_dot))) return 1;
   if (x_bf16 != (bf16 && bf16_dot && kernel != 2)) return 3;
   if (bf16)
     return run(x, static_cast<const bf16_t*>(values), indices, s, bias, y, threads, kernel,
@@ -869,7 +877,7 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
 
 // Dense rows [begin, end) of the packed weight, written to dst ((end - begin) x in, the
 // values' dtype: bf16 when bf16): for the "dense" path, which multiplies tiles of the weight
-// expanded just in time with the caller's dense GEMM. options bit 2 as above (VBMI for the
+// expanded just in time with the caller's dense GEMM. options bit 3 as above (VBMI for the
 // masks). Returns 0, or 1 for an unsupported pattern.
 int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_t slots,
                     int64_t index_bytes, int n, int m, int64_t in, int64_t begin, int64_t end,
@@ -893,7 +901,7 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
     return 0;
   }
   const Masks slow(n, m, w);
-  const FastMasks* fast = (options & 4) ? new FastMasks(slow) : nullptr;
+  const FastMasks* fast = (options & OPTION_BF16) ? new FastMasks(slow) : nullptr;
   const int64_t stride = ((in + 7) / 8 + 16 + 63) / 64 * 64;
   int failed = 0;
 #pragma omp parallel num_threads(threads)

@@ -1,0 +1,300 @@
+// The "lanes" kernel of nm_linear_avx512.cpp (included there, after Shape, scratch and
+// BF16_TARGET): bf16 weights and bf16 x, many rows, M in {2, 4, 8} with N even or N = 1 and
+// M <= 4.
+//
+// Sixteen outputs sit in the lanes of a zmm. Every pair of kept weights of an output (values
+// 2p and 2p + 1 of its row) lies in one aligned 8-input window of x, so one 16-byte load of
+// the window, broadcast to the four 128-bit parts of a zmm, holds both inputs each lane
+// needs; vpshufb moves each lane's two inputs into place (its control word, built from the
+// pair's position bits, differs per lane) and vdpbf16ps multiplies them with the 16 outputs'
+// pairs of weights: one shuffle and one dot instruction per pair and row, where the dense
+// product needs two dot instructions per pair. The shuffle runs on other ports than the dot,
+// so, unlike the pairs kernel, nothing waits on a load per instruction: per window a row's x
+// is loaded once and serves every pair and output of the panel.
+//
+// Per thread and panel (LANE_BLOCKS blocks of 16 outputs): the weights and controls are
+// first laid out lane by lane in a buffer that stays in L2 (gathers, one control per pair
+// from the position bits), then every block of up to LANE_ROWS rows runs over it with
+// LANE_ROWS x LANE_BLOCKS accumulators in registers. Padding (outputs past the last, pairs
+// past the row's end) has weight 0 and control bytes 0x80, which make vpshufb write zeros, so
+// no padded product can be 0 * inf.
+#pragma once
+
+constexpr int LANE_ROWS = 8;    // rows per pass over a panel (accumulators in registers)
+constexpr int LANE_BLOCKS = 2;  // blocks of 16 outputs per panel
+constexpr uint32_t LANE_EMPTY = 0x80808080u;
+
+inline bool lanes_ok(const Shape& s) {
+  return power_of_two(s.m) && s.m <= 8 && s.m >= 2 && (s.n % 2 == 0 || (s.n == 1 && s.m <= 4));
+}
+
+// Pairs per 8-input window.
+inline int lane_pairs_per_window(const Shape& s) { return 4 * s.n / s.m; }
+
+// The control word of a lane whose pair sits at window positions a and b: bytes 2a, 2a + 1,
+// 2b, 2b + 1 of the window (x[a] in the low half of the lane, x[b] in the high half).
+inline uint32_t lane_control(int a, int b) {
+  return (uint32_t)(2 * a) | (uint32_t)(2 * a + 1) << 8 | (uint32_t)(2 * b) << 16 |
+         (uint32_t)(2 * b + 1) << 24;
+}
+
+// Window positions of pair slot q (0 .. pairs per window - 1) before the in-group positions
+// are added: N even, both values in group 2q / N; N = 1, the two values in groups 2q, 2q + 1.
+inline void lane_offsets(const Shape& s, int q, int& first, int& second) {
+  if (s.n == 1) {
+    first = 2 * q * s.m;
+    second = (2 * q + 1) * s.m;
+  } else {
+    first = second = 2 * q / s.n * s.m;
+  }
+}
+
+// The pair's field of 2w position bits -> its control (w = index width: 1, 2 or 4 bits).
+inline uint32_t lane_field_control(const Shape& s, int q, uint32_t field) {
+  int first, second;
+  lane_offsets(s, q, first, second);
+  const uint32_t mask = (uint32_t)s.m - 1;  // a corrupt field stays inside the window
+  return lane_control(first + (int)(field & mask), second + (int)((field >> s.w) & mask));
+}
+
+// r[l] holds 16 words of row l; afterwards r[j] holds word j of the 16 rows.
+inline void lane_transpose(__m512i (&r)[16]) {
+  __m512i a[16], b[16], c[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      c[8 * i + j] = _mm512_shuffle_i32x4(b[8 * i + j], b[8 * i + 4 + j], 0x88);
+      c[8 * i + 4 + j] = _mm512_shuffle_i32x4(b[8 * i + j], b[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(c[j], c[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(c[j], c[j + 8], 0xdd);
+  }
+}
+
+// Writes one half (weights: 0, controls: 16) of a block's entries from the lane vectors of its
+// pairs, pushed in pair order: entry (step t, slot q) takes its quarter k from the pair of
+// slot q in window t - 3 + k, so it is a blend of the last four pushed for its slot (the
+// "fill" vector before the first window and after the last).
+template <int PER_WINDOW>
+struct LaneSkew {
+  uint32_t* dst;
+  int half;
+  __m512i fill;
+  int64_t step = 0;
+  __m512i prev[PER_WINDOW][3];
+
+  BF16_TARGET LaneSkew(uint32_t* dst_, int half_, __m512i fill_) : dst(dst_), half(half_), fill(fill_) {
+    for (int q = 0; q < PER_WINDOW; ++q) prev[q][0] = prev[q][1] = prev[q][2] = fill;
+  }
+  // the pairs of one window
+  BF16_TARGET ALWAYS_INLINE void push(const __m512i* v) {
+    for (int q = 0; q < PER_WINDOW; ++q) {
+      __m512i e = _mm512_mask_blend_epi32(0x00F0, prev[q][0], prev[q][1]);
+      e = _mm512_mask_blend_epi32(0x0F00, e, prev[q][2]);
+      e = _mm512_mask_blend_epi32(0xF000, e, v[q]);
+      _mm512_store_si512(dst + (step * PER_WINDOW + q) * 32 + half, e);
+      prev[q][0] = prev[q][1];
+      prev[q][1] = prev[q][2];
+      prev[q][2] = v[q];
+    }
+    ++step;
+  }
+  BF16_TARGET void finish() {  // the 3 steps after the last window
+    __m512i v[PER_WINDOW];
+    for (int q = 0; q < PER_WINDOW; ++q) v[q] = fill;
+    for (int i = 0; i < 3; ++i) push(v);
+  }
+};
+
+// Lay out outputs [o0, o0 + 16 * blocks) (those < s.out) lane by lane: per block, entries
+// (steps x pairs per window; steps: the windows + 3) of 16 weight words then 16 control
+// words, block b's from buf + b * entries * 32, the lanes 4k .. 4k + 3 of a pair 3 - k steps
+// after its window (see LaneSkew and lane_rows).
+template <int PER_WINDOW>
+BF16_TARGET void lane_layout(const bf16_t* values, const uint8_t* indices, const Shape& s,
+                             int64_t o0, int blocks, int64_t entries, uint32_t* buf) {
+  const int64_t windows = entries / PER_WINDOW - 3;
+  const int64_t pairs = windows * PER_WINDOW;
+  const int64_t fields = (s.slots + 1) / 2;  // pairs with a value (the last may have one)
+  const int field_bits = 2 * s.w;
+  // controls of the low 4 bits of a field, by pair slot (a field of 2 bits repeats)
+  __m512i tables[PER_WINDOW];
+  for (int q = 0; q < PER_WINDOW; ++q) {
+    uint32_t low[16];
+    for (int f = 0; f < 16; ++f) low[f] = lane_field_control(s, q, (uint32_t)f & ((1u << field_bits) - 1));
+    tables[q] = _mm512_loadu_si512(low);
+  }
+  const __m512i empty = _mm512_set1_epi32((int)LANE_EMPTY);
+  for (int b = 0; b < blocks; ++b) {
+    const int64_t first = o0 + 16 * b;
+    const int valid = first >= s.out ? 0 : s.out - first >= 16 ? 16 : (int)(s.out - first);
+    const __mmask16 lanes = (__mmask16)((1u << valid) - 1);
+    uint32_t* dst = buf + b * entries * 32;
+    // weights: 16 pairs of each of the 16 rows (zero past the row), transposed in registers
+    LaneSkew<PER_WINDOW> weights(dst, 0, _mm512_setzero_si512());
+    const bf16_t* base = values + (valid ? first : 0) * s.slots;
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const int64_t words = s.slots - 2 * p0;
+      const __mmask32 part = words >= 32 ? ~(__mmask32)0 : words > 0 ? (__mmask32)((1u << words) - 1) : 0;
+      __m512i r[16];
+      for (int l = 0; l < 16; ++l)
+        r[l] = l < valid ? _mm512_maskz_loadu_epi16(part, base + l * s.slots + 2 * p0) : _mm512_setzero_si512();
+      lane_transpose(r);
+      const int count = pairs - p0 >= 16 ? 16 : (int)(pairs - p0);  // a multiple of PER_WINDOW
+      for (int j = 0; j < count; j += PER_WINDOW) weights.push(r + j);
+    }
+    weights.finish();
+    // controls: 64 index bytes of each of the 16 rows, transposed in registers into 16
+    // vectors of 4 bytes per row; each pair's field shifted down and mapped to its control
+    LaneSkew<PER_WINDOW> controls(dst, 16, empty);
+    const uint8_t* bits = indices + (valid ? first : 0) * s.index_bytes;
+    const int per_word = 32 / field_bits;  // a multiple of PER_WINDOW
+    for (int64_t byte0 = 0, p = 0; p < pairs; byte0 += 64) {
+      const int64_t count = s.index_bytes - byte0;
+      const __mmask64 part = count >= 64 ? ~(__mmask64)0 : count > 0 ? (((__mmask64)1 << count) - 1) : 0;
+      __m512i r[16];
+      for (int l = 0; l < 16; ++l)
+        r[l] = l < valid ? _mm512_maskz_loadu_epi8(part, bits + l * s.index_bytes + byte0) : _mm512_setzero_si512();
+      lane_transpose(r);
+      for (int word = 0; word < 16 && p < pairs; ++word)
+        for (int j = 0; j < per_word && p < pairs; j += PER_WINDOW, p += PER_WINDOW) {
+          __m512i c[PER_WINDOW];
+          for (int q = 0; q < PER_WINDOW; ++q) {
+            const __m512i field = _mm512_srli_epi32(r[word], (j + q) * field_bits);
+            __m512i control;
+            if (s.m == 8) {  // (a, b) as 16-bit halves, each times 0x0202 plus 0x0100
+              const __m512i ab = _mm512_or_si512(
+                  _mm512_and_si512(field, _mm512_set1_epi32(7)),
+                  _mm512_and_si512(_mm512_slli_epi32(field, 12), _mm512_set1_epi32(7 << 16)));
+              control = _mm512_add_epi32(_mm512_mullo_epi16(ab, _mm512_set1_epi16(0x0202)),
+                                         _mm512_set1_epi32(0x01000100));
+            } else {  // the low 4 bits index the slot's table
+              control = _mm512_permutexvar_epi32(field, tables[q]);
+            }
+            c[q] = p + q < fields ? _mm512_mask_mov_epi32(empty, lanes, control) : empty;
+          }
+          controls.push(c);
+        }
+    }
+    controls.finish();
+  }
+}
+
+// One step: every pair slot of every block meets the R rows' x (xw: quarter k of row r's
+// vector holds window t - 3 + k).
+template <int R, int BLOCKS, int PER_WINDOW>
+BF16_TARGET ALWAYS_INLINE void lane_step(__m512 (&acc)[R][BLOCKS], const __m512i (&xw)[R],
+                                         const uint32_t* at, int64_t entries) {
+  for (int q = 0; q < PER_WINDOW; ++q)
+    for (int b = 0; b < BLOCKS; ++b) {
+      const uint32_t* pair = at + (b * entries + q) * 32;
+      const __m512i w = _mm512_load_si512(pair);
+      const __m512i c = _mm512_load_si512(pair + 16);
+      for (int r = 0; r < R; ++r)
+        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)_mm512_shuffle_epi8(xw[r], c), (__m512bh)w);
+    }
+}
+
+// A step that reaches outside the row: masked loads.
+template <int R, int BLOCKS, int PER_WINDOW>
+BF16_TARGET ALWAYS_INLINE void lane_edge(__m512 (&acc)[R][BLOCKS], const bf16_t* x, int64_t ldx,
+                                         int64_t in, int64_t t, const uint32_t* buf, int64_t entries) {
+  const int64_t start = (t - 3) * 8;
+  const int64_t lo = start < 0 ? -start : 0, hi = in - start < 32 ? in - start : 32;
+  const __mmask32 inside = hi > lo ? (__mmask32)((((uint64_t)1 << hi) - 1) & ~(((uint64_t)1 << lo) - 1)) : 0;
+  // integer arithmetic: the address may lie before x, but masked-off words are not read
+  const bf16_t* from = reinterpret_cast<const bf16_t*>(reinterpret_cast<uintptr_t>(x) + start * 2);
+  __m512i xw[R];
+  for (int r = 0; r < R; ++r) xw[r] = _mm512_maskz_loadu_epi16(inside, from + r * ldx);
+  lane_step<R, BLOCKS, PER_WINDOW>(acc, xw, buf + t * PER_WINDOW * 32, entries);
+}
+
+// R rows (x row stride ldx) times the panel's BLOCKS blocks. Step t reads the 32 inputs from
+// (t - 3) * 8 of each row in one load: its four windows serve the four quarters of the lanes,
+// whose pairs the layout placed accordingly (no broadcast, which costs a shuffle per row and
+// window). Steps that reach outside the row load masked. y: fp32, row stride ldy, column o0.
+template <int R, int BLOCKS, int PER_WINDOW>
+BF16_TARGET void lane_rows(const bf16_t* x, int64_t ldx, const uint32_t* buf, int64_t entries,
+                           int64_t in, const float* bias, int64_t o0, int64_t out, float* y,
+                           int64_t ldy) {
+  __m512 acc[R][BLOCKS];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) acc[r][b] = _mm512_setzero_ps();
+  const int64_t steps = entries / PER_WINDOW;
+  const int64_t inner_end = in >= 32 ? (in - 32) / 8 + 4 : 3;  // steps wholly inside the row
+  const int64_t middle_end = inner_end < steps ? inner_end : steps;
+  int64_t t = 0;
+  for (; t < 3 && t < steps; ++t) lane_edge<R, BLOCKS, PER_WINDOW>(acc, x, ldx, in, t, buf, entries);
+  for (; t < middle_end; ++t) {
+    __m512i xw[R];
+    for (int r = 0; r < R; ++r) xw[r] = _mm512_loadu_si512(x + r * ldx + (t - 3) * 8);
+    lane_step<R, BLOCKS, PER_WINDOW>(acc, xw, buf + t * PER_WINDOW * 32, entries);
+  }
+  for (; t < steps; ++t) lane_edge<R, BLOCKS, PER_WINDOW>(acc, x, ldx, in, t, buf, entries);
+  for (int b = 0; b < BLOCKS; ++b) {
+    const int64_t first = o0 + 16 * b;
+    if (first >= out) break;
+    const __mmask16 lanes = out - first >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - first)) - 1);
+    const __m512 add = bias ? _mm512_maskz_loadu_ps(lanes, bias + first) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(y + r * ldy + first, lanes, _mm512_add_ps(acc[r][b], add));
+  }
+}
+
+template <int PER_WINDOW>
+BF16_TARGET void lane_panel(const bf16_t* x, int64_t rows, const uint32_t* buf, int64_t entries,
+                            const Shape& s, const float* bias, int64_t o0, float* y) {
+  int64_t r = 0;
+  for (; r + LANE_ROWS <= rows; r += LANE_ROWS)
+    lane_rows<LANE_ROWS, LANE_BLOCKS, PER_WINDOW>(x + r * s.in, s.in, buf, entries, s.in, bias, o0, s.out, y + r * s.out, s.out);
+  switch (rows - r) {
+#define NMSPARSE_LANE_TAIL(R) \
+    case R: lane_rows<R, LANE_BLOCKS, PER_WINDOW>(x + r * s.in, s.in, buf, entries, s.in, bias, o0, s.out, y + r * s.out, s.out); break;
+    NMSPARSE_LANE_TAIL(1) NMSPARSE_LANE_TAIL(2) NMSPARSE_LANE_TAIL(3) NMSPARSE_LANE_TAIL(4)
+    NMSPARSE_LANE_TAIL(5) NMSPARSE_LANE_TAIL(6) NMSPARSE_LANE_TAIL(7)
+#undef NMSPARSE_LANE_TAIL
+    default: break;
+  }
+}
+
+// The whole product: panels of 16 * LANE_BLOCKS outputs shared statically among the threads.
+// Returns 0, or 2 when a buffer cannot be allocated.
+BF16_TARGET inline int lanes_run(const bf16_t* x, const bf16_t* values, const uint8_t* indices,
+                                 const Shape& s, const float* bias, float* y, int threads) {
+  const int per_window = lane_pairs_per_window(s);
+  const int64_t entries = ((s.in + 7) / 8 + 3) * per_window;
+  const int64_t panel_outputs = 16 * LANE_BLOCKS;
+  const int64_t panels = (s.out + panel_outputs - 1) / panel_outputs;
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    uint32_t* buf = reinterpret_cast<uint32_t*>(scratch(0, LANE_BLOCKS * entries * 32 * 4));
+    if (!buf) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      if (!buf) continue;
+      const int64_t o0 = panel * panel_outputs;
+      if (per_window == 1) {
+        lane_layout<1>(values, indices, s, o0, LANE_BLOCKS, entries, buf);
+        lane_panel<1>(x, s.batch, buf, entries, s, bias, o0, y);
+      } else {
+        lane_layout<2>(values, indices, s, o0, LANE_BLOCKS, entries, buf);
+        lane_panel<2>(x, s.batch, buf, entries, s, bias, o0, y);
+      }
+    }
+  }
+  return failed ? 2 : 0;
+}
