@@ -35,8 +35,9 @@ The "dense" path (AVX-512) expands tiles of the weight (8 MiB, at least 256 outp
 in time into one buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is
 in cache: dense speed less the expansion, never a whole dense copy. Which kernel runs is the
 measured table :data:`DISPATCH` (by instruction set, dtype and row count): for bf16 weights
-one row runs the AVX2 library's permute kernel, up to 4 rows the dot kernel, more the pairs
-kernel (patterns it cannot take: the dot kernel up to 8 rows, then the dense path).
+one row runs the AVX2 library's permute kernel, up to 4 rows the dot kernel, 5-8 rows the lanes
+kernel, 9-48 the pairs kernel (M = 8: lanes), more the lanes kernel (patterns a kernel cannot
+take: lanes -> pairs -> the dot kernel up to 8 rows, then the dense path).
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily: by :mod:`nmsparse.kernels._op`,
@@ -75,18 +76,24 @@ _BF16, _FP32 = torch.bfloat16, torch.float32
 # rework (docs/cpu_kernels.md, 2 threads, cold, both shapes, 2:4, against dense bf16): 4 rows
 # dot 1.31-1.48x, pairs 1.15-1.19x; 8 rows pairs 1.22-1.35x, dot 0.94-1.09x; 16-128 rows pairs
 # 0.94-1.55x, the tiled dense path 0.72-0.83x; 256 rows pairs 0.81-0.99x, the dense path 0.85x
-# (the two within the runs' noise). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is
-# faster there).
+# (the two within the runs' noise). With the lanes kernel (2 threads, cold, 2:4, both shapes,
+# in one process, 16:00-16:10 UTC 2026-12-07): 2-4 rows dot 1.15-1.59x, lanes 1.00-1.19x; 5
+# rows lanes 1.44-1.70x, dot 1.15-1.20x, pairs 1.14-1.16x; 8 rows lanes 1.13-1.43x, pairs
+# 1.20-1.25x; 16-48 rows pairs 1.32-1.60x, lanes 1.29-1.44x; 64 rows and more lanes
+# (1.14-1.42x at 64, 1.26-1.35x at 256, 1.31-1.39x at 512), pairs (1.10-1.37x at 64, 0.98-1.11x
+# at 256-512). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is faster there).
 DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
-    ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (48, "pairs"), (None, "lanes")),
+    ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (8, "lanes"), (48, "pairs"),
+                            (None, "lanes")),
     ("avx512bf16", _FP32): ((1, "avx2"), (DOT_MAX_ROWS, "dot"), (255, "table"), (None, "dense")),
     ("avx512", _BF16): ((16, "avx2"), (None, "dense")),
     ("avx512", _FP32): ((DOT_MAX_ROWS, "avx2"), (255, "table"), (None, "dense")),
 }
-# The pairs kernel reads a table entry per pair, and for N > 2 several per group: measured 4:8
-# bf16 (11008x4096 and 4096x11008, 2 threads, cold) it stays below dense bf16 from 5 to 128
-# rows (0.63-1.10x) where the lanes kernel reaches 0.94-1.34x; so such patterns take lanes.
-PAIRS_MAX_N = 2
+# Where the pairs kernel's table has M = 8 inputs per group it loses to the lanes kernel at
+# every row count, so those patterns take lanes where the table says pairs: measured bf16
+# (11008x4096 and 4096x11008, 2 threads, cold) 4:8 from 5 to 128 rows pairs 0.63-1.10x of
+# dense bf16, lanes 0.94-1.34x; 2:8 from 4 to 128 rows pairs 1.20-1.85x, lanes 1.64-2.24x.
+PAIRS_MAX_M = 4
 # Weight bytes per tile of the dense path, and at least this many output rows per tile: few
 # large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
 # threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
@@ -210,7 +217,7 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         if limit is None or rows <= limit:
             if kernel == "lanes" and not lanes_take(n, m):
                 kernel = "pairs"
-            if kernel == "pairs" and n > PAIRS_MAX_N and lanes_take(n, m):
+            if kernel == "pairs" and m > PAIRS_MAX_M and lanes_take(n, m):
                 kernel = "lanes"
             if kernel == "pairs" and not pairs_take(n, m):
                 kernel = "dot" if rows <= DOT_MAX_ROWS else "dense"

@@ -190,6 +190,24 @@ BF16_TARGET void lane_layout(const bf16_t* values, const uint8_t* indices, const
   }
 }
 
+// The next panel's packed rows (two contiguous ranges: its values and its position bits),
+// prefetched into L2 a few lines per step while this panel computes, so that its layout reads
+// from cache instead of waiting on memory row by row.
+struct LaneAhead {
+  const char* from[2] = {nullptr, nullptr};
+  int64_t lines[2] = {0, 0};
+  int64_t done = 0, per_step = 0;
+
+  ALWAYS_INLINE void step() {
+    for (int64_t i = 0; i < per_step; ++i, ++done) {
+      const int part = done < lines[0] ? 0 : 1;
+      const int64_t line = part ? done - lines[0] : done;
+      if (part && line >= lines[1]) return;
+      _mm_prefetch(from[part] + line * 64, _MM_HINT_T1);
+    }
+  }
+};
+
 // One step: every pair slot of every block meets the R rows' x (xw: quarter k of row r's
 // vector holds window t - 3 + k).
 template <int R, int BLOCKS, int PER_WINDOW>
@@ -226,7 +244,7 @@ BF16_TARGET ALWAYS_INLINE void lane_edge(__m512 (&acc)[R][BLOCKS], const bf16_t*
 template <int R, int BLOCKS, int PER_WINDOW>
 BF16_TARGET void lane_rows(const bf16_t* x, int64_t ldx, const uint32_t* buf, int64_t entries,
                            int64_t in, const float* bias, int64_t o0, int64_t out, float* y,
-                           int64_t ldy) {
+                           int64_t ldy, LaneAhead& ahead) {
   __m512 acc[R][BLOCKS];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < BLOCKS; ++b) acc[r][b] = _mm512_setzero_ps();
@@ -239,6 +257,7 @@ BF16_TARGET void lane_rows(const bf16_t* x, int64_t ldx, const uint32_t* buf, in
     __m512i xw[R];
     for (int r = 0; r < R; ++r) xw[r] = _mm512_loadu_si512(x + r * ldx + (t - 3) * 8);
     lane_step<R, BLOCKS, PER_WINDOW>(acc, xw, buf + t * PER_WINDOW * 32, entries);
+    ahead.step();
   }
   for (; t < steps; ++t) lane_edge<R, BLOCKS, PER_WINDOW>(acc, x, ldx, in, t, buf, entries);
   for (int b = 0; b < BLOCKS; ++b) {
@@ -253,13 +272,16 @@ BF16_TARGET void lane_rows(const bf16_t* x, int64_t ldx, const uint32_t* buf, in
 
 template <int PER_WINDOW>
 BF16_TARGET void lane_panel(const bf16_t* x, int64_t rows, const uint32_t* buf, int64_t entries,
-                            const Shape& s, const float* bias, int64_t o0, float* y) {
+                            const Shape& s, const float* bias, int64_t o0, float* y,
+                            LaneAhead& ahead) {
+  const int64_t passes = (rows + LANE_ROWS - 1) / LANE_ROWS, steps = entries / PER_WINDOW;
+  ahead.per_step = ((ahead.lines[0] + ahead.lines[1]) + passes * steps - 1) / (passes * steps);
   int64_t r = 0;
   for (; r + LANE_ROWS <= rows; r += LANE_ROWS)
-    lane_rows<LANE_ROWS, LANE_BLOCKS, PER_WINDOW>(x + r * s.in, s.in, buf, entries, s.in, bias, o0, s.out, y + r * s.out, s.out);
+    lane_rows<LANE_ROWS, LANE_BLOCKS, PER_WINDOW>(x + r * s.in, s.in, buf, entries, s.in, bias, o0, s.out, y + r * s.out, s.out, ahead);
   switch (rows - r) {
 #define NMSPARSE_LANE_TAIL(R) \
-    case R: lane_rows<R, LANE_BLOCKS, PER_WINDOW>(x + r * s.in, s.in, buf, entries, s.in, bias, o0, s.out, y + r * s.out, s.out); break;
+    case R: lane_rows<R, LANE_BLOCKS, PER_WINDOW>(x + r * s.in, s.in, buf, entries, s.in, bias, o0, s.out, y + r * s.out, s.out, ahead); break;
     NMSPARSE_LANE_TAIL(1) NMSPARSE_LANE_TAIL(2) NMSPARSE_LANE_TAIL(3) NMSPARSE_LANE_TAIL(4)
     NMSPARSE_LANE_TAIL(5) NMSPARSE_LANE_TAIL(6) NMSPARSE_LANE_TAIL(7)
 #undef NMSPARSE_LANE_TAIL
@@ -287,12 +309,20 @@ BF16_TARGET inline int lanes_run(const bf16_t* x, const bf16_t* values, const ui
     for (int64_t panel = 0; panel < panels; ++panel) {
       if (!buf) continue;
       const int64_t o0 = panel * panel_outputs;
+      LaneAhead ahead;
+      const int64_t next = o0 + panel_outputs, next_rows = s.out - next < panel_outputs ? s.out - next : panel_outputs;
+      if (next_rows > 0) {
+        ahead.from[0] = reinterpret_cast<const char*>(values + next * s.slots);
+        ahead.lines[0] = (next_rows * s.slots * 2 + 63) / 64;
+        ahead.from[1] = reinterpret_cast<const char*>(indices + next * s.index_bytes);
+        ahead.lines[1] = (next_rows * s.index_bytes + 63) / 64;
+      }
       if (per_window == 1) {
         lane_layout<1>(values, indices, s, o0, LANE_BLOCKS, entries, buf);
-        lane_panel<1>(x, s.batch, buf, entries, s, bias, o0, y);
+        lane_panel<1>(x, s.batch, buf, entries, s, bias, o0, y, ahead);
       } else {
         lane_layout<2>(values, indices, s, o0, LANE_BLOCKS, entries, buf);
-        lane_panel<2>(x, s.batch, buf, entries, s, bias, o0, y);
+        lane_panel<2>(x, s.batch, buf, entries, s, bias, o0, y, ahead);
       }
     }
   }
