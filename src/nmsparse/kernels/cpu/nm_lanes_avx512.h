@@ -81,6 +81,25 @@ inline void lane_transpose(__m512i (&r)[16]) {
   }
 }
 
+// The next panel's packed rows (two contiguous ranges: its values and its position bits),
+// prefetched into L2 a few lines at a time while this panel is laid out and computed, so that
+// memory stays busy throughout and the next layout reads from cache instead of waiting on
+// memory row by row.
+struct LaneAhead {
+  const char* from[2] = {nullptr, nullptr};
+  int64_t lines[2] = {0, 0};
+  int64_t done = 0, per_step = 0;
+
+  ALWAYS_INLINE void step() {
+    for (int64_t i = 0; i < per_step; ++i, ++done) {
+      const int part = done < lines[0] ? 0 : 1;
+      const int64_t line = part ? done - lines[0] : done;
+      if (part && line >= lines[1]) return;
+      _mm_prefetch(from[part] + line * 64, _MM_HINT_T1);
+    }
+  }
+};
+
 // Writes one half (weights: 0, controls: 16) of a block's entries from the lane vectors of its
 // pairs, pushed in pair order: entry (step t, slot q) takes its quarter k from the pair of
 // slot q in window t - 3 + k, so it is a blend of the last four pushed for its slot (the
@@ -122,7 +141,8 @@ struct LaneSkew {
 // after its window (see LaneSkew and lane_rows).
 template <int PER_WINDOW>
 BF16_TARGET void lane_layout(const bf16_t* values, const uint8_t* indices, const Shape& s,
-                             int64_t o0, int blocks, int64_t entries, uint32_t* buf) {
+                             int64_t o0, int blocks, int64_t entries, uint32_t* buf,
+                             LaneAhead& ahead) {
   const int64_t windows = entries / PER_WINDOW - 3;
   const int64_t pairs = windows * PER_WINDOW;
   const int64_t fields = (s.slots + 1) / 2;  // pairs with a value (the last may have one)
@@ -152,6 +172,7 @@ BF16_TARGET void lane_layout(const bf16_t* values, const uint8_t* indices, const
       lane_transpose(r);
       const int count = pairs - p0 >= 16 ? 16 : (int)(pairs - p0);  // a multiple of PER_WINDOW
       for (int j = 0; j < count; j += PER_WINDOW) weights.push(r + j);
+      ahead.step();
     }
     weights.finish();
     // controls: 64 index bytes of each of the 16 rows, transposed in registers into 16
@@ -189,24 +210,6 @@ BF16_TARGET void lane_layout(const bf16_t* values, const uint8_t* indices, const
     controls.finish();
   }
 }
-
-// The next panel's packed rows (two contiguous ranges: its values and its position bits),
-// prefetched into L2 a few lines per step while this panel computes, so that its layout reads
-// from cache instead of waiting on memory row by row.
-struct LaneAhead {
-  const char* from[2] = {nullptr, nullptr};
-  int64_t lines[2] = {0, 0};
-  int64_t done = 0, per_step = 0;
-
-  ALWAYS_INLINE void step() {
-    for (int64_t i = 0; i < per_step; ++i, ++done) {
-      const int part = done < lines[0] ? 0 : 1;
-      const int64_t line = part ? done - lines[0] : done;
-      if (part && line >= lines[1]) return;
-      _mm_prefetch(from[part] + line * 64, _MM_HINT_T1);
-    }
-  }
-};
 
 // One step: every pair slot of every block meets the R rows' x (xw: quarter k of row r's
 // vector holds window t - 3 + k).
@@ -274,8 +277,6 @@ template <int PER_WINDOW>
 BF16_TARGET void lane_panel(const bf16_t* x, int64_t rows, const uint32_t* buf, int64_t entries,
                             const Shape& s, const float* bias, int64_t o0, float* y,
                             LaneAhead& ahead) {
-  const int64_t passes = (rows + LANE_ROWS - 1) / LANE_ROWS, steps = entries / PER_WINDOW;
-  ahead.per_step = ((ahead.lines[0] + ahead.lines[1]) + passes * steps - 1) / (passes * steps);
   int64_t r = 0;
   for (; r + LANE_ROWS <= rows; r += LANE_ROWS)
     lane_rows<LANE_ROWS, LANE_BLOCKS, PER_WINDOW>(x + r * s.in, s.in, buf, entries, s.in, bias, o0, s.out, y + r * s.out, s.out, ahead);
@@ -316,12 +317,16 @@ BF16_TARGET inline int lanes_run(const bf16_t* x, const bf16_t* values, const ui
         ahead.lines[0] = (next_rows * s.slots * 2 + 63) / 64;
         ahead.from[1] = reinterpret_cast<const char*>(indices + next * s.index_bytes);
         ahead.lines[1] = (next_rows * s.index_bytes + 63) / 64;
+        // one share per step of the layout (16 pairs of a block) and of the rows' passes
+        const int64_t ticks = LANE_BLOCKS * ((entries / per_window - 3) * per_window + 15) / 16 +
+                              (s.batch + LANE_ROWS - 1) / LANE_ROWS * (entries / per_window);
+        ahead.per_step = (ahead.lines[0] + ahead.lines[1] + ticks - 1) / ticks;
       }
       if (per_window == 1) {
-        lane_layout<1>(values, indices, s, o0, LANE_BLOCKS, entries, buf);
+        lane_layout<1>(values, indices, s, o0, LANE_BLOCKS, entries, buf, ahead);
         lane_panel<1>(x, s.batch, buf, entries, s, bias, o0, y, ahead);
       } else {
-        lane_layout<2>(values, indices, s, o0, LANE_BLOCKS, entries, buf);
+        lane_layout<2>(values, indices, s, o0, LANE_BLOCKS, entries, buf, ahead);
         lane_panel<2>(x, s.batch, buf, entries, s, bias, o0, y, ahead);
       }
     }
