@@ -290,15 +290,16 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
     the matching pairs of x, so 2:4 takes half the instructions of the dense product. The
     entry's place comes from the position bits; slices of the table are reused from L1 by
     every output of a panel, whose weights are prefetched (the loop nest: the comment above
-    `pair_range` in `nm_linear_avx512.cpp`). The dispatch takes it for 5 bf16 rows up to
-    where `lanes` takes over.
+    `pair_range` in `nm_linear_avx512.cpp`). The dispatch takes it for 9-48 bf16 rows when
+    M <= 4.
   * `lanes` (bf16, M in {2, 4, 8}, N even, or N = 1 with M <= 4): 16 outputs in the vector
     lanes, 8 rows at a time; each pair of kept weights lies in one 8-input window of x, one
     `vpshufb` per pair and row moves each lane's two inputs into place and one `vdpbf16ps`
     multiplies them, where the dense product needs two `vdpbf16ps`. The weights and shuffle
     controls of 32 outputs are first laid out lane by lane in L2 (registers transpose them);
     one load of x serves four windows, one per quarter of the lanes (the comment at the top
-    of `nm_lanes_avx512.h`). The dispatch takes it for many bf16 rows.
+    of `nm_lanes_avx512.h`). The dispatch takes it for 5-8 bf16 rows and from 49 rows up
+    (with M = 8 from 5 rows up).
   * `dense`: tiles of the weight (8 MiB, at least 256 output rows) expanded just in time into
     one buffer and multiplied by `F.linear`; the dispatch takes it above 8 rows for bf16 N:M
     that `pairs` cannot take, and from 256 rows for fp32.
