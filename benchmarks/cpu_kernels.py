@@ -65,8 +65,6 @@ ROWS = [1, 4, 16, 64, 256]
 PATTERNS = ["2:4", "2:8", "1:4", "4:8"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KERNEL_PATHS = ("dot", "table", "pairs", "lanes", "dense")
-# The bf16-only kernels and what else they need of the pattern.
-BF16_KERNELS = {"pairs": cpu.pairs_take, "lanes": cpu.lanes_take}
 
 
 class Copies(list):
@@ -124,8 +122,8 @@ def paths() -> list[tuple[str | None, str]]:
 
 
 def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
-    if kernel in BF16_KERNELS:
-        return dtype == "bf16" and isa == "avx512bf16" and BF16_KERNELS[kernel](n, m)
+    if kernel in cpu.BF16_KERNELS:
+        return dtype == "bf16" and isa == "avx512bf16" and cpu.BF16_KERNELS[kernel](n, m)
     return not (kernel == "dot" and m & (m - 1))
 
 

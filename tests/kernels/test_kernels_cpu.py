@@ -39,8 +39,6 @@ needs_kernels = pytest.mark.skipif(BUILD_ERROR is not None,
 PATHS = [(isa, kernel) for isa in cpu.ISAS if BUILD_ERROR is None and cpu.isa_reason(isa) is None
          for kernel in {"avx2": ("auto",), "avx512": ("auto", "dot", "table", "dense"),
                         "avx512bf16": ("auto", "dot", "table", "pairs", "lanes", "dense")}[isa]]
-# The bf16-only kernels and what else they need of the pattern.
-BF16_KERNELS = {"pairs": cpu.pairs_take, "lanes": cpu.lanes_take}
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +92,7 @@ def run_path(path, x, packed_or_values, indices, n, m, bias, monkeypatch):
 def test_kernels_match_linear_over_shapes_and_batches(n, m, dtype, path, monkeypatch):
     if path[1] == "dot" and m & (m - 1):
         pytest.skip("the dot kernel takes M a power of two (the table kernel takes the rest)")
-    takes = BF16_KERNELS.get(path[1])
+    takes = cpu.BF16_KERNELS.get(path[1])
     if takes and not (dtype == torch.bfloat16 and takes(n, m)):
         pytest.skip(f"the {path[1]} kernel does not take {dtype} {n}:{m}")
     generator = torch.Generator().manual_seed(1000 * n + m)
@@ -177,7 +175,7 @@ def test_non_contiguous_and_batched_inputs(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_kernels_detect_a_wrong_position(path, dtype, monkeypatch):
     """The tolerance is tight enough to see one moved weight (so the tests above can fail)."""
-    if path[1] in BF16_KERNELS and dtype != torch.bfloat16:
+    if path[1] in cpu.BF16_KERNELS and dtype != torch.bfloat16:
         pytest.skip(f"the {path[1]} kernel takes bf16")
     generator = torch.Generator().manual_seed(3)
     packed = pack(nm_weight(16, 256, 2, 4, dtype, generator), 2, 4)
@@ -279,8 +277,8 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
             for rows in range(1, 300):
                 kernel = cpu.kernel_for(isa, dtype, rows, n, m)
                 assert kernel in cpu.KERNELS[1:], (isa, dtype, n, m, rows, kernel)
-                if kernel in BF16_KERNELS:
-                    assert dtype == torch.bfloat16 and BF16_KERNELS[kernel](n, m)
+                if kernel in cpu.BF16_KERNELS:
+                    assert dtype == torch.bfloat16 and cpu.BF16_KERNELS[kernel](n, m)
                 if kernel == "dot":
                     assert m & (m - 1) == 0
                 if rows > cpu.DOT_MAX_ROWS:  # the dot kernel would pass over the weight again

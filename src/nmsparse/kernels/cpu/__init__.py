@@ -207,6 +207,11 @@ def lanes_take(n: int, m: int) -> bool:
     return m in (2, 4, 8) and (n % 2 == 0 or (n == 1 and m <= 4))
 
 
+# The kernels that take bf16 weights only (on avx512bf16), with what else they need of the
+# pattern.
+BF16_KERNELS = {"pairs": pairs_take, "lanes": lanes_take}
+
+
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     """The kernel :data:`DISPATCH` picks for ``rows`` rows of an N:M weight of ``dtype`` on
     instruction set ``name`` (``"avx2"``: the AVX2 library; the dot kernel needs M a power of

@@ -142,25 +142,29 @@ struct LaneSkew {
   }
 };
 
+// Per pair slot, the controls of a field's low 4 bits (a field of 2 bits repeats in them): what
+// lane_layout maps fields through for M <= 4.
+inline void lane_tables(const Shape& s, __m512i* tables) {
+  const uint32_t field_mask = (1u << (2 * s.w)) - 1;
+  for (int q = 0; q < lane_pairs_per_window(s); ++q) {
+    uint32_t low[16];
+    for (uint32_t f = 0; f < 16; ++f) low[f] = lane_field_control(s, q, f & field_mask);
+    tables[q] = _mm512_loadu_si512(low);
+  }
+}
+
 // Lay out outputs [o0, o0 + 16 * blocks) (those < s.out) lane by lane: per block, entries
 // (steps x pairs per window; steps: the windows + 3) of 16 weight words then 16 control
 // words, block b's from buf + b * entries * 32, the lanes 4k .. 4k + 3 of a pair 3 - k steps
 // after its window (see LaneSkew and lane_rows).
+// tables: lane_tables (M <= 4).
 template <int PER_WINDOW>
 BF16_TARGET void lane_layout(const bf16_t* values, const uint8_t* indices, const Shape& s,
-                             int64_t o0, int blocks, int64_t entries, uint32_t* buf,
-                             LaneAhead& ahead) {
-  const int64_t windows = entries / PER_WINDOW - 3;
-  const int64_t pairs = windows * PER_WINDOW;
+                             int64_t o0, int blocks, int64_t entries, const __m512i* tables,
+                             uint32_t* buf, LaneAhead& ahead) {
+  const int64_t pairs = entries - 3 * PER_WINDOW;  // the windows' pairs
   const int64_t fields = (s.slots + 1) / 2;  // pairs with a value (the last may have one)
   const int field_bits = 2 * s.w;
-  // controls of the low 4 bits of a field, by pair slot (a field of 2 bits repeats)
-  __m512i tables[PER_WINDOW];
-  for (int q = 0; q < PER_WINDOW; ++q) {
-    uint32_t low[16];
-    for (int f = 0; f < 16; ++f) low[f] = lane_field_control(s, q, (uint32_t)f & ((1u << field_bits) - 1));
-    tables[q] = _mm512_loadu_si512(low);
-  }
   const __m512i empty = _mm512_set1_epi32((int)LANE_EMPTY);
   for (int b = 0; b < blocks; ++b) {
     const int64_t first = o0 + 16 * b;
@@ -302,9 +306,15 @@ BF16_TARGET void lane_panel(const bf16_t* x, int64_t rows, const uint32_t* buf, 
 BF16_TARGET inline int lanes_run(const bf16_t* x, const bf16_t* values, const uint8_t* indices,
                                  const Shape& s, const float* bias, float* y, int threads) {
   const int per_window = lane_pairs_per_window(s);
-  const int64_t entries = ((s.in + 7) / 8 + 3) * per_window;
+  const int64_t pairs = (s.in + 7) / 8 * per_window, entries = pairs + 3 * per_window;
   const int64_t panel_outputs = 16 * LANE_BLOCKS;
   const int64_t panels = (s.out + panel_outputs - 1) / panel_outputs;
+  __m512i tables[2];
+  lane_tables(s, tables);
+  // the next panel's prefetch: one share per step of the layout (16 pairs of a block) and of
+  // the rows' passes
+  const int64_t ticks = LANE_BLOCKS * ((pairs + 15) / 16) +
+                        (s.batch + LANE_ROWS - 1) / LANE_ROWS * (entries / per_window);
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
@@ -324,16 +334,13 @@ BF16_TARGET inline int lanes_run(const bf16_t* x, const bf16_t* values, const ui
         ahead.lines[0] = (next_rows * s.slots * 2 + 63) / 64;
         ahead.from[1] = reinterpret_cast<const char*>(indices + next * s.index_bytes);
         ahead.lines[1] = (next_rows * s.index_bytes + 63) / 64;
-        // one share per step of the layout (16 pairs of a block) and of the rows' passes
-        const int64_t ticks = LANE_BLOCKS * ((entries / per_window - 3) * per_window + 15) / 16 +
-                              (s.batch + LANE_ROWS - 1) / LANE_ROWS * (entries / per_window);
         ahead.per_step = (ahead.lines[0] + ahead.lines[1] + ticks - 1) / ticks;
       }
       if (per_window == 1) {
-        lane_layout<1>(values, indices, s, o0, LANE_BLOCKS, entries, buf, ahead);
+        lane_layout<1>(values, indices, s, o0, LANE_BLOCKS, entries, tables, buf, ahead);
         lane_panel<1>(x, s.batch, buf, entries, s, bias, o0, y, ahead);
       } else {
-        lane_layout<2>(values, indices, s, o0, LANE_BLOCKS, entries, buf, ahead);
+        lane_layout<2>(values, indices, s, o0, LANE_BLOCKS, entries, tables, buf, ahead);
         lane_panel<2>(x, s.batch, buf, entries, s, bias, o0, y, ahead);
       }
     }
