@@ -12,6 +12,7 @@ unpack + ``F.linear`` elsewhere, see :mod:`nmsparse.kernels._op`).
     nmsparse.finalize(model)
     report = swap_linear_layers(model, "2:4")   # N:M nn.Linear -> NMLinear
     print(report)
+    print(prepare_cpu(model))   # bf16 on an AVX512_BF16 CPU: NMLinear -> PreparedNMLinear
 
 ``nm_linear_triton`` (the kernels called directly, ``path="gemv"|"gemm"|"auto"``) is loaded on
 first access, importing Triton then.
@@ -23,12 +24,14 @@ from typing import Any
 
 from ._module import NMLinear, SwapReport, SwapRow, swap_linear_layers
 from ._op import BACKENDS, ENV_BACKEND, nm_linear, reference, triton_available
+from ._prepared import PreparedNMLinear, PrepareReport, prepare_cpu, unprepare_cpu
 from .semi_structured import AccelerateReport, SemiStructuredLinear, accelerate, plan
 
 __all__ = [
-    "BACKENDS", "ENV_BACKEND", "AccelerateReport", "NMLinear", "SemiStructuredLinear",
-    "SwapReport", "SwapRow", "accelerate", "nm_linear", "nm_linear_triton", "plan", "reference",
-    "swap_linear_layers", "triton_available",
+    "BACKENDS", "ENV_BACKEND", "AccelerateReport", "NMLinear", "PrepareReport",
+    "PreparedNMLinear", "SemiStructuredLinear", "SwapReport", "SwapRow", "accelerate",
+    "nm_linear", "nm_linear_triton", "plan", "prepare_cpu", "reference", "swap_linear_layers",
+    "triton_available", "unprepare_cpu",
 ]
 
 

@@ -729,6 +729,7 @@ inline void share(int64_t out, int64_t& begin, int64_t& end) {
 }
 
 #include "nm_lanes_avx512.h"
+#include "nm_prepacked_avx512.h"
 
 // kernel: 1 = dot, 2 = table, 3 = pair table (bf16), 4 = lanes (bf16).
 template <typename T>
@@ -954,6 +955,45 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
   }
   delete fast;
   return failed ? 2 : 0;
+}
+
+// The lanes layout of a bf16 packed weight (nm_prepacked_avx512.h): its size in bytes, or -1
+// for a pattern the lanes kernels do not take.
+int64_t nmsparse_lanes_bytes(int64_t out_features, int64_t in_features, int n, int m) {
+  const Shape s{0, in_features, out_features, 0, 0, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
+  return n >= 1 && n < m && lanes_ok(s) ? lanes_bytes(s) : -1;
+}
+
+// Packed bf16 (values, indices) -> the lanes layout (dst: nmsparse_lanes_bytes), and back.
+// Return 0, or 1 for a pattern the lanes kernels do not take.
+int nmsparse_lanes_pack(const void* values, const uint8_t* indices, int64_t out_features,
+                        int64_t in_features, int64_t slots, int64_t index_bytes, int n, int m,
+                        uint8_t* dst) {
+  const Shape s{0, in_features, out_features, slots, index_bytes, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
+  if (n < 1 || n >= m || !lanes_ok(s)) return 1;
+  lanes_pack(static_cast<const bf16_t*>(values), indices, s, dst);
+  return 0;
+}
+
+int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_features,
+                          int64_t slots, int64_t index_bytes, int n, int m, void* values,
+                          uint8_t* indices) {
+  const Shape s{0, in_features, out_features, slots, index_bytes, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
+  if (n < 1 || n >= m || !lanes_ok(s)) return 1;
+  lanes_unpack(src, s, static_cast<bf16_t*>(values), indices);
+  return 0;
+}
+
+// y (batch, out_features) fp32 = x (batch, in_features, bf16) @ W.T (+ bias fp32), W in the
+// lanes layout. Only on a CPU with AVX512_BF16 and VBMI (the caller checks). Returns 0, or 1
+// for a pattern the lanes kernels do not take.
+int nmsparse_lanes_linear(const void* x, int64_t batch, int64_t in_features,
+                          const uint8_t* layout, int64_t out_features, int n, int m,
+                          const float* bias, float* y, int threads) {
+  const Shape s{batch, in_features, out_features, 0, 0, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
+  if (n < 1 || n >= m || !lanes_ok(s)) return 1;
+  prepacked_run(static_cast<const bf16_t*>(x), layout, s, bias, y, threads);
+  return 0;
 }
 
 }  // extern "C"

@@ -1,0 +1,280 @@
+// The "prepacked" lanes kernel of nm_linear_avx512.cpp (included there after
+// nm_lanes_avx512.h, whose lane math it shares): the same product as the lanes kernel, but
+// the weight was laid out lane by lane once, when the layer was prepared
+// (nmsparse_lanes_pack), instead of on every call. Per call the lanes kernel spends about as
+// long transposing the packed rows into its lane layout as it spends computing at 8 rows;
+// here nothing is laid out, and the bytes read are the same as the packed format's.
+//
+// The layout ("lanes layout"), per block of 16 outputs (outputs past the last: zeros), over
+// E = (windows + 3) * pairs-per-window entries (entry t * PW + q: step t, pair slot q; the
+// lanes 4k .. 4k + 3 of step t hold the pair of slot q of window t - 3 + k, as LaneSkew
+// places them):
+//   E x 16 weight words (the pair's two bf16 values, value 2p in the low half), then
+//   E x CODE_BYTES codes: the pair's field of position bits (2w bits, as in the packed
+//   index), one nibble per lane for M <= 4 (8 bytes per entry, lane l in nibble l), one byte
+//   per lane for M = 8 (16 bytes).
+// Entries with no pair (windows outside the row, pairs past the last value) have weight 0 and
+// code 0: they meet x loaded as zeros (the row's edge steps load masked), so no padded product
+// can be 0 * inf; lanes past the last output are never stored.
+//
+// The codes become vpshufb controls in registers: M <= 4, one vpmultishiftqb brings lane l's
+// nibble to the low bits of dword l and vpermd maps it through the slot's table
+// (lane_tables); M = 8, the byte's two nibbles (a, b) map through two tables.
+#pragma once
+
+inline int lanes_code_bytes(const Shape& s) { return s.m == 8 ? 16 : 8; }
+inline int64_t lanes_entries(const Shape& s) { return ((s.in + 7) / 8 + 3) * lane_pairs_per_window(s); }
+// whole cache lines, so every block starts on one
+inline int64_t lanes_block_bytes(const Shape& s) { return (lanes_entries(s) * (64 + lanes_code_bytes(s)) + 63) / 64 * 64; }
+inline int64_t lanes_bytes(const Shape& s) { return (s.out + 15) / 16 * lanes_block_bytes(s); }
+
+// Where pair p of output o goes: the block, the entry and the lane.
+inline void lanes_place(const Shape& s, int64_t o, int64_t p, int64_t& block, int64_t& entry, int& lane) {
+  const int per_window = lane_pairs_per_window(s);
+  lane = (int)(o % 16);
+  block = o / 16;
+  const int64_t window = p / per_window, step = window + 3 - lane / 4;
+  entry = step * per_window + p % per_window;
+}
+
+inline uint32_t lanes_field(const uint8_t* bits, int64_t p, int w) {
+  const int64_t bit = p * 2 * w;  // fields never straddle a byte: 2w divides 8
+  return (bits[bit >> 3] >> (bit & 7)) & ((1u << (2 * w)) - 1);
+}
+
+// Packed (values, indices) -> lanes layout (dst: lanes_bytes, written whole).
+inline void lanes_pack(const bf16_t* values, const uint8_t* indices, const Shape& s, uint8_t* dst) {
+  memset(dst, 0, (size_t)lanes_bytes(s));
+  const int64_t fields = (s.slots + 1) / 2, entries = lanes_entries(s);
+  const int code_bytes = lanes_code_bytes(s);
+  for (int64_t o = 0; o < s.out; ++o)
+    for (int64_t p = 0; p < fields; ++p) {
+      int64_t block, entry;
+      int lane;
+      lanes_place(s, o, p, block, entry, lane);
+      uint8_t* base = dst + block * lanes_block_bytes(s);
+      const uint32_t low = values[o * s.slots + 2 * p];
+      const uint32_t high = 2 * p + 1 < s.slots ? values[o * s.slots + 2 * p + 1] : 0;
+      const uint32_t word = low | high << 16;
+      memcpy(base + (entry * 16 + lane) * 4, &word, 4);
+      const uint32_t field = lanes_field(indices + o * s.index_bytes, p, s.w);
+      uint8_t* code = base + entries * 64 + entry * code_bytes;
+      if (code_bytes == 16) code[lane] = (uint8_t)field;
+      else code[lane / 2] |= (uint8_t)(field << (4 * (lane % 2)));
+    }
+}
+
+// The inverse: lanes layout -> packed (values, indices), written whole.
+inline void lanes_unpack(const uint8_t* src, const Shape& s, bf16_t* values, uint8_t* indices) {
+  memset(values, 0, (size_t)(s.out * s.slots * 2));
+  memset(indices, 0, (size_t)(s.out * s.index_bytes));
+  const int64_t fields = (s.slots + 1) / 2, entries = lanes_entries(s);
+  const int code_bytes = lanes_code_bytes(s);
+  for (int64_t o = 0; o < s.out; ++o)
+    for (int64_t p = 0; p < fields; ++p) {
+      int64_t block, entry;
+      int lane;
+      lanes_place(s, o, p, block, entry, lane);
+      const uint8_t* base = src + block * lanes_block_bytes(s);
+      uint32_t word;
+      memcpy(&word, base + (entry * 16 + lane) * 4, 4);
+      values[o * s.slots + 2 * p] = (bf16_t)word;
+      if (2 * p + 1 < s.slots) values[o * s.slots + 2 * p + 1] = (bf16_t)(word >> 16);
+      const uint8_t* code = base + entries * 64 + entry * code_bytes;
+      const uint32_t field = code_bytes == 16 ? code[lane] : (code[lane / 2] >> (4 * (lane % 2))) & 15;
+      const int64_t bit = p * 2 * s.w;
+      indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)((field & ((1u << (2 * s.w)) - 1)) << (bit & 7));
+    }
+}
+
+// The code -> control maps: M <= 4 the slot tables of lane_tables; M = 8 one table per half.
+struct LanesControls {
+  __m512i tables[2];
+  __m512i low, high;  // M = 8: a -> bytes 0-1, b -> bytes 2-3
+  __m512i nibble_shift;
+
+  BF16_TARGET explicit LanesControls(const Shape& s) {
+    lane_tables(s, tables);
+    uint32_t lo[16], hi[16];
+    for (int f = 0; f < 16; ++f) {
+      lo[f] = lane_control(f & 7, 0) & 0xFFFFu;
+      hi[f] = lane_control(0, f & 7) & 0xFFFF0000u;
+    }
+    low = _mm512_loadu_si512(lo);
+    high = _mm512_loadu_si512(hi);
+    // qword g's bytes 0 and 4 take the nibbles 2g and 2g + 1 of the broadcast codes
+    alignas(64) uint8_t shifts[64] = {};
+    for (int g = 0; g < 8; ++g) {
+      shifts[8 * g] = (uint8_t)(8 * g);
+      shifts[8 * g + 4] = (uint8_t)(8 * g + 4);
+    }
+    nibble_shift = _mm512_load_si512(shifts);
+  }
+
+  template <bool EIGHT>
+  BF16_TARGET VBMI_TARGET ALWAYS_INLINE __m512i control(const uint8_t* code, int q) const {
+    if (!EIGHT) {
+      uint64_t bits;
+      memcpy(&bits, code, 8);
+      const __m512i spread = _mm512_multishift_epi64_epi8(nibble_shift, _mm512_set1_epi64((long long)bits));
+      return _mm512_permutexvar_epi32(spread, tables[q]);
+    }
+    const __m512i ab = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(code)));
+    return _mm512_or_si512(_mm512_permutexvar_epi32(ab, low),
+                           _mm512_permutexvar_epi32(_mm512_srli_epi32(ab, 4), high));
+  }
+};
+
+// What prepacked_rows needs of the layout and the shape, fixed per call.
+struct PrepackedPlan {
+  const uint8_t* layout;
+  int64_t block_bytes, entries, in, out;
+  int code_bytes;
+};
+
+// One step of R rows and BLOCKS blocks (block b's weights at w + b * block_bytes, its codes
+// at c + b * block_bytes).
+template <int R, int BLOCKS, int PER_WINDOW, bool EIGHT, bool CACHED>
+BF16_TARGET VBMI_TARGET ALWAYS_INLINE void prepacked_step(__m512 (&acc)[R][BLOCKS], const __m512i (&xw)[R],
+                                                          const uint8_t* w, const uint8_t* c, const uint32_t* cached,
+                                                          const PrepackedPlan& plan, const LanesControls& controls) {
+  constexpr int code_bytes = EIGHT ? 16 : 8;
+  for (int q = 0; q < PER_WINDOW; ++q)
+    for (int b = 0; b < BLOCKS; ++b) {
+      const __m512i weights = _mm512_loadu_si512(w + b * plan.block_bytes + q * 64);
+      const __m512i control = CACHED ? _mm512_load_si512(cached + (b * plan.entries + q) * 16)
+                                     : controls.control<EIGHT>(c + b * plan.block_bytes + q * code_bytes, q);
+      for (int r = 0; r < R; ++r)
+        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)_mm512_shuffle_epi8(xw[r], control), (__m512bh)weights);
+    }
+}
+
+// A step that reaches outside the row: masked loads (the address may lie before x).
+template <int R, int BLOCKS, int PER_WINDOW, bool EIGHT, bool CACHED>
+BF16_TARGET VBMI_TARGET __attribute__((noinline)) void prepacked_edge(__m512 (&acc)[R][BLOCKS], const bf16_t* x, int64_t ldx,
+                                                     const PrepackedPlan& plan, const uint8_t* w,
+                                                     const uint8_t* c, const uint32_t* cached, int64_t t,
+                                                     const LanesControls& controls) {
+  const int64_t start = (t - 3) * 8, in = plan.in;
+  const int64_t lo = start < 0 ? -start : 0, hi = in - start < 32 ? in - start : 32;
+  const __mmask32 inside = hi > lo ? (__mmask32)((((uint64_t)1 << hi) - 1) & ~(((uint64_t)1 << lo) - 1)) : 0;
+  const bf16_t* from = reinterpret_cast<const bf16_t*>(reinterpret_cast<uintptr_t>(x) + start * 2);
+  __m512i xw[R];
+  for (int r = 0; r < R; ++r) xw[r] = _mm512_maskz_loadu_epi16(inside, from + r * ldx);
+  prepacked_step<R, BLOCKS, PER_WINDOW, EIGHT, CACHED>(acc, xw, w + t * PER_WINDOW * 64,
+                                                       c + t * PER_WINDOW * (EIGHT ? 16 : 8),
+                                                       cached + t * PER_WINDOW * 16, plan, controls);
+}
+
+// R rows (x row stride ldx) times BLOCKS blocks from output `first` (a multiple of 16);
+// steps as in lane_rows. y: fp32, row stride ldy.
+template <int R, int BLOCKS, int PER_WINDOW, bool EIGHT, bool CACHED>
+BF16_TARGET VBMI_TARGET void prepacked_rows(const bf16_t* x, int64_t ldx, const PrepackedPlan& plan,
+                                            const LanesControls& controls, const uint32_t* cached,
+                                            const float* bias, int64_t first, float* y, int64_t ldy) {
+  constexpr int code_bytes = EIGHT ? 16 : 8;
+  __m512 acc[R][BLOCKS];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BLOCKS; ++b) acc[r][b] = _mm512_setzero_ps();
+  const uint8_t* weights = plan.layout + first / 16 * plan.block_bytes;
+  const uint8_t* codes = weights + plan.entries * 64;
+  const int64_t steps = plan.entries / PER_WINDOW, in = plan.in;
+  const int64_t inner_end = in >= 32 ? (in - 32) / 8 + 4 : 3;  // steps wholly inside the row
+  const int64_t middle_end = inner_end < steps ? inner_end : steps;
+  int64_t t = 0;
+  for (; t < 3 && t < steps; ++t)
+    prepacked_edge<R, BLOCKS, PER_WINDOW, EIGHT, CACHED>(acc, x, ldx, plan, weights, codes, cached, t, controls);
+  for (; t < middle_end; ++t) {
+    __m512i xw[R];
+    for (int r = 0; r < R; ++r) xw[r] = _mm512_loadu_si512(x + r * ldx + (t - 3) * 8);
+    prepacked_step<R, BLOCKS, PER_WINDOW, EIGHT, CACHED>(acc, xw, weights + t * PER_WINDOW * 64,
+                                                         codes + t * PER_WINDOW * code_bytes,
+                                                         cached + t * PER_WINDOW * 16, plan, controls);
+  }
+  for (; t < steps; ++t)
+    prepacked_edge<R, BLOCKS, PER_WINDOW, EIGHT, CACHED>(acc, x, ldx, plan, weights, codes, cached, t, controls);
+  for (int b = 0; b < BLOCKS; ++b) {
+    const int64_t o = first + 16 * b;
+    if (o >= plan.out) break;
+    const __mmask16 lanes = plan.out - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (plan.out - o)) - 1);
+    const __m512 add = bias ? _mm512_maskz_loadu_ps(lanes, bias + o) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(y + r * ldy + o, lanes, _mm512_add_ps(acc[r][b], add));
+  }
+}
+
+// The controls of BLOCKS blocks from output `first`, expanded once into `cached` (block b's
+// entry e at cached + (b * entries + e) * 16) for a panel that more than one block of rows
+// will read.
+template <int BLOCKS, bool EIGHT>
+BF16_TARGET VBMI_TARGET void prepacked_expand(const PrepackedPlan& plan, const LanesControls& controls,
+                                              int per_window, int64_t first, uint32_t* cached) {
+  constexpr int code_bytes = EIGHT ? 16 : 8;
+  for (int b = 0; b < BLOCKS; ++b) {
+    const uint8_t* codes = plan.layout + (first / 16 + b) * plan.block_bytes + plan.entries * 64;
+    uint32_t* to = cached + b * plan.entries * 16;
+    for (int64_t e = 0; e < plan.entries; ++e)
+      _mm512_store_si512(to + e * 16, controls.control<EIGHT>(codes + e * code_bytes, (int)(e % per_window)));
+  }
+}
+
+template <int BLOCKS, int PER_WINDOW, bool EIGHT>
+BF16_TARGET void prepacked_panel(const bf16_t* x, int64_t batch, const PrepackedPlan& plan,
+                                 const LanesControls& controls, uint32_t* cached, const float* bias,
+                                 int64_t first, float* y) {
+  const int64_t in = plan.in, out = plan.out;
+  int64_t r = 0;
+  if (batch > LANE_ROWS && cached) {
+    prepacked_expand<BLOCKS, EIGHT>(plan, controls, PER_WINDOW, first, cached);
+    for (; r + LANE_ROWS <= batch; r += LANE_ROWS)
+      prepacked_rows<LANE_ROWS, BLOCKS, PER_WINDOW, EIGHT, true>(x + r * in, in, plan, controls, cached, bias, first, y + r * out, out);
+  }
+  for (; r + LANE_ROWS <= batch; r += LANE_ROWS)
+    prepacked_rows<LANE_ROWS, BLOCKS, PER_WINDOW, EIGHT, false>(x + r * in, in, plan, controls, cached, bias, first, y + r * out, out);
+  switch (batch - r) {
+#define NMSPARSE_PREPACKED_TAIL(R) \
+    case R: prepacked_rows<R, BLOCKS, PER_WINDOW, EIGHT, false>(x + r * in, in, plan, controls, cached, bias, first, y + r * out, out); break;
+    NMSPARSE_PREPACKED_TAIL(1) NMSPARSE_PREPACKED_TAIL(2) NMSPARSE_PREPACKED_TAIL(3)
+    NMSPARSE_PREPACKED_TAIL(4) NMSPARSE_PREPACKED_TAIL(5) NMSPARSE_PREPACKED_TAIL(6)
+    NMSPARSE_PREPACKED_TAIL(7)
+#undef NMSPARSE_PREPACKED_TAIL
+    default: break;
+  }
+}
+
+template <int PER_WINDOW, bool EIGHT>
+BF16_TARGET void prepacked_panels(const bf16_t* x, int64_t batch, const PrepackedPlan& plan,
+                                  const LanesControls& controls, const float* bias, float* y, int threads) {
+  const int64_t blocks = (plan.out + 15) / 16;
+  const int64_t panels = (blocks + LANE_BLOCKS - 1) / LANE_BLOCKS;
+#pragma omp parallel num_threads(threads)
+  {
+    // without the buffer (out of memory) every block of rows expands its own controls
+    uint32_t* cached = batch > LANE_ROWS
+        ? reinterpret_cast<uint32_t*>(scratch(0, LANE_BLOCKS * plan.entries * 64)) : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t first = panel * LANE_BLOCKS * 16;
+      if (blocks - panel * LANE_BLOCKS >= LANE_BLOCKS)
+        prepacked_panel<LANE_BLOCKS, PER_WINDOW, EIGHT>(x, batch, plan, controls, cached, bias, first, y);
+      else  // the last panel holds one block
+        prepacked_panel<1, PER_WINDOW, EIGHT>(x, batch, plan, controls, cached, bias, first, y);
+    }
+  }
+}
+
+// The whole product: panels of LANE_BLOCKS blocks (the last may hold one) shared statically
+// among the threads.
+BF16_TARGET inline void prepacked_run(const bf16_t* x, const uint8_t* layout, const Shape& s,
+                                      const float* bias, float* y, int threads) {
+  const LanesControls controls(s);
+  const PrepackedPlan plan{layout, lanes_block_bytes(s), lanes_entries(s), s.in, s.out, lanes_code_bytes(s)};
+  const bool two = lane_pairs_per_window(s) == 2;
+  if (s.m == 8) {
+    if (two) prepacked_panels<2, true>(x, s.batch, plan, controls, bias, y, threads);
+    else prepacked_panels<1, true>(x, s.batch, plan, controls, bias, y, threads);
+  } else {
+    if (two) prepacked_panels<2, false>(x, s.batch, plan, controls, bias, y, threads);
+    else prepacked_panels<1, false>(x, s.batch, plan, controls, bias, y, threads);
+  }
+}

@@ -1,0 +1,117 @@
+"""The prepared CPU layout of a bf16 N:M weight (``nm_prepacked_avx512.h``) and its kernel.
+
+The lanes kernel (:mod:`nmsparse.kernels.cpu`) lays the packed rows out lane by lane on every
+call, and at a few rows that costs as much as the product. :func:`prepack` does it once: the
+same bytes as the packed format (bf16 pairs of kept weights, the position bits), reordered so
+that 16 outputs sit in the lanes of a vector. :func:`nm_linear_prepacked` then reads that
+layout straight into ``vpshufb`` + ``vdpbf16ps``, for any number of rows.
+
+Only where the CPU has AVX512_BF16 and VBMI (:func:`prepack_reason` says why not), bf16
+weights, and the patterns of :func:`nmsparse.kernels.cpu.lanes_take` (2:4, 1:4, 1:2, 2:8,
+4:8). :func:`unprepack` gives the packed ``(values, indices)`` back, bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...packing import packed_shapes
+from . import _STATUS, SERIAL_BELOW, isa, lanes_take, library, pattern_reason
+
+_BF16 = torch.bfloat16
+
+
+def prepack_reason(values: torch.Tensor, n: int, m: int) -> str | None:
+    """Why a packed weight cannot take the prepared layout here, or ``None`` if it can."""
+    if values.device.type != "cpu":
+        return f"device {values.device} (the prepared layout is for the CPU)"
+    if values.dtype != _BF16:
+        return f"dtype {values.dtype} (the prepared layout holds bfloat16 weights)"
+    reason = pattern_reason(n, m)
+    if reason:
+        return reason
+    if not lanes_take(n, m):
+        return (f"pattern {n}:{m} (the prepared layout takes M in {{2, 4, 8}} with N even, or "
+                "N = 1 with M <= 4)")
+    if isa() != "avx512bf16":
+        return (f"this CPU's kernels are {isa()}: the prepared layout needs AVX512_BF16 and "
+                "VBMI")
+    return None
+
+
+def _library():
+    return library("avx512")
+
+
+def prepack(values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+            in_features: int) -> torch.Tensor:
+    """The prepared layout (a 1-D ``uint8`` tensor) of a packed bf16 ``(out, in)`` weight."""
+    reason = prepack_reason(values, n, m)
+    if reason:
+        raise ValueError(f"cannot prepare this weight for the CPU kernel: {reason}")
+    out_features = values.shape[0]
+    expected = packed_shapes((out_features, in_features), n, m, "in")
+    if (tuple(values.shape), tuple(indices.shape)) != expected or indices.dtype != torch.uint8:
+        raise ValueError(f"values {tuple(values.shape)} and indices {indices.dtype} "
+                         f"{tuple(indices.shape)} are not a packed {n}:{m} weight of "
+                         f"{in_features} inputs (expected {expected[0]} and uint8 {expected[1]})")
+    lib = _library()
+    layout = torch.empty(lib.nmsparse_lanes_bytes(out_features, in_features, n, m),
+                         dtype=torch.uint8)
+    values, indices = values.contiguous(), indices.contiguous()
+    status = lib.nmsparse_lanes_pack(values.data_ptr(), indices.data_ptr(), out_features,
+                                     in_features, values.shape[1], indices.shape[1], n, m,
+                                     layout.data_ptr())
+    if status:
+        raise ValueError(_STATUS[1].format(n=n, m=m))
+    return layout
+
+
+def _check_layout(layout: torch.Tensor, n: int, m: int, in_features: int,
+                  out_features: int) -> None:
+    size = _library().nmsparse_lanes_bytes(out_features, in_features, n, m)
+    if layout.dtype != torch.uint8 or layout.dim() != 1 or layout.numel() != size:
+        raise ValueError(f"a prepared {n}:{m} layout of a {out_features}x{in_features} weight "
+                         f"is {size} uint8 bytes, got {layout.dtype} {tuple(layout.shape)}")
+    if layout.device.type != "cpu":
+        raise ValueError(f"the prepared layout is on {layout.device}; it is read on the CPU")
+
+
+def unprepack(layout: torch.Tensor, n: int, m: int, in_features: int,
+              out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed ``(values, indices)`` (bf16, uint8) the layout was prepared from."""
+    _check_layout(layout, n, m, in_features, out_features)
+    values_shape, indices_shape = packed_shapes((out_features, in_features), n, m, "in")
+    values = torch.empty(values_shape, dtype=_BF16)
+    indices = torch.empty(indices_shape, dtype=torch.uint8)
+    status = _library().nmsparse_lanes_unpack(
+        layout.contiguous().data_ptr(), out_features, in_features, values_shape[1],
+        indices_shape[1], n, m, values.data_ptr(), indices.data_ptr())
+    if status:
+        raise ValueError(_STATUS[1].format(n=n, m=m))
+    return values, indices
+
+
+def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
+                        in_features: int, out_features: int,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the prepared layout; x of any floating dtype (multiplied
+    in bf16, accumulated in fp32), the result in x's dtype."""
+    _check_layout(layout, n, m, in_features, out_features)
+    if x.device.type != "cpu" or x.shape[-1] != in_features:
+        raise ValueError(f"x of shape {tuple(x.shape)} on {x.device} does not meet a prepared "
+                         f"weight of {in_features} inputs on the CPU")
+    flat = x.reshape(-1, in_features)
+    batch = flat.shape[0]
+    rows = flat.to(_BF16).contiguous()
+    y = torch.empty(batch, out_features, dtype=torch.float32)
+    if batch and out_features:
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        work = batch * out_features * in_features * n // m
+        threads = 1 if work < SERIAL_BELOW else torch.get_num_threads()
+        status = _library().nmsparse_lanes_linear(
+            rows.data_ptr(), batch, in_features, layout.data_ptr(), out_features, n, m,
+            None if bias32 is None else bias32.data_ptr(), y.data_ptr(), threads)
+        if status:
+            raise ValueError(_STATUS[1].format(n=n, m=m))
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
