@@ -12,7 +12,10 @@ through every path of :mod:`nmsparse.kernels.cpu` this CPU runs: ``auto`` (what
 ``NMLinear`` gets: the best instruction set and the kernel its dispatch picks for that many
 rows, named in brackets), ``avx2`` (the AVX2/FMA library), and each AVX-512 kernel forced
 (``dot``, ``table``, ``pairs``, ``lanes``, ``dense``; with ``avx512bf16`` where the CPU has it, else
-``avx512``). Same process, same thread count (``torch.set_num_threads``). Cold weights: the
+``avx512``), and, for bf16 where the CPU has AVX512_BF16, ``prepared`` (what
+``PreparedNMLinear`` runs after :func:`nmsparse.kernels.prepare_cpu`: the weight laid out for
+its kernel once; its bytes are the layout's, padding included). Same process, same thread
+count (``torch.set_num_threads``). Cold weights: the
 methods of one dtype take turns on enough copies of the weight to read at least ``--cold-mb``
 between two uses of one copy (default: the larger of 1 GiB and twice the L3 cache), so no
 method reads a copy another has just brought into cache. The methods of one
@@ -30,8 +33,9 @@ with every pattern; the table shows the first), the bandwidth limit (dense bytes
 and the fraction of it reached.
 
 **Decode.** :mod:`benchmarks.decode`: a Llama-shaped ``transformers`` model built from a config
-(default 16 layers x 2048, 0.84B parameters, bf16), 2:4, swapped to ``NMLinear``: tokens/s of
-``model.generate`` at batch 1, 8, 32 and the time of a 512-token prefill, dense vs sparse.
+(default 16 layers x 2048, 0.84B parameters, bf16), 2:4, swapped to ``NMLinear`` and then
+prepared (``prepare_cpu``): tokens/s of ``model.generate`` at batch 1, 8, 32 and the time of a
+512-token prefill, dense vs both.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import torch.nn.functional as F
 
 from nmsparse.engine.masks import nm_mask
 from nmsparse.kernels import cpu, nm_linear
+from nmsparse.kernels.cpu import prepacked
 from nmsparse.machine import cpu_model
 from nmsparse.packing import pack
 from nmsparse.tables import format_table
@@ -100,6 +105,9 @@ class Method:
             os.environ.pop(cpu.ENV_ISA, None)
         else:
             os.environ[cpu.ENV_ISA] = self.isa
+        if self.kernel == "prepared":  # the op, as PreparedNMLinear calls it
+            layout, n, m, out_f, in_f = weight
+            return torch.ops.nmsparse.nm_linear_prepacked(x, layout, n, m, in_f, out_f)
         if self.kernel == "auto":  # the op, as NMLinear calls it
             return nm_linear(x, weight.values, weight.indices, weight.n, weight.m)
         return cpu.nm_linear_cpu(x, weight.values, weight.indices, weight.n, weight.m,
@@ -156,6 +164,13 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
                 name = f"{pattern} {dtype_name} {isa}" + ("" if kernel == "auto" else f"/{kernel}")
             methods.append(Method(name, dtype_name, pattern, copies, packed.nbytes,
                                   packed.dense_nbytes, isa, kernel))
+        if prepacked.prepack_reason(packed.values, n, m) is None:
+            out_f, in_f = packed.shape
+            layouts = Copies((prepacked.prepack(weight.values, weight.indices, n, m, in_f), n,
+                              m, out_f, in_f) for weight in copies)
+            methods.append(Method(f"{pattern} {dtype_name} prepared", dtype_name, pattern,
+                                  layouts, layouts[0][0].numel(), packed.dense_nbytes,
+                                  kernel="prepared"))
     return methods
 
 
@@ -208,7 +223,7 @@ def time_linear(out_f: int, in_f: int, rows_list: list[int], patterns: list[str]
                 limit = method.dense_nbytes / method.nbytes
                 speed_same = same / t
                 name = method.name
-                if method.isa is None and method.pattern != "dense":
+                if method.kernel == "auto" and method.isa is None and method.pattern != "dense":
                     name += f" ({auto_choice(rows, method.dtype, method.pattern)})"
                 block.append([f"{out_f}x{in_f}", rows, name, f"{t * 1e3:.3f}",
                               f"{method.nbytes / t / 1e9:.1f}",
@@ -403,9 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             f"## Decode and prefill: {described}",
             "",
             "Threads: " + str(args.threads) + "; `model.generate` greedy, dense bf16 "
-            "(`nn.Linear`) vs `NMLinear` (automatic dispatch); see `benchmarks/decode.py`.",
+            "(`nn.Linear`) vs `NMLinear` (automatic dispatch) and `PreparedNMLinear` (after "
+            "`prepare_cpu`); see `benchmarks/decode.py`.",
             "",
-            format_table(decode.HEAD, decode_rows, right_aligned=range(1, 8), markdown=True),
+            format_table(decode.HEAD, decode_rows, right_aligned=range(1, 10), markdown=True),
             "",
         ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ vocabulary 32000 (0.84B parameters, 1.7 GB in bf16; TinyLlama-1.1B's shape with 
 instead of 22). Every Linear but ``lm_head`` is pruned to the pattern by magnitude; the dense
 run uses that pruned model as it is (``nn.Linear``, oneDNN), the sparse run the same model
 after :func:`nmsparse.kernels.swap_linear_layers` (``NMLinear``, the CPU kernels, automatic
-dispatch). The two alternate, run after run, so a busy machine slows both alike.
+dispatch), and, where the CPU has AVX512_BF16, the "prepared" run the swapped model after
+:func:`nmsparse.kernels.prepare_cpu` (``PreparedNMLinear``: the weights laid out for the CPU
+kernel once). The runs alternate, run after run, so a busy machine slows all alike.
 
 * decode: ``model.generate`` with a ``--prompt``-token random prompt (default 32) and
   ``--new-tokens`` (default 32) greedy tokens, batch 1, 8, 32; tokens/s counts new tokens of
@@ -20,8 +22,8 @@ dispatch). The two alternate, run after run, so a busy machine slows both alike.
 "bandwidth limit" is the speedup a decode step reading only the packed weights at the dense
 run's bytes per second would get: (dense bytes of every Linear and ``lm_head``) / (packed bytes
 of the swapped layers + ``lm_head``). "same tokens" is the fraction of generated tokens equal
-in the two runs (bf16 sums in another order can flip a near tie, after which a sequence
-diverges).
+in the dense and the last sparse run (bf16 sums in another order can flip a near tie, after
+which a sequence diverges).
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ import torch
 from torch import nn
 
 from nmsparse.engine.masks import nm_mask
-from nmsparse.kernels import NMLinear, swap_linear_layers
+from nmsparse.kernels import NMLinear, prepare_cpu, swap_linear_layers
 from nmsparse.tables import format_table
 
-HEAD = ["run", "batch", "dense bf16", "N:M", "speedup", "bandwidth limit", "of limit",
-        "same tokens"]
+HEAD = ["run", "batch", "dense bf16", "NMLinear", "speedup", "prepared", "speedup",
+        "bandwidth limit", "of limit", "same tokens"]
 
 
 def llama(layers: int, hidden: int, intermediate: int, seed: int = 0) -> nn.Module:
@@ -108,43 +110,56 @@ def run(layers: int = 16, hidden: int = 2048, intermediate: int = 5632, pattern:
     read_dense, _ = weight_bytes(dense)
     read_sparse, _ = weight_bytes(sparse)
     limit = read_dense / read_sparse
+    models = {"dense": dense, "sparse": sparse}
+    prepared = copy.deepcopy(sparse)
+    if prepare_cpu(prepared).prepared:
+        models["prepared"] = prepared
     described = (f"LlamaForCausalLM {layers} layers, hidden {hidden}, intermediate "
                  f"{intermediate} ({parameters / 1e9:.2f}B parameters, bf16, "
                  f"{read_dense / 2**30:.2f} GiB of Linear weights), {pattern} by magnitude, "
-                 f"{len(report.swapped)} Linear layers swapped to NMLinear (lm_head dense)")
+                 f"{len(report.swapped)} Linear layers swapped to NMLinear (lm_head dense)"
+                 + ("; prepared: the same after prepare_cpu" if "prepared" in models else
+                    "; no prepared run (this CPU has no AVX512_BF16)"))
     log(described)
     rows = []
     generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         for batch in batches:
             prompt = torch.randint(0, 32000, (batch, prompt_len), generator=generator)
-            generate(dense, prompt, 2)  # warm-up (and the kernels' build)
-            generate(sparse, prompt, 2)
-            times: dict[str, list[float]] = {"dense": [], "sparse": []}
+            for model in models.values():  # warm-up (and the kernels' build)
+                generate(model, prompt, 2)
+            times: dict[str, list[float]] = {name: [] for name in models}
             tokens = {}
             for _ in range(repeats):
-                for name, model in (("dense", dense), ("sparse", sparse)):
+                for name, model in models.items():
                     seconds, tokens[name] = generate(model, prompt, new_tokens)
                     times[name].append(seconds)
             rate = {name: batch * new_tokens / statistics.median(t) for name, t in times.items()}
-            same = float((tokens["dense"] == tokens["sparse"]).float().mean())
-            speed = rate["sparse"] / rate["dense"]
+            last = "prepared" if "prepared" in models else "sparse"
+            same = float((tokens["dense"] == tokens[last]).float().mean())
+            cells = []
+            for name in ("sparse", "prepared"):
+                cells += ([f"{rate[name]:.2f}", f"{rate[name] / rate['dense']:.2f}x"]
+                          if name in rate else ["", ""])
             rows.append([f"decode {prompt_len}+{new_tokens} (tokens/s)", batch,
-                         f"{rate['dense']:.2f}", f"{rate['sparse']:.2f}", f"{speed:.2f}x",
-                         f"{limit:.2f}x", f"{speed / limit:.0%}", f"{same:.0%}"])
+                         f"{rate['dense']:.2f}", *cells, f"{limit:.2f}x",
+                         f"{rate[last] / rate['dense'] / limit:.0%}", f"{same:.0%}"])
             log(format_table(HEAD, rows[-1:]))
         if prefill_len:
             prompt = torch.randint(0, 32000, (1, prefill_len), generator=generator)
-            prefill(dense, prompt)
-            prefill(sparse, prompt)
-            times = {"dense": [], "sparse": []}
+            for model in models.values():
+                prefill(model, prompt)
+            times = {name: [] for name in models}
             for _ in range(repeats):
-                times["dense"].append(prefill(dense, prompt))
-                times["sparse"].append(prefill(sparse, prompt))
+                for name, model in models.items():
+                    times[name].append(prefill(model, prompt))
             seconds = {name: statistics.median(t) for name, t in times.items()}
+            cells = []
+            for name in ("sparse", "prepared"):
+                cells += ([f"{seconds[name]:.3f}", f"{seconds['dense'] / seconds[name]:.2f}x"]
+                          if name in seconds else ["", ""])
             rows.append([f"prefill {prefill_len} tokens (s)", 1, f"{seconds['dense']:.3f}",
-                         f"{seconds['sparse']:.3f}",
-                         f"{seconds['dense'] / seconds['sparse']:.2f}x", "", "", ""])
+                         *cells, "", "", ""])
             log(format_table(HEAD, rows[-1:]))
     return described, rows
 

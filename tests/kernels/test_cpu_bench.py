@@ -31,6 +31,8 @@ def test_cpu_kernels_page_lists_every_path(tmp_path, monkeypatch):
                             f"{pattern} {dtype} {isa}" + ("" if kernel == "auto" else f"/{kernel}"))
                     assert f"| {name}" in page, name
     assert "| dense bf16 |" in page
+    if "avx512bf16" in cpu.features():
+        assert "| 2:4 bf16 prepared |" in page and "1:3 bf16 prepared" not in page
 
 
 def test_methods_sharing_copies_never_read_one_another_has_just_read():
@@ -53,6 +55,9 @@ def test_decode_benchmark_runs_a_swapped_llama():
                                  log=lines.append)
     assert "7 Linear layers swapped" in described  # q, k, v, o, gate, up, down; lm_head dense
     assert [row[1] for row in rows] == [1, 2, 1] and rows[-1][0].startswith("prefill 8")
+    if "avx512bf16" in cpu.features():  # the prepared run, with its own speedups
+        assert "prepared: the same after prepare_cpu" in described
+        assert all(row[5] and row[6].endswith("x") for row in rows)
     model = decode.llama(1, 128, 256)
     decode.prune_linears(model, 2, 4)
     from nmsparse.kernels import swap_linear_layers
