@@ -316,6 +316,16 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
   * `dense`: tiles of the weight (8 MiB, at least 256 output rows) expanded just in time into
     one buffer and multiplied by `F.linear`; the dispatch takes it above 8 rows for bf16 N:M
     that `pairs` cannot take, and from 256 rows for fp32.
+* `prepared` (bf16 on `avx512bf16`, the lanes patterns; `PreparedNMLinear`, after
+  `nmsparse.kernels.prepare_cpu(model)`; `nmsparse.load_pretrained` does it on the CPU): the
+  lanes kernel's layout made once instead of on every call. Per block of 16 outputs, the
+  pairs of kept weights are stored lane by lane, skewed as the lanes kernel wants them, and
+  their position bits as one code per lane (a nibble for M <= 4, a byte for M = 8): the same
+  bytes as the packed format, plus 3 padding steps per block (0.6 % at 4096 inputs). The kernel
+  reads them straight into `vpshufb` + `vdpbf16ps` (codes become shuffle controls in
+  registers: `vpmultishiftqb` + `vpermd`); a panel that more than 8 rows read has its
+  controls expanded once into L2. Every row count runs it (no dispatch). Checkpoints keep
+  `NMLinear`'s keys and bytes.
 * AMX (`tdpbf16ps` tiles) is future work: it needs an AMX machine to write and verify, and this
   one (AMD Zen 4) has none; on an AMX Xeon oneDNN's dense bf16 uses AMX, so the cross-over
   rows there must be remeasured (rerun this benchmark there).

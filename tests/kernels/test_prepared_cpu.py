@@ -238,3 +238,28 @@ def test_a_llama_from_config_generates_the_same_tokens_prepared(lanes_everywhere
         assert len(prepare_cpu(model).prepared) == 14
         assert torch.equal(model(prompt).logits, logits)
         assert torch.equal(model.generate(prompt, **kwargs), tokens)
+
+
+@needs_bf16_kernels
+def test_load_pretrained_prepares_a_bf16_model_on_the_cpu():
+    transformers = pytest.importorskip("transformers")
+    from nmsparse.hf.pretrained import swap_kernels
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and "lm_head" not in name:
+                module.weight.mul_(nm_mask(module.weight.float(), 2, 4))
+    report = swap_kernels(model, "2:4", torch.device("cpu"))
+    assert len(report.prepared) == 7 and "7 of them prepared for the CPU kernel" in str(report)
+    assert sum(isinstance(module, PreparedNMLinear) for module in model.modules()) == 7
+    float_model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, module in float_model.named_modules():
+            if isinstance(module, nn.Linear) and "lm_head" not in name:
+                module.weight.mul_(nm_mask(module.weight, 2, 4))
+    report = swap_kernels(float_model, "2:4", torch.device("cpu"))
+    assert report.prepared == [] and "prepared" not in str(report).splitlines()[0]

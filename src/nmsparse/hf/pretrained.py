@@ -8,8 +8,11 @@ remote code) and then made fast, the function unchanged:
 * on a CUDA GPU, a 2:4 model in bf16 / fp16 goes onto the sparse tensor cores
   (:func:`nmsparse.kernels.accelerate`); otherwise (the CPU, other N:M patterns, fp32) every
   ``nn.Linear`` whose weight is N:M becomes an :class:`~nmsparse.kernels.NMLinear`
-  (:func:`nmsparse.kernels.swap_linear_layers`: the AVX2 kernels on the CPU, Triton on a GPU).
-  Layers that are not N:M (the head, kept dense) stay as they are; the report says why.
+  (:func:`nmsparse.kernels.swap_linear_layers`: the CPU kernels, Triton on a GPU), and on a
+  CPU with AVX512_BF16 a bf16 model's NMLinear layers are then laid out for the CPU kernel
+  once (:func:`nmsparse.kernels.prepare_cpu`: ``PreparedNMLinear``, the same checkpoint
+  bytes, faster at every batch size). Layers that are not N:M (the head, kept dense) stay as
+  they are; the report says why.
 
 The pattern is the one ``nmsparse prune`` recorded in the folder's ``prune.json``, or
 ``pattern=`` for a folder pruned some other way.
@@ -62,7 +65,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
 def swap_kernels(model: nn.Module, pattern: str | NM, device: torch.device):
     """Put ``model`` (finalized, on ``device``) onto the fastest N:M layers there; returns
     the kernels' report, or ``None`` when the pattern is not N:M (nothing to swap)."""
-    from ..kernels import accelerate, swap_linear_layers
+    from ..kernels import accelerate, prepare_cpu, swap_linear_layers
 
     pattern = parse_pattern(pattern)
     if not isinstance(pattern, NM):
@@ -72,7 +75,10 @@ def swap_kernels(model: nn.Module, pattern: str | NM, device: torch.device):
     if device.type == "cuda" and (pattern.n, pattern.m) == (2, 4) \
             and dtype in (torch.float16, torch.bfloat16):
         return accelerate(model)
-    return swap_linear_layers(model, pattern)
+    report = swap_linear_layers(model, pattern)
+    if device.type == "cpu":
+        report.prepared = prepare_cpu(model).prepared
+    return report
 
 
 def load_sparse(path: str | os.PathLike[str], *, dtype: str = "auto",

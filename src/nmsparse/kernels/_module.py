@@ -107,6 +107,8 @@ class SwapReport:
 
     pattern: NM
     rows: list[SwapRow] = field(default_factory=list)
+    # names of the swapped layers then prepared for the CPU kernel (nmsparse.load_pretrained)
+    prepared: list[str] = field(default_factory=list)
 
     @property
     def swapped(self) -> list[str]:
@@ -122,6 +124,9 @@ class SwapReport:
                  "swapped" if row.swapped else "skipped", row.reason] for row in self.rows]
         head = (f"{len(self.swapped)} Linear layer(s) swapped to NMLinear {self.pattern}, "
                 f"{len(self.skipped)} skipped")
+        if self.prepared:
+            head += (f"; {len(self.prepared)} of them prepared for the CPU kernel "
+                     "(PreparedNMLinear)")
         return head + "\n" + format_table(["layer", "weight", "status", "reason"], rows)
 
 

@@ -28,6 +28,11 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
   ``vpshufb`` per row: a shuffle and a dot instruction per pair, where the pairs kernel waits
   on a table load per instruction (``nm_lanes_avx512.h``).
 
+The prepared layout (:mod:`.prepacked`, used by ``PreparedNMLinear``): the lanes kernel's
+arrangement of a bf16 weight made once, in the packed format's bytes, and a kernel that reads
+it directly at any number of rows; it is not part of :data:`DISPATCH` (an ``NMLinear`` holds
+the packed format, a ``PreparedNMLinear`` the layout).
+
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
 

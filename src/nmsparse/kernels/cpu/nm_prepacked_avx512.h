@@ -128,8 +128,7 @@ struct LanesControls {
 // What prepacked_rows needs of the layout and the shape, fixed per call.
 struct PrepackedPlan {
   const uint8_t* layout;
-  int64_t block_bytes, entries, in, out;
-  int code_bytes;
+  int64_t block_bytes, entries, in, out;  // the code bytes per entry follow from EIGHT
 };
 
 // One step of R rows and BLOCKS blocks (block b's weights at w + b * block_bytes, its codes
@@ -268,7 +267,7 @@ BF16_TARGET void prepacked_panels(const bf16_t* x, int64_t batch, const Prepacke
 BF16_TARGET inline void prepacked_run(const bf16_t* x, const uint8_t* layout, const Shape& s,
                                       const float* bias, float* y, int threads) {
   const LanesControls controls(s);
-  const PrepackedPlan plan{layout, lanes_block_bytes(s), lanes_entries(s), s.in, s.out, lanes_code_bytes(s)};
+  const PrepackedPlan plan{layout, lanes_block_bytes(s), lanes_entries(s), s.in, s.out};
   const bool two = lane_pairs_per_window(s) == 2;
   if (s.m == 8) {
     if (two) prepacked_panels<2, true>(x, s.batch, plan, controls, bias, y, threads);
