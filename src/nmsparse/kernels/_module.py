@@ -26,6 +26,26 @@ from . import _op  # noqa: F401  (registers torch.ops.nmsparse.nm_linear)
 from ._eligibility import not_asked, shared_parameters, structural_reason
 
 
+def linear_shape(packed: PackedWeight, owner: str) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a packed Linear weight, checked for ``owner``."""
+    if len(packed.shape) != 2:
+        raise ValueError(f"{owner} needs a packed 2-D (out, in) weight, got shape "
+                         f"{packed.shape}")
+    return packed.shape[0], packed.shape[1]
+
+
+def checked_bias(bias: torch.Tensor | None, out_features: int, device: torch.device | str,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+    """A detached copy of ``bias`` on ``device`` in ``dtype``, checked against the outputs."""
+    if bias is None:
+        return None
+    bias = bias.detach().to(device, dtype)
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not match {out_features} "
+                         "output features")
+    return bias
+
+
 class NMLinear(nn.Module):
     """``y = x @ W.T + bias`` with ``W`` held in the packed N:M format."""
 
@@ -35,19 +55,12 @@ class NMLinear(nn.Module):
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        if len(packed.shape) != 2:
-            raise ValueError(f"NMLinear needs a packed 2-D (out, in) weight, got shape "
-                             f"{packed.shape}")
-        self.out_features, self.in_features = packed.shape
+        self.out_features, self.in_features = linear_shape(packed, "NMLinear")
         self.n, self.m = packed.n, packed.m
         self.register_buffer("values", packed.values)
         self.register_buffer("indices", packed.indices)
-        if bias is not None:
-            bias = bias.detach().to(packed.values.device, packed.values.dtype)
-            if tuple(bias.shape) != (self.out_features,):
-                raise ValueError(f"bias of shape {tuple(bias.shape)} does not match "
-                                 f"{self.out_features} output features")
-        self.register_buffer("bias", bias)
+        self.register_buffer("bias", checked_bias(bias, self.out_features, packed.values.device,
+                                                  packed.values.dtype))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, n: int, m: int,

@@ -24,7 +24,7 @@ from torch import nn
 from ..packing import PackedWeight, packed_shapes, unpack_rows
 from ..patterns import NM
 from ..tables import format_table
-from ._module import NMLinear
+from ._module import NMLinear, checked_bias, linear_shape
 
 _LIB = torch.library.Library("nmsparse", "FRAGMENT")
 _LIB.define("nm_linear_prepacked(Tensor x, Tensor layout, int n, int m, int in_features, "
@@ -80,19 +80,12 @@ class PreparedNMLinear(nn.Module):
         from .cpu.prepacked import prepack
 
         super().__init__()
-        if len(packed.shape) != 2:
-            raise ValueError(f"PreparedNMLinear needs a packed 2-D (out, in) weight, got shape "
-                             f"{packed.shape}")
-        self.out_features, self.in_features = packed.shape
+        self.out_features, self.in_features = linear_shape(packed, "PreparedNMLinear")
         self.n, self.m = packed.n, packed.m
         self.register_buffer("layout", prepack(packed.values, packed.indices, self.n, self.m,
                                                self.in_features))
-        if bias is not None:
-            bias = bias.detach().to("cpu", torch.bfloat16)
-            if tuple(bias.shape) != (self.out_features,):
-                raise ValueError(f"bias of shape {tuple(bias.shape)} does not match "
-                                 f"{self.out_features} output features")
-        self.register_buffer("bias", bias)
+        self.register_buffer("bias", checked_bias(bias, self.out_features, "cpu",
+                                                  torch.bfloat16))
 
     @classmethod
     def from_nm_linear(cls, layer: NMLinear) -> PreparedNMLinear:

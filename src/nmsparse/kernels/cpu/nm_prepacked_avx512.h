@@ -28,63 +28,59 @@ inline int64_t lanes_entries(const Shape& s) { return ((s.in + 7) / 8 + 3) * lan
 inline int64_t lanes_block_bytes(const Shape& s) { return (lanes_entries(s) * (64 + lanes_code_bytes(s)) + 63) / 64 * 64; }
 inline int64_t lanes_bytes(const Shape& s) { return (s.out + 15) / 16 * lanes_block_bytes(s); }
 
-// Where pair p of output o goes: the block, the entry and the lane.
-inline void lanes_place(const Shape& s, int64_t o, int64_t p, int64_t& block, int64_t& entry, int& lane) {
-  const int per_window = lane_pairs_per_window(s);
-  lane = (int)(o % 16);
-  block = o / 16;
-  const int64_t window = p / per_window, step = window + 3 - lane / 4;
-  entry = step * per_window + p % per_window;
+// Where pair p of output o lives in a layout: its weight word, its code's byte, and the
+// code's shift within that byte (M <= 4: nibbles).
+struct LanesSlot {
+  int64_t word, code;
+  int shift;
+};
+
+// Calls visit(o, p, slot) for every pair p of every output o, in order.
+template <typename Visit>
+inline void lanes_each_pair(const Shape& s, Visit visit) {
+  const int per_window = lane_pairs_per_window(s), code_bytes = lanes_code_bytes(s);
+  const int64_t fields = (s.slots + 1) / 2, entries = lanes_entries(s);
+  for (int64_t o = 0; o < s.out; ++o) {
+    const int lane = (int)(o % 16);
+    const int64_t base = o / 16 * lanes_block_bytes(s);
+    for (int64_t p = 0; p < fields; ++p) {
+      const int64_t step = p / per_window + 3 - lane / 4, entry = step * per_window + p % per_window;
+      const int64_t code = base + entries * 64 + entry * code_bytes + (code_bytes == 16 ? lane : lane / 2);
+      visit(o, p, LanesSlot{base + (entry * 16 + lane) * 4, code, code_bytes == 16 ? 0 : 4 * (lane % 2)});
+    }
+  }
 }
 
-inline uint32_t lanes_field(const uint8_t* bits, int64_t p, int w) {
-  const int64_t bit = p * 2 * w;  // fields never straddle a byte: 2w divides 8
-  return (bits[bit >> 3] >> (bit & 7)) & ((1u << (2 * w)) - 1);
-}
-
-// Packed (values, indices) -> lanes layout (dst: lanes_bytes, written whole).
+// Packed (values, indices) -> lanes layout (dst: lanes_bytes, written whole). Fields never
+// straddle a byte (2w divides 8).
 inline void lanes_pack(const bf16_t* values, const uint8_t* indices, const Shape& s, uint8_t* dst) {
   memset(dst, 0, (size_t)lanes_bytes(s));
-  const int64_t fields = (s.slots + 1) / 2, entries = lanes_entries(s);
-  const int code_bytes = lanes_code_bytes(s);
-  for (int64_t o = 0; o < s.out; ++o)
-    for (int64_t p = 0; p < fields; ++p) {
-      int64_t block, entry;
-      int lane;
-      lanes_place(s, o, p, block, entry, lane);
-      uint8_t* base = dst + block * lanes_block_bytes(s);
-      const uint32_t low = values[o * s.slots + 2 * p];
-      const uint32_t high = 2 * p + 1 < s.slots ? values[o * s.slots + 2 * p + 1] : 0;
-      const uint32_t word = low | high << 16;
-      memcpy(base + (entry * 16 + lane) * 4, &word, 4);
-      const uint32_t field = lanes_field(indices + o * s.index_bytes, p, s.w);
-      uint8_t* code = base + entries * 64 + entry * code_bytes;
-      if (code_bytes == 16) code[lane] = (uint8_t)field;
-      else code[lane / 2] |= (uint8_t)(field << (4 * (lane % 2)));
-    }
+  const uint32_t field_mask = (1u << (2 * s.w)) - 1;
+  lanes_each_pair(s, [&](int64_t o, int64_t p, const LanesSlot& at) {
+    const uint32_t low = values[o * s.slots + 2 * p];
+    const uint32_t high = 2 * p + 1 < s.slots ? values[o * s.slots + 2 * p + 1] : 0;
+    const uint32_t word = low | high << 16;
+    memcpy(dst + at.word, &word, 4);
+    const int64_t bit = p * 2 * s.w;
+    const uint32_t field = (indices[o * s.index_bytes + (bit >> 3)] >> (bit & 7)) & field_mask;
+    dst[at.code] |= (uint8_t)(field << at.shift);
+  });
 }
 
 // The inverse: lanes layout -> packed (values, indices), written whole.
 inline void lanes_unpack(const uint8_t* src, const Shape& s, bf16_t* values, uint8_t* indices) {
   memset(values, 0, (size_t)(s.out * s.slots * 2));
   memset(indices, 0, (size_t)(s.out * s.index_bytes));
-  const int64_t fields = (s.slots + 1) / 2, entries = lanes_entries(s);
-  const int code_bytes = lanes_code_bytes(s);
-  for (int64_t o = 0; o < s.out; ++o)
-    for (int64_t p = 0; p < fields; ++p) {
-      int64_t block, entry;
-      int lane;
-      lanes_place(s, o, p, block, entry, lane);
-      const uint8_t* base = src + block * lanes_block_bytes(s);
-      uint32_t word;
-      memcpy(&word, base + (entry * 16 + lane) * 4, 4);
-      values[o * s.slots + 2 * p] = (bf16_t)word;
-      if (2 * p + 1 < s.slots) values[o * s.slots + 2 * p + 1] = (bf16_t)(word >> 16);
-      const uint8_t* code = base + entries * 64 + entry * code_bytes;
-      const uint32_t field = code_bytes == 16 ? code[lane] : (code[lane / 2] >> (4 * (lane % 2))) & 15;
-      const int64_t bit = p * 2 * s.w;
-      indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)((field & ((1u << (2 * s.w)) - 1)) << (bit & 7));
-    }
+  const uint32_t field_mask = (1u << (2 * s.w)) - 1;
+  lanes_each_pair(s, [&](int64_t o, int64_t p, const LanesSlot& at) {
+    uint32_t word;
+    memcpy(&word, src + at.word, 4);
+    values[o * s.slots + 2 * p] = (bf16_t)word;
+    if (2 * p + 1 < s.slots) values[o * s.slots + 2 * p + 1] = (bf16_t)(word >> 16);
+    const int64_t bit = p * 2 * s.w;
+    const uint32_t field = (src[at.code] >> at.shift) & field_mask;
+    indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)(field << (bit & 7));
+  });
 }
 
 // The code -> control maps: M <= 4 the slot tables of lane_tables; M = 8 one table per half.
