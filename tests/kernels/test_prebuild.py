@@ -26,6 +26,8 @@ def test_prebuild():
     assert f"cache folder: {folder}" in result.stdout
     assert "training mask pass: built" in result.stdout
     assert f"Linear kernels use: {cpu.isa()}" in result.stdout
+    assert ("prepared layout (PreparedNMLinear): available" in result.stdout) == (
+        cpu.isa() == "avx512bf16")
     built = [p.name for p in folder.glob("*.so")]
     for prefix in ("nm_linear_avx2-", "nm_mask_"):
         assert any(name.startswith(prefix) for name in built), built

@@ -40,6 +40,9 @@ def main() -> int:
     missing += reason is not None
     print(f"  training mask pass: {'built' if reason is None else reason}")
     print(f"Linear kernels use: {isa()}")
+    prepared = ("available for bf16 weights (nmsparse.kernels.prepare_cpu)"
+                if isa() == "avx512bf16" else "not available (it needs AVX512_BF16 and VBMI)")
+    print(f"prepared layout (PreparedNMLinear): {prepared}")
     return 1 if missing else 0
 
 
