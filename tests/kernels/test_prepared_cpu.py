@@ -229,7 +229,9 @@ def test_a_llama_from_config_generates_the_same_tokens_prepared(lanes_everywhere
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and "lm_head" not in name:
                 module.weight.mul_(nm_mask(module.weight.float(), 2, 4))
-    assert len(swap_linear_layers(model, "2:4", exclude="lm_head").swapped) == 14
+    report = swap_linear_layers(model, "2:4", exclude="lm_head")
+    assert len(report.swapped) == 14 and report.preparable == 14
+    assert "prepare_cpu(model) would lay 14 of them out" in str(report)
     prompt = torch.randint(0, 128, (3, 7))
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():

@@ -122,6 +122,8 @@ class SwapReport:
     rows: list[SwapRow] = field(default_factory=list)
     # names of the swapped layers then prepared for the CPU kernel (nmsparse.load_pretrained)
     prepared: list[str] = field(default_factory=list)
+    # how many swapped layers prepare_cpu could still lay out for the CPU kernel
+    preparable: int = 0
 
     @property
     def swapped(self) -> list[str]:
@@ -140,6 +142,9 @@ class SwapReport:
         if self.prepared:
             head += (f"; {len(self.prepared)} of them prepared for the CPU kernel "
                      "(PreparedNMLinear)")
+        elif self.preparable:
+            head += (f"; nmsparse.kernels.prepare_cpu(model) would lay {self.preparable} of "
+                     "them out for the CPU kernel (faster at every batch size)")
         return head + "\n" + format_table(["layer", "weight", "status", "reason"], rows)
 
 
@@ -203,4 +208,13 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
         replacement.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(parents[parent_name], child, replacement)
+        report.preparable += _preparable(replacement)
     return report
+
+
+def _preparable(layer: NMLinear) -> bool:
+    if layer.values.device.type != "cpu" or layer.values.dtype != torch.bfloat16:
+        return False  # decided without building the CPU kernels
+    from .cpu.prepacked import prepack_reason
+
+    return prepack_reason(layer.values, layer.n, layer.m) is None
