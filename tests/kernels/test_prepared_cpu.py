@@ -265,3 +265,27 @@ def test_load_pretrained_prepares_a_bf16_model_on_the_cpu():
                 module.weight.mul_(nm_mask(module.weight, 2, 4))
     report = swap_kernels(float_model, "2:4", torch.device("cpu"))
     assert report.prepared == [] and "prepared" not in str(report).splitlines()[0]
+
+
+@needs_bf16_kernels
+def test_modules_skip_the_dispatcher_only_where_nothing_needs_it():
+    from nmsparse.kernels import _op
+
+    generator = torch.Generator().manual_seed(11)
+    packed = pack(nm_weight(40, 64, 2, 4, generator), 2, 4)
+    bias = torch.randn(40, generator=generator).bfloat16()
+    layer, prepared = NMLinear(packed, bias), PreparedNMLinear(packed, bias)
+    x = torch.randn(3, 64, generator=generator).bfloat16()
+    assert _op.call_directly(x, bias)
+    assert not _op.call_directly(x.clone().requires_grad_(), bias)
+    assert not _op.call_directly(x, bias.clone().requires_grad_())
+    assert not _op.call_directly(nn.Parameter(x), None)  # a subclass
+    with torch.no_grad():
+        assert _op.call_directly(x.clone().requires_grad_(), bias)
+        seen = []
+        torch.func.vmap(lambda row: seen.append(_op.call_directly(row, None)) or row)(x)
+        assert seen == [False]
+        assert torch.equal(layer(x), torch.ops.nmsparse.nm_linear(x, packed.values,
+                                                                  packed.indices, 2, 4, bias))
+        assert torch.equal(prepared(x), torch.ops.nmsparse.nm_linear_prepacked(
+            x, prepared.layout, 2, 4, 64, 40, prepared.bias))

@@ -22,7 +22,7 @@ from ..engine.sparse_module import original_class, sparse_states
 from ..packing import PackedWeight, pack, unpack_rows
 from ..patterns import NM, parse_pattern
 from ..tables import format_table
-from . import _op  # noqa: F401  (registers torch.ops.nmsparse.nm_linear)
+from . import _op  # registers torch.ops.nmsparse.nm_linear
 from ._eligibility import not_asked, shared_parameters, structural_reason
 
 
@@ -98,6 +98,8 @@ class NMLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _op.call_directly(x, self.bias):
+            return _op._nm_linear_impl(x, self.values, self.indices, self.n, self.m, self.bias)
         return torch.ops.nmsparse.nm_linear(x, self.values, self.indices, self.n, self.m,
                                             self.bias)
 

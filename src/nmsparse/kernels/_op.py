@@ -183,6 +183,19 @@ torch.library.register_autograd("nmsparse::nm_linear", _backward,
                                 setup_context=_setup_context, lib=_LIB)
 
 
+def call_directly(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a module may call an op's implementation itself instead of through the
+    dispatcher, which costs 20-30 us a call (measured on a 256x2048 layer, about 5 % of a
+    decode step of the 0.84B Llama at batch 1): eager CPU code with no gradient to record, on
+    a plain tensor (not fake, not a subclass, not inside a torch.func transform). The result
+    is the same function's."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled()
+                     and (x.requires_grad or (bias is not None and bias.requires_grad)))
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def nm_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
               bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for a packed N:M Linear weight: ``torch.ops.nmsparse.nm_linear``."""

@@ -25,6 +25,7 @@ from ..packing import PackedWeight, packed_shapes, unpack_rows
 from ..patterns import NM
 from ..tables import format_table
 from ._module import NMLinear, checked_bias, linear_shape
+from ._op import call_directly
 
 _LIB = torch.library.Library("nmsparse", "FRAGMENT")
 _LIB.define("nm_linear_prepacked(Tensor x, Tensor layout, int n, int m, int in_features, "
@@ -121,6 +122,9 @@ class PreparedNMLinear(nn.Module):
         return self.to_nm_linear().to_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if call_directly(x, self.bias):
+            return _prepacked_impl(x, self.layout, self.n, self.m, self.in_features,
+                                   self.out_features, self.bias)
         return torch.ops.nmsparse.nm_linear_prepacked(x, self.layout, self.n, self.m,
                                                       self.in_features, self.out_features,
                                                       self.bias)

@@ -13,6 +13,8 @@ weights, and the patterns of :func:`nmsparse.kernels.cpu.lanes_take` (2:4, 1:4, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...packing import packed_shapes
@@ -56,8 +58,7 @@ def prepack(values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
                          f"{tuple(indices.shape)} are not a packed {n}:{m} weight of "
                          f"{in_features} inputs (expected {expected[0]} and uint8 {expected[1]})")
     lib = _library()
-    layout = torch.empty(lib.nmsparse_lanes_bytes(out_features, in_features, n, m),
-                         dtype=torch.uint8)
+    layout = torch.empty(_layout_bytes(out_features, in_features, n, m), dtype=torch.uint8)
     values, indices = values.contiguous(), indices.contiguous()
     status = lib.nmsparse_lanes_pack(values.data_ptr(), indices.data_ptr(), out_features,
                                      in_features, values.shape[1], indices.shape[1], n, m,
@@ -67,9 +68,14 @@ def prepack(values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
     return layout
 
 
+@functools.lru_cache(maxsize=1024)
+def _layout_bytes(out_features: int, in_features: int, n: int, m: int) -> int:
+    return _library().nmsparse_lanes_bytes(out_features, in_features, n, m)
+
+
 def _check_layout(layout: torch.Tensor, n: int, m: int, in_features: int,
                   out_features: int) -> None:
-    size = _library().nmsparse_lanes_bytes(out_features, in_features, n, m)
+    size = _layout_bytes(out_features, in_features, n, m)
     if layout.dtype != torch.uint8 or layout.dim() != 1 or layout.numel() != size:
         raise ValueError(f"a prepared {n}:{m} layout of a {out_features}x{in_features} weight "
                          f"is {size} uint8 bytes, got {layout.dtype} {tuple(layout.shape)}")
