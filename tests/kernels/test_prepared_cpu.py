@@ -289,3 +289,14 @@ def test_modules_skip_the_dispatcher_only_where_nothing_needs_it():
                                                                   packed.indices, 2, 4, bias))
         assert torch.equal(prepared(x), torch.ops.nmsparse.nm_linear_prepacked(
             x, prepared.layout, 2, 4, 64, 40, prepared.bias))
+
+
+@needs_bf16_kernels
+def test_opcheck_schema_fake_and_autograd_of_the_prepared_op():
+    generator = torch.Generator().manual_seed(12)
+    packed = pack(nm_weight(24, 32, 2, 4, generator), 2, 4)
+    layout = prepacked.prepack(packed.values, packed.indices, 2, 4, 32)
+    x = torch.randn(3, 32, generator=generator).requires_grad_()
+    bias = torch.randn(24, generator=generator).bfloat16().requires_grad_()
+    torch.library.opcheck(torch.ops.nmsparse.nm_linear_prepacked.default,
+                          (x, layout, 2, 4, 32, 24, bias))

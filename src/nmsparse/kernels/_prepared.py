@@ -30,6 +30,24 @@ from ._op import call_directly
 _LIB = torch.library.Library("nmsparse", "FRAGMENT")
 _LIB.define("nm_linear_prepacked(Tensor x, Tensor layout, int n, int m, int in_features, "
             "int out_features, Tensor? bias=None) -> Tensor")
+# the dense bf16 weight of a layout: an op of its own, so that the backward traces
+_LIB.define("nm_prepacked_dense(Tensor layout, int n, int m, int in_features, "
+            "int out_features) -> Tensor")
+
+
+def _dense_impl(layout, n, m, in_features, out_features):
+    from .cpu.prepacked import unprepack
+
+    values, indices = unprepack(layout, n, m, in_features, out_features)
+    return unpack_rows(values, indices, n, m)
+
+
+torch.library.impl("nmsparse::nm_prepacked_dense", "default", lib=_LIB)(_dense_impl)
+
+
+@torch.library.register_fake("nmsparse::nm_prepacked_dense", lib=_LIB)
+def _dense_fake(layout, n, m, in_features, out_features):
+    return layout.new_empty((out_features, in_features), dtype=torch.bfloat16)
 
 
 def _prepacked_impl(x, layout, n, m, in_features, out_features, bias=None):
@@ -55,12 +73,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad):
-    from .cpu.prepacked import unprepack
-
     (layout,) = ctx.saved_tensors
-    n, m, in_features, out_features = ctx.shape
-    values, indices = unprepack(layout, n, m, in_features, out_features)
-    grad_x = grad @ unpack_rows(values, indices, n, m).to(grad.dtype)
+    weight = torch.ops.nmsparse.nm_prepacked_dense(layout, *ctx.shape)
+    grad_x = grad @ weight.to(grad.dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
     return grad_x, None, None, None, None, None, grad_bias
 
@@ -109,8 +124,7 @@ class PreparedNMLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` bf16 weight (zeros at pruned positions)."""
-        packed = self.packed
-        return unpack_rows(packed.values, packed.indices, self.n, self.m)
+        return _dense_impl(self.layout, self.n, self.m, self.in_features, self.out_features)
 
     def to_nm_linear(self) -> NMLinear:
         """The equivalent :class:`NMLinear` (its packed buffers, bit for bit)."""
