@@ -283,6 +283,10 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
                     assert m & (m - 1) == 0
                 if rows > cpu.DOT_MAX_ROWS:  # the dot kernel would pass over the weight again
                     assert kernel != "dot"
+                if kernel == "dense" and dtype == torch.float32:  # sparse enough: the table
+                    assert n > cpu.TABLE_MAX_DENSITY * m
+    assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 8) == "table"
+    assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 4) == "dense"
 
 
 @needs_kernels

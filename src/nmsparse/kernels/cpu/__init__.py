@@ -42,7 +42,9 @@ in cache: dense speed less the expansion, never a whole dense copy. Which kernel
 measured table :data:`DISPATCH` (by instruction set, dtype and row count): for bf16 weights
 one row runs the AVX2 library's permute kernel, up to 4 rows the dot kernel, 5-8 rows the lanes
 kernel, 9-48 the pairs kernel (M = 8: lanes), more the lanes kernel (patterns a kernel cannot
-take: lanes -> pairs -> the dot kernel up to 8 rows, then the dense path).
+take: lanes -> pairs -> the dot kernel up to 8 rows, then the dense path); fp32 weights of at
+most a quarter density keep the table kernel from 256 rows up, where denser ones take the
+dense path.
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily: by :mod:`nmsparse.kernels._op`,
@@ -99,6 +101,13 @@ DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
 # (11008x4096 and 4096x11008, 2 threads, cold) 4:8 from 5 to 128 rows pairs 0.63-1.10x of
 # dense bf16, lanes 0.94-1.34x; 2:8 from 4 to 128 rows pairs 1.20-1.85x, lanes 1.64-2.24x.
 PAIRS_MAX_M = 4
+# fp32 weights of at most this density (N / M) take the table kernel where the table says
+# dense: it computes only the kept products, and at a quarter of them it stays ahead of
+# oneDNN's dense GEMM at every row count measured. Two runs (docs/cpu_kernels.md, 17:56 UTC,
+# and benchmarks/results/cpu_kernels_rerun.md, 18:45 UTC; 2 threads, cold, both shapes), 256
+# and 512 rows: 2:8 and 1:4 table 1.43-1.94x of dense fp32, the dense path 0.90-1.26x; 2:4
+# and 4:8 table 0.83-1.20x, the dense path 0.96-1.22x (those keep the dense path).
+TABLE_MAX_DENSITY = 0.25
 # Weight bytes per tile of the dense path, and at least this many output rows per tile: few
 # large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
 # threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
@@ -231,6 +240,8 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
                 kernel = "lanes"
             if kernel == "pairs" and not pairs_take(n, m):
                 kernel = "dot" if rows <= DOT_MAX_ROWS else "dense"
+            if kernel == "dense" and dtype == _FP32 and n <= TABLE_MAX_DENSITY * m:
+                kernel = "table"
             if kernel == "dot" and m & (m - 1):
                 return "avx2"
             return kernel
