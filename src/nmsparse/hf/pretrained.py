@@ -56,8 +56,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
         linear.train(module.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear)
+        model.set_submodule(name, linear)
         replaced += 1
     return replaced
 

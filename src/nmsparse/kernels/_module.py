@@ -208,8 +208,7 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
     for name, module in plan:
         replacement = NMLinear.from_linear(module, pattern.n, pattern.m)
         replacement.train(module.training)
-        parent_name, _, child = name.rpartition(".")
-        setattr(parents[parent_name], child, replacement)
+        model.set_submodule(name, replacement)
         report.preparable += _preparable(replacement)
     return report
 

@@ -232,8 +232,7 @@ def prepare_cpu(model: nn.Module) -> PrepareReport:
         if not reason:
             plan.append(name)
     for name in plan:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, PreparedNMLinear.from_nm_linear(modules[name]))
+        model.set_submodule(name, PreparedNMLinear.from_nm_linear(modules[name]))
     return report
 
 
@@ -244,6 +243,5 @@ def unprepare_cpu(model: nn.Module) -> int:
     names = [name for name, module in modules.items()
              if isinstance(module, PreparedNMLinear) and name]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, modules[name].to_nm_linear())
+        model.set_submodule(name, modules[name].to_nm_linear())
     return len(names)

@@ -253,8 +253,9 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
 SERIAL_BELOW = 1 << 18
 
 
-def _threads(batch: int, values: torch.Tensor) -> int:
-    return 1 if batch * values.numel() < SERIAL_BELOW else torch.get_num_threads()
+def threads_for(batch: int, kept: int) -> int:
+    """Threads for ``batch`` rows against ``kept`` stored weights (the packed values)."""
+    return 1 if batch * kept < SERIAL_BELOW else torch.get_num_threads()
 
 
 def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
@@ -272,7 +273,7 @@ def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torc
     buffer = torch.empty(min(tile, out_features), in_features, dtype=values.dtype)
     y = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
     unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
-    threads = _threads(flat.shape[0], values)
+    threads = threads_for(flat.shape[0], values.numel())
     options = OPTION_BF16 if name == "avx512bf16" else 0
     for first in range(0, out_features, tile):
         last = min(first + tile, out_features)
@@ -335,7 +336,7 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
             values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
             out_features, slots, indices.shape[1], n, m,
             None if bias32 is None else bias32.data_ptr(), y.data_ptr(),
-            _threads(batch, values), options)
+            threads_for(batch, values.numel()), options)
         if status == 2:
             raise MemoryError(_STATUS[2])
         if status:

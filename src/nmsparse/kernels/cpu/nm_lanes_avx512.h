@@ -237,17 +237,47 @@ BF16_TARGET ALWAYS_INLINE void lane_step(__m512 (&acc)[R][BLOCKS], const __m512i
     }
 }
 
-// A step that reaches outside the row: masked loads.
-template <int R, int BLOCKS, int PER_WINDOW>
-BF16_TARGET ALWAYS_INLINE void lane_edge(__m512 (&acc)[R][BLOCKS], const bf16_t* x, int64_t ldx,
-                                         int64_t in, int64_t t, const uint32_t* buf, int64_t entries) {
+// The R rows' inputs of step t where it reaches outside the row (of `in` inputs): masked
+// loads, zeros outside.
+template <int R>
+BF16_TARGET ALWAYS_INLINE void lane_edge_inputs(__m512i (&xw)[R], const bf16_t* x, int64_t ldx,
+                                                int64_t in, int64_t t) {
   const int64_t start = (t - 3) * 8;
   const int64_t lo = start < 0 ? -start : 0, hi = in - start < 32 ? in - start : 32;
   const __mmask32 inside = hi > lo ? (__mmask32)((((uint64_t)1 << hi) - 1) & ~(((uint64_t)1 << lo) - 1)) : 0;
   // integer arithmetic: the address may lie before x, but masked-off words are not read
   const bf16_t* from = reinterpret_cast<const bf16_t*>(reinterpret_cast<uintptr_t>(x) + start * 2);
-  __m512i xw[R];
   for (int r = 0; r < R; ++r) xw[r] = _mm512_maskz_loadu_epi16(inside, from + r * ldx);
+}
+
+// Where the steps wholly inside a row of `in` inputs end (of `steps`): step t loads the 32
+// inputs from (t - 3) * 8; steps 0-2 start before the row.
+inline int64_t lane_middle_end(int64_t in, int64_t steps) {
+  const int64_t inner_end = in >= 32 ? (in - 32) / 8 + 4 : 3;
+  return inner_end < steps ? inner_end : steps;
+}
+
+// y[r][o0 + 16 b + lane] = acc[r][b] + bias for the outputs below `out` (y: fp32, row stride
+// ldy).
+template <int R, int BLOCKS>
+BF16_TARGET ALWAYS_INLINE void lane_store(const __m512 (&acc)[R][BLOCKS], const float* bias,
+                                          int64_t o0, int64_t out, float* y, int64_t ldy) {
+  for (int b = 0; b < BLOCKS; ++b) {
+    const int64_t first = o0 + 16 * b;
+    if (first >= out) break;
+    const __mmask16 lanes = out - first >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - first)) - 1);
+    const __m512 add = bias ? _mm512_maskz_loadu_ps(lanes, bias + first) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(y + r * ldy + first, lanes, _mm512_add_ps(acc[r][b], add));
+  }
+}
+
+// A step that reaches outside the row.
+template <int R, int BLOCKS, int PER_WINDOW>
+BF16_TARGET ALWAYS_INLINE void lane_edge(__m512 (&acc)[R][BLOCKS], const bf16_t* x, int64_t ldx,
+                                         int64_t in, int64_t t, const uint32_t* buf, int64_t entries) {
+  __m512i xw[R];
+  lane_edge_inputs<R>(xw, x, ldx, in, t);
   lane_step<R, BLOCKS, PER_WINDOW>(acc, xw, buf + t * PER_WINDOW * 32, entries);
 }
 
@@ -262,9 +292,7 @@ BF16_TARGET void lane_rows(const bf16_t* x, int64_t ldx, const uint32_t* buf, in
   __m512 acc[R][BLOCKS];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < BLOCKS; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int64_t steps = entries / PER_WINDOW;
-  const int64_t inner_end = in >= 32 ? (in - 32) / 8 + 4 : 3;  // steps wholly inside the row
-  const int64_t middle_end = inner_end < steps ? inner_end : steps;
+  const int64_t steps = entries / PER_WINDOW, middle_end = lane_middle_end(in, steps);
   int64_t t = 0;
   for (; t < 3 && t < steps; ++t) lane_edge<R, BLOCKS, PER_WINDOW>(acc, x, ldx, in, t, buf, entries);
   for (; t < middle_end; ++t) {
@@ -274,14 +302,7 @@ BF16_TARGET void lane_rows(const bf16_t* x, int64_t ldx, const uint32_t* buf, in
     ahead.step();
   }
   for (; t < steps; ++t) lane_edge<R, BLOCKS, PER_WINDOW>(acc, x, ldx, in, t, buf, entries);
-  for (int b = 0; b < BLOCKS; ++b) {
-    const int64_t first = o0 + 16 * b;
-    if (first >= out) break;
-    const __mmask16 lanes = out - first >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (out - first)) - 1);
-    const __m512 add = bias ? _mm512_maskz_loadu_ps(lanes, bias + first) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(y + r * ldy + first, lanes, _mm512_add_ps(acc[r][b], add));
-  }
+  lane_store<R, BLOCKS>(acc, bias, o0, out, y, ldy);
 }
 
 template <int PER_WINDOW>

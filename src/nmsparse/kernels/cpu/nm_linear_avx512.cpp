@@ -37,6 +37,9 @@ struct Shape {
   int n, m, w;
 };
 
+// Bits per stored position for group size m (as nmsparse.packing.index_width, m <= 16).
+inline int index_width(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : 4; }
+
 // The dense mask of one output row (bit k set when input k has a kept weight), built from
 // its index bytes once per row and read 64 bits at a time by the dot kernels. lut[b] holds
 // the dense bits of the 8 / w positions index byte b holds: bit (k / n) * m + position_k for
@@ -863,7 +866,7 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
                        int64_t out_features, int64_t slots, int64_t index_bytes, int n, int m,
                        const float* bias, float* y, int threads, int options) {
   if (n < 1 || 8 % n || n >= m || m > 16) return 1;
-  const int w = m <= 2 ? 1 : m <= 4 ? 2 : 4;
+  const int w = index_width(m);
   const Shape s{batch, in_features, out_features, slots, index_bytes, n, m, w};
   const int kernel = options & 7;
   const bool bf16_dot = (options & OPTION_BF16) != 0;
@@ -884,7 +887,7 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
                     int64_t index_bytes, int n, int m, int64_t in, int64_t begin, int64_t end,
                     void* dst, int threads, int options) {
   if (n < 1 || 8 % n || n >= m || m > 16) return 1;
-  const int w = m <= 2 ? 1 : m <= 4 ? 2 : 4;
+  const int w = index_width(m);
   const Shape s{0, in, end, slots, index_bytes, n, m, w};
   const int64_t elem = bf16 ? 2 : 4;
   if (!(power_of_two(m) && 64 % m == 0)) {  // scalar
@@ -960,8 +963,8 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
 // The lanes layout of a bf16 packed weight (nm_prepacked_avx512.h): its size in bytes, or -1
 // for a pattern the lanes kernels do not take.
 int64_t nmsparse_lanes_bytes(int64_t out_features, int64_t in_features, int n, int m) {
-  const Shape s{0, in_features, out_features, 0, 0, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
-  return n >= 1 && n < m && lanes_ok(s) ? lanes_bytes(s) : -1;
+  const Shape s{0, in_features, out_features, 0, 0, n, m, index_width(m)};
+  return lanes_pattern_ok(s) ? lanes_bytes(s) : -1;
 }
 
 // Packed bf16 (values, indices) -> the lanes layout (dst: nmsparse_lanes_bytes), and back.
@@ -969,8 +972,8 @@ int64_t nmsparse_lanes_bytes(int64_t out_features, int64_t in_features, int n, i
 int nmsparse_lanes_pack(const void* values, const uint8_t* indices, int64_t out_features,
                         int64_t in_features, int64_t slots, int64_t index_bytes, int n, int m,
                         uint8_t* dst) {
-  const Shape s{0, in_features, out_features, slots, index_bytes, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
-  if (n < 1 || n >= m || !lanes_ok(s)) return 1;
+  const Shape s{0, in_features, out_features, slots, index_bytes, n, m, index_width(m)};
+  if (!lanes_pattern_ok(s)) return 1;
   lanes_pack(static_cast<const bf16_t*>(values), indices, s, dst);
   return 0;
 }
@@ -978,8 +981,8 @@ int nmsparse_lanes_pack(const void* values, const uint8_t* indices, int64_t out_
 int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_features,
                           int64_t slots, int64_t index_bytes, int n, int m, void* values,
                           uint8_t* indices) {
-  const Shape s{0, in_features, out_features, slots, index_bytes, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
-  if (n < 1 || n >= m || !lanes_ok(s)) return 1;
+  const Shape s{0, in_features, out_features, slots, index_bytes, n, m, index_width(m)};
+  if (!lanes_pattern_ok(s)) return 1;
   lanes_unpack(src, s, static_cast<bf16_t*>(values), indices);
   return 0;
 }
@@ -990,8 +993,8 @@ int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_f
 int nmsparse_lanes_linear(const void* x, int64_t batch, int64_t in_features,
                           const uint8_t* layout, int64_t out_features, int n, int m,
                           const float* bias, float* y, int threads) {
-  const Shape s{batch, in_features, out_features, 0, 0, n, m, m <= 2 ? 1 : m <= 4 ? 2 : 4};
-  if (n < 1 || n >= m || !lanes_ok(s)) return 1;
+  const Shape s{batch, in_features, out_features, 0, 0, n, m, index_width(m)};
+  if (!lanes_pattern_ok(s)) return 1;
   prepacked_run(static_cast<const bf16_t*>(x), layout, s, bias, y, threads);
   return 0;
 }

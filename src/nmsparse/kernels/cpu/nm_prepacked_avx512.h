@@ -22,6 +22,10 @@
 // (lane_tables); M = 8, the byte's two nibbles (a, b) map through two tables.
 #pragma once
 
+// A pattern the layout takes (the entry points check it; nmsparse_nm_linear checks N < M
+// before lanes_ok).
+inline bool lanes_pattern_ok(const Shape& s) { return s.n >= 1 && s.n < s.m && lanes_ok(s); }
+
 inline int lanes_code_bytes(const Shape& s) { return s.m == 8 ? 16 : 8; }
 inline int64_t lanes_entries(const Shape& s) { return ((s.in + 7) / 8 + 3) * lane_pairs_per_window(s); }
 // whole cache lines, so every block starts on one
@@ -144,18 +148,14 @@ BF16_TARGET VBMI_TARGET ALWAYS_INLINE void prepacked_step(__m512 (&acc)[R][BLOCK
     }
 }
 
-// A step that reaches outside the row: masked loads (the address may lie before x).
+// A step that reaches outside the row.
 template <int R, int BLOCKS, int PER_WINDOW, bool EIGHT, bool CACHED>
 BF16_TARGET VBMI_TARGET __attribute__((noinline)) void prepacked_edge(__m512 (&acc)[R][BLOCKS], const bf16_t* x, int64_t ldx,
                                                      const PrepackedPlan& plan, const uint8_t* w,
                                                      const uint8_t* c, const uint32_t* cached, int64_t t,
                                                      const LanesControls& controls) {
-  const int64_t start = (t - 3) * 8, in = plan.in;
-  const int64_t lo = start < 0 ? -start : 0, hi = in - start < 32 ? in - start : 32;
-  const __mmask32 inside = hi > lo ? (__mmask32)((((uint64_t)1 << hi) - 1) & ~(((uint64_t)1 << lo) - 1)) : 0;
-  const bf16_t* from = reinterpret_cast<const bf16_t*>(reinterpret_cast<uintptr_t>(x) + start * 2);
   __m512i xw[R];
-  for (int r = 0; r < R; ++r) xw[r] = _mm512_maskz_loadu_epi16(inside, from + r * ldx);
+  lane_edge_inputs<R>(xw, x, ldx, plan.in, t);
   prepacked_step<R, BLOCKS, PER_WINDOW, EIGHT, CACHED>(acc, xw, w + t * PER_WINDOW * 64,
                                                        c + t * PER_WINDOW * (EIGHT ? 16 : 8),
                                                        cached + t * PER_WINDOW * 16, plan, controls);
@@ -173,9 +173,7 @@ BF16_TARGET VBMI_TARGET void prepacked_rows(const bf16_t* x, int64_t ldx, const 
     for (int b = 0; b < BLOCKS; ++b) acc[r][b] = _mm512_setzero_ps();
   const uint8_t* weights = plan.layout + first / 16 * plan.block_bytes;
   const uint8_t* codes = weights + plan.entries * 64;
-  const int64_t steps = plan.entries / PER_WINDOW, in = plan.in;
-  const int64_t inner_end = in >= 32 ? (in - 32) / 8 + 4 : 3;  // steps wholly inside the row
-  const int64_t middle_end = inner_end < steps ? inner_end : steps;
+  const int64_t steps = plan.entries / PER_WINDOW, middle_end = lane_middle_end(plan.in, steps);
   int64_t t = 0;
   for (; t < 3 && t < steps; ++t)
     prepacked_edge<R, BLOCKS, PER_WINDOW, EIGHT, CACHED>(acc, x, ldx, plan, weights, codes, cached, t, controls);
@@ -188,14 +186,7 @@ BF16_TARGET VBMI_TARGET void prepacked_rows(const bf16_t* x, int64_t ldx, const 
   }
   for (; t < steps; ++t)
     prepacked_edge<R, BLOCKS, PER_WINDOW, EIGHT, CACHED>(acc, x, ldx, plan, weights, codes, cached, t, controls);
-  for (int b = 0; b < BLOCKS; ++b) {
-    const int64_t o = first + 16 * b;
-    if (o >= plan.out) break;
-    const __mmask16 lanes = plan.out - o >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (plan.out - o)) - 1);
-    const __m512 add = bias ? _mm512_maskz_loadu_ps(lanes, bias + o) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(y + r * ldy + o, lanes, _mm512_add_ps(acc[r][b], add));
-  }
+  lane_store<R, BLOCKS>(acc, bias, first, plan.out, y, ldy);
 }
 
 // The controls of BLOCKS blocks from output `first`, expanded once into `cached` (block b's

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from ...packing import packed_shapes
-from . import _STATUS, SERIAL_BELOW, isa, lanes_take, library, pattern_reason
+from . import _STATUS, isa, lanes_take, library, pattern_reason, threads_for
 
 _BF16 = torch.bfloat16
 
@@ -35,9 +35,9 @@ def prepack_reason(values: torch.Tensor, n: int, m: int) -> str | None:
     if not lanes_take(n, m):
         return (f"pattern {n}:{m} (the prepared layout takes M in {{2, 4, 8}} with N even, or "
                 "N = 1 with M <= 4)")
-    if isa() != "avx512bf16":
-        return (f"this CPU's kernels are {isa()}: the prepared layout needs AVX512_BF16 and "
-                "VBMI")
+    name = isa()
+    if name != "avx512bf16":
+        return f"this CPU's kernels are {name}: the prepared layout needs AVX512_BF16 and VBMI"
     return None
 
 
@@ -113,11 +113,10 @@ def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
     y = torch.empty(batch, out_features, dtype=torch.float32)
     if batch and out_features:
         bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        work = batch * out_features * in_features * n // m
-        threads = 1 if work < SERIAL_BELOW else torch.get_num_threads()
         status = _library().nmsparse_lanes_linear(
             rows.data_ptr(), batch, in_features, layout.data_ptr(), out_features, n, m,
-            None if bias32 is None else bias32.data_ptr(), y.data_ptr(), threads)
+            None if bias32 is None else bias32.data_ptr(), y.data_ptr(),
+            threads_for(batch, out_features * (in_features // m * n)))
         if status:
             raise ValueError(_STATUS[1].format(n=n, m=m))
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
