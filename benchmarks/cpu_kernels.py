@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from nmsparse.engine.masks import nm_mask
 from nmsparse.kernels import cpu, nm_linear
+from nmsparse.kernels._op import reference
 from nmsparse.kernels.cpu import prepacked
 from nmsparse.machine import cpu_model
 from nmsparse.packing import pack
@@ -108,6 +109,9 @@ class Method:
         if self.kernel == "prepared":  # the op, as PreparedNMLinear calls it
             layout, n, m, out_f, in_f = weight
             return torch.ops.nmsparse.nm_linear_prepacked(x, layout, n, m, in_f, out_f)
+        if self.kernel == "auto" and cpu.pattern_reason(weight.n, weight.m):
+            # what NMLinear's op falls back to (NMSPARSE_KERNELS=cpu here would refuse it)
+            return reference(x, weight.values, weight.indices, weight.n, weight.m)
         if self.kernel == "auto":  # the op, as NMLinear calls it
             return nm_linear(x, weight.values, weight.indices, weight.n, weight.m)
         return cpu.nm_linear_cpu(x, weight.values, weight.indices, weight.n, weight.m,
@@ -130,6 +134,12 @@ def paths() -> list[tuple[str | None, str]]:
 
 
 def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
+    if isa is None:  # the op as users call it: unpack + F.linear where no kernel takes N:M
+        return True
+    if cpu.pattern_reason(n, m):
+        return False
+    if cpu.any_n(n) and (isa == "avx2" or kernel not in ("dot", "dense")):
+        return False
     if kernel in cpu.BF16_KERNELS:
         return dtype == "bf16" and isa == "avx512bf16" and cpu.BF16_KERNELS[kernel](n, m)
     return not (kernel == "dot" and m & (m - 1))
@@ -177,6 +187,8 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
 def auto_choice(rows: int, dtype: str, pattern: str) -> str:
     """What the automatic dispatch runs for this call, for the table."""
     n, m = map(int, pattern.split(":"))
+    if cpu.pattern_reason(n, m):
+        return "unpack + F.linear"
     name = cpu.isa()
     if name == "avx2":
         return name
@@ -358,11 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         patterns = (args.patterns or ("2:4" if args.quick else ",".join(PATTERNS))).split(",")
         for pattern in patterns:
             n, m = map(int, pattern.split(":"))
-            if cpu.pattern_reason(n, m):
+            if not 1 <= n < m <= 16:
                 raise ValueError(pattern)
     except ValueError:
         parser.error("--rows takes integers, --shapes OUTxIN pairs, --patterns N:M pairs "
-                     "with N dividing 8 and M <= 16")
+                     "with 1 <= N < M <= 16")
     global clock
     clock = CLOCKS[args.clock]
     error = cpu.build_error()

@@ -31,6 +31,8 @@ from nmsparse.kernels import NMLinear, _op, cpu, nm_linear, swap_linear_layers
 from nmsparse.packing import pack, pack_positions, unpack_positions, unpack_rows
 
 PATTERNS = [(2, 4), (4, 8), (1, 4), (2, 8), (1, 8), (1, 16)]
+# N not dividing 8: the dot kernel and the dense path (AVX-512) take them
+ANY_N = [(3, 4), (3, 8), (5, 8), (6, 8), (7, 8), (3, 16), (5, 16), (12, 16), (15, 16), (3, 6)]
 DTYPES = [torch.float32, torch.bfloat16]
 BUILD_ERROR = cpu.build_error()
 needs_kernels = pytest.mark.skipif(BUILD_ERROR is not None,
@@ -87,15 +89,22 @@ def run_path(path, x, packed_or_values, indices, n, m, bias, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("path", PATHS, ids=["-".join(p) for p in PATHS])
-@pytest.mark.parametrize(("n", "m"), PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)])
+@pytest.mark.parametrize(("n", "m"), PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_kernels_match_linear_over_shapes_and_batches(n, m, dtype, path, monkeypatch):
     if path[1] == "dot" and m & (m - 1):
         pytest.skip("the dot kernel takes M a power of two (the table kernel takes the rest)")
+    generator = torch.Generator().manual_seed(1000 * n + m)
+    if cpu.any_n(n) and (path[0] == "avx2" or path[1] in ("table", "pairs", "lanes")):
+        # N not dividing 8 is refused by these, with the reason, never run wrong
+        packed = pack(nm_weight(4, 4 * m, n, m, dtype, generator), n, m)
+        with pytest.raises(ValueError, match=f"{n}:{m}|reject pattern"):
+            run_path(path, torch.randn(2, 4 * m).to(dtype), packed.values, packed.indices, n,
+                     m, None, monkeypatch)
+        return
     takes = cpu.BF16_KERNELS.get(path[1])
     if takes and not (dtype == torch.bfloat16 and takes(n, m)):
         pytest.skip(f"the {path[1]} kernel does not take {dtype} {n}:{m}")
-    generator = torch.Generator().manual_seed(1000 * n + m)
     # odd output counts; group counts that leave tails after the 8-, 16- and 64-input steps
     # and rows long enough for the vector mask builder (>= 64 index bytes)
     # batches: 1 and 3 (dot, AVX2), 9 (dot in two passes, dense, lanes 8 + 1), 65 (table and
@@ -273,17 +282,20 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
     their predicates; dot: M a power of two; table and dense: any)."""
     for (isa, dtype), entries in cpu.DISPATCH.items():
         assert entries[-1][0] is None
-        for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)]:
+        for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N:
             for rows in range(1, 300):
                 kernel = cpu.kernel_for(isa, dtype, rows, n, m)
                 assert kernel in cpu.KERNELS[1:], (isa, dtype, n, m, rows, kernel)
+                if cpu.any_n(n):
+                    assert kernel in ("dot", "dense"), (n, m, kernel)
                 if kernel in cpu.BF16_KERNELS:
                     assert dtype == torch.bfloat16 and cpu.BF16_KERNELS[kernel](n, m)
                 if kernel == "dot":
                     assert m & (m - 1) == 0
                 if rows > cpu.DOT_MAX_ROWS:  # the dot kernel would pass over the weight again
                     assert kernel != "dot"
-                if kernel == "dense" and dtype == torch.float32:  # sparse enough: the table
+                if kernel == "dense" and dtype == torch.float32 and not cpu.any_n(n):
+                    # sparse enough: the table (which reads 8 positions as whole groups)
                     assert n > cpu.TABLE_MAX_DENSITY * m
     assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 8) == "table"
     assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 4) == "dense"
@@ -291,9 +303,9 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
 
 @needs_kernels
 def test_backend_cpu_refuses_what_it_cannot_run():
-    packed = pack(nm_weight(8, 32, 3, 16, torch.float32, torch.Generator()), 3, 16)
-    with pytest.raises(ValueError, match="CPU kernels cannot run: pattern 3:16"):
-        nm_linear(torch.randn(2, 32), packed.values, packed.indices, 3, 16)
+    packed = pack(nm_weight(8, 64, 3, 32, torch.float32, torch.Generator()), 3, 32)
+    with pytest.raises(ValueError, match="CPU kernels cannot run: pattern 3:32"):
+        nm_linear(torch.randn(2, 64), packed.values, packed.indices, 3, 32)
     packed = pack(nm_weight(8, 32, 2, 4, torch.float16, torch.Generator()), 2, 4)
     with pytest.raises(ValueError, match="dtype torch.float16"):
         nm_linear(torch.randn(2, 32).half(), packed.values, packed.indices, 2, 4)
@@ -308,11 +320,11 @@ def test_auto_uses_the_kernels_on_cpu_and_falls_back_where_they_cannot_run(monke
     packed = pack(nm_weight(8, 32, 2, 4, torch.float32, torch.Generator()), 2, 4)
     nm_linear(torch.randn(2, 32), packed.values, packed.indices, 2, 4)
     assert calls == [1]
-    packed = pack(nm_weight(8, 32, 3, 16, torch.float32, torch.Generator()), 3, 16)
-    x = torch.randn(2, 32)
-    y = nm_linear(x, packed.values, packed.indices, 3, 16)  # unsupported pattern: exact fallback
+    packed = pack(nm_weight(8, 64, 3, 32, torch.float32, torch.Generator()), 3, 32)
+    x = torch.randn(2, 64)
+    y = nm_linear(x, packed.values, packed.indices, 3, 32)  # unsupported pattern: exact fallback
     assert calls == [1]
-    assert torch.equal(y, F.linear(x, unpack_rows(packed.values, packed.indices, 3, 16)))
+    assert torch.equal(y, F.linear(x, unpack_rows(packed.values, packed.indices, 3, 32)))
 
 
 def test_fallback_when_the_kernels_cannot_build_warns_once_and_is_exact(monkeypatch):

@@ -26,8 +26,9 @@ REASON = None if cpu.build_error() is None and cpu.isa_reason("avx512bf16") is N
     cpu.build_error() or cpu.isa_reason("avx512bf16"))
 needs_bf16_kernels = pytest.mark.skipif(REASON is not None, reason=f"needs AVX512_BF16: {REASON}")
 # every pattern the layout takes, from the library's own rule
-CANDIDATES = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (1, 8), (2, 16), (1, 3)]
-TAKEN = [(n, m) for n, m in CANDIDATES if cpu.lanes_take(n, m)]
+CANDIDATES = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (1, 8), (3, 8), (5, 8), (6, 8),
+              (7, 8), (2, 16), (1, 16), (1, 3), (2, 6)]
+TAKEN = [(n, m) for n, m in CANDIDATES if prepacked.prepacked_take(n, m)]
 
 
 def nm_weight(out, inp, n, m, generator):
@@ -50,8 +51,9 @@ def assert_exact(y, x, weight, bias, n, m):
         ((y.double() - exact).abs() - allowed).max())
 
 
-def test_the_layout_takes_exactly_the_lanes_patterns():
-    assert TAKEN == [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8)]
+def test_the_layout_takes_every_pattern_with_m_2_4_or_8():
+    assert TAKEN == [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (1, 8), (3, 8), (5, 8),
+                     (6, 8), (7, 8)]
 
 
 @needs_bf16_kernels
@@ -88,7 +90,7 @@ def test_prepared_kernel_matches_over_blocks_panels_row_blocks_and_window_tails(
 
 
 @needs_bf16_kernels
-@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (2, 8)])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (2, 8), (6, 8)])
 def test_positions_in_any_order_are_exact_and_a_moved_position_is_seen(n, m):
     generator = torch.Generator().manual_seed(n + 10 * m)
     out, inp = 40, 256

@@ -4,8 +4,11 @@
 packed weight (:mod:`nmsparse.packing` format, unchanged: the positions are decoded in
 registers), with fp32 accumulation, on ``torch.get_num_threads()`` threads (one for tiny
 calls). Supported: CPU
-tensors, fp32 or bf16 weights and inputs, N dividing 8 and M at most 16 with N < M (2:4, 4:8,
-1:4, 2:8, 1:8, 1:16, 1:2, 1:3, ...), any batch. The result is in x's dtype: fp32
+tensors, fp32 or bf16 weights and inputs, any N < M <= 16 (2:4, 4:8, 1:4, 2:8, 1:8, 1:16, 1:2,
+1:3, 3:4, 5:8, ...), any batch; N not dividing 8 (3:4, 3:8, 5:8, 6:8, ...) needs AVX-512 and
+runs only the dot kernel and the dense path (:func:`any_n`; their masks are built by scalar
+code, so these run at 0.4-0.9x of dense: ``prepare_cpu`` gives bf16 weights with M <= 8 a
+layout that beats dense, :mod:`.prepacked`). The result is in x's dtype: fp32
 accumulation rounded once (bf16 output rounded to nearest even by torch).
 
 Instruction sets (``ISAS``; the best one this CPU runs is used, ``NMSPARSE_CPU_ISA`` forces
@@ -30,8 +33,8 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
 
 The prepared layout (:mod:`.prepacked`, used by ``PreparedNMLinear``): the lanes kernel's
 arrangement of a bf16 weight made once, in the packed format's bytes, and a kernel that reads
-it directly at any number of rows; it is not part of :data:`DISPATCH` (an ``NMLinear`` holds
-the packed format, a ``PreparedNMLinear`` the layout).
+it directly at any number of rows, for every N:M with M in {2, 4, 8}; it is not part of
+:data:`DISPATCH` (an ``NMLinear`` holds the packed format, a ``PreparedNMLinear`` the layout).
 
 AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
 this work did not have (:func:`features` reports it).
@@ -190,9 +193,15 @@ def isa() -> str:
 
 
 def pattern_reason(n: int, m: int) -> str | None:
-    if m > 16 or 8 % n or not 1 <= n < m:
-        return f"pattern {n}:{m} (the CPU kernels need N dividing 8 and M <= 16)"
+    if m > 16 or not 1 <= n < m:
+        return f"pattern {n}:{m} (the CPU kernels need 1 <= N < M <= 16)"
     return None
+
+
+def any_n(n: int) -> bool:
+    """Whether N needs the kernels that take any N (the dot kernel and the dense path, on
+    AVX-512): the others read the positions of 8 values at a time as whole groups."""
+    return bool(8 % n)
 
 
 def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
@@ -201,7 +210,11 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
         return f"device {x.device}"
     if values.dtype not in DTYPES:
         return f"dtype {values.dtype} (the CPU kernels take float32 and bfloat16)"
-    return pattern_reason(n, m) or isa_reason(isa())
+    reason = pattern_reason(n, m) or isa_reason(isa())
+    if reason is None and any_n(n) and isa() == "avx2":
+        return (f"pattern {n}:{m} on AVX2 (its kernels need N dividing 8; with AVX-512 any N "
+                "runs)")
+    return reason
 
 
 KERNELS = ("auto", "avx2", "dot", "table", "pairs", "lanes", "dense")
@@ -212,13 +225,13 @@ OPTION_BF16 = 8
 
 def pairs_take(n: int, m: int) -> bool:
     """Whether the pairs kernel takes N:M: M in {2, 4, 8}, N = 1 or even."""
-    return m in (2, 4, 8) and (n == 1 or n % 2 == 0)
+    return m in (2, 4, 8) and (n == 1 or n % 2 == 0) and not any_n(n)
 
 
 def lanes_take(n: int, m: int) -> bool:
     """Whether the lanes kernel takes N:M: M in {2, 4, 8}, N even, or N = 1 with M <= 4 (every
     pair of kept values must lie in one aligned window of 8 inputs)."""
-    return m in (2, 4, 8) and (n % 2 == 0 or (n == 1 and m <= 4))
+    return m in (2, 4, 8) and (n % 2 == 0 or (n == 1 and m <= 4)) and not any_n(n)
 
 
 # The kernels that take bf16 weights only (on avx512bf16), with what else they need of the
@@ -232,6 +245,8 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     two, else the AVX2 library runs those rows)."""
     if name == "avx2":
         return "avx2"
+    if any_n(n):  # N = 3, 5, 6, 7, ...: only these two take it
+        return "dot" if rows <= DOT_MAX_ROWS and not m & (m - 1) else "dense"
     for limit, kernel in DISPATCH[(name, dtype)]:
         if limit is None or rows <= limit:
             if kernel == "lanes" and not lanes_take(n, m):

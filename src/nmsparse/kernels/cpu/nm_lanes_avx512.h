@@ -35,8 +35,11 @@ inline bool lanes_ok(const Shape& s) {
   return power_of_two(s.m) && s.m <= 8 && s.m >= 2 && (s.n % 2 == 0 || (s.n == 1 && s.m <= 4));
 }
 
-// Pairs per 8-input window.
-inline int lane_pairs_per_window(const Shape& s) { return 4 * s.n / s.m; }
+// Kept values per 8-input window (M in {2, 4, 8}), and pairs per window: values 2q and
+// 2q + 1 of a window form its pair slot q; an odd count leaves the last slot one value, whose
+// partner (the prepared layout's only) is a zero weight.
+inline int lane_values_per_window(const Shape& s) { return 8 * s.n / s.m; }
+inline int lane_pairs_per_window(const Shape& s) { return (lane_values_per_window(s) + 1) / 2; }
 
 // The control word of a lane whose pair sits at window positions a and b: bytes 2a, 2a + 1,
 // 2b, 2b + 1 of the window (x[a] in the low half of the lane, x[b] in the high half).
@@ -46,14 +49,12 @@ inline uint32_t lane_control(int a, int b) {
 }
 
 // Window positions of pair slot q (0 .. pairs per window - 1) before the in-group positions
-// are added: N even, both values in group 2q / N; N = 1, the two values in groups 2q, 2q + 1.
+// are added: value v of the window lies in group v / N (N even: both in group 2q / N; N = 1:
+// groups 2q and 2q + 1; 3:4: a pair may span two groups). A slot's missing second value
+// takes the first's place (its weight is zero).
 inline void lane_offsets(const Shape& s, int q, int& first, int& second) {
-  if (s.n == 1) {
-    first = 2 * q * s.m;
-    second = (2 * q + 1) * s.m;
-  } else {
-    first = second = 2 * q / s.n * s.m;
-  }
+  first = 2 * q / s.n * s.m;
+  second = 2 * q + 1 < lane_values_per_window(s) ? (2 * q + 1) / s.n * s.m : first;
 }
 
 // The pair's field of 2w position bits -> its control (w = index width: 1, 2 or 4 bits).

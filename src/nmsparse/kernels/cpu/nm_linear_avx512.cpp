@@ -41,26 +41,40 @@ struct Shape {
 inline int index_width(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : 4; }
 
 // The dense mask of one output row (bit k set when input k has a kept weight), built from
-// its index bytes once per row and read 64 bits at a time by the dot kernels. lut[b] holds
-// the dense bits of the 8 / w positions index byte b holds: bit (k / n) * m + position_k for
-// each value k of the byte (values of one group when a byte holds fewer than n). Byte i's
-// bits start at dense bit (i * per_byte / n) * m.
+// its index bytes once per row and read 64 bits at a time by the dot kernels. Index byte i
+// holds the positions of values i * per_byte .. + per_byte - 1 (per_byte = 8 / w); its bits
+// start at dense bit (i * per_byte / n) * m, the start of its first value's group. Which of
+// its values start a new group depends on the byte's phase, (i * per_byte) % n: lut[phase][b]
+// holds the dense bits of byte b in that phase, bit ((phase + k) / n) * m + position_k for
+// each value k. Where n divides 8 every byte has the same phase, so one table (phase 0)
+// serves; N = 3, 5, 6, 7, ... need up to n tables (built only for the phases that occur).
 struct Masks {
-  uint64_t lut[256];
-  int n, m, per_byte, bits_per_byte;  // bits_per_byte: 0 when a byte holds part of a group
+  static constexpr int MAX_PHASES = 16;
+  uint64_t lut[MAX_PHASES][256];
+  int n, m, per_byte, bits_per_byte;  // bits_per_byte: 0 unless every byte gives the same bits
+  bool one_phase;
 
   Masks(int n_, int m_, int w) : n(n_), m(m_), per_byte(8 / w) {
-    for (int b = 0; b < 256; ++b) {
-      uint64_t bits = 0;
-      for (int k = 0; k < per_byte; ++k) {
-        // & (m - 1): a corrupt field (>= m) must not add a bit, or more values would be read
-        const int position = (b >> (k * w)) & ((1 << w) - 1) & (m - 1);
-        const int group = per_byte >= n ? k / n : 0;
-        bits |= 1ull << ((group * m + position) & 63);
-      }
-      lut[b] = bits;
+    one_phase = per_byte % n == 0 || n % per_byte == 0;
+    int step = per_byte;  // the phases that occur: the multiples of gcd(per_byte, n)
+    for (int r = n; r;) {
+      const int t = step % r;
+      step = r;
+      r = t;
     }
-    bits_per_byte = per_byte >= n ? per_byte / n * m : 0;
+    for (int phase = 0; phase < (one_phase ? 1 : n); phase += step) {
+      for (int b = 0; b < 256; ++b) {
+        uint64_t bits = 0;
+        for (int k = 0; k < per_byte; ++k) {
+          // & (m - 1): a corrupt field (>= m) must not add a bit, or more values would be read
+          const int position = (b >> (k * w)) & ((1 << w) - 1) & (m - 1);
+          const int group = one_phase ? (per_byte >= n ? k / n : 0) : (phase + k) / n;
+          bits |= 1ull << ((group * m + position) & 63);
+        }
+        lut[phase][b] = bits;
+      }
+    }
+    bits_per_byte = per_byte % n == 0 ? per_byte / n * m : 0;
   }
 
   // out: (in + 7) / 8 bytes of mask, then 8 bytes of zeros (the dot kernels read 8 at a time).
@@ -69,21 +83,27 @@ struct Masks {
   void row(const uint8_t* bits, int64_t index_bytes, int64_t in, uint8_t* out) const {
     row_from(bits, 0, index_bytes, in, out);
   }
+  // From byte `first`, whose first dense bit must be a multiple of 8 (FastMasks' rest).
   void row_from(const uint8_t* bits, int64_t first, int64_t index_bytes, int64_t in,
                 uint8_t* out) const {
     const int64_t bytes = (in + 7) / 8;
-    int64_t base = first * per_byte / n * m;  // dense bit of word's bit 0 (a multiple of 8)
+    int64_t base = first * per_byte / n * m;  // dense bit of word's bit 0
     memset(out + base / 8, 0, bytes + 8 - base / 8);
     uint64_t word = 0;
+    // the byte's first value is in group `group`, `phase` values into it (no division per byte)
+    int64_t group = first * per_byte / n;
+    int phase = (int)(first * per_byte % n);
     for (int64_t i = first; i < index_bytes; ++i) {
-      const int64_t at = i * per_byte / n * m;
+      const int64_t at = group * m;
       while (at - base >= 32) {
         const uint32_t low = (uint32_t)word;
         memcpy(out + base / 8, &low, 4);
         word >>= 32;
         base += 32;
       }
-      word |= lut[bits[i]] << (at - base);  // at most 32 + 31 bits
+      // at most 32 + 31 bits: a byte's values span at most two groups of up to 16 inputs
+      word |= lut[one_phase ? 0 : phase][bits[i]] << (at - base);
+      for (phase += per_byte; phase >= n; phase -= n) ++group;
     }
     memcpy(out + base / 8, &word, 8);  // the 8 zero bytes after the mask leave room
   }
@@ -100,8 +120,8 @@ struct FastMasks {
   explicit FastMasks(const Masks& masks) : slow(masks) {
     alignas(64) uint8_t bytes[2][256];
     for (int b = 0; b < 256; ++b) {
-      bytes[0][b] = (uint8_t)masks.lut[b];
-      bytes[1][b] = (uint8_t)(masks.lut[b] >> 8);
+      bytes[0][b] = (uint8_t)masks.lut[0][b];
+      bytes[1][b] = (uint8_t)(masks.lut[0][b] >> 8);
     }
     for (int h = 0; h < 2; ++h)
       for (int q = 0; q < 4; ++q) table[h][q] = _mm512_load_si512(bytes[h] + 64 * q);
@@ -865,7 +885,8 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
                        const void* values, int bf16, const uint8_t* indices,
                        int64_t out_features, int64_t slots, int64_t index_bytes, int n, int m,
                        const float* bias, float* y, int threads, int options) {
-  if (n < 1 || 8 % n || n >= m || m > 16) return 1;
+  if (n < 1 || n >= m || m > 16) return 1;
+  if (8 % n && (options & 7) != 1) return 1;  // only the dot kernel takes any N
   const int w = index_width(m);
   const Shape s{batch, in_features, out_features, slots, index_bytes, n, m, w};
   const int kernel = options & 7;
@@ -886,7 +907,7 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
 int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_t slots,
                     int64_t index_bytes, int n, int m, int64_t in, int64_t begin, int64_t end,
                     void* dst, int threads, int options) {
-  if (n < 1 || 8 % n || n >= m || m > 16) return 1;
+  if (n < 1 || n >= m || m > 16) return 1;
   const int w = index_width(m);
   const Shape s{0, in, end, slots, index_bytes, n, m, w};
   const int64_t elem = bf16 ? 2 : 4;

@@ -9,10 +9,11 @@
 // E = (windows + 3) * pairs-per-window entries (entry t * PW + q: step t, pair slot q; the
 // lanes 4k .. 4k + 3 of step t hold the pair of slot q of window t - 3 + k, as LaneSkew
 // places them):
-//   E x 16 weight words (the pair's two bf16 values, value 2p in the low half), then
-//   E x CODE_BYTES codes: the pair's field of position bits (2w bits, as in the packed
-//   index), one nibble per lane for M <= 4 (8 bytes per entry, lane l in nibble l), one byte
-//   per lane for M = 8 (16 bytes).
+//   E x 16 weight words (the pair's two bf16 values, values 2q and 2q + 1 of the window,
+//   the first in the low half), then
+//   E x CODE_BYTES codes: the pair's two positions (w bits each, the first in the low bits),
+//   one nibble per lane for M <= 4 (8 bytes per entry, lane l in nibble l), one byte per
+//   lane for M = 8 (16 bytes).
 // Entries with no pair (windows outside the row, pairs past the last value) have weight 0 and
 // code 0: they meet x loaded as zeros (the row's edge steps load masked), so no padded product
 // can be 0 * inf; lanes past the last output are never stored.
@@ -22,9 +23,13 @@
 // (lane_tables); M = 8, the byte's two nibbles (a, b) map through two tables.
 #pragma once
 
-// A pattern the layout takes (the entry points check it; nmsparse_nm_linear checks N < M
-// before lanes_ok).
-inline bool lanes_pattern_ok(const Shape& s) { return s.n >= 1 && s.n < s.m && lanes_ok(s); }
+// A pattern the layout takes: M in {2, 4, 8} and any N < M (the entry points check it).
+// Unlike the lanes kernel, N may be odd: a window's odd value count leaves its last pair slot
+// one value and a zero weight at the same position (M = 8), and with M = 4 a pair may span
+// two groups (3:4: lane_offsets).
+inline bool lanes_pattern_ok(const Shape& s) {
+  return power_of_two(s.m) && s.m >= 2 && s.m <= 8 && s.n >= 1 && s.n < s.m;
+}
 
 inline int lanes_code_bytes(const Shape& s) { return s.m == 8 ? 16 : 8; }
 inline int64_t lanes_entries(const Shape& s) { return ((s.in + 7) / 8 + 3) * lane_pairs_per_window(s); }
@@ -32,42 +37,55 @@ inline int64_t lanes_entries(const Shape& s) { return ((s.in + 7) / 8 + 3) * lan
 inline int64_t lanes_block_bytes(const Shape& s) { return (lanes_entries(s) * (64 + lanes_code_bytes(s)) + 63) / 64 * 64; }
 inline int64_t lanes_bytes(const Shape& s) { return (s.out + 15) / 16 * lanes_block_bytes(s); }
 
-// Where pair p of output o lives in a layout: its weight word, its code's byte, and the
-// code's shift within that byte (M <= 4: nibbles).
+// Where a pair of output o lives in a layout: its weight word, its code's byte, and the
+// code's shift within that byte (M <= 4: nibbles); and which values of the row it holds
+// (second: -1 when the slot has one value).
 struct LanesSlot {
   int64_t word, code;
   int shift;
+  int64_t first, second;
 };
 
-// Calls visit(o, p, slot) for every pair p of every output o, in order.
+// Calls visit(o, slot) for every pair of every output o, in order.
 template <typename Visit>
 inline void lanes_each_pair(const Shape& s, Visit visit) {
   const int per_window = lane_pairs_per_window(s), code_bytes = lanes_code_bytes(s);
-  const int64_t fields = (s.slots + 1) / 2, entries = lanes_entries(s);
+  const int values_per_window = lane_values_per_window(s);
+  const int64_t windows = (s.in + 7) / 8, entries = lanes_entries(s);
   for (int64_t o = 0; o < s.out; ++o) {
     const int lane = (int)(o % 16);
     const int64_t base = o / 16 * lanes_block_bytes(s);
-    for (int64_t p = 0; p < fields; ++p) {
-      const int64_t step = p / per_window + 3 - lane / 4, entry = step * per_window + p % per_window;
-      const int64_t code = base + entries * 64 + entry * code_bytes + (code_bytes == 16 ? lane : lane / 2);
-      visit(o, p, LanesSlot{base + (entry * 16 + lane) * 4, code, code_bytes == 16 ? 0 : 4 * (lane % 2)});
-    }
+    for (int64_t g = 0; g < windows; ++g)
+      for (int q = 0; q < per_window; ++q) {
+        const int64_t first = g * values_per_window + 2 * q;
+        if (first >= s.slots) break;
+        const bool two = 2 * q + 1 < values_per_window && first + 1 < s.slots;
+        const int64_t step = g + 3 - lane / 4, entry = step * per_window + q;
+        const int64_t code = base + entries * 64 + entry * code_bytes + (code_bytes == 16 ? lane : lane / 2);
+        visit(o, LanesSlot{base + (entry * 16 + lane) * 4, code, code_bytes == 16 ? 0 : 4 * (lane % 2), first,
+                           two ? first + 1 : -1});
+      }
   }
 }
 
-// Packed (values, indices) -> lanes layout (dst: lanes_bytes, written whole). Fields never
-// straddle a byte (2w divides 8).
+// Position bits of value v of row o (w bits; w divides 8, so they never straddle a byte).
+inline uint32_t lanes_position(const uint8_t* indices, const Shape& s, int64_t o, int64_t v) {
+  const int64_t bit = v * s.w;
+  return (indices[o * s.index_bytes + (bit >> 3)] >> (bit & 7)) & ((1u << s.w) - 1);
+}
+
+// Packed (values, indices) -> lanes layout (dst: lanes_bytes, written whole). A slot with one
+// value repeats its position for the zero partner, so no new input is read.
 inline void lanes_pack(const bf16_t* values, const uint8_t* indices, const Shape& s, uint8_t* dst) {
   memset(dst, 0, (size_t)lanes_bytes(s));
-  const uint32_t field_mask = (1u << (2 * s.w)) - 1;
-  lanes_each_pair(s, [&](int64_t o, int64_t p, const LanesSlot& at) {
-    const uint32_t low = values[o * s.slots + 2 * p];
-    const uint32_t high = 2 * p + 1 < s.slots ? values[o * s.slots + 2 * p + 1] : 0;
+  lanes_each_pair(s, [&](int64_t o, const LanesSlot& at) {
+    const uint32_t low = values[o * s.slots + at.first];
+    const uint32_t high = at.second >= 0 ? values[o * s.slots + at.second] : 0;
     const uint32_t word = low | high << 16;
     memcpy(dst + at.word, &word, 4);
-    const int64_t bit = p * 2 * s.w;
-    const uint32_t field = (indices[o * s.index_bytes + (bit >> 3)] >> (bit & 7)) & field_mask;
-    dst[at.code] |= (uint8_t)(field << at.shift);
+    const uint32_t a = lanes_position(indices, s, o, at.first);
+    const uint32_t b = at.second >= 0 ? lanes_position(indices, s, o, at.second) : a;
+    dst[at.code] |= (uint8_t)((a | b << s.w) << at.shift);
   });
 }
 
@@ -75,21 +93,27 @@ inline void lanes_pack(const bf16_t* values, const uint8_t* indices, const Shape
 inline void lanes_unpack(const uint8_t* src, const Shape& s, bf16_t* values, uint8_t* indices) {
   memset(values, 0, (size_t)(s.out * s.slots * 2));
   memset(indices, 0, (size_t)(s.out * s.index_bytes));
-  const uint32_t field_mask = (1u << (2 * s.w)) - 1;
-  lanes_each_pair(s, [&](int64_t o, int64_t p, const LanesSlot& at) {
+  const uint32_t mask = (1u << s.w) - 1;
+  const auto put = [&](int64_t o, int64_t v, uint32_t position) {
+    const int64_t bit = v * s.w;
+    indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)(position << (bit & 7));
+  };
+  lanes_each_pair(s, [&](int64_t o, const LanesSlot& at) {
     uint32_t word;
     memcpy(&word, src + at.word, 4);
-    values[o * s.slots + 2 * p] = (bf16_t)word;
-    if (2 * p + 1 < s.slots) values[o * s.slots + 2 * p + 1] = (bf16_t)(word >> 16);
-    const int64_t bit = p * 2 * s.w;
-    const uint32_t field = (src[at.code] >> at.shift) & field_mask;
-    indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)(field << (bit & 7));
+    const uint32_t field = src[at.code] >> at.shift;
+    values[o * s.slots + at.first] = (bf16_t)word;
+    put(o, at.first, field & mask);
+    if (at.second >= 0) {
+      values[o * s.slots + at.second] = (bf16_t)(word >> 16);
+      put(o, at.second, (field >> s.w) & mask);
+    }
   });
 }
 
 // The code -> control maps: M <= 4 the slot tables of lane_tables; M = 8 one table per half.
 struct LanesControls {
-  __m512i tables[2];
+  __m512i tables[4];  // per pair slot (M <= 4 has at most 3)
   __m512i low, high;  // M = 8: a -> bytes 0-1, b -> bytes 2-3
   __m512i nibble_shift;
 
@@ -255,12 +279,13 @@ BF16_TARGET inline void prepacked_run(const bf16_t* x, const uint8_t* layout, co
                                       const float* bias, float* y, int threads) {
   const LanesControls controls(s);
   const PrepackedPlan plan{layout, lanes_block_bytes(s), lanes_entries(s), s.in, s.out};
-  const bool two = lane_pairs_per_window(s) == 2;
-  if (s.m == 8) {
-    if (two) prepacked_panels<2, true>(x, s.batch, plan, controls, bias, y, threads);
-    else prepacked_panels<1, true>(x, s.batch, plan, controls, bias, y, threads);
-  } else {
-    if (two) prepacked_panels<2, false>(x, s.batch, plan, controls, bias, y, threads);
-    else prepacked_panels<1, false>(x, s.batch, plan, controls, bias, y, threads);
+  switch (lane_pairs_per_window(s) + (s.m == 8 ? 8 : 0)) {
+    case 1: prepacked_panels<1, false>(x, s.batch, plan, controls, bias, y, threads); break;
+    case 2: prepacked_panels<2, false>(x, s.batch, plan, controls, bias, y, threads); break;
+    case 3: prepacked_panels<3, false>(x, s.batch, plan, controls, bias, y, threads); break;
+    case 9: prepacked_panels<1, true>(x, s.batch, plan, controls, bias, y, threads); break;
+    case 10: prepacked_panels<2, true>(x, s.batch, plan, controls, bias, y, threads); break;
+    case 11: prepacked_panels<3, true>(x, s.batch, plan, controls, bias, y, threads); break;
+    default: prepacked_panels<4, true>(x, s.batch, plan, controls, bias, y, threads); break;
   }
 }

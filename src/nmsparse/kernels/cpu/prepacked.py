@@ -7,8 +7,9 @@ that 16 outputs sit in the lanes of a vector. :func:`nm_linear_prepacked` then r
 layout straight into ``vpshufb`` + ``vdpbf16ps``, for any number of rows.
 
 Only where the CPU has AVX512_BF16 and VBMI (:func:`prepack_reason` says why not), bf16
-weights, and the patterns of :func:`nmsparse.kernels.cpu.lanes_take` (2:4, 1:4, 1:2, 2:8,
-4:8). :func:`unprepack` gives the packed ``(values, indices)`` back, bit for bit.
+weights, and every N:M with M in {2, 4, 8} (:func:`prepacked_take`: 2:4, 1:4, 3:4, 1:2, 1:8 ...
+7:8; a window's odd count of kept values pairs its last one with a zero weight).
+:func:`unprepack` gives the packed ``(values, indices)`` back, bit for bit.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ import functools
 import torch
 
 from ...packing import packed_shapes
-from . import _STATUS, isa, lanes_take, library, pattern_reason, threads_for
+from . import _STATUS, isa, library, threads_for
 
 _BF16 = torch.bfloat16
+
+
+def prepacked_take(n: int, m: int) -> bool:
+    """Whether the prepared layout holds N:M: M in {2, 4, 8} and 1 <= N < M."""
+    return m in (2, 4, 8) and 1 <= n < m
 
 
 def prepack_reason(values: torch.Tensor, n: int, m: int) -> str | None:
@@ -29,12 +35,8 @@ def prepack_reason(values: torch.Tensor, n: int, m: int) -> str | None:
         return f"device {values.device} (the prepared layout is for the CPU)"
     if values.dtype != _BF16:
         return f"dtype {values.dtype} (the prepared layout holds bfloat16 weights)"
-    reason = pattern_reason(n, m)
-    if reason:
-        return reason
-    if not lanes_take(n, m):
-        return (f"pattern {n}:{m} (the prepared layout takes M in {{2, 4, 8}} with N even, or "
-                "N = 1 with M <= 4)")
+    if not prepacked_take(n, m):
+        return f"pattern {n}:{m} (the prepared layout takes M in {{2, 4, 8}}, any N < M)"
     name = isa()
     if name != "avx512bf16":
         return f"this CPU's kernels are {name}: the prepared layout needs AVX512_BF16 and VBMI"
