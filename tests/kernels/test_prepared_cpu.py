@@ -27,7 +27,7 @@ REASON = None if cpu.build_error() is None and cpu.isa_reason("avx512bf16") is N
 needs_bf16_kernels = pytest.mark.skipif(REASON is not None, reason=f"needs AVX512_BF16: {REASON}")
 # every pattern the layout takes, from the library's own rule
 CANDIDATES = [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (1, 8), (3, 8), (5, 8), (6, 8),
-              (7, 8), (2, 16), (1, 16), (1, 3), (2, 6)]
+              (7, 8), (2, 16), (1, 16), (4, 16), (7, 16), (8, 16), (1, 3), (2, 6), (1, 32)]
 TAKEN = [(n, m) for n, m in CANDIDATES if prepacked.prepacked_take(n, m)]
 
 
@@ -51,9 +51,9 @@ def assert_exact(y, x, weight, bias, n, m):
         ((y.double() - exact).abs() - allowed).max())
 
 
-def test_the_layout_takes_every_pattern_with_m_2_4_or_8():
+def test_the_layout_takes_m_2_4_or_8_with_any_n_and_up_to_7_of_16():
     assert TAKEN == [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (1, 8), (3, 8), (5, 8),
-                     (6, 8), (7, 8)]
+                     (6, 8), (7, 8), (2, 16), (1, 16), (4, 16), (7, 16)]
 
 
 @needs_bf16_kernels
@@ -64,10 +64,11 @@ def test_prepared_kernel_matches_over_blocks_panels_row_blocks_and_window_tails(
     rows around the blocks of 8 (9 and 17 read expanded controls, then a remainder), one
     and two threads, with and without bias; the layout gives back the packed bytes."""
     generator = torch.Generator().manual_seed(7 * n + m)
-    shapes = [(1, m), (17, 24 if m != 8 else 16), (47, 132 if m <= 4 else 136),
-              (300, 1032 if m <= 4 else 1024)]
+    inputs = {2: (24, 132, 1032), 4: (24, 132, 1032), 8: (16, 136, 1024), 16: (32, 144, 1024)}
+    shapes = [(1, m)] + list(zip((17, 47, 300), inputs[m], strict=True))
     for out, inp in shapes:
         weight = nm_weight(out, inp, n, m, generator)
+        weight[out // 2] = 0  # a row of kept zeros (M = 16: told from the layout's padding)
         packed = pack(weight, n, m)
         layout = prepacked.prepack(packed.values, packed.indices, n, m, inp)
         values, indices = prepacked.unprepack(layout, n, m, inp, out)
@@ -201,18 +202,27 @@ def test_moving_or_casting_a_prepared_layer_is_refused_and_changes_nothing():
 @needs_bf16_kernels
 def test_prepare_skips_what_the_layout_cannot_hold_with_the_reason(monkeypatch):
     generator = torch.Generator().manual_seed(8)
-    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(32, 16))
+    model = nn.Sequential(*(nn.Linear(32, 16) for _ in range(4)))
     with torch.no_grad():
         model[0].weight.copy_(nm_weight(16, 32, 2, 4, generator).float())
-        model[1].weight.copy_(nm_weight(16, 32, 4, 16, generator).float())
+        model[1].weight.copy_(nm_weight(16, 32, 8, 16, generator).float())
         model[2].weight.copy_(nm_weight(16, 32, 2, 4, generator).float())
-    model[1].bfloat16()
-    model[2].bfloat16()
+        model[3].weight.copy_(nm_weight(16, 32, 2, 16, generator).float())
+    model[1:].bfloat16()
     swap_linear_layers(model, "2:4", include=["0", "2"])
-    swap_linear_layers(model, "4:16", include=["1"])
+    swap_linear_layers(model, "8:16", include=["1"])
+    swap_linear_layers(model, "2:16", include=["3"])
+    # a hand-made 2:16 weight whose group lists position 9 before position 2: the layout's
+    # halves could not give those bytes back
+    layer = model[3]
+    positions = unpack_positions(layer.indices, 16, layer.values.shape[1]).flip(-1)
+    assert bool(((positions[:, 0::2] >= 8) & (positions[:, 1::2] < 8)).any())
+    layer.indices.copy_(pack_positions(positions, 16))
+    layer.values.copy_(layer.values.flip(-1))
     report = prepare_cpu(model)
     assert report.prepared == ["2"]
-    assert "bfloat16" in report.skipped["0"] and "4:16" in report.skipped["1"]
+    assert "bfloat16" in report.skipped["0"] and "8:16" in report.skipped["1"]
+    assert "order" in report.skipped["3"]
     assert "prepared" in str(report) and "skipped" in str(report)
     monkeypatch.setenv(cpu.ENV_ISA, "avx2")
     assert "AVX512_BF16" in prepare_cpu(nn.Sequential(NMLinear(pack(
@@ -302,3 +312,19 @@ def test_opcheck_schema_fake_and_autograd_of_the_prepared_op():
     bias = torch.randn(24, generator=generator).bfloat16().requires_grad_()
     torch.library.opcheck(torch.ops.nmsparse.nm_linear_prepacked.default,
                           (x, layout, 2, 4, 32, 24, bias))
+
+
+@needs_bf16_kernels
+def test_m16_layout_refuses_an_order_it_cannot_give_back_and_a_corrupt_layout():
+    generator = torch.Generator().manual_seed(16)
+    layer = PreparedNMLinear(pack(nm_weight(24, 64, 2, 16, generator), 2, 16))
+    state = layer.state_dict()
+    before = layer.layout.clone()
+    positions = unpack_positions(state["indices"], 16, state["values"].shape[1]).flip(-1)
+    state["indices"] = pack_positions(positions, 16)
+    state["values"] = state["values"].flip(-1)
+    with pytest.raises(RuntimeError, match="cannot be prepared: its positions are not in the"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.layout, before)
+    with pytest.raises(ValueError, match="corrupt"):
+        prepacked.unprepack(torch.full_like(before, 0x88), 2, 16, 64, 24)

@@ -157,7 +157,7 @@ class PreparedNMLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        from .cpu.prepacked import prepack
+        from .cpu.prepacked import prepack, prepack_reason
 
         wanted = [key for key in _KEYS if key != "bias" or self.bias is not None]
         for key in state_dict:
@@ -175,9 +175,13 @@ class PreparedNMLinear(nn.Module):
                               f"{tuple(indices.shape)} do not fit a packed {self.pattern} "
                               f"{self.out_features}x{self.in_features} weight {expected}")
             return
+        values, indices = values.to("cpu", torch.bfloat16), indices.to("cpu")
+        reason = prepack_reason(values, self.n, self.m, indices)
+        if reason:
+            error_msgs.append(f"{prefix}values / indices cannot be prepared: {reason}")
+            return
         with torch.no_grad():
-            self.layout.copy_(prepack(values.to("cpu", torch.bfloat16), indices.to("cpu"),
-                                      self.n, self.m, self.in_features))
+            self.layout.copy_(prepack(values, indices, self.n, self.m, self.in_features))
             if self.bias is not None:
                 self.bias.copy_(state_dict[prefix + "bias"])
 
@@ -225,7 +229,7 @@ def prepare_cpu(model: nn.Module) -> PrepareReport:
     for name, module in modules.items():
         if not isinstance(module, NMLinear):
             continue
-        reason = prepack_reason(module.values, module.n, module.m)
+        reason = prepack_reason(module.values, module.n, module.m, module.indices)
         if not reason and not name:
             reason = "the model itself is an NMLinear: use PreparedNMLinear.from_nm_linear"
         report.rows.append((name or "(model)", f"{module.n}:{module.m}", reason or ""))

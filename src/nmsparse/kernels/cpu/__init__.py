@@ -47,7 +47,9 @@ one row runs the AVX2 library's permute kernel, up to 4 rows the dot kernel, 5-8
 kernel, 9-48 the pairs kernel (M = 8: lanes), more the lanes kernel (patterns a kernel cannot
 take: lanes -> pairs -> the dot kernel up to 8 rows, then the dense path); fp32 weights of at
 most a quarter density keep the table kernel from 256 rows up, where denser ones take the
-dense path.
+dense path; bf16 M = 16 (1:16, 2:16, 4:16) runs the AVX2 library's kernel up to 64 rows,
+then the table (at most 1/8 dense) or the dense path (:data:`M16_BF16_AVX2_ROWS`); N not
+dividing 8 runs the dot kernel up to 8 rows, then the dense path.
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
 library on the first call (:mod:`._build`). Imported lazily: by :mod:`nmsparse.kernels._op`,
@@ -111,6 +113,15 @@ PAIRS_MAX_M = 4
 # and 512 rows: 2:8 and 1:4 table 1.43-1.94x of dense fp32, the dense path 0.90-1.26x; 2:4
 # and 4:8 table 0.83-1.20x, the dense path 0.96-1.22x (those keep the dense path).
 TABLE_MAX_DENSITY = 0.25
+# bf16 M = 16 (1:16, 2:16, 4:16: neither the pairs nor the lanes kernel takes them) on
+# avx512bf16, measured on 11008x4096 (2 threads, cold, three runs 20:31-20:45 UTC
+# 2026-12-07, against dense bf16): up to 64 rows the AVX2 library's kernel leads (1:16
+# 7.3-8.1x at 1 row, 3.0-3.6x at 2-8, 4.3-4.7x at 16, 2.8x at 64; 2:16 3.6x, 1.6-2.6x,
+# 2.5x, 1.6x; 4:16 2.1x, 0.8-1.0x, 1.5x, 0.9x), where the dot kernel gave 0.5-2.1x and the
+# table 0.6-4.0x; at 256 rows the table for 1:16 and 2:16 (2.1x; 0.8-1.2x, as the AVX2
+# kernel) and the dense path for 4:16 (0.84x; table 0.5x).
+M16_BF16_AVX2_ROWS = 64
+M16_BF16_TABLE_DENSITY = 0.125
 # Weight bytes per tile of the dense path, and at least this many output rows per tile: few
 # large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
 # threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
@@ -247,6 +258,10 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         return "avx2"
     if any_n(n):  # N = 3, 5, 6, 7, ...: only these two take it
         return "dot" if rows <= DOT_MAX_ROWS and not m & (m - 1) else "dense"
+    if name == "avx512bf16" and dtype == _BF16 and m == 16:
+        if rows <= M16_BF16_AVX2_ROWS:
+            return "avx2"
+        return "table" if n <= M16_BF16_TABLE_DENSITY * m else "dense"
     for limit, kernel in DISPATCH[(name, dtype)]:
         if limit is None or rows <= limit:
             if kernel == "lanes" and not lanes_take(n, m):

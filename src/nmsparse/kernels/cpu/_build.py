@@ -51,7 +51,7 @@ LIBRARIES = {
     "mask_avx2": ("nm_mask.cpp", AVX2_FLAGS, "nm_mask_avx2"),
     "mask_avx512": ("nm_mask.cpp", AVX512_FLAGS, "nm_mask_avx512"),
 }
-ABI = 4  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
+ABI = 5  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 # function -> (argument types, result type), set on every library that exports it
 SIGNATURES = {
@@ -60,6 +60,7 @@ SIGNATURES = {
     "nmsparse_unpack": ([_PTR, _INT, _PTR, _I64, _I64, _INT, _INT, _I64, _I64, _I64, _PTR, _INT,
                          _INT], _INT),
     "nmsparse_lanes_bytes": ([_I64, _I64, _INT, _INT], _I64),
+    "nmsparse_lanes_check": ([_PTR, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "nmsparse_lanes_pack": ([_PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT, _PTR], _INT),
     "nmsparse_lanes_unpack": ([_PTR, _I64, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR], _INT),
     "nmsparse_lanes_linear": ([_PTR, _I64, _I64, _PTR, _I64, _INT, _INT, _PTR, _PTR, _INT], _INT),

@@ -7,7 +7,7 @@
 #include <string.h>
 
 // Bumped when a signature changes; _build.py checks every library's nmsparse_cpu_abi().
-#define NMSPARSE_CPU_ABI 4
+#define NMSPARSE_CPU_ABI 5
 
 // The options bit of nmsparse_nm_linear / nmsparse_unpack: the CPU has AVX512_BF16 and VBMI.
 #define OPTION_BF16 8

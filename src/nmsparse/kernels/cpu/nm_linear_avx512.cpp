@@ -982,21 +982,48 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
 }
 
 // The lanes layout of a bf16 packed weight (nm_prepacked_avx512.h): its size in bytes, or -1
-// for a pattern the lanes kernels do not take.
+// for a pattern the layout does not take.
 int64_t nmsparse_lanes_bytes(int64_t out_features, int64_t in_features, int n, int m) {
   const Shape s{0, in_features, out_features, 0, 0, n, m, index_width(m)};
-  return lanes_pattern_ok(s) ? lanes_bytes(s) : -1;
+  if (!lanes_pattern_ok(s)) return -1;
+  return lanes_bytes(m == 16 ? lanes16_view(s) : s);
+}
+
+// 0 if the packed weight can be laid out (M = 16: every group's low-half positions come
+// first), 4 if not, 1 for a pattern the layout does not take.
+int nmsparse_lanes_check(const uint8_t* indices, int64_t out_features, int64_t in_features,
+                         int64_t slots, int64_t index_bytes, int n, int m) {
+  const Shape s{0, in_features, out_features, slots, index_bytes, n, m, index_width(m)};
+  if (!lanes_pattern_ok(s)) return 1;
+  return m == 16 && !lanes16_order_ok(indices, s) ? 4 : 0;
 }
 
 // Packed bf16 (values, indices) -> the lanes layout (dst: nmsparse_lanes_bytes), and back.
-// Return 0, or 1 for a pattern the lanes kernels do not take.
+// Return 0, 1 for a pattern the layout does not take (or, unpacking, a corrupt M = 16
+// layout), 2 when out of memory, 4 as nmsparse_lanes_check.
 int nmsparse_lanes_pack(const void* values, const uint8_t* indices, int64_t out_features,
                         int64_t in_features, int64_t slots, int64_t index_bytes, int n, int m,
                         uint8_t* dst) {
   const Shape s{0, in_features, out_features, slots, index_bytes, n, m, index_width(m)};
   if (!lanes_pattern_ok(s)) return 1;
-  lanes_pack(static_cast<const bf16_t*>(values), indices, s, dst);
-  return 0;
+  const bf16_t* v = static_cast<const bf16_t*>(values);
+  if (m != 16) {
+    lanes_pack(v, indices, s, dst);
+    return 0;
+  }
+  if (!lanes16_order_ok(indices, s)) return 4;
+  const Shape view = lanes16_view(s);
+  bf16_t* values8 = static_cast<bf16_t*>(malloc((size_t)(view.out * view.slots * 2 + 1)));
+  uint8_t* indices8 = static_cast<uint8_t*>(malloc((size_t)(view.out * view.index_bytes + 1)));
+  int status = 2;
+  if (values8 && indices8) {
+    lanes16_split(v, indices, s, view, values8, indices8);
+    lanes_pack(values8, indices8, view, dst);
+    status = 0;
+  }
+  free(values8);
+  free(indices8);
+  return status;
 }
 
 int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_features,
@@ -1004,19 +1031,34 @@ int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_f
                           uint8_t* indices) {
   const Shape s{0, in_features, out_features, slots, index_bytes, n, m, index_width(m)};
   if (!lanes_pattern_ok(s)) return 1;
-  lanes_unpack(src, s, static_cast<bf16_t*>(values), indices);
-  return 0;
+  bf16_t* v = static_cast<bf16_t*>(values);
+  if (m != 16) {
+    lanes_unpack(src, s, v, indices);
+    return 0;
+  }
+  const Shape view = lanes16_view(s);
+  bf16_t* values8 = static_cast<bf16_t*>(malloc((size_t)(view.out * view.slots * 2 + 1)));
+  uint8_t* indices8 = static_cast<uint8_t*>(malloc((size_t)(view.out * view.index_bytes + 1)));
+  int status = 2;
+  if (values8 && indices8) {
+    lanes_unpack(src, view, values8, indices8);
+    status = lanes16_merge(values8, indices8, s, view, v, indices) ? 0 : 1;
+  }
+  free(values8);
+  free(indices8);
+  return status;
 }
 
 // y (batch, out_features) fp32 = x (batch, in_features, bf16) @ W.T (+ bias fp32), W in the
 // lanes layout. Only on a CPU with AVX512_BF16 and VBMI (the caller checks). Returns 0, or 1
-// for a pattern the lanes kernels do not take.
+// for a pattern the layout does not take.
 int nmsparse_lanes_linear(const void* x, int64_t batch, int64_t in_features,
                           const uint8_t* layout, int64_t out_features, int n, int m,
                           const float* bias, float* y, int threads) {
   const Shape s{batch, in_features, out_features, 0, 0, n, m, index_width(m)};
   if (!lanes_pattern_ok(s)) return 1;
-  prepacked_run(static_cast<const bf16_t*>(x), layout, s, bias, y, threads);
+  prepacked_run(static_cast<const bf16_t*>(x), layout, m == 16 ? lanes16_view(s) : s, bias, y,
+                threads);
   return 0;
 }
 

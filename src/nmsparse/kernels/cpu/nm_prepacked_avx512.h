@@ -23,12 +23,13 @@
 // (lane_tables); M = 8, the byte's two nibbles (a, b) map through two tables.
 #pragma once
 
-// A pattern the layout takes: M in {2, 4, 8} and any N < M (the entry points check it).
+// A pattern the layout takes: M in {2, 4, 8} and any N < M, or M = 16 and N <= 7 (its N:8
+// view, below); the entry points check it.
 // Unlike the lanes kernel, N may be odd: a window's odd value count leaves its last pair slot
 // one value and a zero weight at the same position (M = 8), and with M = 4 a pair may span
 // two groups (3:4: lane_offsets).
 inline bool lanes_pattern_ok(const Shape& s) {
-  return power_of_two(s.m) && s.m >= 2 && s.m <= 8 && s.n >= 1 && s.n < s.m;
+  return power_of_two(s.m) && s.m >= 2 && s.m <= 16 && s.n >= 1 && s.n < s.m && s.n < 8;
 }
 
 inline int lanes_code_bytes(const Shape& s) { return s.m == 8 ? 16 : 8; }
@@ -109,6 +110,80 @@ inline void lanes_unpack(const uint8_t* src, const Shape& s, bf16_t* values, uin
       put(o, at.second, (field >> s.w) & mask);
     }
   });
+}
+
+// M = 16: a group spans two windows, so the layout holds the "N:8 view" of the weight: window
+// 2g takes the values of group g at positions 0-7, window 2g + 1 those at 8-15 (less 8), each
+// padded to N slots with zero weights whose position has bit 3 set (the controls read 3 bits,
+// so a pad meets input 0 of its window; its mark tells it from a kept zero on the way back).
+// The view needs each group's low-half values before its high-half ones in the packed order
+// (pack() writes ascending positions), or the way back could not restore the packed bytes:
+// lanes16_order_ok checks it. N <= 7.
+constexpr uint32_t LANES16_PAD = 8;
+
+inline Shape lanes16_view(const Shape& s) {
+  return Shape{s.batch, s.in, s.out, s.in / 8 * s.n, (s.in / 8 * s.n * 4 + 7) / 8, s.n, 8, 4};
+}
+
+inline bool lanes16_order_ok(const uint8_t* indices, const Shape& s) {
+  for (int64_t o = 0; o < s.out; ++o)
+    for (int64_t g = 0; g < s.slots / s.n; ++g) {
+      bool high = false;
+      for (int k = 0; k < s.n; ++k) {
+        const bool h = lanes_position(indices, s, o, g * s.n + k) >= 8;
+        if (high && !h) return false;
+        high = h;
+      }
+    }
+  return true;
+}
+
+// Packed N:16 -> its N:8 view (values8 / indices8 of the view's shape v, zeroed here).
+inline void lanes16_split(const bf16_t* values, const uint8_t* indices, const Shape& s, const Shape& v,
+                          bf16_t* values8, uint8_t* indices8) {
+  memset(values8, 0, (size_t)(v.out * v.slots * 2));
+  memset(indices8, 0, (size_t)(v.out * v.index_bytes));
+  for (int64_t o = 0; o < s.out; ++o)
+    for (int64_t g = 0; g < s.slots / s.n; ++g) {
+      int filled[2] = {0, 0};
+      for (int k = 0; k < s.n; ++k) {
+        const int64_t from = g * s.n + k;
+        const uint32_t position = lanes_position(indices, s, o, from);
+        const int half = position >= 8;
+        const int64_t to = (2 * g + half) * s.n + filled[half]++;
+        values8[o * v.slots + to] = values[o * s.slots + from];
+        indices8[o * v.index_bytes + to / 2] |= (uint8_t)((position & 7) << (4 * (to % 2)));
+      }
+      for (int half = 0; half < 2; ++half)
+        for (int k = filled[half]; k < s.n; ++k) {
+          const int64_t to = (2 * g + half) * s.n + k;
+          indices8[o * v.index_bytes + to / 2] |= (uint8_t)(LANES16_PAD << (4 * (to % 2)));
+        }
+    }
+}
+
+// The inverse; false if a group does not hold exactly N unmarked values (a corrupt layout).
+inline bool lanes16_merge(const bf16_t* values8, const uint8_t* indices8, const Shape& s, const Shape& v,
+                          bf16_t* values, uint8_t* indices) {
+  memset(values, 0, (size_t)(s.out * s.slots * 2));
+  memset(indices, 0, (size_t)(s.out * s.index_bytes));
+  for (int64_t o = 0; o < s.out; ++o)
+    for (int64_t g = 0; g < s.slots / s.n; ++g) {
+      int64_t to = g * s.n;
+      for (int half = 0; half < 2; ++half)
+        for (int k = 0; k < s.n; ++k) {
+          const int64_t from = (2 * g + half) * s.n + k;
+          const uint32_t code = lanes_position(indices8, v, o, from);
+          if (code & LANES16_PAD) continue;
+          if (to == (g + 1) * s.n) return false;
+          values[o * s.slots + to] = values8[o * v.slots + from];
+          const int64_t bit = to * s.w;
+          indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)((code + 8 * half) << (bit & 7));
+          ++to;
+        }
+      if (to != (g + 1) * s.n) return false;
+    }
+  return true;
 }
 
 // The code -> control maps: M <= 4 the slot tables of lane_tables; M = 8 one table per half.

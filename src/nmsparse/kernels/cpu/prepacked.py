@@ -8,7 +8,8 @@ layout straight into ``vpshufb`` + ``vdpbf16ps``, for any number of rows.
 
 Only where the CPU has AVX512_BF16 and VBMI (:func:`prepack_reason` says why not), bf16
 weights, and every N:M with M in {2, 4, 8} (:func:`prepacked_take`: 2:4, 1:4, 3:4, 1:2, 1:8 ...
-7:8; a window's odd count of kept values pairs its last one with a zero weight).
+7:8; a window's odd count of kept values pairs its last one with a zero weight), and 1:16 ...
+7:16 (each group's two halves laid out as windows of N slots, padded with zero weights).
 :func:`unprepack` gives the packed ``(values, indices)`` back, bit for bit.
 """
 
@@ -25,21 +26,36 @@ _BF16 = torch.bfloat16
 
 
 def prepacked_take(n: int, m: int) -> bool:
-    """Whether the prepared layout holds N:M: M in {2, 4, 8} and 1 <= N < M."""
-    return m in (2, 4, 8) and 1 <= n < m
+    """Whether the prepared layout holds N:M: M in {2, 4, 8} and 1 <= N < M, or M = 16 and
+    1 <= N <= 7 (laid out as two windows of 8 per group, each with N slots)."""
+    return (m in (2, 4, 8) and 1 <= n < m) or (m == 16 and 1 <= n <= 7)
 
 
-def prepack_reason(values: torch.Tensor, n: int, m: int) -> str | None:
-    """Why a packed weight cannot take the prepared layout here, or ``None`` if it can."""
+_ORDER = ("its positions are not in the order pack() writes (in each group of 16, those "
+          "below 8 first), which the layout could not give back bit for bit")
+
+
+def prepack_reason(values: torch.Tensor, n: int, m: int,
+                   indices: torch.Tensor | None = None) -> str | None:
+    """Why a packed weight cannot take the prepared layout here, or ``None`` if it can
+    (with ``indices``, M = 16 also checks the order of each group's positions)."""
     if values.device.type != "cpu":
         return f"device {values.device} (the prepared layout is for the CPU)"
     if values.dtype != _BF16:
         return f"dtype {values.dtype} (the prepared layout holds bfloat16 weights)"
     if not prepacked_take(n, m):
-        return f"pattern {n}:{m} (the prepared layout takes M in {{2, 4, 8}}, any N < M)"
+        return (f"pattern {n}:{m} (the prepared layout takes M in {{2, 4, 8}} with any N < M, "
+                "and N <= 7 of 16)")
     name = isa()
     if name != "avx512bf16":
         return f"this CPU's kernels are {name}: the prepared layout needs AVX512_BF16 and VBMI"
+    if indices is not None and m == 16:
+        slots = values.shape[1]
+        status = _library().nmsparse_lanes_check(
+            indices.contiguous().data_ptr(), values.shape[0], slots // n * m, slots,
+            indices.shape[1], n, m)
+        if status:
+            return _ORDER
     return None
 
 
@@ -65,6 +81,10 @@ def prepack(values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
     status = lib.nmsparse_lanes_pack(values.data_ptr(), indices.data_ptr(), out_features,
                                      in_features, values.shape[1], indices.shape[1], n, m,
                                      layout.data_ptr())
+    if status == 4:
+        raise ValueError(f"cannot prepare this weight for the CPU kernel: {_ORDER}")
+    if status == 2:
+        raise MemoryError(_STATUS[2])
     if status:
         raise ValueError(_STATUS[1].format(n=n, m=m))
     return layout
@@ -95,8 +115,11 @@ def unprepack(layout: torch.Tensor, n: int, m: int, in_features: int,
     status = _library().nmsparse_lanes_unpack(
         layout.contiguous().data_ptr(), out_features, in_features, values_shape[1],
         indices_shape[1], n, m, values.data_ptr(), indices.data_ptr())
+    if status == 2:
+        raise MemoryError(_STATUS[2])
     if status:
-        raise ValueError(_STATUS[1].format(n=n, m=m))
+        raise ValueError(f"a prepared {n}:{m} layout that does not hold {n} kept weights in "
+                         "every group (corrupt)" if m == 16 else _STATUS[1].format(n=n, m=m))
     return values, indices
 
 
