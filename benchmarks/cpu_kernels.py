@@ -300,16 +300,18 @@ first use, picked at run time from what the CPU reports (`NMSPARSE_CPU_ISA=avx2|
 avx512bf16` forces one; the tests run every path the CPU supports against `F.linear`):
 
 * `avx2` (AVX2 + FMA): one row gathers / permutes x at the kept positions; more rows broadcast
-  each kept value over x transposed.
+  each kept value over x transposed. N dividing 8 only. The AVX-512 dispatch takes it for one
+  bf16 row, and for bf16 M = 16 (1:16, 2:16, 4:16) up to 64 rows.
 * `avx512` / `avx512bf16`, by rows (the measured table `cpu.DISPATCH`; one row runs the AVX2
   kernel, as fast as `dot` there):
   * `dot` (up to 8 rows a pass; the dispatch takes it for 2-4 bf16 rows, 2-8 fp32 rows):
     each 64-input chunk of a weight row is expanded in registers from the packed values by a
     mask built from the positions (`vpexpandw` / `vexpandps`; masks built 64 index bytes at a
     time with `vpermi2b`), then meets up to 8 rows of x: `vdpbf16ps` for bf16, FMA for fp32.
-    The weight is read once per 8 rows; nothing is expanded to memory.
+    The weight is read once per 8 rows; nothing is expanded to memory. It and the dense path
+    also take N not dividing 8 (3:4, 3:8, 5:8, ...: masks built per byte by scalar code).
   * `table` (any M): rows in the vector lanes, only the kept products, fp32; the dispatch
-    takes it for 9-255 fp32 rows.
+    takes it for 9-255 fp32 rows, and for bf16 1:16 and 2:16 beyond 64 rows.
   * `pairs` (bf16, M in {2, 4, 8}, N = 1 or even): up to 64 rows in the lanes; each pair of
     kept weights is broadcast as one 32-bit word into `vdpbf16ps` against a table entry holding
     the matching pairs of x, so 2:4 takes half the instructions of the dense product. The
@@ -327,13 +329,17 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
     (with M = 8 from 5 rows up).
   * `dense`: tiles of the weight (8 MiB, at least 256 output rows) expanded just in time into
     one buffer and multiplied by `F.linear`; the dispatch takes it above 8 rows for bf16 N:M
-    that `pairs` cannot take, and from 256 rows for fp32.
-* `prepared` (bf16 on `avx512bf16`, the lanes patterns; `PreparedNMLinear`, after
-  `nmsparse.kernels.prepare_cpu(model)`; `nmsparse.load_pretrained` does it on the CPU): the
-  lanes kernel's layout made once instead of on every call. Per block of 16 outputs, the
-  pairs of kept weights are stored lane by lane, skewed as the lanes kernel wants them, and
-  their position bits as one code per lane (a nibble for M <= 4, a byte for M = 8): the same
-  bytes as the packed format, plus 3 padding steps per block (0.6 % at 4096 inputs). The kernel
+    that neither `pairs` nor `lanes` takes (M = 16: above 64 rows, and only 4:16 and denser),
+    from 256 rows for fp32 denser than a quarter, and above 8 rows for N not dividing 8.
+* `prepared` (bf16 on `avx512bf16`; M in {2, 4, 8} with any N, and 1:16 ... 7:16;
+  `PreparedNMLinear`, after `nmsparse.kernels.prepare_cpu(model)`; `nmsparse.load_pretrained`
+  does it on the CPU): the lanes kernel's layout made once instead of on every call. Per
+  block of 16 outputs, the pairs of kept weights are stored lane by lane, skewed as the lanes
+  kernel wants them, and their position bits as one code per lane (a nibble for M <= 4, a
+  byte for M >= 8): for the lanes patterns the same bytes as the packed format, plus 3 padding
+  steps per block (0.6 % at 4096 inputs). An odd count of kept values in a window of 8 inputs
+  (1:8, 3:8, 5:8, 7:8) pairs the last with a zero weight; M = 16 lays each group's two halves
+  out as windows of N slots padded with zero weights (1:16 takes 1:8's bytes). The kernel
   reads them straight into `vpshufb` + `vdpbf16ps` (codes become shuffle controls in
   registers: `vpmultishiftqb` + `vpermd`); a panel that more than 8 rows read has its
   controls expanded once into L2. Every row count runs it (no dispatch). Checkpoints keep
