@@ -303,7 +303,7 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
   each kept value over x transposed. N dividing 8 only. The AVX-512 dispatch takes it for one
   bf16 row, and for bf16 M = 16 (1:16, 2:16, 4:16) up to 64 rows.
 * `avx512` / `avx512bf16`, by rows (the measured table `cpu.DISPATCH`; one row runs the AVX2
-  kernel, as fast as `dot` there):
+  kernel, or `dot` for bf16 2:4 and 4:8):
   * `dot` (up to 8 rows a pass; the dispatch takes it for 2-4 bf16 rows, 2-8 fp32 rows):
     each 64-input chunk of a weight row is expanded in registers from the packed values by a
     mask built from the positions (`vpexpandw` / `vexpandps`; masks built 64 index bytes at a

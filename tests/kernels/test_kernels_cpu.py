@@ -299,6 +299,8 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
                     assert n > cpu.TABLE_MAX_DENSITY * m
     assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 8) == "table"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 64, 1, 16) == "avx2"
+    assert cpu.kernel_for("avx512bf16", torch.bfloat16, 1, 2, 4) == "dot"
+    assert cpu.kernel_for("avx512bf16", torch.bfloat16, 1, 2, 8) == "avx2"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 65, 2, 16) == "table"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 65, 4, 16) == "dense"
     assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 4) == "dense"

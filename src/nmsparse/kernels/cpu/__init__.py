@@ -43,8 +43,9 @@ The "dense" path (AVX-512) expands tiles of the weight (8 MiB, at least 256 outp
 in time into one buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is
 in cache: dense speed less the expansion, never a whole dense copy. Which kernel runs is the
 measured table :data:`DISPATCH` (by instruction set, dtype and row count): for bf16 weights
-one row runs the AVX2 library's permute kernel, up to 4 rows the dot kernel, 5-8 rows the lanes
-kernel, 9-48 the pairs kernel (M = 8: lanes), more the lanes kernel (patterns a kernel cannot
+one row runs the AVX2 library's permute kernel (the dot kernel for 2:4 and 4:8), up to 4
+rows the dot kernel, 5-8 rows the lanes kernel, 9-48 the pairs kernel (M = 8: lanes), more
+the lanes kernel (patterns a kernel cannot
 take: lanes -> pairs -> the dot kernel up to 8 rows, then the dense path); fp32 weights of at
 most a quarter density keep the table kernel from 256 rows up, where denser ones take the
 dense path; bf16 M = 16 (1:16, 2:16, 4:16) runs the AVX2 library's kernel up to 64 rows,
@@ -113,6 +114,13 @@ PAIRS_MAX_M = 4
 # and 512 rows: 2:8 and 1:4 table 1.43-1.94x of dense fp32, the dense path 0.90-1.26x; 2:4
 # and 4:8 table 0.83-1.20x, the dense path 0.96-1.22x (those keep the dense path).
 TABLE_MAX_DENSITY = 0.25
+# ONE_ROW_DOT: one bf16 row of a pattern at least half dense (2:4, 4:8) runs the dot kernel
+# rather than the AVX2 library's (which DISPATCH gives one row, and which stays ahead for
+# sparser patterns): 2 threads, cold, 2:4 in four runs over six shapes (docs/cpu_kernels.md,
+# benchmarks/results/cpu_kernels_rerun.md and cpu_llama_shapes.md, and one of 256x2048 and
+# 2048x2048 at 20:10 UTC 2026-12-07, not committed), dot
+# 1.68-2.35x of dense bf16 against avx2 1.04-2.31x, ahead in 9 of 10 cells; 4:8 1.99 / 2.06x
+# against 1.80 / 2.08x; 1:4, 2:8, 1:16: avx2 ahead in 8 of 9.
 # bf16 M = 16 (1:16, 2:16, 4:16: neither the pairs nor the lanes kernel takes them) on
 # avx512bf16, measured on 11008x4096 (2 threads, cold, three runs 20:31-20:45 UTC
 # 2026-12-07, against dense bf16): up to 64 rows the AVX2 library's kernel leads (1:16
@@ -258,6 +266,8 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         return "avx2"
     if any_n(n):  # N = 3, 5, 6, 7, ...: only these two take it
         return "dot" if rows <= DOT_MAX_ROWS and not m & (m - 1) else "dense"
+    if name == "avx512bf16" and dtype == _BF16 and rows == 1 and m in (4, 8) and 2 * n >= m:
+        return "dot"  # see ONE_ROW_DOT
     if name == "avx512bf16" and dtype == _BF16 and m == 16:
         if rows <= M16_BF16_AVX2_ROWS:
             return "avx2"
