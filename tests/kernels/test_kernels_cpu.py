@@ -319,8 +319,8 @@ def test_backend_cpu_refuses_what_it_cannot_run():
 @needs_kernels
 def test_auto_uses_the_kernels_on_cpu_and_falls_back_where_they_cannot_run(monkeypatch):
     calls = []
-    real = cpu.nm_linear_cpu
-    monkeypatch.setattr(cpu, "nm_linear_cpu", lambda *args: calls.append(1) or real(*args))
+    real = cpu.run_checked
+    monkeypatch.setattr(cpu, "run_checked", lambda *args: calls.append(1) or real(*args))
     monkeypatch.setenv("NMSPARSE_KERNELS", "auto")
     packed = pack(nm_weight(8, 32, 2, 4, torch.float32, torch.Generator()), 2, 4)
     nm_linear(torch.randn(2, 32), packed.values, packed.indices, 2, 4)

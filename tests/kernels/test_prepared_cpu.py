@@ -301,6 +301,12 @@ def test_modules_skip_the_dispatcher_only_where_nothing_needs_it():
                                                                   packed.indices, 2, 4, bias))
         assert torch.equal(prepared(x), torch.ops.nmsparse.nm_linear_prepacked(
             x, prepared.layout, 2, 4, 64, 40, prepared.bias))
+        # the direct path skips the op's checks only for an x that fits the layer
+        assert layer.fits(x)
+        for wrong, message in [(x[:, :32], "input features"), (x.float(), "input dtype")]:
+            assert not layer.fits(wrong)
+            with pytest.raises(ValueError, match=message):
+                layer(wrong)
 
 
 @needs_bf16_kernels

@@ -132,6 +132,13 @@ _LIB.define("nm_linear(Tensor x, Tensor values, Tensor indices, int n, int m, Te
 def _nm_linear_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
                     m: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     _check(x, values, indices, n, m, bias)
+    return run_checked(x, values, indices, n, m, bias)
+
+
+def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's implementation for arguments that pass ``_check`` (NMLinear calls it with its
+    own buffers once x matches them: ``NMLinear.fits``)."""
     choice = backend()
     if choice in ("auto", "triton"):
         reason = _triton_reason(x, values, m)
@@ -144,9 +151,9 @@ def _nm_linear_impl(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
     if choice in ("auto", "cpu"):
         reason = _cpu_reason(x, values, n, m)
         if reason is None:
-            from .cpu import nm_linear_cpu
+            from . import cpu
 
-            return nm_linear_cpu(x, values, indices, n, m, bias)
+            return cpu.run_checked(x, values, indices, n, m, bias)
         if choice == "cpu":
             raise ValueError(f"{ENV_BACKEND}=cpu but the CPU kernels cannot run: {reason}")
         if x.device.type == "cpu":

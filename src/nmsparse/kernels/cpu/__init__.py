@@ -229,8 +229,9 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
         return f"device {x.device}"
     if values.dtype not in DTYPES:
         return f"dtype {values.dtype} (the CPU kernels take float32 and bfloat16)"
-    reason = pattern_reason(n, m) or isa_reason(isa())
-    if reason is None and any_n(n) and isa() == "avx2":
+    name = isa()
+    reason = pattern_reason(n, m) or isa_reason(name)
+    if reason is None and any_n(n) and name == "avx2":
         return (f"pattern {n}:{m} on AVX2 (its kernels need N dividing 8; with AVX-512 any N "
                 "runs)")
     return reason
@@ -343,6 +344,14 @@ def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
     reason = unsupported_reason(x, values, n, m)
     if reason:
         raise ValueError(f"the CPU N:M kernels cannot run this call: {reason}")
+    return run_checked(x, values, indices, n, m, bias, kernel=kernel)
+
+
+def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+                bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
+    """:func:`nm_linear_cpu` for a call :func:`unsupported_reason` has passed (the op checks
+    first, to choose between these kernels and its fallback, and a decode step makes ~100
+    calls: the check is not repeated)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r} is not one of {KERNELS}")
     name = isa()
