@@ -109,6 +109,9 @@ class Method:
         if self.kernel == "prepared":  # the op, as PreparedNMLinear calls it
             layout, n, m, out_f, in_f = weight
             return torch.ops.nmsparse.nm_linear_prepacked(x, layout, n, m, in_f, out_f)
+        if self.kernel == "prepared/dense":  # the prepared layer's dense path, forced
+            layout, n, m, out_f, in_f = weight
+            return prepacked.nm_linear_prepacked(x, layout, n, m, in_f, out_f, kernel="dense")
         if self.kernel == "auto" and cpu.pattern_reason(weight.n, weight.m):
             # what NMLinear's op falls back to (NMSPARSE_KERNELS=cpu here would refuse it)
             return reference(x, weight.values, weight.indices, weight.n, weight.m)
@@ -178,9 +181,10 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
             out_f, in_f = packed.shape
             layouts = Copies((prepacked.prepack(weight.values, weight.indices, n, m, in_f), n,
                               m, out_f, in_f) for weight in copies)
-            methods.append(Method(f"{pattern} {dtype_name} prepared", dtype_name, pattern,
-                                  layouts, layouts[0][0].numel(), packed.dense_nbytes,
-                                  kernel="prepared"))
+            for kernel in ("prepared", "prepared/dense"):
+                methods.append(Method(f"{pattern} {dtype_name} {kernel}", dtype_name, pattern,
+                                      layouts, layouts[0][0].numel(), packed.dense_nbytes,
+                                      kernel=kernel))
     return methods
 
 
@@ -342,8 +346,12 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
   out as windows of N slots padded with zero weights (1:16 takes 1:8's bytes). The kernel
   reads them straight into `vpshufb` + `vdpbf16ps` (codes become shuffle controls in
   registers: `vpmultishiftqb` + `vpermd`); a panel that more than 8 rows read has its
-  controls expanded once into L2. Every row count runs it (no dispatch). Checkpoints keep
+  controls expanded once into L2. Without AMX every row count runs it; on a CPU with AMX,
+  from `cpu.AMX_DENSE_ROWS` bf16 rows (not measured) the dense path. Checkpoints keep
   `NMLinear`'s keys and bytes.
+* `prepared/dense` (forced here): a prepared layer's dense path: tiles of 8 MiB expanded from
+  the layout by vector code (compares spread each window's pairs over its 8 columns, then a
+  16 x 8 transpose) and multiplied by `F.linear` while in cache.
 * AMX (`tdpbf16ps` tiles) is future work: it needs an AMX machine to write and verify, and this
   one (AMD Zen 4) has none; on an AMX Xeon oneDNN's dense bf16 uses AMX, so the cross-over
   rows there must be remeasured (rerun this benchmark there).

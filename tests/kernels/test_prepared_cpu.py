@@ -334,3 +334,59 @@ def test_m16_layout_refuses_an_order_it_cannot_give_back_and_a_corrupt_layout():
     assert torch.equal(layer.layout, before)
     with pytest.raises(ValueError, match="corrupt"):
         prepacked.unprepack(torch.full_like(before, 0x88), 2, 16, 64, 24)
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize(("n", "m"), TAKEN)
+def test_dense_rows_of_a_layout_are_the_weight_bit_for_bit_and_the_dense_path_is_exact(n, m):
+    """The layout's dense expansion (the dense path's tiles, dense_weight(), the backward) equals
+    the packed weight's, kept zeros and -0.0 included, for whole weights and from any block of
+    16 rows; the dense path's product is exact for fp32 and bf16 x."""
+    generator = torch.Generator().manual_seed(31 * n + m)
+    for out, inp in [(1, 16), (33, 4 * m if m <= 4 else 3 * m), (47, 48 if m <= 8 else 144)]:
+        inp = max(inp, m)
+        weight = nm_weight(out, inp, n, m, generator)
+        weight[out // 2] = 0
+        if weight[0, 0] == 0:
+            weight[0, 0] = -0.0
+        packed = pack(weight, n, m)
+        layout = prepacked.prepack(packed.values, packed.indices, n, m, inp)
+        expected = unpack_rows(packed.values, packed.indices, n, m).view(torch.int16)
+        assert torch.equal(prepacked.dense_rows(layout, n, m, inp, out).view(torch.int16),
+                           expected)
+        if out > 16:
+            assert torch.equal(prepacked.dense_rows(layout, n, m, inp, out, 16, out)
+                               .view(torch.int16), expected[16:])
+        x = torch.randn(5, inp, generator=generator)
+        bias = torch.randn(out, generator=generator).bfloat16()
+        y = prepacked.nm_linear_prepacked(x, layout, n, m, inp, out, bias, kernel="dense")
+        assert y.dtype == torch.float32
+        assert_exact(y, x, weight, bias, n, m)
+        y = prepacked.nm_linear_prepacked(x.bfloat16(), layout, n, m, inp, out, bias,
+                                          kernel="dense")
+        assert y.dtype == torch.bfloat16
+        assert_exact(y, x, weight, bias, n, m)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        prepacked.dense_rows(layout, n, m, inp, out, 8, out)
+
+
+@needs_bf16_kernels
+def test_on_a_cpu_with_amx_many_bf16_rows_take_the_dense_path(monkeypatch):
+    """Where the CPU reports AMX, bf16 calls from AMX_DENSE_ROWS rows on (plain and prepared)
+    run oneDNN's product on expanded tiles; elsewhere the table and the prepared kernel rule."""
+    rows = cpu.AMX_DENSE_ROWS
+    assert prepacked.kernel_for(rows) == "lanes"
+    assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 2, 4) != "dense"
+    monkeypatch.setitem(cpu._STATE, "features", cpu.features() | {"amx"})
+    assert prepacked.kernel_for(rows - 1) == "lanes" and prepacked.kernel_for(rows) == "dense"
+    assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 2, 4) == "dense"
+    assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows - 1, 2, 4) != "dense"
+    assert cpu.kernel_for("avx512bf16", torch.float32, rows, 2, 8) == "table"  # fp32: no AMX
+    generator = torch.Generator().manual_seed(5)
+    weight = nm_weight(40, 64, 2, 4, generator)
+    layer = PreparedNMLinear(pack(weight, 2, 4))
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(x), prepacked.nm_linear_prepacked(
+            x, layer.layout, 2, 4, 64, 40, kernel="dense"))
+        assert_exact(layer(x), x, weight, None, 2, 4)

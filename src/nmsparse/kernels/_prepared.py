@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..packing import PackedWeight, packed_shapes, unpack_rows
+from ..packing import PackedWeight, packed_shapes
 from ..patterns import NM
 from ..tables import format_table
 from ._module import NMLinear, checked_bias, linear_shape
@@ -36,10 +36,9 @@ _LIB.define("nm_prepacked_dense(Tensor layout, int n, int m, int in_features, "
 
 
 def _dense_impl(layout, n, m, in_features, out_features):
-    from .cpu.prepacked import unprepack
+    from .cpu.prepacked import dense_rows
 
-    values, indices = unprepack(layout, n, m, in_features, out_features)
-    return unpack_rows(values, indices, n, m)
+    return dense_rows(layout, n, m, in_features, out_features)
 
 
 torch.library.impl("nmsparse::nm_prepacked_dense", "default", lib=_LIB)(_dense_impl)

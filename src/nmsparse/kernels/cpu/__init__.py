@@ -130,6 +130,17 @@ TABLE_MAX_DENSITY = 0.25
 # kernel) and the dense path for 4:16 (0.84x; table 0.5x).
 M16_BF16_AVX2_ROWS = 64
 M16_BF16_TABLE_DENSITY = 0.125
+# On a CPU with AMX, oneDNN's dense bf16 product runs on tiles, and the AVX-512 kernels here
+# (and the prepared one) are expected to lose to it from some tens of rows: there, from this
+# many bf16 rows, the dense path runs (the weight expanded tile by tile for F.linear: dense
+# speed less the expansion). NOT MEASURED, no AMX machine was at hand; the figure is
+# arithmetic, for a run of benchmarks/cpu_kernels.py on such a machine to replace: on
+# 11008x4096 (2:4) the prepared kernel takes ~4 / 13 / 43 ms at 16 / 64 / 256 rows on Zen 4
+# and will not be faster on a Xeon's AVX-512; AMX's dense product is bound by reading the
+# 90 MB weight (~6 ms) up to ~100 rows; expanding the layout costs ~8-12 ms (measured), so
+# the dense path is expected to pass the prepared kernel near 64 rows. Without AMX the table
+# above decides.
+AMX_DENSE_ROWS = 64
 # Weight bytes per tile of the dense path, and at least this many output rows per tile: few
 # large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
 # threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
@@ -265,6 +276,8 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     two, else the AVX2 library runs those rows)."""
     if name == "avx2":
         return "avx2"
+    if dtype == _BF16 and rows >= AMX_DENSE_ROWS and "amx" in features():
+        return "dense"  # oneDNN's bf16 product on AMX tiles (see AMX_DENSE_ROWS)
     if any_n(n):  # N = 3, 5, 6, 7, ...: only these two take it
         return "dot" if rows <= DOT_MAX_ROWS and not m & (m - 1) else "dense"
     if name == "avx512bf16" and dtype == _BF16 and rows == 1 and m in (4, 8) and 2 * n >= m:

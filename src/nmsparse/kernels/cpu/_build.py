@@ -61,6 +61,7 @@ SIGNATURES = {
                          _INT], _INT),
     "nmsparse_lanes_bytes": ([_I64, _I64, _INT, _INT], _I64),
     "nmsparse_lanes_check": ([_PTR, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
+    "nmsparse_lanes_dense": ([_PTR, _I64, _I64, _INT, _INT, _I64, _I64, _PTR, _INT], _INT),
     "nmsparse_lanes_pack": ([_PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT, _PTR], _INT),
     "nmsparse_lanes_unpack": ([_PTR, _I64, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR], _INT),
     "nmsparse_lanes_linear": ([_PTR, _I64, _I64, _PTR, _I64, _INT, _INT, _PTR, _PTR, _INT], _INT),

@@ -1049,6 +1049,17 @@ int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_f
   return status;
 }
 
+// Dense bf16 rows [begin, end) of a lanes layout into dst ((end - begin) x in_features);
+// begin a multiple of 16. Only on a CPU with AVX512_BF16 and VBMI (the caller checks).
+// Returns 0, or 1 for a pattern the layout does not take or a misaligned begin.
+int nmsparse_lanes_dense(const uint8_t* layout, int64_t out_features, int64_t in_features, int n,
+                         int m, int64_t begin, int64_t end, void* dst, int threads) {
+  const Shape s{0, in_features, out_features, 0, 0, n, m, index_width(m)};
+  if (!lanes_pattern_ok(s) || begin % 16 || begin < 0 || end > out_features || begin > end) return 1;
+  lanes_dense(layout, m == 16 ? lanes16_view(s) : s, begin, end, static_cast<uint16_t*>(dst), threads);
+  return 0;
+}
+
 // y (batch, out_features) fp32 = x (batch, in_features, bf16) @ W.T (+ bias fp32), W in the
 // lanes layout. Only on a CPU with AVX512_BF16 and VBMI (the caller checks). Returns 0, or 1
 // for a pattern the layout does not take.

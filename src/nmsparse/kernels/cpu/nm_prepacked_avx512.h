@@ -186,6 +186,93 @@ inline bool lanes16_merge(const bf16_t* values8, const uint8_t* indices8, const 
   return true;
 }
 
+// Dense bf16 rows [begin, end) of a layout (begin a multiple of 16; dst: (end - begin) x in,
+// row-major): the "dense" path of a prepared layer, which multiplies tiles of the weight with
+// the caller's dense GEMM (oneDNN, AMX tiles where the CPU has them). Per block and window,
+// the 16 lanes' pairs (gathered from the four skewed steps) are spread over the window's 8
+// columns by compares (positions are distinct within a window, padding has weight 0, so an
+// OR of the matches is the value), and the 16 x 8 tile is transposed into the 16 rows.
+BF16_TARGET inline void lanes_dense_block(const uint8_t* block, const Shape& s, int64_t entries, int64_t rows,
+                                          uint16_t* dst, int64_t ld) {
+  const int per_window = lane_pairs_per_window(s), code_bytes = lanes_code_bytes(s);
+  const int64_t windows = (s.in + 7) / 8;
+  const bool eight = s.m == 8;
+  const uint8_t* codes = block + entries * 64;
+  int first[4], second[4];
+  for (int q = 0; q < per_window; ++q) lane_offsets(s, q, first[q], second[q]);
+  alignas(64) int32_t nibble_shift[16];
+  for (int l = 0; l < 16; ++l) nibble_shift[l] = 4 * (l % 8);
+  const __m512i shifts = _mm512_load_si512(nibble_shift);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), position = _mm512_set1_epi32(s.m == 8 ? 7 : s.m - 1);
+  for (int64_t g = 0; g < windows; ++g) {
+    __m512i col[8];
+    for (int c = 0; c < 8; ++c) col[c] = _mm512_setzero_si512();
+    for (int q = 0; q < per_window; ++q) {
+      // quarter k (lanes 4k .. 4k + 3) of window g sits in step g + 3 - k: its weights, and
+      // its codes (dword k of a byte-per-lane entry, word k of a nibble-per-lane one)
+      __m512i words = _mm512_setzero_si512(), fields;
+      __m128i code = _mm_setzero_si128();
+      for (int k = 0; k < 4; ++k) {
+        const int64_t entry = (g + 3 - k) * per_window + q;
+        words = _mm512_mask_loadu_epi32(words, (__mmask16)(0xF << (4 * k)), block + entry * 64);
+        code = eight ? _mm_mask_loadu_epi32(code, (__mmask8)(1 << k), codes + entry * code_bytes)
+                     : _mm_mask_loadu_epi16(code, (__mmask8)(1 << k), codes + entry * code_bytes);
+      }
+      if (eight) {
+        fields = _mm512_cvtepu8_epi32(code);
+      } else {
+        const uint64_t nibbles = (uint64_t)_mm_cvtsi128_si64(code);
+        const __m512i halves = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32((int)(uint32_t)nibbles),
+                                                       _mm512_set1_epi32((int)(nibbles >> 32)));
+        fields = _mm512_srlv_epi32(halves, shifts);
+      }
+      const int w = eight ? 4 : s.w;
+      const __m512i a = _mm512_add_epi32(_mm512_and_si512(fields, position), _mm512_set1_epi32(first[q]));
+      const __m512i b = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(fields, w), position),
+                                         _mm512_set1_epi32(second[q]));
+      const __m512i lo = _mm512_and_si512(words, low16), hi = _mm512_srli_epi32(words, 16);
+      for (int c = 0; c < 8; ++c) {
+        const __m512i at = _mm512_set1_epi32(c);
+        col[c] = _mm512_mask_or_epi32(col[c], _mm512_cmpeq_epi32_mask(a, at), col[c], lo);
+        col[c] = _mm512_mask_or_epi32(col[c], _mm512_cmpeq_epi32_mask(b, at), col[c], hi);
+      }
+    }
+    __m512i pair[4];
+    for (int i = 0; i < 4; ++i) pair[i] = _mm512_or_si512(col[2 * i], _mm512_slli_epi32(col[2 * i + 1], 16));
+    const __m512i t0 = _mm512_unpacklo_epi32(pair[0], pair[1]), t1 = _mm512_unpackhi_epi32(pair[0], pair[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(pair[2], pair[3]), t3 = _mm512_unpackhi_epi32(pair[2], pair[3]);
+    const __m512i r[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+    const int64_t columns = s.in - 8 * g < 8 ? s.in - 8 * g : 8;
+    // lane l = 4j + i sits in r[i]'s 128-bit part j
+    if (columns == 8 && rows == 16) {
+      uint16_t* at = dst + 8 * g;
+#define NMSPARSE_ROW(I, J) \
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at + (4 * J + I) * ld), _mm512_extracti32x4_epi32(r[I], J));
+#define NMSPARSE_ROWS(I) NMSPARSE_ROW(I, 0) NMSPARSE_ROW(I, 1) NMSPARSE_ROW(I, 2) NMSPARSE_ROW(I, 3)
+      NMSPARSE_ROWS(0) NMSPARSE_ROWS(1) NMSPARSE_ROWS(2) NMSPARSE_ROWS(3)
+#undef NMSPARSE_ROWS
+#undef NMSPARSE_ROW
+      continue;
+    }
+    alignas(64) uint16_t tile[4][32];
+    for (int i = 0; i < 4; ++i) _mm512_store_si512(tile[i], r[i]);
+    for (int64_t l = 0; l < rows; ++l)
+      memcpy(dst + l * ld + 8 * g, &tile[l % 4][8 * (l / 4)], (size_t)columns * 2);
+  }
+}
+
+BF16_TARGET inline void lanes_dense(const uint8_t* layout, const Shape& s, int64_t begin, int64_t end,
+                                    uint16_t* dst, int threads) {
+  const int64_t block_bytes = lanes_block_bytes(s), entries = lanes_entries(s);
+  const int64_t blocks = (end - begin + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = begin + 16 * b, rows = end - first < 16 ? end - first : 16;
+    lanes_dense_block(layout + first / 16 * block_bytes, s, entries, rows, dst + (first - begin) * s.in, s.in);
+  }
+}
+
 // The code -> control maps: M <= 4 the slot tables of lane_tables; M = 8 one table per half.
 struct LanesControls {
   __m512i tables[4];  // per pair slot (M <= 4 has at most 3)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ...packing import packed_shapes
-from . import _STATUS, isa, library, threads_for
+from . import _STATUS, AMX_DENSE_ROWS, DENSE_TILE_BYTES, features, isa, library, threads_for
 
 _BF16 = torch.bfloat16
 
@@ -123,17 +124,72 @@ def unprepack(layout: torch.Tensor, n: int, m: int, in_features: int,
     return values, indices
 
 
+def dense_rows(layout: torch.Tensor, n: int, m: int, in_features: int, out_features: int,
+               begin: int = 0, end: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense bf16 rows ``[begin, end)`` (``begin`` a multiple of 16) of the weight, zeros
+    at the pruned positions, expanded from the layout by vector code (into ``out`` if given)."""
+    _check_layout(layout, n, m, in_features, out_features)
+    end = out_features if end is None else end
+    rows = end - begin
+    if out is None:
+        out = torch.empty(rows, in_features, dtype=_BF16)
+    status = _library().nmsparse_lanes_dense(layout.data_ptr(), out_features, in_features, n,
+                                             m, begin, end, out.data_ptr(),
+                                             threads_for(rows, rows * in_features // 4))
+    if status:
+        raise ValueError(f"rows [{begin}, {end}) of a {out_features}-row prepared weight "
+                         "(the first must be a multiple of 16)")
+    return out[:rows]
+
+
+KERNELS = ("auto", "lanes", "dense")
+
+
+def kernel_for(rows: int) -> str:
+    """The prepared kernel ``rows`` rows run on this CPU: as for plain layers, the dense path
+    (tiles expanded from the layout for F.linear) from :data:`nmsparse.kernels.cpu.AMX_DENSE_ROWS`
+    rows on a CPU with AMX (not measured: see there); else ``"lanes"``, the prepared kernel,
+    at every row count (measured ahead of dense bf16 up to 512 rows for 2:4 on Zen 4)."""
+    return "dense" if rows >= AMX_DENSE_ROWS and "amx" in features() else "lanes"
+
+
+def _dense_tiles(flat: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_features: int,
+                 out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The dense path: bf16 x meets the tiles in bf16 (fp32 accumulation, as oneDNN does);
+    other x is rounded to bf16 as the kernel rounds it and multiplied in fp32, so that the
+    result keeps fp32's precision as the kernel's does."""
+    dtype = _BF16 if flat.dtype == _BF16 else torch.float32
+    tile = max(16, DENSE_TILE_BYTES // (2 * in_features) // 16 * 16)  # in cache for F.linear
+    buffer = torch.empty(min(tile, out_features), in_features, dtype=_BF16)
+    rows = flat.to(_BF16).to(dtype)
+    y = torch.empty(flat.shape[0], out_features, dtype=dtype)
+    for first in range(0, out_features, tile):
+        last = min(first + tile, out_features)
+        weight = dense_rows(layout, n, m, in_features, out_features, first, last, buffer)
+        y[:, first:last] = F.linear(rows, weight.to(dtype), None if bias is None else
+                                    bias[first:last].to(dtype))
+    return y
+
+
 def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
                         in_features: int, out_features: int,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, *, kernel: str = "auto") -> torch.Tensor:
     """``x @ W.T + bias`` with W in the prepared layout; x of any floating dtype (multiplied
-    in bf16, accumulated in fp32), the result in x's dtype."""
+    in bf16, accumulated in fp32), the result in x's dtype. ``kernel``: ``"lanes"`` (the
+    prepared kernel) or ``"dense"`` (tiles expanded for F.linear, bf16 out) force one;
+    ``"auto"`` follows :func:`kernel_for`."""
     _check_layout(layout, n, m, in_features, out_features)
     if x.device.type != "cpu" or x.shape[-1] != in_features:
         raise ValueError(f"x of shape {tuple(x.shape)} on {x.device} does not meet a prepared "
                          f"weight of {in_features} inputs on the CPU")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not one of {KERNELS}")
     flat = x.reshape(-1, in_features)
     batch = flat.shape[0]
+    if (kernel_for(batch) if kernel == "auto" else kernel) == "dense":
+        y = _dense_tiles(flat, layout, n, m, in_features, out_features, bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
     rows = flat.to(_BF16).contiguous()
     y = torch.empty(batch, out_features, dtype=torch.float32)
     if batch and out_features:
