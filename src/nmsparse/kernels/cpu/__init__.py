@@ -36,8 +36,10 @@ arrangement of a bf16 weight made once, in the packed format's bytes, and a kern
 it directly at any number of rows, for every N:M with M in {2, 4, 8}; it is not part of
 :data:`DISPATCH` (an ``NMLinear`` holds the packed format, a ``PreparedNMLinear`` the layout).
 
-AMX (``tdpbf16ps`` tiles) is not used: it needs a machine with AMX to write and verify, which
-this work did not have (:func:`features` reports it).
+AMX (``tdpbf16ps`` tiles) is not used by any kernel here: it needs a machine with AMX to write
+and verify, which this work did not have (:func:`features` reports it). Where the CPU has it,
+bf16 calls from :data:`AMX_DENSE_ROWS` rows take the dense path, whose ``F.linear`` runs on
+AMX tiles in oneDNN (a row count from arithmetic, not measured).
 
 The "dense" path (AVX-512) expands tiles of the weight (8 MiB, at least 256 output rows) just
 in time into one buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is
