@@ -75,6 +75,12 @@ inline uint32_t lanes_position(const uint8_t* indices, const Shape& s, int64_t o
   return (indices[o * s.index_bytes + (bit >> 3)] >> (bit & 7)) & ((1u << s.w) - 1);
 }
 
+// ORs position bits into value v of row o (the indices start zeroed).
+inline void lanes_put_position(uint8_t* indices, const Shape& s, int64_t o, int64_t v, uint32_t position) {
+  const int64_t bit = v * s.w;
+  indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)(position << (bit & 7));
+}
+
 // Packed (values, indices) -> lanes layout (dst: lanes_bytes, written whole). A slot with one
 // value repeats its position for the zero partner, so no new input is read.
 inline void lanes_pack(const bf16_t* values, const uint8_t* indices, const Shape& s, uint8_t* dst) {
@@ -95,19 +101,15 @@ inline void lanes_unpack(const uint8_t* src, const Shape& s, bf16_t* values, uin
   memset(values, 0, (size_t)(s.out * s.slots * 2));
   memset(indices, 0, (size_t)(s.out * s.index_bytes));
   const uint32_t mask = (1u << s.w) - 1;
-  const auto put = [&](int64_t o, int64_t v, uint32_t position) {
-    const int64_t bit = v * s.w;
-    indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)(position << (bit & 7));
-  };
   lanes_each_pair(s, [&](int64_t o, const LanesSlot& at) {
     uint32_t word;
     memcpy(&word, src + at.word, 4);
     const uint32_t field = src[at.code] >> at.shift;
     values[o * s.slots + at.first] = (bf16_t)word;
-    put(o, at.first, field & mask);
+    lanes_put_position(indices, s, o, at.first, field & mask);
     if (at.second >= 0) {
       values[o * s.slots + at.second] = (bf16_t)(word >> 16);
-      put(o, at.second, (field >> s.w) & mask);
+      lanes_put_position(indices, s, o, at.second, (field >> s.w) & mask);
     }
   });
 }
@@ -138,7 +140,9 @@ inline bool lanes16_order_ok(const uint8_t* indices, const Shape& s) {
   return true;
 }
 
-// Packed N:16 -> its N:8 view (values8 / indices8 of the view's shape v, zeroed here).
+// Packed N:16 (shape s) <-> its N:8 view (shape v): the split fills every slot of the view
+// (values8 / indices8, zeroed here); the merge (values / indices, zeroed here) returns false
+// if a group does not hold exactly N unmarked values (a corrupt layout).
 inline void lanes16_split(const bf16_t* values, const uint8_t* indices, const Shape& s, const Shape& v,
                           bf16_t* values8, uint8_t* indices8) {
   memset(values8, 0, (size_t)(v.out * v.slots * 2));
@@ -147,22 +151,17 @@ inline void lanes16_split(const bf16_t* values, const uint8_t* indices, const Sh
     for (int64_t g = 0; g < s.slots / s.n; ++g) {
       int filled[2] = {0, 0};
       for (int k = 0; k < s.n; ++k) {
-        const int64_t from = g * s.n + k;
-        const uint32_t position = lanes_position(indices, s, o, from);
+        const uint32_t position = lanes_position(indices, s, o, g * s.n + k);
         const int half = position >= 8;
         const int64_t to = (2 * g + half) * s.n + filled[half]++;
-        values8[o * v.slots + to] = values[o * s.slots + from];
-        indices8[o * v.index_bytes + to / 2] |= (uint8_t)((position & 7) << (4 * (to % 2)));
+        values8[o * v.slots + to] = values[o * s.slots + g * s.n + k];
+        lanes_put_position(indices8, v, o, to, position & 7);
       }
       for (int half = 0; half < 2; ++half)
-        for (int k = filled[half]; k < s.n; ++k) {
-          const int64_t to = (2 * g + half) * s.n + k;
-          indices8[o * v.index_bytes + to / 2] |= (uint8_t)(LANES16_PAD << (4 * (to % 2)));
-        }
+        for (int k = filled[half]; k < s.n; ++k) lanes_put_position(indices8, v, o, (2 * g + half) * s.n + k, LANES16_PAD);
     }
 }
 
-// The inverse; false if a group does not hold exactly N unmarked values (a corrupt layout).
 inline bool lanes16_merge(const bf16_t* values8, const uint8_t* indices8, const Shape& s, const Shape& v,
                           bf16_t* values, uint8_t* indices) {
   memset(values, 0, (size_t)(s.out * s.slots * 2));
@@ -170,17 +169,13 @@ inline bool lanes16_merge(const bf16_t* values8, const uint8_t* indices8, const 
   for (int64_t o = 0; o < s.out; ++o)
     for (int64_t g = 0; g < s.slots / s.n; ++g) {
       int64_t to = g * s.n;
-      for (int half = 0; half < 2; ++half)
-        for (int k = 0; k < s.n; ++k) {
-          const int64_t from = (2 * g + half) * s.n + k;
-          const uint32_t code = lanes_position(indices8, v, o, from);
-          if (code & LANES16_PAD) continue;
-          if (to == (g + 1) * s.n) return false;
-          values[o * s.slots + to] = values8[o * v.slots + from];
-          const int64_t bit = to * s.w;
-          indices[o * s.index_bytes + (bit >> 3)] |= (uint8_t)((code + 8 * half) << (bit & 7));
-          ++to;
-        }
+      for (int64_t from = 2 * g * s.n; from < (2 * g + 2) * s.n; ++from) {
+        const uint32_t code = lanes_position(indices8, v, o, from);
+        if (code & LANES16_PAD) continue;
+        if (to == (g + 1) * s.n) return false;
+        values[o * s.slots + to] = values8[o * v.slots + from];
+        lanes_put_position(indices, s, o, to++, code + (from >= (2 * g + 1) * s.n ? 8 : 0));
+      }
       if (to != (g + 1) * s.n) return false;
     }
   return true;
