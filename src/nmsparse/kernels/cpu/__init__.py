@@ -109,20 +109,27 @@ DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
 # (11008x4096 and 4096x11008, 2 threads, cold) 4:8 from 5 to 128 rows pairs 0.63-1.10x of
 # dense bf16, lanes 0.94-1.34x; 2:8 from 4 to 128 rows pairs 1.20-1.85x, lanes 1.64-2.24x.
 PAIRS_MAX_M = 4
+# DOT_ROWS_M8: at 2-4 bf16 rows (the dot kernel's in DISPATCH), 2:8 takes the lanes kernel,
+# and 4:8 does at 4 rows. 2 threads, cold, both shapes (docs/cpu_kernels.md 21:37 UTC and
+# benchmarks/results/cpu_kernels_1756.md at 4 rows; one run at 2-3 rows, 21:51 UTC, not
+# committed), against dense bf16: 2:8 lanes 1.52-2.78x, dot 1.21-2.51x (lanes ahead in 7 of
+# 8 cells, the eighth 1.56 / 1.57x); 4:8 at 4 rows lanes 1.01-1.48x, dot 0.98-1.53x (the
+# lanes kernel's lowest cell above 1.0, the dot kernel's below); 4:8 at 2-3 rows dot
+# 1.32-1.95x, lanes 1.09-1.28x (dot kept).
 # fp32 weights of at most this density (N / M) take the table kernel where the table says
 # dense: it computes only the kept products, and at a quarter of them it stays ahead of
-# oneDNN's dense GEMM at every row count measured. Two runs (docs/cpu_kernels.md, 17:56 UTC,
-# and benchmarks/results/cpu_kernels_rerun.md, 18:45 UTC; 2 threads, cold, both shapes), 256
+# oneDNN's dense GEMM at every row count measured. Two runs (benchmarks/results/: 17:56 UTC
+# cpu_kernels_1756.md and 18:45 UTC cpu_kernels_rerun.md; 2 threads, cold, both shapes), 256
 # and 512 rows: 2:8 and 1:4 table 1.43-1.94x of dense fp32, the dense path 0.90-1.26x; 2:4
 # and 4:8 table 0.83-1.20x, the dense path 0.96-1.22x (those keep the dense path).
 TABLE_MAX_DENSITY = 0.25
 # ONE_ROW_DOT: one bf16 row of a pattern at least half dense (2:4, 4:8) runs the dot kernel
 # rather than the AVX2 library's (which DISPATCH gives one row, and which stays ahead for
-# sparser patterns): 2 threads, cold, 2:4 in four runs over six shapes (docs/cpu_kernels.md,
-# benchmarks/results/cpu_kernels_rerun.md and cpu_llama_shapes.md, and one of 256x2048 and
-# 2048x2048 at 20:10 UTC 2026-12-07, not committed), dot
-# 1.68-2.35x of dense bf16 against avx2 1.04-2.31x, ahead in 9 of 10 cells; 4:8 1.99 / 2.06x
-# against 1.80 / 2.08x; 1:4, 2:8, 1:16: avx2 ahead in 8 of 9.
+# sparser patterns): 2 threads, cold, 2:4 in four runs over six shapes (benchmarks/results/
+# cpu_kernels_1756.md, cpu_kernels_rerun.md and cpu_llama_shapes.md, and one of 256x2048 and
+# 2048x2048 at 20:10 UTC 2026-12-07, not committed), dot 1.68-2.35x of dense bf16 against
+# avx2 1.04-2.31x, ahead in 9 of 10 cells; 4:8 1.99 / 2.06x against 1.80 / 2.08x; 1:4, 2:8,
+# 1:16: avx2 ahead in 8 of 9.
 # bf16 M = 16 (1:16, 2:16, 4:16: neither the pairs nor the lanes kernel takes them) on
 # avx512bf16, measured on 11008x4096 (2 threads, cold, three runs 20:31-20:45 UTC
 # 2026-12-07, against dense bf16): up to 64 rows the AVX2 library's kernel leads (1:16
@@ -294,6 +301,9 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
                 kernel = "pairs"
             if kernel == "pairs" and m > PAIRS_MAX_M and lanes_take(n, m):
                 kernel = "lanes"
+            if (kernel == "dot" and dtype == _BF16 and m == 8 and lanes_take(n, m)
+                    and (4 * n <= m or rows == 4)):
+                kernel = "lanes"  # see DOT_ROWS_M8
             if kernel == "pairs" and not pairs_take(n, m):
                 kernel = "dot" if rows <= DOT_MAX_ROWS else "dense"
             if kernel == "dense" and dtype == _FP32 and n <= TABLE_MAX_DENSITY * m:
