@@ -13,10 +13,12 @@
 //   the first in the low half), then
 //   E x CODE_BYTES codes: the pair's two positions (w bits each, the first in the low bits),
 //   one nibble per lane for M <= 4 (8 bytes per entry, lane l in nibble l), one byte per
-//   lane for M = 8 (16 bytes).
+//   lane for M = 8 and for M = 16's N:8 view (16 bytes).
 // Entries with no pair (windows outside the row, pairs past the last value) have weight 0 and
 // code 0: they meet x loaded as zeros (the row's edge steps load masked), so no padded product
-// can be 0 * inf; lanes past the last output are never stored.
+// can be 0 * inf; lanes past the last output are never stored. A slot's zero partner (odd
+// counts, M = 16's padding) has weight 0 at a position of its window, so it can meet an inf
+// input, as the dense product's pruned zeros do.
 //
 // The codes become vpshufb controls in registers: M <= 4, one vpmultishiftqb brings lane l's
 // nibble to the low bits of dword l and vpermd maps it through the slot's table
