@@ -28,6 +28,7 @@ def test_prebuild():
     assert f"Linear kernels use: {cpu.isa()}" in result.stdout
     assert ("prepared layout (PreparedNMLinear): available" in result.stdout) == (
         cpu.isa() == "avx512bf16")
+    assert ("AMX: bf16 calls from" in result.stdout) == ("amx" in cpu.features())
     built = [p.name for p in folder.glob("*.so")]
     for prefix in ("nm_linear_avx2-", "nm_mask_"):
         assert any(name.startswith(prefix) for name in built), built

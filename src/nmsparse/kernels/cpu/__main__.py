@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from . import ISAS, build_error, features, isa, isa_reason, mask_pass
+from . import AMX_DENSE_ROWS, ISAS, build_error, features, isa, isa_reason, mask_pass
 from ._build import BuildError, cache_dir, compiler
 
 
@@ -43,6 +43,10 @@ def main() -> int:
     prepared = ("available for bf16 weights (nmsparse.kernels.prepare_cpu)"
                 if isa() == "avx512bf16" else "not available (it needs AVX512_BF16 and VBMI)")
     print(f"prepared layout (PreparedNMLinear): {prepared}")
+    if "amx" in cpu:  # no kernel here uses AMX; oneDNN's dense product does
+        print(f"AMX: bf16 calls from {AMX_DENSE_ROWS} rows take the dense path, whose F.linear "
+              "runs on AMX tiles (a row count not measured on an AMX CPU: rerun "
+              "benchmarks/cpu_kernels.py there)")
     return 1 if missing else 0
 
 
