@@ -279,14 +279,20 @@ def lanes_take(n: int, m: int) -> bool:
 BF16_KERNELS = {"pairs": pairs_take, "lanes": lanes_take}
 
 
+def amx_dense(rows: int) -> bool:
+    """Whether ``rows`` bf16 rows take the dense path because the CPU has AMX, where oneDNN's
+    product runs on tiles (:data:`AMX_DENSE_ROWS`): plain and prepared layers alike."""
+    return rows >= AMX_DENSE_ROWS and "amx" in features()
+
+
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     """The kernel :data:`DISPATCH` picks for ``rows`` rows of an N:M weight of ``dtype`` on
     instruction set ``name`` (``"avx2"``: the AVX2 library; the dot kernel needs M a power of
     two, else the AVX2 library runs those rows)."""
     if name == "avx2":
         return "avx2"
-    if dtype == _BF16 and rows >= AMX_DENSE_ROWS and "amx" in features():
-        return "dense"  # oneDNN's bf16 product on AMX tiles (see AMX_DENSE_ROWS)
+    if dtype == _BF16 and amx_dense(rows):
+        return "dense"
     if any_n(n):  # N = 3, 5, 6, 7, ...: only these two take it
         return "dot" if rows <= DOT_MAX_ROWS and not m & (m - 1) else "dense"
     if name == "avx512bf16" and dtype == _BF16 and rows == 1 and m in (4, 8) and 2 * n >= m:
@@ -324,33 +330,49 @@ def threads_for(batch: int, kept: int) -> int:
     return 1 if batch * kept < SERIAL_BELOW else torch.get_num_threads()
 
 
-def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
-                 m: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The "dense" path: tiles of output rows expanded by the C code into one small buffer,
-    each multiplied by ``F.linear`` (oneDNN) while it is in cache. Exactly F.linear's math."""
+def tiled_linear(rows: torch.Tensor, out_features: int, weight_dtype: torch.dtype, expand,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """The dense path's loop: ``rows @ W.T + bias`` with W expanded tile by tile (at least
+    :data:`DENSE_TILE_ROWS` output rows, about :data:`DENSE_TILE_BYTES`) into one buffer by
+    ``expand(first, last, buffer)`` (which returns the tile) and multiplied by ``F.linear``
+    (oneDNN) while in cache, in ``rows``' dtype: never a whole dense copy."""
     import torch.nn.functional as F
 
+    in_features = rows.shape[1]
+    tile = max(DENSE_TILE_ROWS,
+               DENSE_TILE_BYTES // (in_features * weight_dtype.itemsize) // 16 * 16)
+    buffer = torch.empty(min(tile, out_features), in_features, dtype=weight_dtype)
+    y = torch.empty(rows.shape[0], out_features, dtype=rows.dtype)
+    for first in range(0, out_features, tile):
+        last = min(first + tile, out_features)
+        weight = expand(first, last, buffer).to(rows.dtype)
+        y[:, first:last] = F.linear(rows, weight,
+                                    None if bias is None else bias[first:last].to(rows.dtype))
+    return y
+
+
+def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
+                 m: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The "dense" path of a packed weight: its tiles expanded by the C code
+    (:func:`tiled_linear`). Exactly F.linear's math."""
     out_features, slots = values.shape
     in_features = x.shape[-1]
     flat = x.reshape(-1, in_features)
     values, indices = values.contiguous(), indices.contiguous()
-    tile = max(DENSE_TILE_ROWS,
-               DENSE_TILE_BYTES // (in_features * values.element_size()) // 16 * 16)
-    buffer = torch.empty(min(tile, out_features), in_features, dtype=values.dtype)
-    y = torch.empty(flat.shape[0], out_features, dtype=x.dtype)
     unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
     threads = threads_for(flat.shape[0], values.numel())
     options = OPTION_BF16 if name == "avx512bf16" else 0
-    for first in range(0, out_features, tile):
-        last = min(first + tile, out_features)
+
+    def expand(first: int, last: int, buffer: torch.Tensor) -> torch.Tensor:
         status = unpack(values.data_ptr(), int(values.dtype == torch.bfloat16),
                         indices.data_ptr(), slots, indices.shape[1], n, m, in_features, first,
                         last, buffer.data_ptr(), threads, options)
         if status:
             raise MemoryError(_STATUS[2]) if status == 2 else ValueError(
                 _STATUS[1].format(n=n, m=m))
-        y[:, first:last] = F.linear(flat, buffer[:last - first],
-                                    None if bias is None else bias[first:last])
+        return buffer[:last - first]
+
+    y = tiled_linear(flat, out_features, values.dtype, expand, bias)
     return y.reshape(*x.shape[:-1], out_features)
 
 

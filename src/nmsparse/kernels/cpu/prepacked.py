@@ -18,10 +18,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from ...packing import packed_shapes
-from . import _STATUS, AMX_DENSE_ROWS, DENSE_TILE_BYTES, features, isa, library, threads_for
+from . import _STATUS, amx_dense, isa, library, threads_for, tiled_linear
 
 _BF16 = torch.bfloat16
 
@@ -148,28 +147,24 @@ KERNELS = ("auto", "lanes", "dense")
 
 def kernel_for(rows: int) -> str:
     """The prepared kernel ``rows`` rows run on this CPU: as for plain layers, the dense path
-    (tiles expanded from the layout for F.linear) from :data:`nmsparse.kernels.cpu.AMX_DENSE_ROWS`
-    rows on a CPU with AMX (not measured: see there); else ``"lanes"``, the prepared kernel,
-    at every row count (measured ahead of dense bf16 up to 512 rows for 2:4 on Zen 4)."""
-    return "dense" if rows >= AMX_DENSE_ROWS and "amx" in features() else "lanes"
+    (tiles expanded from the layout for F.linear) on a CPU with AMX from
+    :data:`nmsparse.kernels.cpu.AMX_DENSE_ROWS` rows (not measured: see there); else
+    ``"lanes"``, the prepared kernel, at every row count (measured ahead of dense bf16 up to
+    512 rows for 2:4 on Zen 4)."""
+    return "dense" if amx_dense(rows) else "lanes"
 
 
 def _dense_tiles(flat: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_features: int,
                  out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """The dense path: bf16 x meets the tiles in bf16 (fp32 accumulation, as oneDNN does);
-    other x is rounded to bf16 as the kernel rounds it and multiplied in fp32, so that the
-    result keeps fp32's precision as the kernel's does."""
-    dtype = _BF16 if flat.dtype == _BF16 else torch.float32
-    tile = max(16, DENSE_TILE_BYTES // (2 * in_features) // 16 * 16)  # in cache for F.linear
-    buffer = torch.empty(min(tile, out_features), in_features, dtype=_BF16)
-    rows = flat.to(_BF16).to(dtype)
-    y = torch.empty(flat.shape[0], out_features, dtype=dtype)
-    for first in range(0, out_features, tile):
-        last = min(first + tile, out_features)
-        weight = dense_rows(layout, n, m, in_features, out_features, first, last, buffer)
-        y[:, first:last] = F.linear(rows, weight.to(dtype), None if bias is None else
-                                    bias[first:last].to(dtype))
-    return y
+    """The dense path (:func:`nmsparse.kernels.cpu.tiled_linear` over :func:`dense_rows`):
+    bf16 x meets the tiles in bf16 (fp32 accumulation, as oneDNN does); other x is rounded
+    to bf16 as the kernel rounds it and multiplied in fp32, so that the result keeps fp32's
+    precision as the kernel's does."""
+    rows = flat.to(_BF16).to(_BF16 if flat.dtype == _BF16 else torch.float32)
+    return tiled_linear(rows, out_features, _BF16,
+                        lambda first, last, buffer: dense_rows(
+                            layout, n, m, in_features, out_features, first, last, buffer),
+                        bias)
 
 
 def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
