@@ -22,6 +22,7 @@
 // (no barrier inside the region: on a machine shared with other jobs a barrier waits for the
 // slowest thread to be scheduled).
 #include <immintrin.h>
+#include <numeric>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -56,13 +57,8 @@ struct Masks {
 
   Masks(int n_, int m_, int w) : n(n_), m(m_), per_byte(8 / w) {
     one_phase = per_byte % n == 0 || n % per_byte == 0;
-    int step = per_byte;  // the phases that occur: the multiples of gcd(per_byte, n)
-    for (int r = n; r;) {
-      const int t = step % r;
-      step = r;
-      r = t;
-    }
-    for (int phase = 0; phase < (one_phase ? 1 : n); phase += step) {
+    // the phases that occur: the multiples of gcd(per_byte, n)
+    for (int phase = 0; phase < (one_phase ? 1 : n); phase += std::gcd(per_byte, n)) {
       for (int b = 0; b < 256; ++b) {
         uint64_t bits = 0;
         for (int k = 0; k < per_byte; ++k) {
@@ -986,7 +982,7 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
 int64_t nmsparse_lanes_bytes(int64_t out_features, int64_t in_features, int n, int m) {
   const Shape s{0, in_features, out_features, 0, 0, n, m, index_width(m)};
   if (!lanes_pattern_ok(s)) return -1;
-  return lanes_bytes(m == 16 ? lanes16_view(s) : s);
+  return lanes_bytes(lanes_layout_shape(s));
 }
 
 // 0 if the packed weight can be laid out (M = 16: every group's low-half positions come
@@ -1013,17 +1009,11 @@ int nmsparse_lanes_pack(const void* values, const uint8_t* indices, int64_t out_
   }
   if (!lanes16_order_ok(indices, s)) return 4;
   const Shape view = lanes16_view(s);
-  bf16_t* values8 = static_cast<bf16_t*>(malloc((size_t)(view.out * view.slots * 2 + 1)));
-  uint8_t* indices8 = static_cast<uint8_t*>(malloc((size_t)(view.out * view.index_bytes + 1)));
-  int status = 2;
-  if (values8 && indices8) {
-    lanes16_split(v, indices, s, view, values8, indices8);
-    lanes_pack(values8, indices8, view, dst);
-    status = 0;
-  }
-  free(values8);
-  free(indices8);
-  return status;
+  const Lanes16Buffers buffers(view);
+  if (!buffers.ok()) return 2;
+  lanes16_split(v, indices, s, view, buffers.values, buffers.indices);
+  lanes_pack(buffers.values, buffers.indices, view, dst);
+  return 0;
 }
 
 int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_features,
@@ -1037,16 +1027,10 @@ int nmsparse_lanes_unpack(const uint8_t* src, int64_t out_features, int64_t in_f
     return 0;
   }
   const Shape view = lanes16_view(s);
-  bf16_t* values8 = static_cast<bf16_t*>(malloc((size_t)(view.out * view.slots * 2 + 1)));
-  uint8_t* indices8 = static_cast<uint8_t*>(malloc((size_t)(view.out * view.index_bytes + 1)));
-  int status = 2;
-  if (values8 && indices8) {
-    lanes_unpack(src, view, values8, indices8);
-    status = lanes16_merge(values8, indices8, s, view, v, indices) ? 0 : 1;
-  }
-  free(values8);
-  free(indices8);
-  return status;
+  const Lanes16Buffers buffers(view);
+  if (!buffers.ok()) return 2;
+  lanes_unpack(src, view, buffers.values, buffers.indices);
+  return lanes16_merge(buffers.values, buffers.indices, s, view, v, indices) ? 0 : 1;
 }
 
 // Dense bf16 rows [begin, end) of a lanes layout into dst ((end - begin) x in_features);
@@ -1056,7 +1040,7 @@ int nmsparse_lanes_dense(const uint8_t* layout, int64_t out_features, int64_t in
                          int m, int64_t begin, int64_t end, void* dst, int threads) {
   const Shape s{0, in_features, out_features, 0, 0, n, m, index_width(m)};
   if (!lanes_pattern_ok(s) || begin % 16 || begin < 0 || end > out_features || begin > end) return 1;
-  lanes_dense(layout, m == 16 ? lanes16_view(s) : s, begin, end, static_cast<uint16_t*>(dst), threads);
+  lanes_dense(layout, lanes_layout_shape(s), begin, end, static_cast<uint16_t*>(dst), threads);
   return 0;
 }
 
@@ -1068,8 +1052,7 @@ int nmsparse_lanes_linear(const void* x, int64_t batch, int64_t in_features,
                           const float* bias, float* y, int threads) {
   const Shape s{batch, in_features, out_features, 0, 0, n, m, index_width(m)};
   if (!lanes_pattern_ok(s)) return 1;
-  prepacked_run(static_cast<const bf16_t*>(x), layout, m == 16 ? lanes16_view(s) : s, bias, y,
-                threads);
+  prepacked_run(static_cast<const bf16_t*>(x), layout, lanes_layout_shape(s), bias, y, threads);
   return 0;
 }
 

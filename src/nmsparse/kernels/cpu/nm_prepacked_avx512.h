@@ -129,6 +129,26 @@ inline Shape lanes16_view(const Shape& s) {
   return Shape{s.batch, s.in, s.out, s.in / 8 * s.n, (s.in / 8 * s.n * 4 + 7) / 8, s.n, 8, 4};
 }
 
+// The shape the layout of weight shape s is built on and read with: s, or M = 16's N:8 view.
+inline Shape lanes_layout_shape(const Shape& s) { return s.m == 16 ? lanes16_view(s) : s; }
+
+// The packed N:8 view of an N:16 weight, held while it is split or merged (freed on scope
+// exit; ok() is false when out of memory).
+struct Lanes16Buffers {
+  bf16_t* values;
+  uint8_t* indices;
+  explicit Lanes16Buffers(const Shape& view)
+      : values(static_cast<bf16_t*>(malloc((size_t)(view.out * view.slots * 2 + 1)))),
+        indices(static_cast<uint8_t*>(malloc((size_t)(view.out * view.index_bytes + 1)))) {}
+  ~Lanes16Buffers() {
+    free(values);
+    free(indices);
+  }
+  Lanes16Buffers(const Lanes16Buffers&) = delete;
+  Lanes16Buffers& operator=(const Lanes16Buffers&) = delete;
+  bool ok() const { return values && indices; }
+};
+
 inline bool lanes16_order_ok(const uint8_t* indices, const Shape& s) {
   for (int64_t o = 0; o < s.out; ++o)
     for (int64_t g = 0; g < s.slots / s.n; ++g) {
