@@ -6,25 +6,24 @@
     python benchmarks/cpu_kernels.py --threads 1 --clock cpu   # for a busy machine, see below
 
 **Linear.** For each weight ``OUTxIN`` (default 11008x4096 and 4096x11008, Llama-7B's MLP) and
-input rows (1, 4, 16, 64, 256): dense fp32 and dense bf16 ``F.linear`` (oneDNN) against the
-same weight pruned to each pattern (default 2:4, 2:8, 1:4, 4:8) by magnitude, in fp32 and bf16,
-through every path of :mod:`nmsparse.kernels.cpu` this CPU runs: ``auto`` (what
-``NMLinear`` gets: the best instruction set and the kernel its dispatch picks for that many
-rows, named in brackets), ``avx2`` (the AVX2/FMA library), and each AVX-512 kernel forced
-(``dot``, ``table``, ``pairs``, ``lanes``, ``dense``; with ``avx512bf16`` where the CPU has it, else
-``avx512``), and, for bf16 where the CPU has AVX512_BF16, ``prepared`` (what
-``PreparedNMLinear`` runs after :func:`nmsparse.kernels.prepare_cpu`: the weight laid out for
-its kernel once; its bytes are the layout's, padding included). Same process, same thread
-count (``torch.set_num_threads``). Cold weights: the
-methods of one dtype take turns on enough copies of the weight to read at least ``--cold-mb``
-between two uses of one copy (default: the larger of 1 GiB and twice the L3 cache), so no
-method reads a copy another has just brought into cache. The methods of one
-shape, row count and pattern run in turn, round after round, so a busy machine slows all alike;
-the table gives the median over the rounds. ``--clock wall`` (default) times with
-``time.perf_counter``. On a machine shared with other jobs, waiting for the CPU dominates wall
-times (an OpenMP region waits for its slowest thread to be scheduled), so ``--clock cpu`` (only
-with ``--threads 1``) times with ``time.process_time``: the CPU time the one thread spent,
-stalls on memory included, time spent descheduled excluded.
+input rows (1, 4, 16, 64, 256): dense fp32 and dense bf16 ``F.linear`` (oneDNN) against the same
+weight pruned to each pattern (default 2:4, 2:8, 1:4, 4:8) by magnitude, in fp32 and bf16, through
+every path of :mod:`nmsparse.kernels.cpu` this CPU runs: ``auto`` (an ``NMLinear`` called as users
+call it, its Python overhead included: the best instruction set and the kernel its dispatch picks
+for that many rows, named in brackets), ``avx2`` (the AVX2/FMA library), and each AVX-512 kernel
+forced (``dot``, ``table``, ``pairs``, ``lanes``, ``dense``; with ``avx512bf16`` where the CPU has
+it, else ``avx512``), and, for bf16 where the CPU has AVX512_BF16, ``prepared`` (what
+``PreparedNMLinear`` runs after :func:`nmsparse.kernels.prepare_cpu`, the module called; the weight
+laid out for its kernel once; its bytes are the layout's, padding included). Same process, same
+thread count (``torch.set_num_threads``). Cold weights: the methods of one dtype take turns on
+enough copies of the weight to read at least ``--cold-mb`` between two uses of one copy (default:
+the larger of 1 GiB and twice the L3 cache), so no method reads a copy another has just brought
+into cache. The methods of one shape, row count and pattern run in turn, round after round, so a
+busy machine slows all alike; the table gives the median over the rounds. ``--clock wall``
+(default) times with ``time.perf_counter``. On a machine shared with other jobs, waiting for the
+CPU dominates wall times (an OpenMP region waits for its slowest thread to be scheduled), so
+``--clock cpu`` (only with ``--threads 1``) times with ``time.process_time``: the CPU time the one
+thread spent, stalls on memory included, time spent descheduled excluded.
 
 Columns: ms (median), GB/s (weight bytes read per second: dense bytes, or packed values +
 positions), speedup over dense fp32 and over dense of the same dtype (dense rows are timed
@@ -58,8 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from nmsparse.engine.masks import nm_mask
-from nmsparse.kernels import cpu, nm_linear
-from nmsparse.kernels._op import reference
+from nmsparse.kernels import NMLinear, PreparedNMLinear, cpu
 from nmsparse.kernels.cpu import prepacked
 from nmsparse.machine import cpu_model
 from nmsparse.packing import pack
@@ -82,6 +80,13 @@ class Copies(list):
     def __init__(self, items) -> None:
         super().__init__(items)
         self.cursor = 0
+        self.modules: dict[int, NMLinear] = {}
+
+    def module(self, weight) -> NMLinear:
+        """The ``NMLinear`` holding copy ``weight`` (its tensors, not a copy of them)."""
+        if id(weight) not in self.modules:
+            self.modules[id(weight)] = NMLinear(weight)
+        return self.modules[id(weight)]
 
     def next(self):
         self.cursor += 1
@@ -106,17 +111,14 @@ class Method:
             os.environ.pop(cpu.ENV_ISA, None)
         else:
             os.environ[cpu.ENV_ISA] = self.isa
-        if self.kernel == "prepared":  # the op, as PreparedNMLinear calls it
-            layout, n, m, out_f, in_f = weight
-            return torch.ops.nmsparse.nm_linear_prepacked(x, layout, n, m, in_f, out_f)
+        if self.kernel == "prepared":  # the module, as users call it
+            return weight(x)
         if self.kernel == "prepared/dense":  # the prepared layer's dense path, forced
-            layout, n, m, out_f, in_f = weight
-            return prepacked.nm_linear_prepacked(x, layout, n, m, in_f, out_f, kernel="dense")
-        if self.kernel == "auto" and cpu.pattern_reason(weight.n, weight.m):
-            # what NMLinear's op falls back to (NMSPARSE_KERNELS=cpu here would refuse it)
-            return reference(x, weight.values, weight.indices, weight.n, weight.m)
-        if self.kernel == "auto":  # the op, as NMLinear calls it
-            return nm_linear(x, weight.values, weight.indices, weight.n, weight.m)
+            return prepacked.nm_linear_prepacked(x, weight.layout, weight.n, weight.m,
+                                                 weight.in_features, weight.out_features,
+                                                 kernel="dense")
+        if self.kernel == "auto":  # the module users get from swap_linear_layers
+            return self.copies.module(weight)(x)
         return cpu.nm_linear_cpu(x, weight.values, weight.indices, weight.n, weight.m,
                                  kernel=self.kernel)
 
@@ -178,12 +180,10 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
             methods.append(Method(name, dtype_name, pattern, copies, packed.nbytes,
                                   packed.dense_nbytes, isa, kernel))
         if prepacked.prepack_reason(packed.values, n, m) is None:
-            out_f, in_f = packed.shape
-            layouts = Copies((prepacked.prepack(weight.values, weight.indices, n, m, in_f), n,
-                              m, out_f, in_f) for weight in copies)
+            layouts = Copies(PreparedNMLinear(weight) for weight in copies)
             for kernel in ("prepared", "prepared/dense"):
                 methods.append(Method(f"{pattern} {dtype_name} {kernel}", dtype_name, pattern,
-                                      layouts, layouts[0][0].numel(), packed.dense_nbytes,
+                                      layouts, layouts[0].layout.numel(), packed.dense_nbytes,
                                       kernel=kernel))
     return methods
 

@@ -49,10 +49,21 @@ inline int index_width(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : 4; }
 // holds the dense bits of byte b in that phase, bit ((phase + k) / n) * m + position_k for
 // each value k. Where n divides 8 every byte has the same phase, so one table (phase 0)
 // serves; N = 3, 5, 6, 7, ... need up to n tables (built only for the phases that occur).
+//
+// Whole periods go faster: a period is lcm(per_byte, n) values, `period` index bytes, which
+// end on a group boundary and give `period_bits` mask bits (8, 16 or 32 wherever M is a
+// power of two, so each period's bits start on a byte). contrib[j][b] is what byte b adds as
+// byte j of a period (lut[phase_j][b] moved to its group's place), so a period is the OR of
+// `period` independent lookups, with no phase or group to carry from byte to byte. For 3:4
+// on 11008x4096 bf16 this took the dot kernel at one row from 6.7 to 4.3 ms (warm); 16-lane
+// gathers of the same tables gave 6.7 ms on Zen 4.
 struct Masks {
   static constexpr int MAX_PHASES = 16;
+  static constexpr int MAX_PERIOD = 16;
   uint64_t lut[MAX_PHASES][256];
+  uint32_t contrib[MAX_PERIOD][256];
   int n, m, per_byte, bits_per_byte;  // bits_per_byte: 0 unless every byte gives the same bits
+  int period = 0, period_bits = 0;   // period 0: no vector path
   bool one_phase;
 
   Masks(int n_, int m_, int w) : n(n_), m(m_), per_byte(8 / w) {
@@ -71,13 +82,61 @@ struct Masks {
       }
     }
     bits_per_byte = per_byte % n == 0 ? per_byte / n * m : 0;
+    const int values = std::lcm(per_byte, n);
+    const int bits = values / n * m;
+    if (values / per_byte <= MAX_PERIOD && (bits == 8 || bits == 16 || bits == 32)) {
+      period = values / per_byte;
+      period_bits = bits;
+      for (int j = 0; j < period; ++j) {
+        const int first = j * per_byte;  // the byte's first value: its group and phase
+        for (int b = 0; b < 256; ++b)
+          contrib[j][b] = (uint32_t)(lut[one_phase ? 0 : first % n][b] << (first / n * m));
+      }
+    }
   }
 
   // out: (in + 7) / 8 bytes of mask, then 8 bytes of zeros (the dot kernels read 8 at a time).
   // Bits arrive in order (a byte's bits start where the previous byte's did or after), so
   // they are gathered in a register and written 32 at a time.
   void row(const uint8_t* bits, int64_t index_bytes, int64_t in, uint8_t* out) const {
-    row_from(bits, 0, index_bytes, in, out);
+    row_from(bits, whole_periods(bits, index_bytes, in, out) * period, index_bytes, in, out);
+  }
+  // Writes the mask bits of the row's first whole periods and returns how many.
+  int64_t whole_periods(const uint8_t* bits, int64_t index_bytes, int64_t in,
+                        uint8_t* out) const {
+    if (!period) return 0;
+    int64_t periods = in / period_bits;  // periods whose bits all lie inside the row
+    if (periods * period > index_bytes) periods = index_bytes / period;
+    switch (period_bits) {
+      case 8: return periods_of<1>(bits, periods, out);
+      case 16: return periods_of<2>(bits, periods, out);
+      default: return periods_of<4>(bits, periods, out);
+    }
+  }
+  template <int BYTES>
+  int64_t periods_of(const uint8_t* bits, int64_t periods, uint8_t* out) const {
+    switch (period) {  // a fixed period unrolls the loop over its bytes
+      case 1: return periods_fixed<BYTES, 1>(bits, periods, out);
+      case 2: return periods_fixed<BYTES, 2>(bits, periods, out);
+      case 3: return periods_fixed<BYTES, 3>(bits, periods, out);
+      case 5: return periods_fixed<BYTES, 5>(bits, periods, out);
+      case 7: return periods_fixed<BYTES, 7>(bits, periods, out);
+    }
+    for (int64_t p = 0; p < periods; ++p) {
+      uint32_t word = 0;
+      for (int j = 0; j < period; ++j) word |= contrib[j][bits[p * period + j]];
+      memcpy(out + p * BYTES, &word, BYTES);
+    }
+    return periods;
+  }
+  template <int BYTES, int PERIOD>
+  int64_t periods_fixed(const uint8_t* bits, int64_t periods, uint8_t* out) const {
+    for (int64_t p = 0; p < periods; ++p) {
+      uint32_t word = 0;
+      for (int j = 0; j < PERIOD; ++j) word |= contrib[j][bits[p * PERIOD + j]];
+      memcpy(out + p * BYTES, &word, BYTES);
+    }
+    return periods;
   }
   // From byte `first`, whose first dense bit must be a multiple of 8 (FastMasks' rest).
   void row_from(const uint8_t* bits, int64_t first, int64_t index_bytes, int64_t in,
