@@ -307,6 +307,9 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
     assert cpu.kernel_for("avx512bf16", torch.float32, 4, 2, 8) == "dot"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 65, 2, 16) == "table"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 65, 4, 16) == "dense"
+    assert [cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 4, 16) for rows in (1, 2, 6, 7)] \
+        == ["avx2", "dot", "dot", "avx2"]
+    assert cpu.kernel_for("avx512bf16", torch.bfloat16, 2, 2, 16) == "avx2"
     assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 4) == "dense"
 
 

@@ -52,8 +52,9 @@ rows the dot kernel, 5-8 rows the lanes kernel, 9-48 the pairs kernel (M = 8: la
 the lanes kernel (patterns a kernel cannot
 take: lanes -> pairs -> the dot kernel up to 8 rows, then the dense path); fp32 weights of at
 most a quarter density keep the table kernel from 256 rows up, where denser ones take the
-dense path; bf16 M = 16 (1:16, 2:16, 4:16) runs the AVX2 library's kernel up to 64 rows,
-then the table (at most 1/8 dense) or the dense path (:data:`M16_BF16_AVX2_ROWS`); N not
+dense path; bf16 M = 16 (1:16, 2:16, 4:16) runs the AVX2 library's kernel up to 64 rows
+(4:16 and denser: the dot kernel at 2-6 rows), then the table (at most 1/8 dense) or the
+dense path (:data:`M16_BF16_AVX2_ROWS`, :data:`M16_BF16_DOT_ROWS`); N not
 dividing 8 runs the dot kernel up to 8 rows, then the dense path.
 
 :func:`unsupported_reason` says why a call cannot run here (``None`` if it can), building the
@@ -141,6 +142,15 @@ TABLE_MAX_DENSITY = 0.25
 # kernel) and the dense path for 4:16 (0.84x; table 0.5x).
 M16_BF16_AVX2_ROWS = 64
 M16_BF16_TABLE_DENSITY = 0.125
+# M16_BF16_DOT_ROWS: since the masks are built a period at a time, patterns of M = 16 denser
+# than M16_BF16_TABLE_DENSITY (4:16) run the dot kernel at 2-6 bf16 rows: two runs
+# (benchmarks/results/cpu_any_n_period_masks.md and cpu_m16_few_rows.md, 2 threads, cold,
+# 11008x4096 and 4096x11008, against dense bf16),
+# 4:16 dot 1.31-1.91x at 2 rows, 1.19-1.36x at 3, 1.03-1.13x at 4, 0.92-1.01x at 6, where
+# the AVX2 library's kernel gave 0.74-0.95x; at 8 rows dot 0.76-1.02x, avx2 0.93-1.00x, and
+# at one row avx2 2.41x, dot 2.12x. 1:16 and 2:16 keep the AVX2 kernel (ahead at 4-8 rows:
+# 2:16 1.65-2.26x against dot 0.89-1.70x; within 15 % of dot at 2-3 rows).
+M16_BF16_DOT_ROWS = 6
 # On a CPU with AMX, oneDNN's dense bf16 product runs on tiles, and the AVX-512 kernels here
 # (and the prepared one) are expected to lose to it from some tens of rows: there, from this
 # many bf16 rows, the dense path runs (the weight expanded tile by tile for F.linear: dense
@@ -300,6 +310,8 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     if name == "avx512bf16" and dtype == _BF16 and rows == 1 and m in (4, 8) and 2 * n >= m:
         return "dot"  # see ONE_ROW_DOT
     if name == "avx512bf16" and dtype == _BF16 and m == 16:
+        if 2 <= rows <= M16_BF16_DOT_ROWS and n > M16_BF16_TABLE_DENSITY * m:
+            return "dot"  # see M16_BF16_DOT_ROWS
         if rows <= M16_BF16_AVX2_ROWS:
             return "avx2"
         return "table" if n <= M16_BF16_TABLE_DENSITY * m else "dense"
