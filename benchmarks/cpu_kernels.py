@@ -141,13 +141,10 @@ def paths() -> list[tuple[str | None, str]]:
 def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
     if isa is None:  # the op as users call it: unpack + F.linear where no kernel takes N:M
         return True
-    if cpu.pattern_reason(n, m):
+    if cpu.pattern_reason(n, m) or not cpu.kernel_takes("avx2" if isa == "avx2" else kernel,
+                                                        n, m):
         return False
-    if cpu.any_n(n) and (isa == "avx2" or kernel not in ("dot", "dense")):
-        return False
-    if kernel in cpu.BF16_KERNELS:
-        return dtype == "bf16" and isa == "avx512bf16" and cpu.BF16_KERNELS[kernel](n, m)
-    return not (kernel == "dot" and m & (m - 1))
+    return kernel not in cpu.BF16_KERNELS or (dtype == "bf16" and isa == "avx512bf16")
 
 
 def dense_methods(base: torch.Tensor, cold_bytes: int) -> list[Method]:
@@ -384,11 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         patterns = (args.patterns or ("2:4" if args.quick else ",".join(PATTERNS))).split(",")
         for pattern in patterns:
             n, m = map(int, pattern.split(":"))
-            if not 1 <= n < m <= 16:
+            if cpu.pattern_reason(n, m):
                 raise ValueError(pattern)
     except ValueError:
         parser.error("--rows takes integers, --shapes OUTxIN pairs, --patterns N:M pairs "
-                     "with 1 <= N < M <= 16")
+                     f"with 1 <= N < M <= {cpu.MAX_M}")
     global clock
     clock = CLOCKS[args.clock]
     error = cpu.build_error()

@@ -33,7 +33,10 @@ from nmsparse.packing import pack, pack_positions, unpack_positions, unpack_rows
 PATTERNS = [(2, 4), (4, 8), (1, 4), (2, 8), (1, 8), (1, 16)]
 # N not dividing 8: the dot kernel and the dense path (AVX-512) take them
 ANY_N = [(3, 4), (3, 8), (5, 8), (6, 8), (7, 8), (3, 16), (5, 16), (12, 16), (15, 16), (3, 6)]
+# M > 16 (8-bit positions): the dot kernel (M = 32, 64), the table kernel and the dense path
+WIDE_M = [(1, 32), (2, 32), (3, 32), (4, 64), (8, 128), (1, 256), (2, 24)]
 DTYPES = [torch.float32, torch.bfloat16]
+_BF16, _FP32 = torch.bfloat16, torch.float32
 BUILD_ERROR = cpu.build_error()
 needs_kernels = pytest.mark.skipif(BUILD_ERROR is not None,
                                    reason=f"CPU kernels unavailable: {BUILD_ERROR}")
@@ -89,14 +92,14 @@ def run_path(path, x, packed_or_values, indices, n, m, bias, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("path", PATHS, ids=["-".join(p) for p in PATHS])
-@pytest.mark.parametrize(("n", "m"), PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N)
+@pytest.mark.parametrize(("n", "m"), PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N
+                         + WIDE_M)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_kernels_match_linear_over_shapes_and_batches(n, m, dtype, path, monkeypatch):
-    if path[1] == "dot" and m & (m - 1):
-        pytest.skip("the dot kernel takes M a power of two (the table kernel takes the rest)")
     generator = torch.Generator().manual_seed(1000 * n + m)
-    if cpu.any_n(n) and (path[0] == "avx2" or path[1] in ("table", "pairs", "lanes")):
-        # N not dividing 8 is refused by these, with the reason, never run wrong
+    kernel = "avx2" if path[0] == "avx2" else path[1]
+    if kernel != "auto" and not cpu.kernel_takes(kernel, n, m):
+        # a pattern a kernel does not take is refused, with the reason, never run wrong
         packed = pack(nm_weight(4, 4 * m, n, m, dtype, generator), n, m)
         with pytest.raises(ValueError, match=f"{n}:{m}|reject pattern"):
             run_path(path, torch.randn(2, 4 * m).to(dtype), packed.values, packed.indices, n,
@@ -282,10 +285,11 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
     their predicates; dot: M a power of two; table and dense: any)."""
     for (isa, dtype), entries in cpu.DISPATCH.items():
         assert entries[-1][0] is None
-        for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N:
+        for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N + WIDE_M:
             for rows in range(1, 300):
                 kernel = cpu.kernel_for(isa, dtype, rows, n, m)
                 assert kernel in cpu.KERNELS[1:], (isa, dtype, n, m, rows, kernel)
+                assert cpu.kernel_takes(kernel, n, m), (isa, dtype, n, m, rows, kernel)
                 if cpu.any_n(n):
                     assert kernel in ("dot", "dense"), (n, m, kernel)
                 if kernel in cpu.BF16_KERNELS:
@@ -310,14 +314,22 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern():
     assert [cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 4, 16) for rows in (1, 2, 6, 7)] \
         == ["avx2", "dot", "dot", "avx2"]
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 2, 2, 16) == "avx2"
+    # M > 16, see WIDE_M_TABLE_DENSITY
+    wide = {(1, 1, 32, _BF16): "table", (1, 4, 32, _BF16): "dot", (2, 4, 32, _BF16): "table",
+            (4, 8, 32, _BF16): "dot", (16, 8, 32, _BF16): "table", (64, 8, 32, _BF16): "dense",
+            (64, 8, 32, _FP32): "table", (8, 16, 32, _FP32): "dense", (1, 1, 128, _BF16): "table",
+            (2, 3, 32, _BF16): "dot", (8, 3, 32, _BF16): "dense", (1, 3, 48, _BF16): "dense"}
+    assert {key: cpu.kernel_for("avx512bf16", key[3], *key[:3]) for key in wide} == wide
     assert cpu.kernel_for("avx512bf16", torch.float32, 512, 2, 4) == "dense"
 
 
 @needs_kernels
-def test_backend_cpu_refuses_what_it_cannot_run():
-    packed = pack(nm_weight(8, 64, 3, 32, torch.float32, torch.Generator()), 3, 32)
-    with pytest.raises(ValueError, match="CPU kernels cannot run: pattern 3:32"):
-        nm_linear(torch.randn(2, 64), packed.values, packed.indices, 3, 32)
+def test_backend_cpu_refuses_what_it_cannot_run(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_ISA, "avx2")  # its kernels read positions of at most 4 bits
+    packed = pack(nm_weight(8, 64, 1, 32, torch.float32, torch.Generator()), 1, 32)
+    with pytest.raises(ValueError, match="CPU kernels cannot run: pattern 1:32 on AVX2"):
+        nm_linear(torch.randn(2, 64), packed.values, packed.indices, 1, 32)
+    monkeypatch.delenv(cpu.ENV_ISA)
     packed = pack(nm_weight(8, 32, 2, 4, torch.float16, torch.Generator()), 2, 4)
     with pytest.raises(ValueError, match="dtype torch.float16"):
         nm_linear(torch.randn(2, 32).half(), packed.values, packed.indices, 2, 4)
@@ -332,6 +344,7 @@ def test_auto_uses_the_kernels_on_cpu_and_falls_back_where_they_cannot_run(monke
     packed = pack(nm_weight(8, 32, 2, 4, torch.float32, torch.Generator()), 2, 4)
     nm_linear(torch.randn(2, 32), packed.values, packed.indices, 2, 4)
     assert calls == [1]
+    monkeypatch.setenv(cpu.ENV_ISA, "avx2")
     packed = pack(nm_weight(8, 64, 3, 32, torch.float32, torch.Generator()), 3, 32)
     x = torch.randn(2, 64)
     y = nm_linear(x, packed.values, packed.indices, 3, 32)  # unsupported pattern: exact fallback

@@ -10,8 +10,9 @@ Which implementation runs (``NMSPARSE_KERNELS`` environment variable, read at ev
 * ``auto`` (default): the Triton kernels for CUDA tensors, and for CPU tensors when
   ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests), if Triton is installed and the call
   is supported (M in {4, 8, 16}; fp16, bf16, fp32); else, for CPU tensors, the AVX2 / AVX-512
-  kernels of :mod:`nmsparse.kernels.cpu` (fp32, bf16; any N < M <= 16, N not dividing 8 only
-  with AVX-512; compiled on first use; they pick their kernel by the row count, see there);
+  kernels of :mod:`nmsparse.kernels.cpu` (fp32, bf16; any N < M <= 256, N not dividing 8 and
+  M > 16 only with AVX-512; compiled on first use; they pick their kernel by the row count,
+  see there);
   otherwise unpack + ``F.linear`` (exact same math as the dense layer, any device, any M).
   When the CPU kernels cannot be built (no AVX2/FMA, no compiler, a cache folder that cannot
   be written) a one-line warning says so, once.

@@ -4,8 +4,10 @@
 packed weight (:mod:`nmsparse.packing` format, unchanged: the positions are decoded in
 registers), with fp32 accumulation, on ``torch.get_num_threads()`` threads (one for tiny
 calls). Supported: CPU
-tensors, fp32 or bf16 weights and inputs, any N < M <= 16 (2:4, 4:8, 1:4, 2:8, 1:8, 1:16, 1:2,
-1:3, 3:4, 5:8, ...), any batch; N not dividing 8 (3:4, 3:8, 5:8, 6:8, ...) needs AVX-512 and
+tensors, fp32 or bf16 weights and inputs, any N < M <= 256 (2:4, 4:8, 1:4, 2:8, 1:8, 1:16, 1:2,
+1:3, 3:4, 5:8, 1:32, ...), any batch; M > 16 (8-bit positions) needs AVX-512 and runs the dot
+kernel (M = 32, 64), the table kernel (N dividing 8) or the dense path
+(:data:`WIDE_M_TABLE_DENSITY`); N not dividing 8 (3:4, 3:8, 5:8, 6:8, ...) needs AVX-512 and
 runs only the dot kernel and the dense path (:func:`any_n`): bf16 on 11008x4096 they run at
 1.05-1.54x of dense bf16 at one row but 0.77-1.13x at 2-4 rows and about 0.5-0.7x from 8
 (their packed bytes are 0.42-0.84 of dense, and the dense path pays the expansion);
@@ -151,6 +153,23 @@ M16_BF16_TABLE_DENSITY = 0.125
 # at one row avx2 2.41x, dot 2.12x. 1:16 and 2:16 keep the AVX2 kernel (ahead at 4-8 rows:
 # 2:16 1.65-2.26x against dot 0.89-1.70x; within 15 % of dot at 2-3 rows).
 M16_BF16_DOT_ROWS = 6
+# M > 16 (8-bit positions: the dot kernel for M = 32 and 64, the table kernel for N dividing
+# 8, the dense path for any M), measured on 11008x4096, 2 threads, one weight (the packed
+# weights of 1:32 ... 4:32 fit in L3, so theirs are warm figures; dense's are not), 23:10 UTC
+# 2026-12-07: at most 1/8 dense the table kernel leads at every row count (bf16 1:32 and
+# 2:32 0.9-2.2 ms from 1 to 16 rows, dense bf16 5.3-7.5; 1:64 0.6-12 ms at 1-256 rows, dense
+# 7-56), but for one row of 4:32 the dot kernel (bf16 3.2 ms, table 4.2; fp32 4.4, 5.5).
+# 8:32: bf16 dot 4.6 / 5.9 ms at 1 / 4 rows (dense bf16 5.8 / 4.9, table 8.1 / 7.8), table
+# 9.0 ms at 16 (dense path 13.3), the dense path from 64 (23.9 / 62.6 ms at 64 / 256, table
+# 28.9 / 97.7); fp32 the table from 4 rows (8.2-106 ms at 4-256 rows, dense path 20-175).
+# 16:32 (N = 16 does not divide 8, no table): dot 7.8 ms at 4 bf16 rows (dense path 10.2),
+# the dense path from 16. The torch fallback these patterns ran before took 82-272 ms.
+# Cold, in one process (benchmarks/results/cpu_wide_m.md, 23:00 UTC): the automatic choice
+# was the fastest kernel, or within the noise of it, in all 40 cells of 1:32, 4:32, 8:32 and
+# 1:64 at 1-256 rows; bf16 against dense bf16 1:32 2.8-5.6x, 1:64 3.9-7.7x, 4:32 1.59x at
+# one row, 0.96-1.53x from 4; 8:32 1.13x at one row, 0.80-0.95x from 4 (no kernel is faster).
+WIDE_M_TABLE_DENSITY = 0.125
+WIDE_M_DOT_ROWS = 4
 # On a CPU with AMX, oneDNN's dense bf16 product runs on tiles, and the AVX-512 kernels here
 # (and the prepared one) are expected to lose to it from some tens of rows: there, from this
 # many bf16 rows, the dense path runs (the weight expanded tile by tile for F.linear: dense
@@ -243,9 +262,17 @@ def isa() -> str:
     return str(_STATE["best"])
 
 
+# The largest M the packed format holds (8-bit positions) and the kernels take.
+MAX_M = 256
+# Up to this M the positions take at most 4 bits, which the AVX2 library and every AVX-512
+# kernel read; larger M (8-bit positions) runs the dot kernel (M = 32, 64), the table kernel
+# (N dividing 8) or the dense path, on AVX-512 (:func:`wide_m`).
+NARROW_M = 16
+
+
 def pattern_reason(n: int, m: int) -> str | None:
-    if m > 16 or not 1 <= n < m:
-        return f"pattern {n}:{m} (the CPU kernels need 1 <= N < M <= 16)"
+    if m > MAX_M or not 1 <= n < m:
+        return f"pattern {n}:{m} (the CPU kernels need 1 <= N < M <= {MAX_M})"
     return None
 
 
@@ -253,6 +280,11 @@ def any_n(n: int) -> bool:
     """Whether N needs the kernels that take any N (the dot kernel and the dense path, on
     AVX-512): the others read the positions of 8 values at a time as whole groups."""
     return bool(8 % n)
+
+
+def wide_m(m: int) -> bool:
+    """Whether M's positions take 8 bits (M > 16): AVX-512 only, no AVX2, pairs or lanes."""
+    return m > NARROW_M
 
 
 def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
@@ -266,6 +298,9 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
     if reason is None and any_n(n) and name == "avx2":
         return (f"pattern {n}:{m} on AVX2 (its kernels need N dividing 8; with AVX-512 any N "
                 "runs)")
+    if reason is None and wide_m(m) and name == "avx2":
+        return (f"pattern {n}:{m} on AVX2 (its kernels need M <= {NARROW_M}; with AVX-512 any "
+                f"M up to {MAX_M} runs)")
     return reason
 
 
@@ -273,6 +308,20 @@ KERNELS = ("auto", "avx2", "dot", "table", "pairs", "lanes", "dense")
 _KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3, "lanes": 4}
 # The options bit "the CPU has AVX512_BF16 and VBMI" (OPTION_BF16 in nm_common.h).
 OPTION_BF16 = 8
+
+
+def kernel_takes(kernel: str, n: int, m: int) -> bool:
+    """Whether ``kernel`` (one of ``KERNELS[1:]``) takes N:M at all (pairs and lanes also need
+    bf16 weights on ``avx512bf16``; "avx2" is the AVX2 library's kernel)."""
+    if kernel == "avx2":
+        return not any_n(n) and not wide_m(m)
+    if kernel == "dot":
+        return not m & (m - 1) and m <= 64
+    if kernel == "table":
+        return not any_n(n)
+    if kernel in BF16_KERNELS:
+        return BF16_KERNELS[kernel](n, m)
+    return kernel == "dense"
 
 
 def pairs_take(n: int, m: int) -> bool:
@@ -305,8 +354,10 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
         return "avx2"
     if dtype == _BF16 and amx_dense(rows):
         return "dense"
+    if wide_m(m):
+        return _wide_kernel(dtype, rows, n, m)
     if any_n(n):  # N = 3, 5, 6, 7, ...: only these two take it
-        return "dot" if rows <= DOT_MAX_ROWS and not m & (m - 1) else "dense"
+        return "dot" if rows <= DOT_MAX_ROWS and kernel_takes("dot", n, m) else "dense"
     if name == "avx512bf16" and dtype == _BF16 and rows == 1 and m in (4, 8) and 2 * n >= m:
         return "dot"  # see ONE_ROW_DOT
     if name == "avx512bf16" and dtype == _BF16 and m == 16:
@@ -332,6 +383,19 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
                 return "avx2"
             return kernel
     raise AssertionError("DISPATCH entries end with None")
+
+
+def _wide_kernel(dtype: torch.dtype, rows: int, n: int, m: int) -> str:
+    """M > 16 (8-bit positions), see WIDE_M_TABLE_DENSITY."""
+    density = n / m
+    dot, table = kernel_takes("dot", n, m), kernel_takes("table", n, m)
+    if table and density <= WIDE_M_TABLE_DENSITY:
+        return "dot" if rows == 1 and dot and 2 * density > WIDE_M_TABLE_DENSITY else "table"
+    if dot and rows <= WIDE_M_DOT_ROWS:
+        return "dot"
+    if table and (density <= TABLE_MAX_DENSITY if dtype == _FP32 else rows <= 16):
+        return "table"
+    return "dense"
 
 
 # Below this many multiply-adds a call runs on one thread: starting a parallel region costs

@@ -38,8 +38,10 @@ struct Shape {
   int n, m, w;
 };
 
-// Bits per stored position for group size m (as nmsparse.packing.index_width, m <= 16).
-inline int index_width(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : 4; }
+// Bits per stored position for group size m (as nmsparse.packing.index_width, m <= 256).
+inline int index_width(int m) { return m <= 2 ? 1 : m <= 4 ? 2 : m <= 16 ? 4 : 8; }
+// The largest M the packed format holds (8-bit positions).
+constexpr int MAX_M = 256;
 
 // The dense mask of one output row (bit k set when input k has a kept weight), built from
 // its index bytes once per row and read 64 bits at a time by the dot kernels. Index byte i
@@ -407,8 +409,9 @@ int64_t block_inputs(int m, int lanes) {
   return kb < unit ? unit : kb;
 }
 
-// Rows of zeros after a block of xt: a position field can hold up to 15 whatever m is, so even
-// a corrupt index never reads outside the buffer.
+// Rows of zeros after a block of xt: a position field of up to 4 bits holds at most 15
+// whatever m is (8-bit ones are clamped to m - 1), so even a corrupt index never reads
+// outside the buffer.
 constexpr int64_t PAD_ROWS = 16;
 
 inline __m512 broadcast(const float* p) { return _mm512_set1_ps(*p); }
@@ -433,7 +436,17 @@ inline void block_offsets(const uint8_t* bits, int n, int m, int64_t j, int64_t 
   }
   const __m512i lanes_v = _mm512_set1_epi32((int)lanes);
   int64_t k = 0;
-  for (; k + 16 <= count; k += 16) {  // j + k is a multiple of 16
+  if (W == 8) {  // one byte per position; a corrupt one (>= m) is clamped, never read past
+    const __m512i last = _mm512_set1_epi32(m - 1);
+    for (; k + 16 <= count; k += 16) {
+      const __m512i pos = _mm512_min_epu32(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(bits + j + k))), last);
+      const int base = (int)((j + k) / n * m - k_first);
+      const __m512i at = _mm512_add_epi32(_mm512_add_epi32(pos, in_chunk), _mm512_set1_epi32(base));
+      _mm512_storeu_si512(offsets + k, _mm512_mullo_epi32(at, lanes_v));
+    }
+  }
+  for (; W != 8 && k + 16 <= count; k += 16) {  // j + k is a multiple of 16
     uint64_t word = 0;
     memcpy(&word, bits + (j + k) * W / 8, 2 * W);
     const __m512i both = _mm512_mask_blend_epi32(high, _mm512_set1_epi32((int)(uint32_t)word),
@@ -445,7 +458,8 @@ inline void block_offsets(const uint8_t* bits, int n, int m, int64_t j, int64_t 
   }
   for (; k < count; ++k) {
     const int64_t bit = (j + k) * W;
-    const int64_t pos = (bits[bit >> 3] >> (bit & 7)) & ((1 << W) - 1);
+    int64_t pos = (bits[bit >> 3] >> (bit & 7)) & ((1 << W) - 1);
+    if (pos >= m) pos = m - 1;
     offsets[k] = (int32_t)(((j + k) / n * m + pos - k_first) * lanes);
   }
 }
@@ -911,7 +925,8 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
         float* yr = y + first * s.out;
         if (W == 1) table_any<T, 1>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
         else if (W == 2) table_any<T, 2>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
-        else table_any<T, 4>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
+        else if (W == 4) table_any<T, 4>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
+        else table_any<T, 8>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
       }
     }
     free(xt);
@@ -940,7 +955,7 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
                        const void* values, int bf16, const uint8_t* indices,
                        int64_t out_features, int64_t slots, int64_t index_bytes, int n, int m,
                        const float* bias, float* y, int threads, int options) {
-  if (n < 1 || n >= m || m > 16) return 1;
+  if (n < 1 || n >= m || m > MAX_M) return 1;
   if (8 % n && (options & 7) != 1) return 1;  // only the dot kernel takes any N
   const int w = index_width(m);
   const Shape s{batch, in_features, out_features, slots, index_bytes, n, m, w};
@@ -962,7 +977,7 @@ int nmsparse_nm_linear(const void* x, int x_bf16, int64_t batch, int64_t in_feat
 int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_t slots,
                     int64_t index_bytes, int n, int m, int64_t in, int64_t begin, int64_t end,
                     void* dst, int threads, int options) {
-  if (n < 1 || n >= m || m > 16) return 1;
+  if (n < 1 || n >= m || m > MAX_M) return 1;
   const int w = index_width(m);
   const Shape s{0, in, end, slots, index_bytes, n, m, w};
   const int64_t elem = bf16 ? 2 : 4;
