@@ -301,8 +301,9 @@ first use, picked at run time from what the CPU reports (`NMSPARSE_CPU_ISA=avx2|
 avx512bf16` forces one; the tests run every path the CPU supports against `F.linear`):
 
 * `avx2` (AVX2 + FMA): one row gathers / permutes x at the kept positions; more rows broadcast
-  each kept value over x transposed. N dividing 8 only. The AVX-512 dispatch takes it for one
-  bf16 row, and for bf16 M = 16 (1:16, 2:16, 4:16) up to 64 rows.
+  each kept value over x transposed. N dividing 8 and M <= 16 only. The AVX-512 dispatch
+  takes it for one bf16 row, and for bf16 M = 16 (1:16, 2:16, 4:16) up to 64 rows (4:16:
+  `dot` at 2-6 rows).
 * `avx512` / `avx512bf16`, by rows (the measured table `cpu.DISPATCH`; one row runs the AVX2
   kernel, or `dot` for bf16 2:4 and 4:8):
   * `dot` (up to 8 rows a pass; the dispatch takes it for 2-4 bf16 rows, 2-8 fp32 rows):
@@ -310,9 +311,11 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
     mask built from the positions (`vpexpandw` / `vexpandps`; masks built 64 index bytes at a
     time with `vpermi2b`), then meets up to 8 rows of x: `vdpbf16ps` for bf16, FMA for fp32.
     The weight is read once per 8 rows; nothing is expanded to memory. It and the dense path
-    also take N not dividing 8 (3:4, 3:8, 5:8, ...: masks built per byte by scalar code).
-  * `table` (any M): rows in the vector lanes, only the kept products, fp32; the dispatch
-    takes it for 9-255 fp32 rows, and for bf16 1:16 and 2:16 beyond 64 rows.
+    also take N not dividing 8 (3:4, 3:8, 5:8, ...: masks built a period of index bytes at a
+    time, one table lookup per byte), and M = 32 and 64.
+  * `table` (any M up to 256, N dividing 8): rows in the vector lanes, only the kept
+    products, fp32; the dispatch takes it for 9-255 fp32 rows, for bf16 1:16 and 2:16 beyond
+    64 rows, and for M > 16 at most 1/8 dense (`cpu.WIDE_M_TABLE_DENSITY`).
   * `pairs` (bf16, M in {2, 4, 8}, N = 1 or even): up to 64 rows in the lanes; each pair of
     kept weights is broadcast as one 32-bit word into `vdpbf16ps` against a table entry holding
     the matching pairs of x, so 2:4 takes half the instructions of the dense product. The
@@ -331,7 +334,8 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
   * `dense`: tiles of the weight (8 MiB, at least 256 output rows) expanded just in time into
     one buffer and multiplied by `F.linear`; the dispatch takes it above 8 rows for bf16 N:M
     that neither `pairs` nor `lanes` takes (M = 16: above 64 rows, and only 4:16 and denser),
-    from 256 rows for fp32 denser than a quarter, and above 8 rows for N not dividing 8.
+    from 256 rows for fp32 denser than a quarter, above 8 rows for N not dividing 8, and for
+    M > 16 where neither `dot` nor `table` leads.
 * `prepared` (bf16 on `avx512bf16`; M in {2, 4, 8} with any N, and 1:16 ... 7:16;
   `PreparedNMLinear`, after `nmsparse.kernels.prepare_cpu(model)`; `nmsparse.load_pretrained`
   does it on the CPU): the lanes kernel's layout made once instead of on every call. Per
