@@ -911,9 +911,13 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
     int64_t begin, end;
     share(s.out, begin, end);
     const int64_t kb = block_inputs(s.m, 16);  // the largest block (fewest lanes)
-    float* xt = static_cast<float*>(aligned_alloc(64, (size_t)((kb + PAD_ROWS) * TABLE_ROWS * 4 + 63) / 64 * 64));
-    float* yt = static_cast<float*>(aligned_alloc(64, (size_t)((end - begin) * TABLE_ROWS * 4 + 64)));
-    int32_t* offsets = static_cast<int32_t*>(aligned_alloc(64, (size_t)(kb * 4 + 64)));
+    // this thread's kept scratch (no fresh pages per call), cut in three 64-byte-aligned parts
+    const int64_t xt_bytes = ((kb + PAD_ROWS) * TABLE_ROWS * 4 + 63) / 64 * 64;
+    const int64_t yt_bytes = ((end - begin) * TABLE_ROWS * 4 + 64 + 63) / 64 * 64;
+    char* kept = scratch(0, xt_bytes + yt_bytes + kb * 4 + 64);
+    float* xt = kept ? reinterpret_cast<float*>(kept) : nullptr;
+    float* yt = kept ? reinterpret_cast<float*>(kept + xt_bytes) : nullptr;
+    int32_t* offsets = kept ? reinterpret_cast<int32_t*>(kept + xt_bytes + yt_bytes) : nullptr;
     if (!xt || !yt || !offsets) {
 #pragma omp atomic write
       failed = 1;
@@ -929,9 +933,6 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
         else table_any<T, 8>(xr, s.in, rows, values, indices, s, bias, yr, s.out, begin, end, xt, yt, offsets);
       }
     }
-    free(xt);
-    free(yt);
-    free(offsets);
   }
   return failed ? 2 : 0;
 }
