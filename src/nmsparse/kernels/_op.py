@@ -95,15 +95,25 @@ def _triton_reason(x: torch.Tensor, values: torch.Tensor, m: int) -> str | None:
 
 
 _CPU_WARNED: list[str] = []  # the build error already warned about (once per process)
+_CPU_MODULE: list = []
+
+
+def _cpu():
+    """:mod:`nmsparse.kernels.cpu`, imported on the first CPU call (``import nmsparse`` does
+    not import it) and then held: an import statement costs about a microsecond on each of
+    the ~100 layer calls of a decode step."""
+    if not _CPU_MODULE:
+        from . import cpu
+
+        _CPU_MODULE.append(cpu)
+    return _CPU_MODULE[0]
 
 
 def _cpu_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
     """Why the CPU kernels do not take this call, or None if they do."""
     if x.device.type != "cpu":
         return f"device {x.device}"
-    from . import cpu  # lazy: compiles the kernels on the first CPU call
-
-    return cpu.unsupported_reason(x, values, n, m)
+    return _cpu().unsupported_reason(x, values, n, m)
 
 
 def _warn_cpu_fallback() -> None:
@@ -152,9 +162,7 @@ def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n:
     if choice in ("auto", "cpu"):
         reason = _cpu_reason(x, values, n, m)
         if reason is None:
-            from . import cpu
-
-            return cpu.run_checked(x, values, indices, n, m, bias)
+            return _cpu().run_checked(x, values, indices, n, m, bias)
         if choice == "cpu":
             raise ValueError(f"{ENV_BACKEND}=cpu but the CPU kernels cannot run: {reason}")
         if x.device.type == "cpu":

@@ -188,12 +188,16 @@ AMX_DENSE_ROWS = 64
 DENSE_TILE_BYTES = 8 << 20
 DENSE_TILE_ROWS = 256
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}  # library name -> CDLL, or "error:<name>" -> message
+# library name -> CDLL, or "error:<name>" -> message; and what was found once about this machine
+_STATE: dict[str | tuple, object] = {}
 
 
 def library(name: str = "avx2") -> ctypes.CDLL:
     """The loaded kernels of one library (built on the first call); :class:`BuildError` if
     they cannot be."""
+    loaded = _STATE.get(name)  # the call path of every layer: no lock once loaded
+    if loaded is not None:
+        return loaded  # type: ignore[return-value]
     with _LOCK:
         if name not in _STATE and f"error:{name}" not in _STATE:
             try:
@@ -214,7 +218,7 @@ def build_error() -> str | None:
     return None
 
 
-def features() -> set[str]:
+def features() -> frozenset[str]:
     """What this CPU runs, of ``avx2``, ``avx512``, ``avx512bf16`` and ``amx`` (empty if the
     kernels cannot be built)."""
     if "features" not in _STATE:
@@ -222,8 +226,9 @@ def features() -> set[str]:
             bits = library().nmsparse_cpu_features()
         except BuildError:
             bits = 0
-        _STATE["features"] = {name for name, bit in _FEATURE_BITS.items() if bits & bit}
-    return set(_STATE["features"])  # type: ignore[arg-type]
+        _STATE["features"] = frozenset(name for name, bit in _FEATURE_BITS.items()
+                                       if bits & bit)
+    return _STATE["features"]  # type: ignore[return-value]
 
 
 def isa_reason(name: str) -> str | None:
@@ -294,6 +299,13 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
     if values.dtype not in DTYPES:
         return f"dtype {values.dtype} (the CPU kernels take float32 and bfloat16)"
     name = isa()
+    key = ("unsupported", name, n, m)  # asked for every layer call: kept with the build state
+    if key not in _STATE:
+        _STATE[key] = _unsupported_reason(name, n, m)
+    return _STATE[key]  # type: ignore[return-value]
+
+
+def _unsupported_reason(name: str, n: int, m: int) -> str | None:
     reason = pattern_reason(n, m) or isa_reason(name)
     if reason is None and any_n(n) and name == "avx2":
         return (f"pattern {n}:{m} on AVX2 (its kernels need N dividing 8; with AVX-512 any N "
