@@ -118,25 +118,21 @@ struct Masks {
   }
   template <int BYTES>
   int64_t periods_of(const uint8_t* bits, int64_t periods, uint8_t* out) const {
-    switch (period) {  // a fixed period unrolls the loop over its bytes
-      case 1: return periods_fixed<BYTES, 1>(bits, periods, out);
-      case 2: return periods_fixed<BYTES, 2>(bits, periods, out);
-      case 3: return periods_fixed<BYTES, 3>(bits, periods, out);
-      case 5: return periods_fixed<BYTES, 5>(bits, periods, out);
-      case 7: return periods_fixed<BYTES, 7>(bits, periods, out);
+    switch (period) {  // a constant length, inlined, unrolls the loop over a period's bytes
+      case 1: return periods_loop<BYTES>(bits, periods, out, 1);
+      case 2: return periods_loop<BYTES>(bits, periods, out, 2);
+      case 3: return periods_loop<BYTES>(bits, periods, out, 3);
+      case 5: return periods_loop<BYTES>(bits, periods, out, 5);
+      case 7: return periods_loop<BYTES>(bits, periods, out, 7);
     }
-    for (int64_t p = 0; p < periods; ++p) {
-      uint32_t word = 0;
-      for (int j = 0; j < period; ++j) word |= contrib[j][bits[p * period + j]];
-      memcpy(out + p * BYTES, &word, BYTES);
-    }
-    return periods;
+    return periods_loop<BYTES>(bits, periods, out, period);
   }
-  template <int BYTES, int PERIOD>
-  int64_t periods_fixed(const uint8_t* bits, int64_t periods, uint8_t* out) const {
+  template <int BYTES>
+  __attribute__((always_inline)) inline int64_t periods_loop(const uint8_t* bits, int64_t periods,
+                                                             uint8_t* out, int length) const {
     for (int64_t p = 0; p < periods; ++p) {
       uint32_t word = 0;
-      for (int j = 0; j < PERIOD; ++j) word |= contrib[j][bits[p * PERIOD + j]];
+      for (int j = 0; j < length; ++j) word |= contrib[j][bits[p * length + j]];
       memcpy(out + p * BYTES, &word, BYTES);
     }
     return periods;
@@ -437,23 +433,20 @@ inline void block_offsets(const uint8_t* bits, int n, int m, int64_t j, int64_t 
     in_chunk = _mm512_load_si512(ic);
   }
   const __m512i lanes_v = _mm512_set1_epi32((int)lanes);
+  const __m512i last = _mm512_set1_epi32(m - 1);
   int64_t k = 0;
-  if (W == 8) {  // one byte per position; a corrupt one (>= m) is clamped, never read past
-    const __m512i last = _mm512_set1_epi32(m - 1);
-    for (; k + 16 <= count; k += 16) {
-      const __m512i pos = _mm512_min_epu32(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+  for (; k + 16 <= count; k += 16) {  // j + k is a multiple of 16
+    __m512i pos;
+    if constexpr (W == 8) {  // one byte per position; a corrupt one (>= m) is clamped
+      pos = _mm512_min_epu32(_mm512_cvtepu8_epi32(_mm_loadu_si128(
           reinterpret_cast<const __m128i*>(bits + j + k))), last);
-      const int base = (int)((j + k) / n * m - k_first);
-      const __m512i at = _mm512_add_epi32(_mm512_add_epi32(pos, in_chunk), _mm512_set1_epi32(base));
-      _mm512_storeu_si512(offsets + k, _mm512_mullo_epi32(at, lanes_v));
+    } else {
+      uint64_t word = 0;
+      memcpy(&word, bits + (j + k) * W / 8, 2 * W);
+      const __m512i both = _mm512_mask_blend_epi32(high, _mm512_set1_epi32((int)(uint32_t)word),
+                                                   _mm512_set1_epi32((int)(word >> 32)));
+      pos = _mm512_and_si512(_mm512_srlv_epi32(both, shifts), field);
     }
-  }
-  for (; W != 8 && k + 16 <= count; k += 16) {  // j + k is a multiple of 16
-    uint64_t word = 0;
-    memcpy(&word, bits + (j + k) * W / 8, 2 * W);
-    const __m512i both = _mm512_mask_blend_epi32(high, _mm512_set1_epi32((int)(uint32_t)word),
-                                                 _mm512_set1_epi32((int)(word >> 32)));
-    const __m512i pos = _mm512_and_si512(_mm512_srlv_epi32(both, shifts), field);
     const int base = (int)((j + k) / n * m - k_first);
     const __m512i at = _mm512_add_epi32(_mm512_add_epi32(pos, in_chunk), _mm512_set1_epi32(base));
     _mm512_storeu_si512(offsets + k, _mm512_mullo_epi32(at, lanes_v));
