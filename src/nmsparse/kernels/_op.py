@@ -117,8 +117,7 @@ def _cpu_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | 
 
 
 def _warn_cpu_fallback() -> None:
-    from . import cpu
-
+    cpu = _cpu()
     error = cpu.isa_reason(cpu.isa())  # a build error, or a forced NMSPARSE_CPU_ISA missing here
     if error and not _CPU_WARNED:
         _CPU_WARNED.append(error)
