@@ -80,13 +80,6 @@ class Copies(list):
     def __init__(self, items) -> None:
         super().__init__(items)
         self.cursor = 0
-        self.modules: dict[int, NMLinear] = {}
-
-    def module(self, weight) -> NMLinear:
-        """The ``NMLinear`` holding copy ``weight`` (its tensors, not a copy of them)."""
-        if id(weight) not in self.modules:
-            self.modules[id(weight)] = NMLinear(weight)
-        return self.modules[id(weight)]
 
     def next(self):
         self.cursor += 1
@@ -117,8 +110,8 @@ class Method:
             return prepacked.nm_linear_prepacked(x, weight.layout, weight.n, weight.m,
                                                  weight.in_features, weight.out_features,
                                                  kernel="dense")
-        if self.kernel == "auto":  # the module users get from swap_linear_layers
-            return self.copies.module(weight)(x)
+        if self.kernel == "auto":  # the NMLinear users get from swap_linear_layers
+            return weight(x)
         return cpu.nm_linear_cpu(x, weight.values, weight.indices, weight.n, weight.m,
                                  kernel=self.kernel)
 
@@ -164,8 +157,9 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
     methods = []
     for dtype_name, dtype in DTYPES.items():
         packed = pack(pruned.to(dtype), n, m)
-        copies = Copies(type(packed)(packed.values.clone(), packed.indices.clone(), n, m,
-                                     packed.shape)
+        # each copy an NMLinear (what auto calls; the forced kernels read its buffers)
+        copies = Copies(NMLinear(type(packed)(packed.values.clone(), packed.indices.clone(), n,
+                                              m, packed.shape))
                         for _ in range(copies_for(packed.nbytes, cold_bytes)))
         for isa, kernel in paths():
             if not applies(isa, kernel, dtype_name, n, m):
@@ -177,7 +171,7 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
             methods.append(Method(name, dtype_name, pattern, copies, packed.nbytes,
                                   packed.dense_nbytes, isa, kernel))
         if prepacked.prepack_reason(packed.values, n, m) is None:
-            layouts = Copies(PreparedNMLinear(weight) for weight in copies)
+            layouts = Copies(PreparedNMLinear.from_nm_linear(layer) for layer in copies)
             for kernel in ("prepared", "prepared/dense"):
                 methods.append(Method(f"{pattern} {dtype_name} {kernel}", dtype_name, pattern,
                                       layouts, layouts[0].layout.numel(), packed.dense_nbytes,
