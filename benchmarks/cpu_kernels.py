@@ -106,10 +106,10 @@ class Method:
             os.environ[cpu.ENV_ISA] = self.isa
         if self.kernel == "prepared":  # the module, as users call it
             return weight(x)
-        if self.kernel == "prepared/dense":  # the prepared layer's dense path, forced
+        if self.kernel in ("prepared/dense", "prepared/amx"):  # a prepared layer's path, forced
             return prepacked.nm_linear_prepacked(x, weight.layout, weight.n, weight.m,
                                                  weight.in_features, weight.out_features,
-                                                 kernel="dense")
+                                                 kernel=self.kernel.split("/")[1])
         if self.kernel == "auto":  # the NMLinear users get from swap_linear_layers
             return weight(x)
         return cpu.nm_linear_cpu(x, weight.values, weight.indices, weight.n, weight.m,
@@ -128,6 +128,8 @@ def paths() -> list[tuple[str | None, str]]:
     wide = next((isa for isa in ("avx512bf16", "avx512") if cpu.isa_reason(isa) is None), None)
     if wide:
         found += [(wide, kernel) for kernel in KERNEL_PATHS]
+    if wide == "avx512bf16" and cpu.amx_reason() is None:
+        found.append((wide, "amx"))
     return found
 
 
@@ -137,6 +139,8 @@ def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
     if cpu.pattern_reason(n, m) or not cpu.kernel_takes("avx2" if isa == "avx2" else kernel,
                                                         n, m):
         return False
+    if kernel == "amx":  # bf16 weights only
+        return dtype == "bf16"
     return kernel not in cpu.BF16_KERNELS or (dtype == "bf16" and isa == "avx512bf16")
 
 
@@ -172,7 +176,8 @@ def pattern_methods(base: torch.Tensor, pattern: str, cold_bytes: int) -> list[M
                                   packed.dense_nbytes, isa, kernel))
         if prepacked.prepack_reason(packed.values, n, m) is None:
             layouts = Copies(PreparedNMLinear.from_nm_linear(layer) for layer in copies)
-            for kernel in ("prepared", "prepared/dense"):
+            amx = ("prepared/amx",) if cpu.amx_reason() is None else ()
+            for kernel in ("prepared", "prepared/dense", *amx):
                 methods.append(Method(f"{pattern} {dtype_name} {kernel}", dtype_name, pattern,
                                       layouts, layouts[0].layout.numel(), packed.dense_nbytes,
                                       kernel=kernel))
@@ -272,7 +277,8 @@ def features_line() -> str:
         pass
     return (f"CPU flags: {' '.join(sorted(flags)) or 'unknown'}; L3 {l3_bytes() >> 20} MiB; "
             f"kernels: instruction sets {', '.join(sorted(cpu.features())) or 'none'}, "
-            f"automatic choice {cpu.isa()} (AMX is not used by any kernel)")
+            f"automatic choice {cpu.isa()}; AMX kernel: "
+            f"{'runs' if cpu.amx_reason() is None else 'not used, ' + str(cpu.amx_reason())}")
 
 
 def machine_line(threads: int) -> str:
@@ -347,9 +353,13 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
 * `prepared/dense` (forced here): a prepared layer's dense path: tiles of 8 MiB expanded from
   the layout by vector code (compares spread each window's pairs over its 8 columns, then a
   16 x 8 transpose) and multiplied by `F.linear` while in cache.
-* AMX (`tdpbf16ps` tiles) is future work: it needs an AMX machine to write and verify, and this
-  one (AMD Zen 4) has none; on an AMX Xeon oneDNN's dense bf16 uses AMX, so the cross-over
-  rows there must be remeasured (rerun this benchmark there).
+* `amx` and `prepared/amx` (bf16, M a power of two up to 64, and the prepared layout; only on a
+  CPU with AMX-BF16, after its self-check passed in a child process): per block of 16 outputs
+  the weight's rows are expanded into a panel in the thread's cache, and each 16 x 32 slice
+  meets up to four tiles of x in `tdpbf16ps`. Written on a CPU without AMX and checked there
+  only through a build whose tile operations are C++; not run or timed on AMX hardware. The
+  dispatch takes it from `cpu.AMX_ROWS` bf16 rows (not measured: rerun this benchmark on an
+  AMX Xeon, where oneDNN's dense bf16 also runs on tiles, and set the row counts from it).
 """
 
 

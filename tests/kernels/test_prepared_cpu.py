@@ -372,12 +372,15 @@ def test_dense_rows_of_a_layout_are_the_weight_bit_for_bit_and_the_dense_path_is
 
 @needs_bf16_kernels
 def test_on_a_cpu_with_amx_many_bf16_rows_take_the_dense_path(monkeypatch):
-    """Where the CPU reports AMX, bf16 calls from AMX_DENSE_ROWS rows on (plain and prepared)
-    run oneDNN's product on expanded tiles; elsewhere the table and the prepared kernel rule."""
+    """Where the CPU reports AMX but the AMX kernel cannot run, bf16 calls from
+    AMX_DENSE_ROWS rows on (plain and prepared) run oneDNN's product on expanded tiles;
+    elsewhere the table and the prepared kernel rule."""
     rows = cpu.AMX_DENSE_ROWS
+    monkeypatch.setitem(cpu._STATE, "features", cpu.features() - {"amx"})
     assert prepacked.kernel_for(rows) == "lanes"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 2, 4) != "dense"
     monkeypatch.setitem(cpu._STATE, "features", cpu.features() | {"amx"})
+    monkeypatch.setitem(cpu._STATE, "amx_reason", "its self-check gave a wrong result")
     assert prepacked.kernel_for(rows - 1) == "lanes" and prepacked.kernel_for(rows) == "dense"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 2, 4) == "dense"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows - 1, 2, 4) != "dense"

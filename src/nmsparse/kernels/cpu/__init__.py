@@ -40,10 +40,17 @@ arrangement of a bf16 weight made once, in the packed format's bytes, and a kern
 it directly at any number of rows, for every N:M with M in {2, 4, 8}; it is not part of
 :data:`DISPATCH` (an ``NMLinear`` holds the packed format, a ``PreparedNMLinear`` the layout).
 
-AMX (``tdpbf16ps`` tiles) is not used by any kernel here: it needs a machine with AMX to write
-and verify, which this work did not have (:func:`features` reports it). Where the CPU has it,
-bf16 calls from :data:`AMX_DENSE_ROWS` rows take the dense path, whose ``F.linear`` runs on
-AMX tiles in oneDNN (a row count from arithmetic, not measured).
+AMX (``tdpbf16ps`` tiles, ``nm_amx_avx512.h``, :func:`amx_linear`): per block of 16 outputs
+the weight's rows (packed, M a power of two up to 64, or the prepared layout) are expanded
+into a panel in the thread's cache, and each 16 x 32 slice of it meets up to four tiles of x
+(64 rows) per pass. It was written on CPUs without AMX and has NOT run on AMX hardware: the
+tests check a build whose tile operations are C++ following Intel's pseudo-code
+(``amx_emulated``) against F.linear, and before the real one is used a child process runs
+its self-check (:func:`amx_reason`), so that a fault or a wrong result disables it with one
+warning. Where it runs, bf16 calls from :data:`AMX_ROWS` rows take it (plain and prepared);
+where the CPU has AMX but the kernel cannot run, from :data:`AMX_DENSE_ROWS` rows the dense
+path, whose ``F.linear`` runs on AMX tiles in oneDNN. Both row counts are arithmetic, not
+measured. ``NMSPARSE_CPU_AMX=0`` turns the AMX kernel off.
 
 The "dense" path (AVX-512) expands tiles of the weight (8 MiB, at least 256 output rows) just
 in time into one buffer and multiplies each by ``F.linear`` (oneDNN's dense GEMM) while it is
@@ -79,6 +86,7 @@ from ._build import BuildError, load
 DTYPES = (torch.float32, torch.bfloat16)
 ISAS = ("avx2", "avx512", "avx512bf16")  # lowest first
 ENV_ISA = "NMSPARSE_CPU_ISA"
+ENV_AMX = "NMSPARSE_CPU_AMX"
 _LIBRARY_OF = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512"}
 _FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512bf16": 4, "amx": 8}
 # The dot kernel takes up to this many rows per pass over the weight.
@@ -181,6 +189,13 @@ WIDE_M_DOT_ROWS = 4
 # the dense path is expected to pass the prepared kernel near 64 rows. Without AMX the table
 # above decides.
 AMX_DENSE_ROWS = 64
+# From this many bf16 rows the AMX kernel runs where it can (amx_reason() is None). NOT
+# MEASURED either: at 16 rows oneDNN's dense product on AMX tiles already beat the AVX-512
+# kernels here 3x on a Xeon (the issue's table: 2:4 at 0.34x of dense bf16), and the AMX
+# kernel, expanding a 1 KiB tile with 16 vpexpandw for each 16 x 16 x 32 tile product, should
+# be bound by reading the packed weight from there on; below it the dot and lanes kernels keep
+# the few-row work, where a tile would be mostly padding.
+AMX_ROWS = 16
 # Weight bytes per tile of the dense path, and at least this many output rows per tile: few
 # large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
 # threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
@@ -316,7 +331,7 @@ def _unsupported_reason(name: str, n: int, m: int) -> str | None:
     return reason
 
 
-KERNELS = ("auto", "avx2", "dot", "table", "pairs", "lanes", "dense")
+KERNELS = ("auto", "avx2", "dot", "table", "pairs", "lanes", "dense", "amx")
 _KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3, "lanes": 4}
 # The options bit "the CPU has AVX512_BF16 and VBMI" (OPTION_BF16 in nm_common.h).
 OPTION_BF16 = 8
@@ -327,7 +342,7 @@ def kernel_takes(kernel: str, n: int, m: int) -> bool:
     bf16 weights on ``avx512bf16``; "avx2" is the AVX2 library's kernel)."""
     if kernel == "avx2":
         return not any_n(n) and not wide_m(m)
-    if kernel == "dot":
+    if kernel in ("dot", "amx"):  # the masks of 64 inputs at a time
         return not m & (m - 1) and m <= 64
     if kernel == "table":
         return not any_n(n)
@@ -352,10 +367,116 @@ def lanes_take(n: int, m: int) -> bool:
 BF16_KERNELS = {"pairs": pairs_take, "lanes": lanes_take}
 
 
+def amx_rows(rows: int) -> bool:
+    """Whether ``rows`` bf16 rows take the AMX kernel (:data:`AMX_ROWS`, where it runs:
+    :func:`amx_reason`), for patterns it takes: plain and prepared layers alike."""
+    return rows >= AMX_ROWS and "amx" in features() and amx_reason() is None
+
+
 def amx_dense(rows: int) -> bool:
     """Whether ``rows`` bf16 rows take the dense path because the CPU has AMX, where oneDNN's
-    product runs on tiles (:data:`AMX_DENSE_ROWS`): plain and prepared layers alike."""
+    product runs on tiles (:data:`AMX_DENSE_ROWS`), and the AMX kernel did not take them:
+    plain and prepared layers alike."""
     return rows >= AMX_DENSE_ROWS and "amx" in features()
+
+
+def amx_reason() -> str | None:
+    """Why the AMX kernel cannot run here, or ``None`` if it can (checked once per process):
+    the CPU needs AMX-BF16 and the bf16 kernels' instruction set, Linux must grant the tile
+    state, ``NMSPARSE_CPU_AMX`` must not be ``0``, and the kernel's self-check must pass in a
+    child process (it has not run on AMX hardware before; a crash there does not reach this
+    process). A CPU with AMX whose kernel cannot run warns once, saying why."""
+    if "amx_reason" not in _STATE:
+        reason = _amx_reason()
+        if reason is not None and "amx" in features() and os.environ.get(ENV_AMX) != "0":
+            import warnings
+
+            warnings.warn(f"nmsparse: the AMX kernel is not used: {reason}; bf16 layers run "
+                          "the AVX-512 kernels and, from "
+                          f"{AMX_DENSE_ROWS} rows, oneDNN on AMX tiles (exact either way)",
+                          RuntimeWarning, stacklevel=2)
+        _STATE["amx_reason"] = reason
+    return _STATE["amx_reason"]  # type: ignore[return-value]
+
+
+AMX_SELFTEST = ("import ctypes, sys; "
+                "sys.exit(ctypes.CDLL(sys.argv[1]).nmsparse_amx_selftest(int(sys.argv[2])))")
+
+
+def _amx_reason() -> str | None:
+    if os.environ.get(ENV_AMX) == "0":
+        return f"{ENV_AMX}=0"
+    if "amx" not in features():
+        return "this CPU has no AMX-BF16"
+    reason = isa_reason("avx512bf16")
+    if reason:
+        return f"the AMX kernel expands the weight with AVX512_BF16 and VBMI code: {reason}"
+    import subprocess
+    import sys
+
+    path = library("avx512")._name
+    try:
+        done = subprocess.run([sys.executable, "-c", AMX_SELFTEST, path, "2"],
+                              capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"its self-check could not run ({error})"
+    if done.returncode == 1:
+        return "its self-check gave a wrong result (please report it with this CPU's model)"
+    if done.returncode == 2:
+        return "Linux did not grant the AMX tile state, or memory ran out"
+    if done.returncode:
+        return f"its self-check ended with status {done.returncode} (a fault: please report it)"
+    if library("avx512").nmsparse_amx_request():
+        return "Linux did not grant this process the AMX tile state"
+    return None
+
+
+def amx_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+               bias: torch.Tensor | None = None, *, emulated: bool = False) -> torch.Tensor:
+    """``x @ W.T + bias`` on AMX tiles for a bf16 packed weight with M a power of two up to
+    64 (x rounded to bf16, as the other bf16 kernels do; fp32 accumulation; the result in x's
+    dtype). ``emulated``: the build whose tile operations are C++ (any CPU with AVX512_BF16:
+    for tests; slow)."""
+    if values.dtype != _BF16 or not kernel_takes("amx", n, m):
+        raise ValueError(f"the AMX kernel takes bf16 weights with M a power of two up to 64, "
+                         f"got {values.dtype} {n}:{m}")
+    function = _amx_library(emulated).nmsparse_amx_linear
+    out_features, slots = values.shape
+    flat = x.reshape(-1, x.shape[-1]).to(_BF16).contiguous()
+    values, indices = values.contiguous(), indices.contiguous()
+
+    def call(bias32, y):
+        return function(flat.data_ptr(), flat.shape[0], flat.shape[1], values.data_ptr(),
+                        indices.data_ptr(), out_features, slots, indices.shape[1], n, m, bias32,
+                        y, threads_for(flat.shape[0], values.numel()))
+
+    return _amx_call(call, x, flat.shape[0], out_features, bias, f"{n}:{m}")
+
+
+def _amx_library(emulated: bool) -> ctypes.CDLL:
+    if emulated:
+        reason = isa_reason("avx512bf16")
+        if reason:
+            raise ValueError(f"the emulated AMX kernel needs AVX512_BF16 and VBMI: {reason}")
+        return library("amx_emulated")
+    reason = amx_reason()
+    if reason:
+        raise ValueError(f"the AMX kernel cannot run here: {reason}")
+    return library("avx512")
+
+
+def _amx_call(call, x: torch.Tensor, batch: int, out_features: int,
+              bias: torch.Tensor | None, pattern: str) -> torch.Tensor:
+    """Runs ``call(bias pointer, y pointer)`` (an AMX entry point) into a new fp32 y."""
+    y = torch.empty(batch, out_features, dtype=torch.float32)
+    if batch and out_features:
+        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        status = call(None if bias32 is None else bias32.data_ptr(), y.data_ptr())
+        if status == 2:
+            raise MemoryError(_STATUS[2])
+        if status:
+            raise ValueError(f"the AMX kernel rejects pattern {pattern}")
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
@@ -364,6 +485,8 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     two, else the AVX2 library runs those rows)."""
     if name == "avx2":
         return "avx2"
+    if dtype == _BF16 and amx_rows(rows) and name == "avx512bf16" and kernel_takes("amx", n, m):
+        return "amx"
     if dtype == _BF16 and amx_dense(rows):
         return "dense"
     if wide_m(m):
@@ -503,6 +626,8 @@ def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n:
         raise ValueError(f"kernel {chosen!r} needs AVX-512 ({ENV_ISA}={name})")
     if chosen == "dense":
         return _dense_tiles(name, x, values, indices, n, m, bias)
+    if chosen == "amx":
+        return amx_linear(x, values, indices, n, m, bias)
     if chosen == "avx2":
         name = "avx2"
     else:

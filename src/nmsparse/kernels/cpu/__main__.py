@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import sys
 
-from . import AMX_DENSE_ROWS, ISAS, build_error, features, isa, isa_reason, mask_pass
+from . import (
+    AMX_DENSE_ROWS,
+    AMX_ROWS,
+    ISAS,
+    amx_reason,
+    build_error,
+    features,
+    isa,
+    isa_reason,
+    mask_pass,
+)
 from ._build import BuildError, cache_dir, compiler
 
 
@@ -43,10 +53,14 @@ def main() -> int:
     prepared = ("available for bf16 weights (nmsparse.kernels.prepare_cpu)"
                 if isa() == "avx512bf16" else "not available (it needs AVX512_BF16 and VBMI)")
     print(f"prepared layout (PreparedNMLinear): {prepared}")
-    if "amx" in cpu:  # no kernel here uses AMX; oneDNN's dense product does
-        print(f"AMX: bf16 calls from {AMX_DENSE_ROWS} rows take the dense path, whose F.linear "
-              "runs on AMX tiles (a row count not measured on an AMX CPU: rerun "
-              "benchmarks/cpu_kernels.py there)")
+    if "amx" in cpu:
+        reason = amx_reason()
+        if reason is None:
+            print(f"AMX: bf16 calls from {AMX_ROWS} rows take the AMX kernel (its self-check "
+                  "passed; the row count is not measured: rerun benchmarks/cpu_kernels.py)")
+        else:
+            print(f"AMX: bf16 calls from {AMX_DENSE_ROWS} rows take the dense path, whose "
+                  f"F.linear runs on AMX tiles; the AMX kernel is not used: {reason}")
     return 1 if missing else 0
 
 

@@ -7,7 +7,11 @@ so that no AVX-512 instruction can leak into the code an AVX2-only CPU runs:
 * ``avx512``: ``nm_linear_avx512.cpp`` with AVX-512 F/BW/VL/DQ; its bf16 kernels carry a
   ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where the probe says so;
 * ``mask_avx2`` / ``mask_avx512``: ``nm_mask.cpp`` (the per-step mask pass of sparse training,
-  :mod:`.mask_pass`) built with the same two sets of flags.
+  :mod:`.mask_pass`) built with the same two sets of flags;
+* ``amx_emulated``: ``nm_linear_avx512.cpp`` again with ``NMSPARSE_AMX_EMULATE``, whose AMX tile
+  operations are C++ (``nm_amx_avx512.h``), so that the AMX kernel's tiling is tested on CPUs
+  without AMX (the tests build it; the dispatcher never uses it). The ``avx512`` library holds
+  the real AMX kernel, whose functions carry an ``amx-tile,amx-bf16`` target attribute.
 
 The sources share the headers in this folder (``*.h``), which count in every library's hash.
 
@@ -50,6 +54,8 @@ LIBRARIES = {
     "avx512": ("nm_linear_avx512.cpp", AVX512_FLAGS, "nm_linear_avx512"),
     "mask_avx2": ("nm_mask.cpp", AVX2_FLAGS, "nm_mask_avx2"),
     "mask_avx512": ("nm_mask.cpp", AVX512_FLAGS, "nm_mask_avx512"),
+    "amx_emulated": ("nm_linear_avx512.cpp", (*AVX512_FLAGS, "-DNMSPARSE_AMX_EMULATE"),
+                     "nm_linear_avx512_amx_emulated"),
 }
 ABI = 5  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -65,6 +71,13 @@ SIGNATURES = {
     "nmsparse_lanes_pack": ([_PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _INT, _PTR], _INT),
     "nmsparse_lanes_unpack": ([_PTR, _I64, _I64, _I64, _I64, _INT, _INT, _PTR, _PTR], _INT),
     "nmsparse_lanes_linear": ([_PTR, _I64, _I64, _PTR, _I64, _INT, _INT, _PTR, _PTR, _INT], _INT),
+    "nmsparse_amx_emulated": ([], _INT),
+    "nmsparse_amx_request": ([], _INT),
+    "nmsparse_amx_selftest": ([_INT], _INT),
+    "nmsparse_amx_linear": ([_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _PTR,
+                             _PTR, _INT], _INT),
+    "nmsparse_amx_lanes_linear": ([_PTR, _I64, _I64, _PTR, _I64, _INT, _INT, _PTR, _PTR, _INT],
+                                  _INT),
     "nmsparse_mask_refresh": ([_PTR, _INT, _PTR, _PTR, _I64, _INT, _INT, _I64, _INT, _PTR], _INT),
     "nmsparse_mask_fixed": ([_PTR, _INT, _PTR, _PTR, _I64, _INT, _PTR], _INT),
     "nmsparse_mask_decay": ([_PTR, _PTR, _PTR, ctypes.c_float, _I64, _INT], _INT),

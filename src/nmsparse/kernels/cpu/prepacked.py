@@ -20,7 +20,17 @@ import functools
 import torch
 
 from ...packing import packed_shapes
-from . import _STATUS, amx_dense, isa, library, threads_for, tiled_linear
+from . import (
+    _STATUS,
+    _amx_call,
+    _amx_library,
+    amx_dense,
+    amx_rows,
+    isa,
+    library,
+    threads_for,
+    tiled_linear,
+)
 
 _BF16 = torch.bfloat16
 
@@ -142,16 +152,37 @@ def dense_rows(layout: torch.Tensor, n: int, m: int, in_features: int, out_featu
     return out[:rows]
 
 
-KERNELS = ("auto", "lanes", "dense")
+KERNELS = ("auto", "lanes", "dense", "amx")
 
 
 def kernel_for(rows: int) -> str:
-    """The prepared kernel ``rows`` rows run on this CPU: as for plain layers, the dense path
-    (tiles expanded from the layout for F.linear) on a CPU with AMX from
-    :data:`nmsparse.kernels.cpu.AMX_DENSE_ROWS` rows (not measured: see there); else
+    """The prepared kernel ``rows`` rows run on this CPU, as for plain layers: on a CPU with
+    AMX the AMX kernel from :data:`nmsparse.kernels.cpu.AMX_ROWS` rows where it runs, else
+    the dense path (tiles expanded from the layout for F.linear) from
+    :data:`nmsparse.kernels.cpu.AMX_DENSE_ROWS` rows (neither measured: see there); else
     ``"lanes"``, the prepared kernel, at every row count (measured ahead of dense bf16 up to
     512 rows for 2:4 on Zen 4)."""
+    if amx_rows(rows):
+        return "amx"
     return "dense" if amx_dense(rows) else "lanes"
+
+
+def amx_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_features: int,
+                  out_features: int, bias: torch.Tensor | None = None, *,
+                  emulated: bool = False) -> torch.Tensor:
+    """:func:`nm_linear_prepacked` on AMX tiles (:func:`nmsparse.kernels.cpu.amx_linear`):
+    each block of 16 outputs expanded from the layout into the thread's panel. ``emulated``:
+    the build whose tile operations are C++ (tests)."""
+    _check_layout(layout, n, m, in_features, out_features)
+    function = _amx_library(emulated).nmsparse_amx_lanes_linear
+    flat = x.reshape(-1, in_features).to(_BF16).contiguous()
+
+    def call(bias32, y):
+        return function(flat.data_ptr(), flat.shape[0], in_features, layout.data_ptr(),
+                        out_features, n, m, bias32, y,
+                        threads_for(flat.shape[0], out_features * (in_features // m * n)))
+
+    return _amx_call(call, x, flat.shape[0], out_features, bias, f"{n}:{m}")
 
 
 def _dense_tiles(flat: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_features: int,
@@ -182,7 +213,10 @@ def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
         raise ValueError(f"kernel {kernel!r} is not one of {KERNELS}")
     flat = x.reshape(-1, in_features)
     batch = flat.shape[0]
-    if (kernel_for(batch) if kernel == "auto" else kernel) == "dense":
+    chosen = kernel_for(batch) if kernel == "auto" else kernel
+    if chosen == "amx":
+        return amx_prepacked(x, layout, n, m, in_features, out_features, bias)
+    if chosen == "dense":
         y = _dense_tiles(flat, layout, n, m, in_features, out_features, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
     rows = flat.to(_BF16).contiguous()
