@@ -196,7 +196,9 @@ AMX_TARGET void amx_pass(const bf16_t* panel, int64_t ld, const bf16_t* xv, int6
 template <typename Expand>
 AMX_TARGET int amx_run(const bf16_t* x, int64_t batch, int64_t in, int64_t out, const float* bias,
                        float* y, int threads, const Expand& expand, int64_t scratch_bytes) {
-  const int64_t chunks = (in + AMX_TILE_K - 1) / AMX_TILE_K, ld = chunks * AMX_TILE_K;
+  const int64_t chunks = (in + AMX_TILE_K - 1) / AMX_TILE_K;
+  // a row stride of a multiple of 1 KiB would put the 16 rows a tile load reads in one L1 set
+  const int64_t ld = chunks * AMX_TILE_K + (chunks % 16 == 0 ? AMX_TILE_K : 0);
   const int64_t row_tiles = (batch + 15) / 16;
   bf16_t* xv = reinterpret_cast<bf16_t*>(scratch(1, row_tiles * chunks * AMX_TILE_ELEMS * 2));
   if (!xv) return 2;
