@@ -179,6 +179,47 @@ def test_packed_export_packs_conv1d_along_its_input_axis(tmp_path):
     assert nmsparse.check(plain, "2:4", exclude="lm_head").ok
 
 
+def test_swap_linear_layers_swaps_gpt2_conv1d_and_generate_matches():
+    """GPT-2's Conv1D layers swap to NMLinear (their (in, out) weight grouped along in and
+    packed as the (out, in) transpose): the logits and greedy generation match the dense
+    model's, a Conv1D that is not N:M along in stays with the reason, and on the CPU the
+    swapped layers prepare for the CPU kernel like any other."""
+    from nmsparse.kernels import NMLinear, PreparedNMLinear, cpu, prepare_cpu, swap_linear_layers
+
+    model = make("gpt2").eval()
+    nmsparse.sparsify(model, "2:4")
+    nmsparse.finalize(model)
+    last = model.transformer.h[1].mlp.c_proj
+    with torch.no_grad():  # the first group along in of output 0: 4 non-zeros
+        last.weight[0:4, 0] = 1.0
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+        expected_ids = model.generate(x[:, :4], max_new_tokens=6, do_sample=False)
+    dense_weight = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    report = swap_linear_layers(model, "2:4")
+    assert len(report.swapped) == 7 and "transformer.h.0.attn.c_attn" in report.swapped
+    assert "not 2:4" in report.skipped["transformer.h.1.mlp.c_proj"]
+    assert "shared" in report.skipped["lm_head"]
+    swapped = model.transformer.h[0].attn.c_attn
+    assert isinstance(swapped, NMLinear)
+    assert (swapped.in_features, swapped.out_features) == (32, 96)
+    assert torch.equal(swapped.dense_weight(), dense_weight.t())
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.generate(x[:, :4], max_new_tokens=6, do_sample=False),
+                           expected_ids)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        before = model(x).logits
+    report = prepare_cpu(model)
+    if cpu.isa_reason("avx512bf16") is None:  # the layout needs AVX512_BF16 and VBMI
+        assert len(report.prepared) == 7, report
+        assert isinstance(model.transformer.h[0].attn.c_attn, PreparedNMLinear)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits.float(), before.float(), atol=0.1, rtol=0.05)
+
+
 def test_check_of_a_state_dict_groups_named_conv1d_weights_along_their_input_axis():
     model = make("gpt2")
     nmsparse.sparsify(model, "2:4")

@@ -7,7 +7,7 @@ import warnings
 
 from torch import nn
 
-from ..engine.selection import select
+from ..engine.selection import is_hf_conv1d, select
 
 
 def shared_parameters(model: nn.Module) -> set[int]:
@@ -25,7 +25,7 @@ def structural_reason(module: nn.Linear, parent: nn.Module | None,
     """Why ``module`` cannot be swapped whatever its values are, or None."""
     if isinstance(parent, nn.MultiheadAttention):
         return "owned by nn.MultiheadAttention, which reads the weight directly"
-    if type(module) is not nn.Linear:
+    if type(module) is not nn.Linear and not is_hf_conv1d(module):
         return f"{type(module).__name__} is a subclass of nn.Linear (its forward may differ)"
     if hasattr(module, "weight_orig") or hasattr(module, "parametrizations"):
         return "weight is parametrized or pruned by torch.nn.utils (remove that first)"

@@ -5,9 +5,10 @@
 ``.to(device)`` / ``.half()`` move / cast them (``indices`` stay uint8). It is for inference:
 nothing in it is trained. ``forward`` calls ``torch.ops.nmsparse.nm_linear``.
 
-``swap_linear_layers`` replaces the plain ``nn.Linear`` modules of a *finalized* model (masks
-baked into the weights, see :func:`nmsparse.finalize`) whose weights are N:M by their non-zero
-pattern, and reports every Linear it left alone with the reason.
+``swap_linear_layers`` replaces the plain ``nn.Linear`` modules and Hugging Face ``Conv1D``
+modules (GPT-2's; their ``(in, out)`` weight is packed as its ``(out, in)`` transpose) of a
+*finalized* model (masks baked into the weights, see :func:`nmsparse.finalize`) whose weights
+are N:M by their non-zero pattern, and reports every one it left alone with the reason.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..engine.selection import is_hf_conv1d
 from ..engine.sparse_module import original_class, sparse_states
 from ..packing import PackedWeight, pack, unpack_rows
 from ..patterns import NM, parse_pattern
@@ -160,18 +162,25 @@ class SwapReport:
         return head + "\n" + format_table(["layer", "weight", "status", "reason"], rows)
 
 
-def _skip_reason(module: nn.Linear, parent: nn.Module, pattern: NM, shared: set[int]) -> str | None:
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or a Hugging Face ``Conv1D`` (a view of
+    the latter's ``(in, out)`` parameter)."""
+    weight = module.weight.detach()
+    return weight.t() if is_hf_conv1d(module) else weight
+
+
+def _skip_reason(module: nn.Module, parent: nn.Module, pattern: NM, shared: set[int]) -> str | None:
     if sparse_states(module) or original_class(module) is not type(module):
         return "still sparsified by nmsparse: call nmsparse.finalize(model) first"
     reason = structural_reason(module, parent, shared)
     if reason:
         return reason
-    weight = module.weight
+    weight = _linear_weight(module)
     if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return f"weight dtype {weight.dtype} is not floating point"
-    if module.in_features % pattern.m:
-        return f"in_features {module.in_features} is not divisible by M={pattern.m}"
-    found = pattern.violations(weight.detach())  # the one definition of "is this N:M"
+    if weight.shape[1] % pattern.m:
+        return f"in_features {weight.shape[1]} is not divisible by M={pattern.m}"
+    found = pattern.violations(weight)  # the one definition of "is this N:M"
     if not found.ok:
         return (f"weight is not {pattern}: {found.violating}/{found.groups} groups have more "
                 f"than {pattern.n} non-zeros (up to {found.max_kept})")
@@ -183,6 +192,10 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
                        include: str | Sequence[str] | None = None,
                        exclude: str | Sequence[str] | None = None) -> SwapReport:
     """Replace, in place, the N:M ``nn.Linear`` layers of a finalized ``model`` by NMLinear.
+
+    Hugging Face ``Conv1D`` layers (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``) count as Linear
+    layers: their ``(in, out)`` weight is grouped along ``in``, as ``sparsify`` grouped it,
+    and packed as its ``(out, in)`` transpose (the report gives their stored shape).
 
     A layer is swapped when it is a plain ``nn.Linear``, the ``include`` / ``exclude`` globs
     select it (as in every verb; ``filter_fn`` is deprecated), its ``in_features`` is
@@ -198,7 +211,7 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
     parents = {name: module for name, module in model.named_modules()}
     plan: list[tuple[str, nn.Linear]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and not is_hf_conv1d(module):
             continue
         shape = tuple(module.weight.shape)
         if name in left_out:
@@ -216,7 +229,8 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
             plan.append((name, module))
             report.rows.append(SwapRow(name, shape, True))
     for name, module in plan:
-        replacement = NMLinear.from_linear(module, pattern.n, pattern.m)
+        replacement = NMLinear(pack(_linear_weight(module), pattern.n, pattern.m, layout="in"),
+                               None if module.bias is None else module.bias.detach())
         replacement.train(module.training)
         model.set_submodule(name, replacement)
         report.preparable += _preparable(replacement)
