@@ -414,6 +414,9 @@ def _amx_reason() -> str | None:
     import subprocess
     import sys
 
+    if library("avx512").nmsparse_amx_emulated() < 0:
+        return "the C++ compiler that built the kernels cannot build AMX code (GCC >= 11 or " \
+               "Clang >= 12 can)"
     path = library("avx512")._name
     try:
         done = subprocess.run([sys.executable, "-c", AMX_SELFTEST, path, "2"],

@@ -19,13 +19,26 @@
 // wrong result on a real AMX CPU disables it with a warning instead of crashing the caller.
 #pragma once
 
+#ifdef __linux__
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
-#ifdef NMSPARSE_AMX_EMULATE
-#define AMX_TARGET BF16_TARGET
+// The AMX target and intrinsics need GCC >= 11 or Clang >= 12; with an older compiler the
+// library still builds (every other kernel in it runs) and the AMX entry points say so.
+#if defined(NMSPARSE_AMX_EMULATE)
+#define NMSPARSE_AMX_BUILD 1
+#elif (defined(__clang__) && __clang_major__ >= 12) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define NMSPARSE_AMX_BUILD 0
 #else
+#define NMSPARSE_AMX_BUILD -1
+#endif
+
+#if NMSPARSE_AMX_BUILD == 0
 #define AMX_TARGET __attribute__((target("avx512bf16,avx512vbmi2,avx512vbmi,amx-tile,amx-bf16")))
+#else
+#define AMX_TARGET BF16_TARGET
 #endif
 
 // LDTILECFG's 64-byte operand (palette 1).
@@ -39,7 +52,9 @@ constexpr int64_t AMX_TILE_K = 32;              // bf16 inputs per tile row (64 
 constexpr int64_t AMX_TILE_ELEMS = 16 * 32;     // bf16 per 1 KiB tile
 constexpr int AMX_GROUP = 4;                    // x tiles (16 rows each) per pass: tmm0-3
 
-#ifdef NMSPARSE_AMX_EMULATE
+#if NMSPARSE_AMX_BUILD != 0
+// Emulated (NMSPARSE_AMX_EMULATE), or not built (an old compiler: never called, since
+// nmsparse_amx_emulated() returns -1 and amx_request() refuses).
 struct EmulatedTiles {
   TileConfig config;
   uint8_t data[8][16][64];
@@ -250,8 +265,10 @@ AMX_TARGET int amx_run(const bf16_t* x, int64_t batch, int64_t in, int64_t out, 
 // ARCH_REQ_XCOMP_PERM for XTILEDATA); without it the first tile instruction faults. 0 when
 // granted (or already), 1 when refused.
 inline int amx_request() {
-#ifdef NMSPARSE_AMX_EMULATE
+#if NMSPARSE_AMX_BUILD == 1
   return 0;
+#elif NMSPARSE_AMX_BUILD == -1 || !defined(__linux__)
+  return 1;
 #else
   const long get_permission = 0x1022, request_permission = 0x1023, xtiledata = 18;
   if (syscall(SYS_arch_prctl, request_permission, xtiledata)) return 1;

@@ -1164,14 +1164,9 @@ int nmsparse_lanes_linear(const void* x, int64_t batch, int64_t in_features,
 
 
 // AMX (nm_amx_avx512.h). nmsparse_amx_emulated: 1 when this library was built with
-// NMSPARSE_AMX_EMULATE (tile operations in C++, for the tests), else 0.
-int nmsparse_amx_emulated(void) {
-#ifdef NMSPARSE_AMX_EMULATE
-  return 1;
-#else
-  return 0;
-#endif
-}
+// NMSPARSE_AMX_EMULATE (tile operations in C++, for the tests), 0 for the real tiles, -1 when
+// the compiler could not build AMX code (GCC < 11, Clang < 12: the AMX kernel cannot run).
+int nmsparse_amx_emulated(void) { return NMSPARSE_AMX_BUILD; }
 
 // Asks Linux for the AMX tile state (once per process is enough): 0 when granted, else 1.
 int nmsparse_amx_request(void) { return amx_request(); }
