@@ -92,24 +92,24 @@ _FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512bf16": 4, "amx": 8}
 # The dot kernel takes up to this many rows per pass over the weight.
 DOT_MAX_ROWS = 8
 _BF16, _FP32 = torch.bfloat16, torch.float32
-# The measured dispatch of the AVX-512 instruction sets: (instruction set, weight dtype) ->
-# ((up to this many rows, kernel), ...), the last entry for any number of rows. "avx2" is the
-# AVX2 library's kernel. Measured on an AMD EPYC (Zen 4: AVX-512 BF16 and VBMI, no AMX), one
-# thread (CPU time), 2:4 / 2:8 / 1:4 on 11008x4096 and 4096x11008, cold weights, a loaded
-# machine (docs/cpu_kernels.md), e.g. 2:4 bf16: 1 row avx2 5.3 ms, dot 5.4; 8 rows dot 12.8,
-# dense 15.2; 16 rows dense 18.8, dot 25.4, pairs 29.4, table 26.8; fp32 64 rows table 81.7,
-# dense 84.0; 256 rows dense 300, table 318. "avx512" (no BF16/VBMI: the masks are built by
-# scalar code, bf16 widened to fp32) was measured on the same CPU with the set forced: bf16 at
-# 1 row its dot 17.5 ms, dense 25.0, avx2 5.3. bf16 on avx512bf16 after the pairs kernel's
-# rework (docs/cpu_kernels.md, 2 threads, cold, both shapes, 2:4, against dense bf16): 4 rows
-# dot 1.31-1.48x, pairs 1.15-1.19x; 8 rows pairs 1.22-1.35x, dot 0.94-1.09x; 16-128 rows pairs
-# 0.94-1.55x, the tiled dense path 0.72-0.83x; 256 rows pairs 0.81-0.99x, the dense path 0.85x
-# (the two within the runs' noise). With the lanes kernel (2 threads, cold, 2:4, both shapes,
-# in one process, 16:00-16:10 UTC 2026-12-07): 2-4 rows dot 1.15-1.59x, lanes 1.00-1.19x; 5
-# rows lanes 1.44-1.70x, dot 1.15-1.20x, pairs 1.14-1.16x; 8 rows lanes 1.13-1.43x, pairs
-# 1.20-1.25x; 16-48 rows pairs 1.32-1.60x, lanes 1.29-1.44x; 64 rows and more lanes
-# (1.14-1.42x at 64, 1.26-1.35x at 256, 1.31-1.39x at 512), pairs (1.10-1.37x at 64, 0.98-1.11x
-# at 256-512). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is faster there).
+# The measured dispatch of the AVX-512 instruction sets: (instruction set, weight dtype) -> ((up to
+# this many rows, kernel), ...), the last entry for any number of rows. "avx2" is the AVX2 library's
+# kernel. Measured on an AMD EPYC (Zen 4: AVX-512 BF16 and VBMI, no AMX), one thread (CPU time), 2:4
+# / 2:8 / 1:4 on 11008x4096 and 4096x11008, cold weights, a loaded machine (an early
+# docs/cpu_kernels.md, in its git history), e.g. 2:4 bf16: 1 row avx2 5.3 ms, dot 5.4; 8 rows dot
+# 12.8, dense 15.2; 16 rows dense 18.8, dot 25.4, pairs 29.4, table 26.8; fp32 64 rows table 81.7,
+# dense 84.0; 256 rows dense 300, table 318. "avx512" (no BF16/VBMI: the masks are built by scalar
+# code, bf16 widened to fp32) was measured on the same CPU with the set forced: bf16 at 1 row its
+# dot 17.5 ms, dense 25.0, avx2 5.3. bf16 on avx512bf16 after the pairs kernel's rework
+# (docs/cpu_kernels.md of that day, in its git history; 2 threads, cold, both shapes, 2:4, against
+# dense bf16): 4 rows dot 1.31-1.48x, pairs 1.15-1.19x; 8 rows pairs 1.22-1.35x, dot 0.94-1.09x;
+# 16-128 rows pairs 0.94-1.55x, the tiled dense path 0.72-0.83x; 256 rows pairs 0.81-0.99x, the
+# dense path 0.85x (the two within the runs' noise). With the lanes kernel (2 threads, cold, 2:4,
+# both shapes, in one process, 16:00-16:10 UTC 2026-12-07): 2-4 rows dot 1.15-1.59x, lanes
+# 1.00-1.19x; 5 rows lanes 1.44-1.70x, dot 1.15-1.20x, pairs 1.14-1.16x; 8 rows lanes 1.13-1.43x,
+# pairs 1.20-1.25x; 16-48 rows pairs 1.32-1.60x, lanes 1.29-1.44x; 64 rows and more lanes
+# (1.14-1.42x at 64, 1.26-1.35x at 256, 1.31-1.39x at 512), pairs (1.10-1.37x at 64, 0.98-1.11x at
+# 256-512). Remeasure on an AMX Xeon (oneDNN's dense bf16 GEMM is faster there).
 DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
     ("avx512bf16", _BF16): ((1, "avx2"), (4, "dot"), (8, "lanes"), (48, "pairs"),
                             (None, "lanes")),
@@ -123,7 +123,7 @@ DISPATCH: dict[tuple[str, torch.dtype], tuple[tuple[int | None, str], ...]] = {
 # dense bf16, lanes 0.94-1.34x; 2:8 from 4 to 128 rows pairs 1.20-1.85x, lanes 1.64-2.24x.
 PAIRS_MAX_M = 4
 # DOT_ROWS_M8: at 2-4 bf16 rows (the dot kernel's in DISPATCH), 2:8 takes the lanes kernel,
-# and 4:8 does at 4 rows. 2 threads, cold, both shapes (docs/cpu_kernels.md 21:37 UTC and
+# and 4:8 does at 4 rows. 2 threads, cold, both shapes (benchmarks/results/cpu_kernels_2137.md and
 # benchmarks/results/cpu_kernels_1756.md at 4 rows; one run at 2-3 rows, 21:51 UTC, not
 # committed), against dense bf16: 2:8 lanes 1.52-2.78x, dot 1.21-2.51x (lanes ahead in 7 of
 # 8 cells, the eighth 1.56 / 1.57x); 4:8 at 4 rows lanes 1.01-1.48x, dot 0.98-1.53x (the
