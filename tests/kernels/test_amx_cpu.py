@@ -50,6 +50,15 @@ def assert_exact(y, x, weight, bias, n, m):
         ((y.double() - exact).abs() - allowed).max())
 
 
+def skip_where_linux_refuses_the_tiles(reason):
+    """On a CPU with AMX, Linux may refuse a process the tile state (a signal stack too small
+    for it, a kernel without the request): the kernel then cannot run there, which is the
+    environment's limit, not the kernel's fault; a wrong result or a fault in the self-check
+    is the kernel's and fails."""
+    if reason is not None and "did not grant" in reason:
+        pytest.skip(f"this CPU has AMX, but {reason}")
+
+
 @needs_bf16_kernels
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize(("n", "m"), PATTERNS)
@@ -110,6 +119,7 @@ def test_the_real_kernel_runs_only_where_the_cpu_has_amx(monkeypatch):
     packed = pack(nm_weight(16, 64, 2, 4, torch.Generator().manual_seed(1)), 2, 4)
     x = torch.randn(16, 64).bfloat16()
     if "amx" in cpu.features():
+        skip_where_linux_refuses_the_tiles(cpu.amx_reason())
         assert cpu.amx_reason() is None
         assert_exact(cpu.amx_linear(x, packed.values, packed.indices, 2, 4), x,
                      unpack_rows(packed.values, packed.indices, 2, 4), None, 2, 4)
@@ -138,9 +148,10 @@ def test_a_cpu_reporting_amx_whose_kernel_cannot_run_warns_once_and_falls_back(m
         reason = cpu.amx_reason()
         assert cpu.amx_reason() == reason  # kept: no second check, no second warning
     if has_amx:
+        skip_where_linux_refuses_the_tiles(reason)
         assert reason is None and not caught
         return
-    assert reason == "Linux did not grant the AMX tile state, or memory ran out"
+    assert reason == "Linux did not grant the AMX tile state to a child process"
     assert len(caught) == 1
     assert "the AMX kernel is not used: Linux did not" in str(caught[0].message)
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, cpu.AMX_ROWS, 2, 4) != "amx"

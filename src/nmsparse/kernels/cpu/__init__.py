@@ -426,7 +426,9 @@ def _amx_reason() -> str | None:
     if done.returncode == 1:
         return "its self-check gave a wrong result (please report it with this CPU's model)"
     if done.returncode == 2:
-        return "Linux did not grant the AMX tile state, or memory ran out"
+        return "Linux did not grant the AMX tile state to a child process"
+    if done.returncode == 3:
+        return "its self-check ran out of memory"
     if done.returncode:
         return f"its self-check ended with status {done.returncode} (a fault: please report it)"
     if library("avx512").nmsparse_amx_request():

@@ -1205,7 +1205,8 @@ int nmsparse_amx_lanes_linear(const void* x, int64_t batch, int64_t in_features,
 
 // A check of nmsparse_amx_linear against a scalar product on a small 2:4 weight whose shape
 // leaves every tile partial (37 rows of x, 72 inputs, 40 outputs), on `threads` threads: 0
-// when it agrees, 1 when it does not, 2 when the tile state is refused or memory runs out.
+// when it agrees, 1 when it does not, 2 when Linux refuses the tile state, 3 when memory runs
+// out.
 // Run in a child process before the kernel is used (a fault there does not end the caller).
 int nmsparse_amx_selftest(int threads) {
   if (amx_request()) return 2;
@@ -1238,7 +1239,7 @@ int nmsparse_amx_selftest(int threads) {
   }
   if (nmsparse_amx_linear(x, batch, in, values, indices, out, slots, index_bytes, n, m, bias, y,
                           threads))
-    return 2;
+    return 3;
   for (int64_t r = 0; r < batch; ++r)
     for (int64_t o = 0; o < out; ++o) {
       float want = bias[o];
