@@ -98,6 +98,31 @@ def test_amx_kernel_from_the_prepared_layout(n, m, build):
 
 
 @needs_bf16_kernels
+@pytest.mark.parametrize("build", BUILDS)
+def test_amx_kernel_on_two_threads(build):
+    """A call large enough for two threads (threads_for): each takes its blocks of 16 outputs,
+    and they lay x out together before either multiplies."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(21)
+        out, inp, batch = 72, 1024, 20
+        assert cpu.threads_for(batch, out * inp // 2) == 2
+        weight = nm_weight(out, inp, 2, 4, generator)
+        packed = pack(weight, 2, 4)
+        layout = prepacked.prepack(packed.values, packed.indices, 2, 4, inp)
+        x = torch.randn(batch, inp, generator=generator).bfloat16()
+        bias = torch.randn(out, generator=generator)
+        emulated = build == "emulated"
+        y = cpu.amx_linear(x, packed.values, packed.indices, 2, 4, bias, emulated=emulated)
+        assert_exact(y, x, weight, bias, 2, 4)
+        assert torch.equal(prepacked.amx_prepacked(x, layout, 2, 4, inp, out, bias,
+                                                   emulated=emulated), y)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_bf16_kernels
 def test_the_self_check_passes_in_the_emulated_build_and_is_run_in_a_child():
     """The check the dispatcher runs in a child process before using the real kernel: in the
     emulated build it passes on one and two threads (exact small integers: equality)."""
