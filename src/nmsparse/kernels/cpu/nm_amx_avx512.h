@@ -1,7 +1,7 @@
 // AMX kernel (TDPBF16PS tiles) for bf16 weights and bf16 x, included by nm_linear_avx512.cpp
 // after the other kernels. Per block of 16 outputs the thread expands the weight's 16 rows
 // (plain packed format or the prepared lanes layout) into a panel of dense bf16 in its own
-// cache (16 x K, at most ~350 KiB, never a dense copy of the weight); each 16 x 32 slice of
+// cache (16 x K bf16: 352 KiB at 11008 inputs; never a dense copy of the weight); each 16 x 32 slice of
 // the panel is one A tile that meets up to four B tiles of x. x is laid out once per call in
 // the tiles' pair-interleaved form (B[r][2 * row + j] = x[row][2 r + j]), so the products are
 // C[output][row]: 16 x 16 fp32 per accumulator tile, transposed into y when stored.
@@ -12,7 +12,8 @@
 //
 // NOT RUN ON AMX HARDWARE: the machines this was written on (AMD Zen 4) have no AMX. Built
 // with NMSPARSE_AMX_EMULATE, the six tile operations below are C++ that follows Intel's
-// pseudo-code for LDTILECFG, TILELOADD, TILESTORED, TILEZERO and TDPBF16PS, and the tests
+// pseudo-code for LDTILECFG, TILELOADD, TILESTORED, TILEZERO and TDPBF16PS (TILERELEASE does
+// nothing there), and the tests
 // check that build against F.linear on every CPU with AVX512_BF16; the real build differs only
 // in those six operations. Before the dispatcher uses the real one, a separate process runs
 // nmsparse_amx_selftest (nmsparse/kernels/cpu/__init__.py: amx_reason), so that a fault or a
