@@ -10,14 +10,14 @@
 // slice, tmm5-7 x (tmm5 again for the fourth). All eight are configured as 16 rows of 64
 // bytes; the panel and x are zero-padded to whole tiles, so no tile is ever partial.
 //
-// NOT RUN ON AMX HARDWARE: the machines this was written on (AMD Zen 4) have no AMX. Built
-// with NMSPARSE_AMX_EMULATE, the six tile operations below are C++ that follows Intel's
-// pseudo-code for LDTILECFG, TILELOADD, TILESTORED, TILEZERO and TDPBF16PS (TILERELEASE does
-// nothing there), and the tests
-// check that build against F.linear on every CPU with AVX512_BF16; the real build differs only
-// in those six operations. Before the dispatcher uses the real one, a separate process runs
-// nmsparse_amx_selftest (nmsparse/kernels/cpu/__init__.py: amx_reason), so that a fault or a
-// wrong result on a real AMX CPU disables it with a warning instead of crashing the caller.
+// NOT RUN ON AMX HARDWARE: the machines this was written on (AMD Zen 4) have no AMX. Built with
+// NMSPARSE_AMX_EMULATE, the six tile operations below are C++ that follows Intel's pseudo-code
+// for LDTILECFG, TILELOADD, TILESTORED, TILEZERO and TDPBF16PS (TILERELEASE does nothing there),
+// and the tests check that build against F.linear on every CPU with AVX512_BF16; the real build
+// differs only in those six operations. Before the dispatcher uses the real one, a separate
+// process runs nmsparse_amx_selftest (nmsparse/kernels/cpu/__init__.py: amx_reason), so that a
+// fault or a wrong result on a real AMX CPU disables it with a warning instead of crashing the
+// caller.
 #pragma once
 
 #ifdef __linux__
