@@ -217,7 +217,11 @@ struct FastMasks {
   }
 };
 
-// Where the dot kernels find the row masks: P rows of `stride` bytes.
+// Bytes of one row's mask in a MaskRows buffer: the mask (Masks::row's `out`: (in + 7) / 8
+// bytes and the zeros after it), rounded up to whole cache lines.
+inline int64_t mask_row_bytes(int64_t in) { return ((in + 7) / 8 + 16 + 63) / 64 * 64; }
+
+// Where the dot kernels find the row masks: P rows of `stride` (mask_row_bytes) bytes.
 struct MaskRows {
   const Masks* slow;
   const FastMasks* fast;  // null without AVX512_VBMI
@@ -849,10 +853,10 @@ struct PackedPanel {
   const Shape& s;
   const Masks* slow;
   const FastMasks* fast;
-  int64_t mask_bytes;  // one row's mask, as the dot kernel sizes it
 
+  // scratch: mask_row_bytes(s.in) bytes
   void operator()(int64_t o, int64_t outputs, bf16_t* panel, int64_t ld, uint8_t* scratch) const {
-    const MaskRows masks{slow, fast, scratch, mask_bytes};
+    const MaskRows masks{slow, fast, scratch, mask_row_bytes(s.in)};
     for (int64_t r = 0; r < outputs; ++r) {
       const uint8_t* dense = masks.build(0, indices + (o + r) * s.index_bytes, s);
       expand_row_bf16(dense, values + (o + r) * s.slots, s.in, panel + r * ld);
@@ -880,7 +884,7 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
     const Masks slow(s.n, s.m, s.w);
     // vpermi2b needs AVX512_VBMI, which every CPU with the bf16 kernels has (see the probe)
     const FastMasks* fast = vbmi ? new FastMasks(slow) : nullptr;
-    const int64_t stride = ((s.in + 7) / 8 + 16 + 63) / 64 * 64;
+    const int64_t stride = mask_row_bytes(s.in);
 #pragma omp parallel num_threads(threads)
     {
       int64_t begin, end;
@@ -1045,7 +1049,7 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
   }
   const Masks slow(n, m, w);
   const FastMasks* fast = (options & OPTION_BF16) ? new FastMasks(slow) : nullptr;
-  const int64_t stride = ((in + 7) / 8 + 16 + 63) / 64 * 64;
+  const int64_t stride = mask_row_bytes(in);
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
@@ -1184,10 +1188,9 @@ int nmsparse_amx_linear(const void* x, int64_t batch, int64_t in_features, const
   const Shape s{batch, in_features, out_features, slots, index_bytes, n, m, index_width(m)};
   const Masks slow(n, m, s.w);
   const FastMasks fast(slow);
-  const int64_t mask_bytes = ((in_features + 7) / 8 + 16 + 63) / 64 * 64;
-  const PackedPanel expand{static_cast<const bf16_t*>(values), indices, s, &slow, &fast, mask_bytes};
+  const PackedPanel expand{static_cast<const bf16_t*>(values), indices, s, &slow, &fast};
   return amx_run(static_cast<const bf16_t*>(x), batch, in_features, out_features, bias, y,
-                 threads, expand, mask_bytes);
+                 threads, expand, mask_row_bytes(in_features));
 }
 
 // The same with W in the lanes layout (nmsparse_lanes_pack). Returns 0, or 1 for a pattern
