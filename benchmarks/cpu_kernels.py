@@ -139,8 +139,6 @@ def applies(isa: str | None, kernel: str, dtype: str, n: int, m: int) -> bool:
     if cpu.pattern_reason(n, m) or not cpu.kernel_takes("avx2" if isa == "avx2" else kernel,
                                                         n, m):
         return False
-    if kernel == "amx":  # bf16 weights only
-        return dtype == "bf16"
     return kernel not in cpu.BF16_KERNELS or (dtype == "bf16" and isa == "avx512bf16")
 
 

@@ -338,17 +338,23 @@ OPTION_BF16 = 8
 
 
 def kernel_takes(kernel: str, n: int, m: int) -> bool:
-    """Whether ``kernel`` (one of ``KERNELS[1:]``) takes N:M at all (pairs and lanes also need
-    bf16 weights on ``avx512bf16``; "avx2" is the AVX2 library's kernel)."""
+    """Whether ``kernel`` (one of ``KERNELS[1:]``) takes N:M at all (pairs, lanes and amx also
+    need bf16 weights on ``avx512bf16``; "avx2" is the AVX2 library's kernel)."""
     if kernel == "avx2":
         return not any_n(n) and not wide_m(m)
-    if kernel in ("dot", "amx"):  # the masks of 64 inputs at a time
-        return not m & (m - 1) and m <= 64
+    if kernel == "dot":
+        return masks_take(n, m)
     if kernel == "table":
         return not any_n(n)
     if kernel in BF16_KERNELS:
         return BF16_KERNELS[kernel](n, m)
     return kernel == "dense"
+
+
+def masks_take(n: int, m: int) -> bool:
+    """Whether the dense masks of 64 inputs at a time hold whole groups of N:M (M a power of
+    two up to 64), which the dot and AMX kernels read."""
+    return not m & (m - 1) and m <= 64
 
 
 def pairs_take(n: int, m: int) -> bool:
@@ -364,7 +370,7 @@ def lanes_take(n: int, m: int) -> bool:
 
 # The kernels that take bf16 weights only (on avx512bf16), with what else they need of the
 # pattern.
-BF16_KERNELS = {"pairs": pairs_take, "lanes": lanes_take}
+BF16_KERNELS = {"pairs": pairs_take, "lanes": lanes_take, "amx": masks_take}
 
 
 def amx_rows(rows: int) -> bool:
@@ -414,12 +420,12 @@ def _amx_reason() -> str | None:
     import subprocess
     import sys
 
-    if library("avx512").nmsparse_amx_emulated() < 0:
+    loaded = library("avx512")
+    if loaded.nmsparse_amx_emulated() < 0:
         return "the C++ compiler that built the kernels cannot build AMX code (GCC >= 11 or " \
                "Clang >= 12 can)"
-    path = library("avx512")._name
     try:
-        done = subprocess.run([sys.executable, "-c", AMX_SELFTEST, path, "2"],
+        done = subprocess.run([sys.executable, "-c", AMX_SELFTEST, loaded._name, "2"],
                               capture_output=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as error:
         return f"its self-check could not run ({error})"
@@ -431,7 +437,7 @@ def _amx_reason() -> str | None:
         return "its self-check ran out of memory"
     if done.returncode:
         return f"its self-check ended with status {done.returncode} (a fault: please report it)"
-    if library("avx512").nmsparse_amx_request():
+    if loaded.nmsparse_amx_request():
         return "Linux did not grant this process the AMX tile state"
     return None
 
@@ -455,7 +461,8 @@ def amx_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: 
                         indices.data_ptr(), out_features, slots, indices.shape[1], n, m, bias32,
                         y, threads_for(flat.shape[0], values.numel()))
 
-    return _amx_call(call, x, flat.shape[0], out_features, bias, f"{n}:{m}")
+    return call_into_fp32(call, x, flat.shape[0], out_features, bias,
+                          lambda status: f"the AMX kernel rejects pattern {n}:{m}")
 
 
 def _amx_library(emulated: bool) -> ctypes.CDLL:
@@ -470,9 +477,13 @@ def _amx_library(emulated: bool) -> ctypes.CDLL:
     return library("avx512")
 
 
-def _amx_call(call, x: torch.Tensor, batch: int, out_features: int,
-              bias: torch.Tensor | None, pattern: str) -> torch.Tensor:
-    """Runs ``call(bias pointer, y pointer)`` (an AMX entry point) into a new fp32 y."""
+def call_into_fp32(call, x: torch.Tensor, batch: int, out_features: int,
+                   bias: torch.Tensor | None, rejected) -> torch.Tensor:
+    """The way every kernel entry point here is run: ``call(bias pointer or None, y
+    pointer)`` writes a new fp32 ``y`` (batch, out_features), with the bias in fp32; status
+    2 raises MemoryError, any other non-zero status ValueError(``rejected(status)``); the
+    result is cast to x's dtype and shaped as x with out_features last. Nothing is called for
+    an empty product."""
     y = torch.empty(batch, out_features, dtype=torch.float32)
     if batch and out_features:
         bias32 = None if bias is None else bias.to(torch.float32).contiguous()
@@ -480,7 +491,7 @@ def _amx_call(call, x: torch.Tensor, batch: int, out_features: int,
         if status == 2:
             raise MemoryError(_STATUS[2])
         if status:
-            raise ValueError(f"the AMX kernel rejects pattern {pattern}")
+            raise ValueError(rejected(status))
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -642,20 +653,14 @@ def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n:
             if chosen != "table" and values.dtype == torch.bfloat16:
                 x_dtype = torch.bfloat16
     rows = flat.to(x_dtype).contiguous()
-    y = torch.empty(batch, out_features, dtype=torch.float32)
-    if batch and out_features:
-        values = values.contiguous()
-        indices = indices.contiguous()
-        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        status = library(_LIBRARY_OF[name]).nmsparse_nm_linear(
+    values, indices = values.contiguous(), indices.contiguous()
+
+    def call(bias32, y):
+        return library(_LIBRARY_OF[name]).nmsparse_nm_linear(
             rows.data_ptr(), int(x_dtype == torch.bfloat16), batch, in_features,
             values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
-            out_features, slots, indices.shape[1], n, m,
-            None if bias32 is None else bias32.data_ptr(), y.data_ptr(),
+            out_features, slots, indices.shape[1], n, m, bias32, y,
             threads_for(batch, values.numel()), options)
-        if status == 2:
-            raise MemoryError(_STATUS[2])
-        if status:
-            raise ValueError(_STATUS.get(status, "unknown status {status}").format(
-                n=n, m=m, status=status))
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+    return call_into_fp32(call, x, batch, out_features, bias, lambda status: _STATUS.get(
+        status, "unknown status {status}").format(n=n, m=m, status=status))

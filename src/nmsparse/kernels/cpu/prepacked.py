@@ -22,10 +22,10 @@ import torch
 from ...packing import packed_shapes
 from . import (
     _STATUS,
-    _amx_call,
     _amx_library,
     amx_dense,
     amx_rows,
+    call_into_fp32,
     isa,
     library,
     threads_for,
@@ -182,7 +182,8 @@ def amx_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_feat
                         out_features, n, m, bias32, y,
                         threads_for(flat.shape[0], out_features * (in_features // m * n)))
 
-    return _amx_call(call, x, flat.shape[0], out_features, bias, f"{n}:{m}")
+    return call_into_fp32(call, x, flat.shape[0], out_features, bias,
+                          lambda status: f"the AMX kernel rejects pattern {n}:{m}")
 
 
 def _dense_tiles(flat: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_features: int,
@@ -220,13 +221,11 @@ def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
         y = _dense_tiles(flat, layout, n, m, in_features, out_features, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
     rows = flat.to(_BF16).contiguous()
-    y = torch.empty(batch, out_features, dtype=torch.float32)
-    if batch and out_features:
-        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-        status = _library().nmsparse_lanes_linear(
-            rows.data_ptr(), batch, in_features, layout.data_ptr(), out_features, n, m,
-            None if bias32 is None else bias32.data_ptr(), y.data_ptr(),
-            threads_for(batch, out_features * (in_features // m * n)))
-        if status:
-            raise ValueError(_STATUS[1].format(n=n, m=m))
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+    def call(bias32, y):
+        return _library().nmsparse_lanes_linear(
+            rows.data_ptr(), batch, in_features, layout.data_ptr(), out_features, n, m, bias32,
+            y, threads_for(batch, out_features * (in_features // m * n)))
+
+    return call_into_fp32(call, x, batch, out_features, bias,
+                          lambda status: _STATUS[1].format(n=n, m=m))
