@@ -65,15 +65,17 @@ class NMLinear(nn.Module):
                                                   packed.values.dtype))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, n: int, m: int,
+    def from_linear(cls, linear: nn.Module, n: int, m: int,
                     mask: torch.Tensor | None = None) -> NMLinear:
-        """Pack ``linear``'s weight.
+        """Pack the weight of ``linear``, an ``nn.Linear`` or a Hugging Face ``Conv1D`` (whose
+        ``(in, out)`` weight is packed as its ``(out, in)`` transpose).
 
         Without ``mask`` the weight must already be N:M (at most ``n`` non-zeros per group of
-        ``m`` along ``in``), else ``ValueError``; with ``mask`` (bool, exactly ``n`` per group)
-        the weight's values at the mask's positions are kept, whatever the others are.
+        ``m`` along ``in``), else ``ValueError``; with ``mask`` (bool, ``(out, in)``, exactly
+        ``n`` per group) the weight's values at the mask's positions are kept, whatever the
+        others are.
         """
-        packed = pack(linear.weight.detach(), n, m, layout="in", mask=mask)
+        packed = pack(_linear_weight(linear), n, m, layout="in", mask=mask)
         return cls(packed, None if linear.bias is None else linear.bias.detach())
 
     @property
@@ -229,8 +231,7 @@ def swap_linear_layers(model: nn.Module, pattern: str | NM | tuple[int, int] = "
             plan.append((name, module))
             report.rows.append(SwapRow(name, shape, True))
     for name, module in plan:
-        replacement = NMLinear(pack(_linear_weight(module), pattern.n, pattern.m, layout="in"),
-                               None if module.bias is None else module.bias.detach())
+        replacement = NMLinear.from_linear(module, pattern.n, pattern.m)
         replacement.train(module.training)
         model.set_submodule(name, replacement)
         report.preparable += _preparable(replacement)
