@@ -294,7 +294,7 @@ def load_text() -> str:
 NOTES = """\
 ## The kernels (src/nmsparse/kernels/cpu)
 
-One shared library per instruction set, each compiled from its own file with its own flags on
+One shared library per instruction set, each compiled from its own files with its own flags on
 first use, picked at run time from what the CPU reports (`NMSPARSE_CPU_ISA=avx2|avx512|\
 avx512bf16` forces one; the tests run every path the CPU supports against `F.linear`):
 
@@ -319,7 +319,7 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
     the matching pairs of x, so 2:4 takes half the instructions of the dense product. The
     entry's place comes from the position bits; slices of the table are reused from L1 by
     every output of a panel, whose weights are prefetched (the loop nest: the comment above
-    `pair_range` in `nm_linear_avx512.cpp`). The dispatch takes it for 9-48 bf16 rows when
+    `pair_range` in `nm_avx512.h`). The dispatch takes it for 9-48 bf16 rows when
     M <= 4.
   * `lanes` (bf16, M in {2, 4, 8}, N even, or N = 1 with M <= 4): 16 outputs in the vector
     lanes, 8 rows at a time; each pair of kept weights lies in one 8-input window of x, one

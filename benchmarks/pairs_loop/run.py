@@ -3,7 +3,7 @@
     python -m benchmarks.pairs_loop.run             # writes docs/cpu_pairs_loop.md
 
 ``loop.cpp`` (next to this file) repeats the inner loop of ``pair_slice`` in
-``src/nmsparse/kernels/cpu/nm_linear_avx512.cpp`` on one thread: per pair of kept 2:4
+``src/nmsparse/kernels/cpu/nm_avx512.h`` on one thread: per pair of kept 2:4
 weights, the table entry's place from 4 position bits, a broadcast weight word, and V zmm of
 the entry (16 V rows) into ``vdpbf16ps``, over tables of a few to a few hundred units, and
 ``vdpbf16ps`` alone from registers. It is compiled here with ``g++ -O3`` and run

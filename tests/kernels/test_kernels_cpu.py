@@ -439,8 +439,9 @@ def test_a_cache_folder_that_cannot_be_made_falls_back_with_one_warning(where, t
     assert "falls back to unpack + F.linear (exact" in message
 
 
+# logs an x per link: one per build of a library, however many units it compiles
 COUNTING_CXX = """#!/bin/sh
-case "$*" in *--version*) ;; *) echo x >> "{log}" ;; esac
+case "$*" in *-shared*) echo x >> "{log}" ;; esac
 exec "{cxx}" "$@"
 """
 
@@ -452,15 +453,25 @@ def test_a_changed_shared_header_names_a_new_build_of_every_library(tmp_path, mo
             (tmp_path / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(build, "HERE", tmp_path)
     monkeypatch.setenv(build.ENV_CACHE, str(tmp_path / "cache"))
-    cxx = build.compiler() or "c++"
-    before = {name: build.library_path(cxx, name) for name in build.LIBRARIES}
+    before = {name: build.library_path(name) for name in build.LIBRARIES}
     assert len(set(before.values())) == len(build.LIBRARIES)
     header = tmp_path / "nm_common.h"
     header.write_text(header.read_text() + "\n// changed\n")
-    after = {name: build.library_path(cxx, name) for name in build.LIBRARIES}
+    after = {name: build.library_path(name) for name in build.LIBRARIES}
     assert all(after[name] != before[name] for name in build.LIBRARIES)
-    assert all('#include "nm_common.h"' in (tmp_path / source).read_text()
-               for source, _, _ in build.LIBRARIES.values())
+    # and every library does read it, through some unit's includes
+    assert all(any("nm_common.h" in _included(tmp_path, source) for source in sources)
+               for sources, _, _ in build.LIBRARIES.values())
+
+
+def _included(folder, source, seen=None):
+    """The names of the headers ``source`` includes from ``folder``, directly or not."""
+    seen = set() if seen is None else seen
+    for line in (folder / source).read_text().splitlines():
+        if line.startswith('#include "') and (name := line.split('"')[1]) not in seen:
+            seen.add(name)
+            _included(folder, name, seen)
+    return seen
 
 
 def test_build_without_a_compiler_says_why(tmp_path):
@@ -472,18 +483,69 @@ def test_build_without_a_compiler_says_why(tmp_path):
 
 
 @needs_kernels
+def test_a_build_says_so_once_and_a_folder_built_ahead_loads_without_a_compiler(tmp_path):
+    cache = tmp_path / "cache"
+    (tmp_path / "empty").mkdir()
+
+    def build(**changes):
+        done = subprocess.run([sys.executable, "-c", BUILD_CODE], capture_output=True, text=True,
+                              env=clean_env(NMSPARSE_CACHE_DIR=str(cache), **changes),
+                              timeout=600)
+        return done.stdout.split(), done.stderr.splitlines()
+
+    out, err = build()
+    assert out == ["built"]
+    assert len(err) == 1 and err[0].startswith(
+        f"nmsparse: compiling the avx2 CPU kernels into {cache}, once per version"), err
+    assert build() == (["built"], [])  # cached: silent
+    # as in a container image whose compiler stayed in the build stage
+    assert build(PATH=str(tmp_path / "empty")) == (["built"], [])
+
+
+# fails on one of the AVX-512 library's units, as a compiler that cannot take it would, and
+# "compiles" the others at once into empty objects
+FAILING_CXX = """#!/bin/sh
+case "$*" in *nm_prepacked_avx512.cpp*) echo "nm_prepacked_avx512.cpp:1: error: no" >&2; exit 1;;
+esac
+while [ $# -gt 0 ]; do [ "$1" = "-o" ] && : > "$2"; shift; done
+"""
+
+
+@needs_kernels
+def test_a_unit_that_does_not_compile_fails_the_build_with_its_message(tmp_path, monkeypatch):
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(FAILING_CXX)
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv(cpu._build.ENV_CACHE, str(tmp_path / "cache"))
+    with pytest.raises(cpu._build.BuildError) as error:
+        cpu._build.load("avx512")
+    assert str(error.value) == (f"compiling nm_prepacked_avx512.cpp with {wrapper} failed: "
+                                "nm_prepacked_avx512.cpp:1: error: no")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["build.lock"]  # nothing left
+
+
+@needs_kernels
 def test_racing_processes_build_once_and_stale_builds_are_removed(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    # what earlier versions left behind: another hash, the old name, a dead build's temporary
+    # what earlier versions left behind: another hash, the old name, dead builds' temporary
+    # library and folder of objects
     old = [cache / "nm_linear_avx2-0123456789abcdef.so",
            cache / "nm_linear_cpu-0123456789abcdef.so",
-           cache / "nm_linear_avx2-0123456789abcdef.abc.tmp.so"]
-    for path in old:
+           cache / "nm_linear_avx2-0123456789abcdef.abc.tmp.so",
+           cache / "nm_linear_avx2-0123456789abcdef.def.tmp"]
+    for path in old[:3]:
         path.write_bytes(b"old")
-    os.utime(old[2], (1, 1))
-    fresh = cache / "nm_linear_avx2-fedcba9876543210.xyz.tmp.so"  # a build running right now
+    old[3].mkdir()
+    (old[3] / "nm_linear.o").write_bytes(b"old")
+    for path in old[2:]:
+        os.utime(path, (1, 1))
+    # builds running right now
+    fresh = cache / "nm_linear_avx2-fedcba9876543210.xyz.tmp.so"
     fresh.write_bytes(b"")
+    fresh_folder = cache / "nm_linear_avx2-fedcba9876543210.uvw.tmp"
+    fresh_folder.mkdir()
     other = cache / "nm_linear_avx512-0123456789abcdef.so"  # another library: not touched
     other.write_bytes(b"old")
     log = tmp_path / "compiles.log"
@@ -500,7 +562,7 @@ def test_racing_processes_build_once_and_stale_builds_are_removed(tmp_path):
              and ".tmp" not in n]
     assert len(built) == 1 and built[0] != old[0].name, names
     assert not any(path.exists() for path in old), names
-    assert fresh.exists() and other.exists()
+    assert fresh.exists() and fresh_folder.exists() and other.exists()
     assert run_python(BUILD_CODE, env) == ["built"] and log.read_text().count("x") == 1
 
 

@@ -20,17 +20,17 @@ one, e.g. for tests: a forced set the CPU lacks makes the kernels unavailable, w
 
 * ``avx2``: AVX2 + FMA (``nm_linear.cpp``): a gather/permute loop for one row, a broadcast
   loop over x transposed for more;
-* ``avx512``: AVX-512 F/BW/VL/DQ (``nm_linear_avx512.cpp``): the "dot" kernel for up to
-  :data:`DOT_MAX_ROWS` rows (each N:M tile expanded in registers by ``vexpandps`` and FMA'd
-  with up to 8 rows of x) and the "table" kernel for more (rows in the lanes, only the kept
-  products computed, K blocked to stay in L2); bf16 weights are widened to fp32;
+* ``avx512``: AVX-512 F/BW/VL/DQ (``nm_avx512.h`` and the units it names): the "dot" kernel
+  for up to :data:`DOT_MAX_ROWS` rows (each N:M tile expanded in registers by ``vexpandps``
+  and FMA'd with up to 8 rows of x) and the "table" kernel for more (rows in the lanes, only
+  the kept products computed, K blocked to stay in L2); bf16 weights are widened to fp32;
 * ``avx512bf16``: the same with AVX512_BF16 + VBMI + VBMI2: for bf16, the dot kernel expands
   with ``vpexpandw`` and multiplies bf16 x with ``vdpbf16ps``; the "pairs" kernel (M in {2,
   4, 8}, N = 1 or even) puts up to 64 rows in the lanes and meets each pair of kept weights,
   broadcast as one 32-bit word, with a table entry holding the matching pairs of x in one
   ``vdpbf16ps``: only kept products, two per lane and instruction, so 2:4 needs half the
   instructions of the dense product (how its loops keep the table in cache: the comment above
-  ``pair_range`` in ``nm_linear_avx512.cpp``); the "lanes" kernel (:func:`lanes_take`) puts 16
+  ``pair_range`` in ``nm_avx512.h``); the "lanes" kernel (:func:`lanes_take`) puts 16
   outputs in the lanes instead and moves each lane's two inputs of a pair into place with one
   ``vpshufb`` per row: a shuffle and a dot instruction per pair, where the pairs kernel waits
   on a table load per instruction (``nm_lanes_avx512.h``).

@@ -1,30 +1,38 @@
 """Compile the CPU kernels once per machine and load them with ctypes.
 
-One shared library per instruction set, each from its own translation unit with its own flags,
-so that no AVX-512 instruction can leak into the code an AVX2-only CPU runs:
+One shared library per instruction set, each from its own translation units with its own
+flags, so that no AVX-512 instruction can leak into the code an AVX2-only CPU runs:
 
 * ``avx2``: ``nm_linear.cpp`` with ``-mavx2 -mfma`` (also exports the CPU feature probe);
-* ``avx512``: ``nm_linear_avx512.cpp`` with AVX-512 F/BW/VL/DQ; its bf16 kernels carry a
-  ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where the probe says so;
+* ``avx512``: ``nm_linear_avx512.cpp``, ``nm_linear_bf16_avx512.cpp``,
+  ``nm_prepacked_avx512.cpp`` and ``nm_amx_avx512.cpp`` with AVX-512 F/BW/VL/DQ; its bf16
+  kernels carry a ``target("avx512bf16,avx512vbmi2,avx512vbmi")`` attribute and run only where
+  the probe says so, its AMX functions an ``amx-tile,amx-bf16`` one;
 * ``mask_avx2`` / ``mask_avx512``: ``nm_mask.cpp`` (the per-step mask pass of sparse training,
   :mod:`.mask_pass`) built with the same two sets of flags;
-* ``amx_emulated``: ``nm_linear_avx512.cpp`` again with ``NMSPARSE_AMX_EMULATE``, whose AMX tile
+* ``amx_emulated``: the ``avx512`` units again with ``NMSPARSE_AMX_EMULATE``, whose AMX tile
   operations are C++ (``nm_amx_avx512.h``), so that the AMX kernel's tiling is tested on CPUs
-  without AMX (the tests build it; the dispatcher never uses it). The ``avx512`` library holds
-  the real AMX kernel, whose functions carry an ``amx-tile,amx-bf16`` target attribute.
+  without AMX (the tests build it; the dispatcher never uses it).
 
 The sources share the headers in this folder (``*.h``), which count in every library's hash.
+A library of several units compiles them in parallel (one compiler per CPU, at most one per
+unit) and links the objects: the AVX-512 library takes about half the time of one unit on
+two cores.
 
 Each library is built on first use with the system C++ compiler (``$CXX``, else ``g++``, else
 ``c++``) into a per-user cache folder (``$NMSPARSE_CACHE_DIR``, else
-``$XDG_CACHE_HOME/nmsparse``, else ``~/.cache/nmsparse``), named by a hash of the source, the
-flags and the compiler's version: a changed source gets a new file, an unchanged one is
-compiled once. Builds run under a file lock in that folder (``fcntl.flock``; where there is
-no ``fcntl`` the atomic rename below still keeps a half-written file from being loaded), so
-processes starting together compile once and the others wait and load the result; the
-compiler writes a temporary file that is renamed into place (``os.replace`` is atomic). After
-a build, the older builds of the same library (other hashes) are deleted. Nothing from torch
-is compiled (no torch headers: seconds, not a minute) and nothing is built at install time.
+``$XDG_CACHE_HOME/nmsparse``, else ``~/.cache/nmsparse``), named by a hash of the sources and
+the flags: a changed source gets a new file, an unchanged one is compiled once. The flags are
+fixed per instruction set (no ``-march=native``), so one file serves every CPU with that set,
+and a folder built ahead (``python -m nmsparse.kernels.cpu``, e.g. in a container image)
+loads where no compiler is installed. A build says so once, as a warning on the
+``nmsparse.kernels.cpu`` logger, since it stalls the first call for seconds. Builds run under
+a file lock in that folder (``fcntl.flock``; where there is no ``fcntl`` the atomic rename
+below still keeps a half-written file from being loaded), so processes starting together
+compile once and the others wait and load the result; the linker writes a temporary file
+that is renamed into place (``os.replace`` is atomic). After a build, the older builds of the
+same library (other hashes) are deleted. Nothing from torch is compiled (no torch headers:
+seconds, not a minute).
 
 :func:`load` returns the loaded library or raises :class:`BuildError` saying why it cannot:
 no compiler, a compile error, and *any* ``OSError`` on the way (a cache folder that cannot be
@@ -36,25 +44,31 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).parent
-COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-std=c++17")
 AVX2_FLAGS = ("-mavx2", "-mfma")
 AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mbmi2")
-# library -> (source, its flags, the cache file's name before the hash)
+# The AVX-512 library's units, the longest to compile first (about 8 s, 7, 2 and 1 with g++
+# 12 -O3 on a Zen 4 core): two compilers finish them in about the time of the first two.
+AVX512_UNITS = ("nm_linear_bf16_avx512.cpp", "nm_prepacked_avx512.cpp", "nm_linear_avx512.cpp",
+                "nm_amx_avx512.cpp")
+# library -> (its sources, its flags, the cache file's name before the hash)
 LIBRARIES = {
-    "avx2": ("nm_linear.cpp", AVX2_FLAGS, "nm_linear_avx2"),
-    "avx512": ("nm_linear_avx512.cpp", AVX512_FLAGS, "nm_linear_avx512"),
-    "mask_avx2": ("nm_mask.cpp", AVX2_FLAGS, "nm_mask_avx2"),
-    "mask_avx512": ("nm_mask.cpp", AVX512_FLAGS, "nm_mask_avx512"),
-    "amx_emulated": ("nm_linear_avx512.cpp", (*AVX512_FLAGS, "-DNMSPARSE_AMX_EMULATE"),
+    "avx2": (("nm_linear.cpp",), AVX2_FLAGS, "nm_linear_avx2"),
+    "avx512": (AVX512_UNITS, AVX512_FLAGS, "nm_linear_avx512"),
+    "mask_avx2": (("nm_mask.cpp",), AVX2_FLAGS, "nm_mask_avx2"),
+    "mask_avx512": (("nm_mask.cpp",), AVX512_FLAGS, "nm_mask_avx512"),
+    "amx_emulated": (AVX512_UNITS, (*AVX512_FLAGS, "-DNMSPARSE_AMX_EMULATE"),
                      "nm_linear_avx512_amx_emulated"),
 }
 ABI = 5  # must equal NMSPARSE_CPU_ABI in nm_common.h (every library exports it)
@@ -86,6 +100,7 @@ ENV_CACHE = "NMSPARSE_CACHE_DIR"
 LOCK_NAME = "build.lock"
 # A temporary file this old was left by a build that died (builds take seconds).
 STALE_TEMPORARY_S = 600
+LOG = logging.getLogger("nmsparse.kernels.cpu")
 
 
 class BuildError(RuntimeError):
@@ -120,24 +135,17 @@ def cache_dir() -> Path:
     return Path(base) / "nmsparse"
 
 
-def _compiler_version(cxx: str) -> str:
-    try:
-        done = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise BuildError(f"the C++ compiler {cxx} does not run: {error}") from None
-    return done.stdout.splitlines()[0] if done.stdout else ""
-
-
 def _flags(name: str) -> tuple[str, ...]:
     return (*COMMON_FLAGS, *LIBRARIES[name][1])
 
 
-def library_path(cxx: str, name: str = "avx2") -> Path:
-    source = HERE / LIBRARIES[name][0]
+def library_path(name: str = "avx2") -> Path:
+    """Where ``name``'s library is cached: named by its sources, the headers and its flags, not
+    by the compiler, so that a folder built ahead loads where no compiler is installed."""
     digest = hashlib.sha256()
+    sources = [(HERE / source).read_bytes() for source in LIBRARIES[name][0]]
     headers = [header.read_bytes() for header in sorted(HERE.glob("*.h"))]
-    for part in (source.read_bytes(), *headers, " ".join(_flags(name)).encode(),
-                 _compiler_version(cxx).encode()):
+    for part in (*sources, *headers, " ".join(_flags(name)).encode()):
         digest.update(part)
         digest.update(b"\0")
     return cache_dir() / f"{LIBRARIES[name][2]}-{digest.hexdigest()[:16]}.so"
@@ -159,23 +167,34 @@ def _build_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _compile(cxx: str, name: str, target: Path) -> None:
-    source = HERE / LIBRARIES[name][0]
-    handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so",
-                                         dir=target.parent)
-    os.close(handle)
+def _run_compiler(command: list[str], source: str, cxx: str) -> None:
     try:
-        done = subprocess.run([cxx, *_flags(name), str(source), "-o", temporary],
-                              capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-            raise BuildError(f"compiling {source.name} with {cxx} failed: {message}")
-        os.replace(temporary, target)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except subprocess.SubprocessError as error:
-        raise BuildError(f"compiling {source.name} with {cxx} failed: {error}") from None
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        raise BuildError(f"compiling {source} with {cxx} failed: {error}") from None
+    if done.returncode != 0:
+        message = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise BuildError(f"compiling {source} with {cxx} failed: {message}")
+
+
+def _compile(cxx: str, name: str, target: Path) -> None:
+    """Compile ``name``'s units in parallel into a temporary folder beside ``target``, link
+    them into a temporary file there and rename it into place."""
+    sources = LIBRARIES[name][0]
+    flags = _flags(name)
+    workers = max(1, min(len(sources), os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory(prefix=target.stem + ".", suffix=".tmp",
+                                     dir=target.parent) as folder:
+        objects = [str(Path(folder) / f"{Path(source).stem}.o") for source in sources]
+        with ThreadPoolExecutor(workers) as pool:  # the compilers are processes
+            for done in [pool.submit(_run_compiler, [cxx, *flags, "-c", str(HERE / source),
+                                                     "-o", obj], source, cxx)
+                         for source, obj in zip(sources, objects, strict=True)]:
+                done.result()
+        temporary = str(Path(folder) / target.name)
+        _run_compiler([cxx, *flags, "-shared", *objects, "-o", temporary],
+                      f"(linking) {' '.join(sources)}", cxx)
+        os.replace(temporary, target)
 
 
 def remove_stale(target: Path, name: str) -> list[Path]:
@@ -185,11 +204,16 @@ def remove_stale(target: Path, name: str) -> list[Path]:
     removed = []
     now = time.time()
     for path in target.parent.glob(f"{LIBRARIES[name][2]}-*"):
-        temporary = path.name.endswith(".tmp.so")
-        if path == target or (temporary and now - path.stat().st_mtime < STALE_TEMPORARY_S):
-            continue
+        # a build's folder of objects (".tmp"), or its library before the rename (".tmp.so":
+        # builds before the units were compiled apart)
+        temporary = path.name.endswith((".tmp", ".tmp.so"))
         with contextlib.suppress(FileNotFoundError):  # another process removed it first
-            path.unlink()
+            if path == target or (temporary and now - path.stat().st_mtime < STALE_TEMPORARY_S):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
     if name == "avx2":  # builds of nmsparse <= 0.x, named before there was more than one ISA
         for path in target.parent.glob("nm_linear_cpu-*.so"):
@@ -204,14 +228,17 @@ def _load(name: str) -> ctypes.CDLL:
         raise BuildError(f"unknown CPU kernel library {name!r}; known: {', '.join(LIBRARIES)}")
     if not cpu_supports_avx2_fma():
         raise BuildError("this CPU has no AVX2/FMA")
-    cxx = compiler()
-    if cxx is None:
-        raise BuildError("no C++ compiler found (set CXX, or install g++)")
-    target = library_path(cxx, name)
+    target = library_path(name)
     if not target.exists():
+        cxx = compiler()
+        if cxx is None:
+            raise BuildError("no C++ compiler found (set CXX, or install g++)")
         target.parent.mkdir(parents=True, exist_ok=True)
         with _build_lock(target.parent):
             if not target.exists():  # another process may have built it while we waited
+                LOG.warning("nmsparse: compiling the %s CPU kernels into %s, once per version "
+                            "(seconds; `python -m nmsparse.kernels.cpu` builds them ahead)",
+                            name, target.parent)
                 _compile(cxx, name, target)
                 remove_stale(target, name)
     try:

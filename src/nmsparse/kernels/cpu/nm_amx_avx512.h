@@ -1,5 +1,5 @@
-// AMX kernel (TDPBF16PS tiles) for bf16 weights and bf16 x, included by nm_linear_avx512.cpp
-// after the other kernels. Per block of 16 outputs the thread expands the weight's 16 rows
+// AMX kernel (TDPBF16PS tiles) for bf16 weights and bf16 x (entry points in
+// nm_amx_avx512.cpp). Per block of 16 outputs the thread expands the weight's 16 rows
 // (plain packed format or the prepared lanes layout) into a panel of dense bf16 in its own
 // cache (16 x K bf16: 352 KiB at 11008 inputs; never a dense copy of the weight); each 16 x 32 slice of
 // the panel is one A tile that meets up to four B tiles of x. x is laid out once per call in
@@ -24,6 +24,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+
+#include "nm_prepacked_avx512.h"
+
+namespace {
 
 // The AMX target and intrinsics need GCC >= 11 or Clang >= 12; with an older compiler the
 // library still builds (every other kernel in it runs) and the AMX entry points say so.
@@ -278,3 +282,5 @@ inline int amx_request() {
   return (granted >> xtiledata) & 1 ? 0 : 1;
 #endif
 }
+
+}  // namespace

@@ -1,6 +1,5 @@
-// The "lanes" kernel of nm_linear_avx512.cpp (included there, after Shape, scratch and
-// BF16_TARGET): bf16 weights and bf16 x, many rows, M in {2, 4, 8} with N even or N = 1 and
-// M <= 4.
+// The "lanes" kernel of the AVX-512 library (run by nm_packed_avx512.h): bf16 weights and
+// bf16 x, many rows, M in {2, 4, 8} with N even or N = 1 and M <= 4.
 //
 // Sixteen outputs sit in the lanes of a zmm. Every pair of kept weights of an output (values
 // 2p and 2p + 1 of its row) lies in one aligned 8-input window of x (16 bytes, one 128-bit
@@ -26,6 +25,10 @@
 // last, pairs past the row's end, windows outside it) has weight 0 and control bytes 0x80,
 // which make vpshufb write zeros, so no padded product can be 0 * inf.
 #pragma once
+
+#include "nm_avx512.h"
+
+namespace {
 
 constexpr int LANE_ROWS = 8;    // rows per pass over a panel (accumulators in registers)
 constexpr int LANE_BLOCKS = 2;  // blocks of 16 outputs per panel
@@ -369,3 +372,5 @@ BF16_TARGET inline int lanes_run(const bf16_t* x, const bf16_t* values, const ui
   }
   return failed ? 2 : 0;
 }
+
+}  // namespace

@@ -1,5 +1,5 @@
-// The "prepacked" lanes kernel of nm_linear_avx512.cpp (included there after
-// nm_lanes_avx512.h, whose lane math it shares): the same product as the lanes kernel, but
+// The "prepacked" lanes kernel of the AVX-512 library (entry points in
+// nm_prepacked_avx512.cpp; it shares nm_lanes_avx512.h's lane math): the same product as the lanes kernel, but
 // the weight was laid out lane by lane once, when the layer was prepared
 // (nmsparse_lanes_pack), instead of on every call. Per call the lanes kernel spends about as
 // long transposing the packed rows into its lane layout as it spends computing at 8 rows;
@@ -24,6 +24,10 @@
 // nibble to the low bits of dword l and vpermd maps it through the slot's table
 // (lane_tables); M = 8, the byte's two nibbles (a, b) map through two tables.
 #pragma once
+
+#include "nm_lanes_avx512.h"
+
+namespace {
 
 // A pattern the layout takes: M in {2, 4, 8} and any N < M, or M = 16 and N <= 7 (its N:8
 // view, below); the entry points check it.
@@ -468,3 +472,5 @@ BF16_TARGET inline void prepacked_run(const bf16_t* x, const uint8_t* layout, co
     default: prepacked_panels<4, true>(x, s.batch, plan, controls, bias, y, threads); break;
   }
 }
+
+}  // namespace
