@@ -486,13 +486,23 @@ def call_into_fp32(call, x: torch.Tensor, batch: int, out_features: int,
     an empty product."""
     y = torch.empty(batch, out_features, dtype=torch.float32)
     if batch and out_features:
-        bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+        bias32 = None if bias is None else _as(bias, torch.float32)
         status = call(None if bias32 is None else bias32.data_ptr(), y.data_ptr())
         if status == 2:
             raise MemoryError(_STATUS[2])
         if status:
             raise ValueError(rejected(status))
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    # each skipped no-op is a microsecond of a small layer's ~20 us call
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``, contiguous (itself when it already is)."""
+    if tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
@@ -633,7 +643,7 @@ def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n:
     name = isa()
     out_features, slots = values.shape
     in_features = x.shape[-1]
-    flat = x.reshape(-1, in_features)
+    flat = x if x.dim() == 2 else x.reshape(-1, in_features)
     batch = flat.shape[0]
     options = 0
     x_dtype = torch.float32
@@ -652,7 +662,7 @@ def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n:
             options |= OPTION_BF16
             if chosen != "table" and values.dtype == torch.bfloat16:
                 x_dtype = torch.bfloat16
-    rows = flat.to(x_dtype).contiguous()
+    rows = _as(flat, x_dtype)
     values, indices = values.contiguous(), indices.contiguous()
 
     def call(bias32, y):

@@ -56,9 +56,9 @@ int nmsparse_amx_linear(const void* x, int64_t batch, int64_t in_features, const
                         int threads) {
   if (n < 1 || n >= m || m > 64 || !power_of_two(m)) return 1;
   const Shape s{batch, in_features, out_features, slots, index_bytes, n, m, index_width(m)};
-  const Masks slow(n, m, s.w);
-  const FastMasks fast(slow);
-  const PackedPanel expand{static_cast<const bf16_t*>(values), indices, s, &slow, &fast};
+  const PatternMasks& tables = pattern_masks(n, m);
+  const PackedPanel expand{static_cast<const bf16_t*>(values), indices, s, &tables.slow,
+                           &tables.fast};
   return amx_run(static_cast<const bf16_t*>(x), batch, in_features, out_features, bias, y,
                  threads, expand, mask_row_bytes(in_features));
 }

@@ -29,6 +29,9 @@
 #pragma once
 
 #include <immintrin.h>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <numeric>
 #include <omp.h>
 #include <stdint.h>
@@ -204,27 +207,38 @@ struct FastMasks {
       slow.row(bits, index_bytes, in, out);
       return;
     }
-    int64_t i = 0;
+    // Whole vectors, then the last partial one with masked loads and stores (the scalar way
+    // took ~100 ns for the last 63 bytes: most of a one-row call on a 256 x 448 layer), then
+    // the zeros after the mask (row_from from the end writes only those).
     if (slow.bits_per_byte == 8) {
-      for (; i + 64 <= index_bytes; i += 64)
-        _mm512_storeu_si512(out + i, lookup(table[0], _mm512_loadu_si512(bits + i)));
+      for (int64_t i = 0; i < index_bytes; i += 64) {
+        const __mmask64 part = tail64(index_bytes - i);
+        _mm512_mask_storeu_epi8(out + i, part,
+                                lookup(table[0], _mm512_maskz_loadu_epi8(part, bits + i)));
+      }
     } else if (slow.bits_per_byte == 16) {
-      for (; i + 32 <= index_bytes; i += 32) {
-        const __m512i index = _mm512_castsi256_si512(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(bits + i)));
+      for (int64_t i = 0; i < index_bytes; i += 32) {
+        const int64_t left = index_bytes - i;
+        const __m512i index = _mm512_maskz_loadu_epi8(tail64(left < 32 ? left : 32), bits + i);
         const __m512i low = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lookup(table[0], index)));
         const __m512i high = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lookup(table[1], index)));
-        _mm512_storeu_si512(out + 2 * i, _mm512_or_si512(low, _mm512_slli_epi16(high, 8)));
+        _mm512_mask_storeu_epi8(out + 2 * i, tail64(2 * left),
+                                _mm512_or_si512(low, _mm512_slli_epi16(high, 8)));
       }
-    } else {
-      for (; i + 64 <= index_bytes; i += 64) {
-        const __m512i both = lookup(table[0], _mm512_loadu_si512(bits + i));
+    } else {  // two index bytes per mask byte; a row holds whole groups, so an even count
+      for (int64_t i = 0; i < index_bytes; i += 64) {
+        const int64_t left = index_bytes - i;
+        const __m512i both = lookup(table[0], _mm512_maskz_loadu_epi8(tail64(left), bits + i));
         const __m512i merged = _mm512_or_si512(both, _mm512_srli_epi16(both, 8));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i / 2), _mm512_cvtepi16_epi8(merged));
+        _mm256_mask_storeu_epi8(out + i / 2, (__mmask32)tail64(left / 2),
+                                _mm512_cvtepi16_epi8(merged));
       }
     }
-    // the rest (from the first byte not written above) the scalar way
-    slow.row_from(bits, i, index_bytes, in, out);
+    slow.row_from(bits, index_bytes, index_bytes, in, out);
+  }
+  // The first `count` lanes of 64 (all of them from 64 up).
+  static inline __mmask64 tail64(int64_t count) {
+    return count >= 64 ? ~0ull : (1ull << count) - 1;
   }
 };
 
@@ -248,6 +262,26 @@ struct MaskRows {
 };
 
 inline bool power_of_two(int m) { return (m & (m - 1)) == 0; }
+
+// An N:M pattern's mask tables, filled on its first call and kept for the process (about
+// 50 KiB per pattern; a process uses a few). Filling them takes tens of microseconds: on a
+// 256 x 256 layer that was most of a one-row call. `fast` is only used on CPUs with VBMI
+// (its lookups need it; filling it does not).
+struct PatternMasks {
+  Masks slow;
+  FastMasks fast;
+  PatternMasks(int n, int m) : slow(n, m, index_width(m)), fast(slow) {}
+};
+
+inline const PatternMasks& pattern_masks(int n, int m) {
+  static std::mutex lock;
+  // never freed: a thread may still be in a kernel while the process exits
+  static auto* built = new std::map<int, std::unique_ptr<PatternMasks>>();
+  const std::lock_guard<std::mutex> hold(lock);
+  std::unique_ptr<PatternMasks>& entry = (*built)[n * 512 + m];
+  if (!entry) entry = std::make_unique<PatternMasks>(n, m);
+  return *entry;
+}
 
 // ---------------------------------------------------------------- dot kernels (few rows)
 

@@ -85,8 +85,8 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
     }
     return 0;
   }
-  const Masks slow(n, m, w);
-  const FastMasks* fast = (options & OPTION_BF16) ? new FastMasks(slow) : nullptr;
+  const PatternMasks& tables = pattern_masks(n, m);
+  const FastMasks* fast = (options & OPTION_BF16) ? &tables.fast : nullptr;
   const int64_t stride = mask_row_bytes(in);
   int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -96,7 +96,7 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
 #pragma omp atomic write
     failed = 1;
   }
-  const MaskRows masks{&slow, fast, buffer, stride};
+  const MaskRows masks{&tables.slow, fast, buffer, stride};
 #pragma omp for schedule(static)
   for (int64_t o = begin; o < end; ++o) {
     if (!buffer) continue;
@@ -121,7 +121,6 @@ int nmsparse_unpack(const void* values, int bf16, const uint8_t* indices, int64_
   }
   free(buffer);
   }
-  delete fast;
   return failed ? 2 : 0;
 }
 

@@ -21,9 +21,9 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
   if (kernel == 1 && !(power_of_two(s.m) && 64 % s.m == 0)) return 1;
   int failed = 0;
   if (kernel == 1) {
-    const Masks slow(s.n, s.m, s.w);
+    const PatternMasks& tables = pattern_masks(s.n, s.m);
     // vpermi2b needs AVX512_VBMI, which every CPU with the bf16 kernels has (see the probe)
-    const FastMasks* fast = vbmi ? new FastMasks(slow) : nullptr;
+    const FastMasks* fast = vbmi ? &tables.fast : nullptr;
     const int64_t stride = mask_row_bytes(s.in);
 #pragma omp parallel num_threads(threads)
     {
@@ -34,7 +34,7 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
 #pragma omp atomic write
         failed = 1;
       } else {
-        const MaskRows masks{&slow, fast, buffer, stride};
+        const MaskRows masks{&tables.slow, fast, buffer, stride};
         const int64_t elem = bf16_dot ? 2 : 4;
         for (int64_t first = 0; first < s.batch; first += DOT_MAX_ROWS) {
           const int64_t rows = s.batch - first < DOT_MAX_ROWS ? s.batch - first : DOT_MAX_ROWS;
@@ -45,7 +45,6 @@ int run(const void* x, const T* values, const uint8_t* indices, const Shape& s,
       }
       free(buffer);
     }
-    delete fast;
     return failed ? 2 : 0;
   }
   const int W = s.w;
