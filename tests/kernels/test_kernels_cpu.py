@@ -20,6 +20,7 @@ only the fallback and build tests run and the others are skipped with the reason
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -180,6 +181,38 @@ def test_non_contiguous_and_batched_inputs(dtype):
     assert torch.equal(nm_linear(x, values, packed.indices, n, m),
                        nm_linear(x, packed.values, packed.indices, n, m))
     assert nm_linear(x[:0], packed.values, packed.indices, n, m).shape == (0, 24)
+
+
+@needs_kernels
+def test_dense_path_over_several_tiles_with_its_kept_buffer(monkeypatch):
+    """Tiles of 16 output rows (the last one partial) give F.linear's product; each thread
+    keeps one buffer per dtype between calls and layers, growing it when a layer needs more."""
+    monkeypatch.setattr(cpu, "DENSE_TILE_BYTES", 1)
+    monkeypatch.setattr(cpu, "DENSE_TILE_ROWS", 16)
+    generator = torch.Generator().manual_seed(11)
+    n, m = 2, 4
+    kept = {}
+    for dtype in DTYPES:
+        for out, inp, bias in [(40, 64, True), (16, 32, False), (50, 128, True), (7, 16, True)]:
+            packed = pack(nm_weight(out, inp, n, m, dtype, generator), n, m)
+            b = torch.randn(out, generator=generator).to(dtype) if bias else None
+            x = torch.randn(3, inp, generator=generator).to(dtype)
+            y = cpu.nm_linear_cpu(x, packed.values, packed.indices, n, m, b, kernel="dense")
+            assert_close_to_linear(y, x, packed.values, packed.indices, n, m, b)
+            buffer = cpu._KEPT.buffers[dtype]
+            assert buffer.numel() >= min(out, 16) * inp
+            kept.setdefault(dtype, []).append(buffer.data_ptr())
+        # kept after the first layer, grown once (for 50x128), then kept again
+        assert kept[dtype][0] == kept[dtype][1] and kept[dtype][2] == kept[dtype][3]
+    other = []
+    thread = threading.Thread(target=lambda: other.append(cpu.nm_linear_cpu(
+        x, packed.values, packed.indices, n, m, b, kernel="dense")) or other.append(
+        cpu._KEPT.buffers[x.dtype].data_ptr()))
+    thread.start()
+    thread.join()
+    assert torch.equal(other[0], cpu.nm_linear_cpu(x, packed.values, packed.indices, n, m, b,
+                                                   kernel="dense"))
+    assert other[1] != cpu._KEPT.buffers[x.dtype].data_ptr()  # its own buffer
 
 
 @needs_kernels

@@ -580,7 +580,10 @@ def tiled_linear(rows: torch.Tensor, out_features: int, weight_dtype: torch.dtyp
     in_features = rows.shape[1]
     tile = max(DENSE_TILE_ROWS,
                DENSE_TILE_BYTES // (in_features * weight_dtype.itemsize) // 16 * 16)
-    buffer = torch.empty(min(tile, out_features), in_features, dtype=weight_dtype)
+    buffer = _kept_buffer(min(tile, out_features), in_features, weight_dtype)
+    if tile >= out_features:  # one tile: F.linear's result is y
+        return F.linear(rows, expand(0, out_features, buffer).to(rows.dtype),
+                        None if bias is None else bias.to(rows.dtype))
     y = torch.empty(rows.shape[0], out_features, dtype=rows.dtype)
     for first in range(0, out_features, tile):
         last = min(first + tile, out_features)
@@ -588,6 +591,22 @@ def tiled_linear(rows: torch.Tensor, out_features: int, weight_dtype: torch.dtyp
         y[:, first:last] = F.linear(rows, weight,
                                     None if bias is None else bias[first:last].to(rows.dtype))
     return y
+
+
+# The dense path's tile buffer, kept by each thread between calls: a fresh one of a few MiB
+# comes from the system as new pages, whose faults and zeroing cost more than expanding the
+# weight into it (1024x1024 fp32, 256 rows: 1.2 ms of a 5.0 ms call, against 65 us to expand).
+_KEPT = threading.local()
+
+
+def _kept_buffer(rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    kept = getattr(_KEPT, "buffers", None)
+    if kept is None:
+        kept = _KEPT.buffers = {}
+    flat = kept.get(dtype)
+    if flat is None or flat.numel() < rows * columns:
+        flat = kept[dtype] = torch.empty(rows * columns, dtype=dtype)
+    return flat[:rows * columns].view(rows, columns)
 
 
 def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int,
