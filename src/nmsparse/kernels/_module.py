@@ -104,22 +104,26 @@ class NMLinear(nn.Module):
     def fits(self, x: torch.Tensor) -> bool:
         """Whether ``x`` meets this layer's weight as the op's checks require (its last
         dimension, dtype and device), so that the op's own checks can be skipped."""
-        values = self.values
-        return (x.dim() >= 1 and x.shape[-1] == self.in_features and x.dtype == values.dtype
-                and x.device == values.device
-                and (self.bias is None or self.bias.dtype == x.dtype))
+        return _fits(x, self.values, self.bias, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _op.call_directly(x, self.bias):
-            if self.fits(x):
-                return _op.run_checked(x, self.values, self.indices, self.n, self.m, self.bias)
-            return _op._nm_linear_impl(x, self.values, self.indices, self.n, self.m, self.bias)
-        return torch.ops.nmsparse.nm_linear(x, self.values, self.indices, self.n, self.m,
-                                            self.bias)
+        # each buffer read once: a module attribute lookup is ~0.3 us of a ~20 us small call
+        values, indices, bias = self.values, self.indices, self.bias
+        if _op.call_directly(x, bias):
+            if _fits(x, values, bias, self.in_features):
+                return _op.run_checked(x, values, indices, self.n, self.m, bias)
+            return _op._nm_linear_impl(x, values, indices, self.n, self.m, bias)
+        return torch.ops.nmsparse.nm_linear(x, values, indices, self.n, self.m, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"pattern={self.n}:{self.m}, bias={self.bias is not None}")
+
+
+def _fits(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None,
+          in_features: int) -> bool:
+    return (x.dim() >= 1 and x.shape[-1] == in_features and x.dtype == values.dtype
+            and x.device == values.device and (bias is None or bias.dtype == x.dtype))
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def _triton_reason(x: torch.Tensor, values: torch.Tensor, m: int) -> str | None:
     """Why the Triton path is not taken for this call, or None if it is."""
     # The environment first: find_spec walks sys.path (hundreds of microseconds), which a
     # CPU decode step calling this op ~100 times could not afford.
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if x.is_cpu and os.environ.get("TRITON_INTERPRET") != "1":
         return "a CPU tensor without TRITON_INTERPRET=1"
     if not triton_available():
         return "Triton is not installed"
@@ -111,7 +111,7 @@ def _cpu():
 
 def _cpu_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
     """Why the CPU kernels do not take this call, or None if they do."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"device {x.device}"
     return _cpu().unsupported_reason(x, values, n, m)
 
@@ -204,7 +204,7 @@ def call_directly(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     decode step of the 0.84B Llama at batch 1): eager CPU code with no gradient to record, on
     a plain tensor (not fake, not a subclass, not inside a torch.func transform). The result
     is the same function's."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu"
+    return (type(x) is torch.Tensor and x.is_cpu
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or (bias is not None and bias.requires_grad)))

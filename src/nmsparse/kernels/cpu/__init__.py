@@ -309,7 +309,7 @@ def wide_m(m: int) -> bool:
 
 def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
     """Why :func:`nm_linear_cpu` cannot take this call, or ``None`` if it can."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return f"device {x.device}"
     if values.dtype not in DTYPES:
         return f"dtype {values.dtype} (the CPU kernels take float32 and bfloat16)"

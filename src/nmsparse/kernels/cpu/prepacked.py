@@ -207,7 +207,7 @@ def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
     prepared kernel) or ``"dense"`` (tiles expanded for F.linear, bf16 out) force one;
     ``"auto"`` follows :func:`kernel_for`."""
     _check_layout(layout, n, m, in_features, out_features)
-    if x.device.type != "cpu" or x.shape[-1] != in_features:
+    if not x.is_cpu or x.shape[-1] != in_features:
         raise ValueError(f"x of shape {tuple(x.shape)} on {x.device} does not meet a prepared "
                          f"weight of {in_features} inputs on the CPU")
     if kernel not in KERNELS:
