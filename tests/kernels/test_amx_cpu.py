@@ -140,7 +140,7 @@ def test_the_real_kernel_runs_only_where_the_cpu_has_amx(monkeypatch):
     """Without AMX the real kernel refuses with the reason and nothing faults; with AMX its
     self-check must have passed (a failure there is a bug in the kernel, shown here)."""
     monkeypatch.delenv(cpu.ENV_AMX, raising=False)
-    monkeypatch.delitem(cpu._STATE, "amx_reason", raising=False)
+    monkeypatch.delitem(cpu._library._STATE, "amx_reason", raising=False)
     packed = pack(nm_weight(16, 64, 2, 4, torch.Generator().manual_seed(1)), 2, 4)
     x = torch.randn(16, 64).bfloat16()
     if "amx" in cpu.features():
@@ -153,7 +153,7 @@ def test_the_real_kernel_runs_only_where_the_cpu_has_amx(monkeypatch):
         with pytest.raises(ValueError, match="no AMX-BF16"):
             cpu.amx_linear(x, packed.values, packed.indices, 2, 4)
     monkeypatch.setenv(cpu.ENV_AMX, "0")
-    monkeypatch.delitem(cpu._STATE, "amx_reason")
+    monkeypatch.delitem(cpu._library._STATE, "amx_reason")
     assert cpu.amx_reason() == f"{cpu.ENV_AMX}=0"
     with pytest.raises(ValueError, match="takes bf16 weights with M a power of two"):
         cpu.amx_linear(x.float(), packed.values.float(), packed.indices, 2, 4)
@@ -166,8 +166,8 @@ def test_a_cpu_reporting_amx_whose_kernel_cannot_run_warns_once_and_falls_back(m
     exact AVX-512 kernels and dense path. On a real AMX CPU the check passes, silently."""
     monkeypatch.delenv(cpu.ENV_AMX, raising=False)
     has_amx = "amx" in cpu.features()
-    monkeypatch.setitem(cpu._STATE, "features", cpu.features() | {"amx"})
-    monkeypatch.delitem(cpu._STATE, "amx_reason", raising=False)
+    monkeypatch.setitem(cpu._library._STATE, "features", cpu.features() | {"amx"})
+    monkeypatch.delitem(cpu._library._STATE, "amx_reason", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reason = cpu.amx_reason()
@@ -194,8 +194,9 @@ def test_where_the_amx_kernel_runs_bf16_calls_from_amx_rows_take_it(monkeypatch)
     """The dispatch alone (nothing is run): with AMX and a kernel that runs, bf16 weights of
     any pattern it takes go to it from AMX_ROWS rows, plain and prepared; fp32 weights, fewer
     rows and other patterns keep the measured table."""
-    monkeypatch.setitem(cpu._STATE, "features", frozenset({"avx2", "avx512", "avx512bf16", "amx"}))
-    monkeypatch.setitem(cpu._STATE, "amx_reason", None)
+    monkeypatch.setitem(cpu._library._STATE, "features",
+                        frozenset({"avx2", "avx512", "avx512bf16", "amx"}))
+    monkeypatch.setitem(cpu._library._STATE, "amx_reason", None)
     rows = cpu.AMX_ROWS
     for n, m in PATTERNS:
         assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows, n, m) == "amx"
@@ -212,8 +213,9 @@ def test_where_the_amx_kernel_runs_bf16_calls_from_amx_rows_take_it(monkeypatch)
 
 def test_the_amx_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv(cpu.ENV_AMX, "0")
-    monkeypatch.delitem(cpu._STATE, "amx_reason", raising=False)
-    monkeypatch.setitem(cpu._STATE, "features", frozenset({"avx2", "avx512", "avx512bf16", "amx"}))
+    monkeypatch.delitem(cpu._library._STATE, "amx_reason", raising=False)
+    monkeypatch.setitem(cpu._library._STATE, "features",
+                        frozenset({"avx2", "avx512", "avx512bf16", "amx"}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # turned off on purpose: no warning
         assert cpu.amx_reason() == f"{cpu.ENV_AMX}=0"

@@ -135,7 +135,7 @@ def test_the_best_instruction_set_is_used_and_a_forced_one_is_checked(monkeypatc
     with pytest.raises(ValueError, match="NMSPARSE_CPU_ISA='sse9' is not one of avx2, avx512"):
         nm_linear(x, packed.values, packed.indices, 2, 4)
     # a CPU without AVX-512: forcing it names what is missing; automatic picks AVX2
-    monkeypatch.setattr(cpu, "_STATE", {"features": {"avx2"}})
+    monkeypatch.setattr(cpu._library, "_STATE", {"features": {"avx2"}})
     monkeypatch.setenv(cpu.ENV_ISA, "avx512bf16")
     with pytest.raises(ValueError, match="this CPU has no AVX512BF16"):
         nm_linear(x, packed.values, packed.indices, 2, 4)
@@ -317,7 +317,7 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern(monkeypatch):
     take and every batch size: the pick exists and takes the pattern (pairs and lanes: bf16 and
     their predicates; dot: M a power of two; table and dense: any). The table of a CPU without
     AMX, whatever this one has (test_amx_cpu checks the AMX rows)."""
-    monkeypatch.setitem(cpu._STATE, "features", cpu.features() - {"amx"})
+    monkeypatch.setitem(cpu._library._STATE, "features", cpu.features() - {"amx"})
     for (isa, dtype), entries in cpu.DISPATCH.items():
         assert entries[-1][0] is None
         for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N + WIDE_M:
@@ -389,7 +389,7 @@ def test_auto_uses_the_kernels_on_cpu_and_falls_back_where_they_cannot_run(monke
 
 def test_fallback_when_the_kernels_cannot_build_warns_once_and_is_exact(monkeypatch):
     monkeypatch.setenv("NMSPARSE_KERNELS", "auto")
-    monkeypatch.setattr(cpu, "_STATE", {})
+    monkeypatch.setattr(cpu._library, "_STATE", {})
     monkeypatch.setattr(_op, "_CPU_WARNED", [])
     monkeypatch.setattr(cpu._build, "cpu_supports_avx2_fma", lambda: False)
     packed = pack(nm_weight(8, 32, 2, 4, torch.float32, torch.Generator()), 2, 4)

@@ -376,11 +376,11 @@ def test_on_a_cpu_with_amx_many_bf16_rows_take_the_dense_path(monkeypatch):
     AMX_DENSE_ROWS rows on (plain and prepared) run oneDNN's product on expanded tiles;
     elsewhere the table and the prepared kernel rule."""
     rows = cpu.AMX_DENSE_ROWS
-    monkeypatch.setitem(cpu._STATE, "features", cpu.features() - {"amx"})
+    monkeypatch.setitem(cpu._library._STATE, "features", cpu.features() - {"amx"})
     assert prepacked.kernel_for(rows) == "lanes"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 2, 4) != "dense"
-    monkeypatch.setitem(cpu._STATE, "features", cpu.features() | {"amx"})
-    monkeypatch.setitem(cpu._STATE, "amx_reason", "its self-check gave a wrong result")
+    monkeypatch.setitem(cpu._library._STATE, "features", cpu.features() | {"amx"})
+    monkeypatch.setitem(cpu._library._STATE, "amx_reason", "its self-check gave a wrong result")
     assert prepacked.kernel_for(rows - 1) == "lanes" and prepacked.kernel_for(rows) == "dense"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 2, 4) == "dense"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, rows - 1, 2, 4) != "dense"

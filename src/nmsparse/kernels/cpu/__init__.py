@@ -75,20 +75,49 @@ mask pass of sparse training that is built the same way (``nm_mask.cpp``, :mod:`
 
 from __future__ import annotations
 
-import ctypes
-import os
 import threading
 
 import torch
 
-from ._build import BuildError, load
+from . import _library
+from ._build import BuildError
+from ._calls import SERIAL_BELOW, STATUS, call_into_fp32, contiguous_as, threads_for
+from ._library import ENV_ISA, ISAS, LIBRARY_OF, build_error, features, isa, isa_reason, library
+from ._patterns import (
+    BF16_KERNELS,
+    MAX_M,
+    NARROW_M,
+    any_n,
+    kernel_takes,
+    lanes_take,
+    masks_take,
+    pairs_take,
+    pattern_reason,
+    wide_m,
+)
+from .amx import (
+    AMX_DENSE_ROWS,
+    AMX_ROWS,
+    AMX_SELFTEST,
+    ENV_AMX,
+    amx_dense,
+    amx_library,
+    amx_linear,
+    amx_reason,
+    amx_rows,
+)
+
+# the package's names, whichever of its modules defines them
+__all__ = ["AMX_DENSE_ROWS", "AMX_ROWS", "AMX_SELFTEST", "BF16_KERNELS", "DISPATCH",
+           "DOT_MAX_ROWS", "DTYPES", "ENV_AMX", "ENV_ISA", "ISAS", "KERNELS", "MAX_M",
+           "OPTION_BF16", "SERIAL_BELOW", "TABLE_MAX_DENSITY", "WIDE_M_TABLE_DENSITY",
+           "BuildError", "amx_dense", "amx_library", "amx_linear", "amx_reason", "amx_rows",
+           "any_n", "build_error", "features", "isa", "isa_reason", "kernel_for",
+           "kernel_takes", "lanes_take", "library", "masks_take", "nm_linear_cpu", "pairs_take",
+           "pattern_reason", "run_checked", "threads_for", "tiled_linear", "unsupported_reason",
+           "wide_m"]
 
 DTYPES = (torch.float32, torch.bfloat16)
-ISAS = ("avx2", "avx512", "avx512bf16")  # lowest first
-ENV_ISA = "NMSPARSE_CPU_ISA"
-ENV_AMX = "NMSPARSE_CPU_AMX"
-_LIBRARY_OF = {"avx2": "avx2", "avx512": "avx512", "avx512bf16": "avx512"}
-_FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512bf16": 4, "amx": 8}
 # The dot kernel takes up to this many rows per pass over the weight.
 DOT_MAX_ROWS = 8
 _BF16, _FP32 = torch.bfloat16, torch.float32
@@ -178,135 +207,12 @@ M16_BF16_DOT_ROWS = 6
 # one row, 0.96-1.53x from 4; 8:32 1.13x at one row, 0.80-0.95x from 4 (no kernel is faster).
 WIDE_M_TABLE_DENSITY = 0.125
 WIDE_M_DOT_ROWS = 4
-# On a CPU with AMX, oneDNN's dense bf16 product runs on tiles, and the AVX-512 kernels here
-# (and the prepared one) are expected to lose to it from some tens of rows: there, from this
-# many bf16 rows, the dense path runs (the weight expanded tile by tile for F.linear: dense
-# speed less the expansion). NOT MEASURED, no AMX machine was at hand; the figure is
-# arithmetic, for a run of benchmarks/cpu_kernels.py on such a machine to replace: on
-# 11008x4096 (2:4) the prepared kernel takes ~4 / 13 / 43 ms at 16 / 64 / 256 rows on Zen 4
-# and will not be faster on a Xeon's AVX-512; AMX's dense product is bound by reading the
-# 90 MB weight (~6 ms) up to ~100 rows; expanding the layout costs ~8-12 ms (measured), so
-# the dense path is expected to pass the prepared kernel near 64 rows. Without AMX the table
-# above decides.
-AMX_DENSE_ROWS = 64
-# From this many bf16 rows the AMX kernel runs where it can (amx_reason() is None). NOT
-# MEASURED either: at 16 rows oneDNN's dense product on AMX tiles already beat the AVX-512
-# kernels here 3x on a Xeon (the issue's table: 2:4 at 0.34x of dense bf16), and the AMX
-# kernel, expanding a 1 KiB tile with 16 vpexpandw for each 16 x 16 x 32 tile product, should
-# be bound by reading the packed weight from there on; below it the dot and lanes kernels keep
-# the few-row work, where a tile would be mostly padding.
-AMX_ROWS = 16
 # Weight bytes per tile of the dense path, and at least this many output rows per tile: few
 # large F.linear calls on tiles that stay in L3 (measured 2:4, 11008x4096 and 4096x11008, 2
 # threads: 1 MiB / 16 rows gave 0.35-0.61x of dense bf16 at 64 rows, 8 MiB / 256 rows
 # 0.80x; fp32 at 256 rows 0.52-1.12x and 1.09-1.34x).
 DENSE_TILE_BYTES = 8 << 20
 DENSE_TILE_ROWS = 256
-_LOCK = threading.Lock()
-# library name -> CDLL, or "error:<name>" -> message; and what was found once about this machine
-_STATE: dict[str | tuple, object] = {}
-
-
-def library(name: str = "avx2") -> ctypes.CDLL:
-    """The loaded kernels of one library (built on the first call); :class:`BuildError` if
-    they cannot be."""
-    loaded = _STATE.get(name)  # the call path of every layer: no lock once loaded
-    if loaded is not None:
-        return loaded  # type: ignore[return-value]
-    with _LOCK:
-        if name not in _STATE and f"error:{name}" not in _STATE:
-            try:
-                _STATE[name] = load(name)
-            except (BuildError, OSError) as error:
-                _STATE[f"error:{name}"] = str(error)
-    if f"error:{name}" in _STATE:
-        raise BuildError(str(_STATE[f"error:{name}"]))
-    return _STATE[name]  # type: ignore[return-value]
-
-
-def build_error() -> str | None:
-    """Why the kernels cannot be built or loaded on this machine, or ``None`` if they can."""
-    try:
-        library()
-    except BuildError as error:
-        return str(error)
-    return None
-
-
-def features() -> frozenset[str]:
-    """What this CPU runs, of ``avx2``, ``avx512``, ``avx512bf16`` and ``amx`` (empty if the
-    kernels cannot be built)."""
-    if "features" not in _STATE:
-        try:
-            bits = library().nmsparse_cpu_features()
-        except BuildError:
-            bits = 0
-        _STATE["features"] = frozenset(name for name, bit in _FEATURE_BITS.items()
-                                       if bits & bit)
-    return _STATE["features"]  # type: ignore[return-value]
-
-
-def isa_reason(name: str) -> str | None:
-    """Why instruction set ``name`` cannot run here, or ``None`` if it can (cached: a decode
-    step asks for every layer)."""
-    key = f"reason:{name}"
-    if key not in _STATE:
-        _STATE[key] = _isa_reason(name)
-    return _STATE[key]  # type: ignore[return-value]
-
-
-def _isa_reason(name: str) -> str | None:
-    if name not in ISAS:
-        return f"{ENV_ISA}={name!r} is not one of {', '.join(ISAS)}"
-    error = build_error()
-    if error:
-        return error
-    if name not in features():
-        return f"this CPU has no {name.upper()} ({ENV_ISA}={name})"
-    try:
-        library(_LIBRARY_OF[name])
-    except BuildError as error:
-        return str(error)
-    return None
-
-
-def isa() -> str:
-    """The instruction set the kernels use: ``NMSPARSE_CPU_ISA`` if set, else the best one
-    that runs here (``avx2`` if none does: :func:`unsupported_reason` then says why)."""
-    chosen = os.environ.get(ENV_ISA, "").strip().lower()
-    if chosen:
-        return chosen
-    if "best" not in _STATE:
-        _STATE["best"] = next((name for name in reversed(ISAS) if isa_reason(name) is None),
-                              "avx2")
-    return str(_STATE["best"])
-
-
-# The largest M the packed format holds (8-bit positions) and the kernels take.
-MAX_M = 256
-# Up to this M the positions take at most 4 bits, which the AVX2 library and every AVX-512
-# kernel read; larger M (8-bit positions) runs the dot kernel (M = 32, 64), the table kernel
-# (N dividing 8) or the dense path, on AVX-512 (:func:`wide_m`).
-NARROW_M = 16
-
-
-def pattern_reason(n: int, m: int) -> str | None:
-    if m > MAX_M or not 1 <= n < m:
-        return f"pattern {n}:{m} (the CPU kernels need 1 <= N < M <= {MAX_M})"
-    return None
-
-
-def any_n(n: int) -> bool:
-    """Whether N needs the kernels that take any N (the dot kernel and the dense path, on
-    AVX-512): the others read the positions of 8 values at a time as whole groups."""
-    return bool(8 % n)
-
-
-def wide_m(m: int) -> bool:
-    """Whether M's positions take 8 bits (M > 16): AVX-512 only, no AVX2, pairs or lanes."""
-    return m > NARROW_M
-
-
 def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
     """Why :func:`nm_linear_cpu` cannot take this call, or ``None`` if it can."""
     if not x.is_cpu:
@@ -315,9 +221,9 @@ def unsupported_reason(x: torch.Tensor, values: torch.Tensor, n: int, m: int) ->
         return f"dtype {values.dtype} (the CPU kernels take float32 and bfloat16)"
     name = isa()
     key = ("unsupported", name, n, m)  # asked for every layer call: kept with the build state
-    if key not in _STATE:
-        _STATE[key] = _unsupported_reason(name, n, m)
-    return _STATE[key]  # type: ignore[return-value]
+    if key not in _library._STATE:
+        _library._STATE[key] = _unsupported_reason(name, n, m)
+    return _library._STATE[key]  # type: ignore[return-value]
 
 
 def _unsupported_reason(name: str, n: int, m: int) -> str | None:
@@ -335,174 +241,6 @@ KERNELS = ("auto", "avx2", "dot", "table", "pairs", "lanes", "dense", "amx")
 _KERNEL_CODE = {"avx2": 0, "dot": 1, "table": 2, "pairs": 3, "lanes": 4}
 # The options bit "the CPU has AVX512_BF16 and VBMI" (OPTION_BF16 in nm_common.h).
 OPTION_BF16 = 8
-
-
-def kernel_takes(kernel: str, n: int, m: int) -> bool:
-    """Whether ``kernel`` (one of ``KERNELS[1:]``) takes N:M at all (pairs, lanes and amx also
-    need bf16 weights on ``avx512bf16``; "avx2" is the AVX2 library's kernel)."""
-    if kernel == "avx2":
-        return not any_n(n) and not wide_m(m)
-    if kernel == "dot":
-        return masks_take(n, m)
-    if kernel == "table":
-        return not any_n(n)
-    if kernel in BF16_KERNELS:
-        return BF16_KERNELS[kernel](n, m)
-    return kernel == "dense"
-
-
-def masks_take(n: int, m: int) -> bool:
-    """Whether the dense masks of 64 inputs at a time hold whole groups of N:M (M a power of
-    two up to 64), which the dot and AMX kernels read."""
-    return not m & (m - 1) and m <= 64
-
-
-def pairs_take(n: int, m: int) -> bool:
-    """Whether the pairs kernel takes N:M: M in {2, 4, 8}, N = 1 or even."""
-    return m in (2, 4, 8) and (n == 1 or n % 2 == 0) and not any_n(n)
-
-
-def lanes_take(n: int, m: int) -> bool:
-    """Whether the lanes kernel takes N:M: M in {2, 4, 8}, N even, or N = 1 with M <= 4 (every
-    pair of kept values must lie in one aligned window of 8 inputs)."""
-    return m in (2, 4, 8) and (n % 2 == 0 or (n == 1 and m <= 4)) and not any_n(n)
-
-
-# The kernels that take bf16 weights only (on avx512bf16), with what else they need of the
-# pattern.
-BF16_KERNELS = {"pairs": pairs_take, "lanes": lanes_take, "amx": masks_take}
-
-
-def amx_rows(rows: int) -> bool:
-    """Whether ``rows`` bf16 rows take the AMX kernel (:data:`AMX_ROWS`, where it runs:
-    :func:`amx_reason`), for patterns it takes: plain and prepared layers alike."""
-    return rows >= AMX_ROWS and "amx" in features() and amx_reason() is None
-
-
-def amx_dense(rows: int) -> bool:
-    """Whether ``rows`` bf16 rows take the dense path because the CPU has AMX, where oneDNN's
-    product runs on tiles (:data:`AMX_DENSE_ROWS`), and the AMX kernel did not take them:
-    plain and prepared layers alike."""
-    return rows >= AMX_DENSE_ROWS and "amx" in features()
-
-
-def amx_reason() -> str | None:
-    """Why the AMX kernel cannot run here, or ``None`` if it can (checked once per process):
-    the CPU needs AMX-BF16 and the bf16 kernels' instruction set, Linux must grant the tile
-    state, ``NMSPARSE_CPU_AMX`` must not be ``0``, and the kernel's self-check must pass in a
-    child process (it has not run on AMX hardware before; a crash there does not reach this
-    process). A CPU with AMX whose kernel cannot run warns once, saying why."""
-    if "amx_reason" not in _STATE:
-        reason = _amx_reason()
-        if reason is not None and "amx" in features() and os.environ.get(ENV_AMX) != "0":
-            import warnings
-
-            warnings.warn(f"nmsparse: the AMX kernel is not used: {reason}; bf16 layers run "
-                          "the AVX-512 kernels and, from "
-                          f"{AMX_DENSE_ROWS} rows, oneDNN on AMX tiles (exact either way)",
-                          RuntimeWarning, stacklevel=2)
-        _STATE["amx_reason"] = reason
-    return _STATE["amx_reason"]  # type: ignore[return-value]
-
-
-AMX_SELFTEST = ("import ctypes, sys; "
-                "sys.exit(ctypes.CDLL(sys.argv[1]).nmsparse_amx_selftest(int(sys.argv[2])))")
-
-
-def _amx_reason() -> str | None:
-    if os.environ.get(ENV_AMX) == "0":
-        return f"{ENV_AMX}=0"
-    if "amx" not in features():
-        return "this CPU has no AMX-BF16"
-    reason = isa_reason("avx512bf16")
-    if reason:
-        return f"the AMX kernel expands the weight with AVX512_BF16 and VBMI code: {reason}"
-    import subprocess
-    import sys
-
-    loaded = library("avx512")
-    if loaded.nmsparse_amx_emulated() < 0:
-        return "the C++ compiler that built the kernels cannot build AMX code (GCC >= 11 or " \
-               "Clang >= 12 can)"
-    try:
-        done = subprocess.run([sys.executable, "-c", AMX_SELFTEST, loaded._name, "2"],
-                              capture_output=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"its self-check could not run ({error})"
-    if done.returncode == 1:
-        return "its self-check gave a wrong result (please report it with this CPU's model)"
-    if done.returncode == 2:
-        return "Linux did not grant the AMX tile state to a child process"
-    if done.returncode == 3:
-        return "its self-check ran out of memory"
-    if done.returncode:
-        return f"its self-check ended with status {done.returncode} (a fault: please report it)"
-    if loaded.nmsparse_amx_request():
-        return "Linux did not grant this process the AMX tile state"
-    return None
-
-
-def amx_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-               bias: torch.Tensor | None = None, *, emulated: bool = False) -> torch.Tensor:
-    """``x @ W.T + bias`` on AMX tiles for a bf16 packed weight with M a power of two up to
-    64 (x rounded to bf16, as the other bf16 kernels do; fp32 accumulation; the result in x's
-    dtype). ``emulated``: the build whose tile operations are C++ (any CPU with AVX512_BF16:
-    for tests; slow)."""
-    if values.dtype != _BF16 or not kernel_takes("amx", n, m):
-        raise ValueError(f"the AMX kernel takes bf16 weights with M a power of two up to 64, "
-                         f"got {values.dtype} {n}:{m}")
-    function = _amx_library(emulated).nmsparse_amx_linear
-    out_features, slots = values.shape
-    flat = x.reshape(-1, x.shape[-1]).to(_BF16).contiguous()
-    values, indices = values.contiguous(), indices.contiguous()
-
-    def call(bias32, y):
-        return function(flat.data_ptr(), flat.shape[0], flat.shape[1], values.data_ptr(),
-                        indices.data_ptr(), out_features, slots, indices.shape[1], n, m, bias32,
-                        y, threads_for(flat.shape[0], values.numel()))
-
-    return call_into_fp32(call, x, flat.shape[0], out_features, bias,
-                          lambda status: f"the AMX kernel rejects pattern {n}:{m}")
-
-
-def _amx_library(emulated: bool) -> ctypes.CDLL:
-    if emulated:
-        reason = isa_reason("avx512bf16")
-        if reason:
-            raise ValueError(f"the emulated AMX kernel needs AVX512_BF16 and VBMI: {reason}")
-        return library("amx_emulated")
-    reason = amx_reason()
-    if reason:
-        raise ValueError(f"the AMX kernel cannot run here: {reason}")
-    return library("avx512")
-
-
-def call_into_fp32(call, x: torch.Tensor, batch: int, out_features: int,
-                   bias: torch.Tensor | None, rejected) -> torch.Tensor:
-    """The way every kernel entry point here is run: ``call(bias pointer or None, y
-    pointer)`` writes a new fp32 ``y`` (batch, out_features), with the bias in fp32; status
-    2 raises MemoryError, any other non-zero status ValueError(``rejected(status)``); the
-    result is cast to x's dtype and shaped as x with out_features last. Nothing is called for
-    an empty product."""
-    y = torch.empty(batch, out_features, dtype=torch.float32)
-    if batch and out_features:
-        bias32 = None if bias is None else _as(bias, torch.float32)
-        status = call(None if bias32 is None else bias32.data_ptr(), y.data_ptr())
-        if status == 2:
-            raise MemoryError(_STATUS[2])
-        if status:
-            raise ValueError(rejected(status))
-    # each skipped no-op is a microsecond of a small layer's ~20 us call
-    if x.dtype != torch.float32:
-        y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
-
-
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` in ``dtype``, contiguous (itself when it already is)."""
-    if tensor.dtype != dtype:
-        tensor = tensor.to(dtype)
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
@@ -559,16 +297,6 @@ def _wide_kernel(dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     return "dense"
 
 
-# Below this many multiply-adds a call runs on one thread: starting a parallel region costs
-# more than the work (and on a busy machine it waits for every thread to be scheduled).
-SERIAL_BELOW = 1 << 18
-
-
-def threads_for(batch: int, kept: int) -> int:
-    """Threads for ``batch`` rows against ``kept`` stored weights (the packed values)."""
-    return 1 if batch * kept < SERIAL_BELOW else torch.get_num_threads()
-
-
 def tiled_linear(rows: torch.Tensor, out_features: int, weight_dtype: torch.dtype, expand,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """The dense path's loop: ``rows @ W.T + bias`` with W expanded tile by tile (at least
@@ -617,7 +345,7 @@ def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torc
     in_features = x.shape[-1]
     flat = x.reshape(-1, in_features)
     values, indices = values.contiguous(), indices.contiguous()
-    unpack = library(_LIBRARY_OF[name]).nmsparse_unpack
+    unpack = library(LIBRARY_OF[name]).nmsparse_unpack
     threads = threads_for(flat.shape[0], values.numel())
     options = OPTION_BF16 if name == "avx512bf16" else 0
 
@@ -626,17 +354,12 @@ def _dense_tiles(name: str, x: torch.Tensor, values: torch.Tensor, indices: torc
                         indices.data_ptr(), slots, indices.shape[1], n, m, in_features, first,
                         last, buffer.data_ptr(), threads, options)
         if status:
-            raise MemoryError(_STATUS[2]) if status == 2 else ValueError(
-                _STATUS[1].format(n=n, m=m))
+            raise MemoryError(STATUS[2]) if status == 2 else ValueError(
+                STATUS[1].format(n=n, m=m))
         return buffer[:last - first]
 
     y = tiled_linear(flat, out_features, values.dtype, expand, bias)
     return y.reshape(*x.shape[:-1], out_features)
-
-
-_STATUS = {1: "the CPU N:M kernels reject pattern {n}:{m} for this kernel",
-           2: "the CPU N:M kernel could not allocate its buffers",
-           3: "the CPU N:M kernels were called with an input dtype they do not take"}
 
 
 def nm_linear_cpu(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
@@ -681,15 +404,15 @@ def run_checked(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n:
             options |= OPTION_BF16
             if chosen != "table" and values.dtype == torch.bfloat16:
                 x_dtype = torch.bfloat16
-    rows = _as(flat, x_dtype)
+    rows = contiguous_as(flat, x_dtype)
     values, indices = values.contiguous(), indices.contiguous()
 
     def call(bias32, y):
-        return library(_LIBRARY_OF[name]).nmsparse_nm_linear(
+        return library(LIBRARY_OF[name]).nmsparse_nm_linear(
             rows.data_ptr(), int(x_dtype == torch.bfloat16), batch, in_features,
             values.data_ptr(), int(values.dtype == torch.bfloat16), indices.data_ptr(),
             out_features, slots, indices.shape[1], n, m, bias32, y,
             threads_for(batch, values.numel()), options)
 
-    return call_into_fp32(call, x, batch, out_features, bias, lambda status: _STATUS.get(
+    return call_into_fp32(call, x, batch, out_features, bias, lambda status: STATUS.get(
         status, "unknown status {status}").format(n=n, m=m, status=status))

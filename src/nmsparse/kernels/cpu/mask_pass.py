@@ -22,8 +22,8 @@ import os
 import torch
 from torch.autograd.graph import increment_version
 
-from . import ENV_ISA, ISAS, library
 from ._build import BuildError
+from ._library import ENV_ISA, ISAS, library
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # Below this many elements one thread: starting a parallel region costs more than the pass.

@@ -20,17 +20,10 @@ import functools
 import torch
 
 from ...packing import packed_shapes
-from . import (
-    _STATUS,
-    _amx_library,
-    amx_dense,
-    amx_rows,
-    call_into_fp32,
-    isa,
-    library,
-    threads_for,
-    tiled_linear,
-)
+from . import tiled_linear
+from ._calls import STATUS, call_into_fp32, threads_for
+from ._library import isa, library
+from .amx import amx_dense, amx_library, amx_rows
 
 _BF16 = torch.bfloat16
 
@@ -94,9 +87,9 @@ def prepack(values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
     if status == 4:
         raise ValueError(f"cannot prepare this weight for the CPU kernel: {_ORDER}")
     if status == 2:
-        raise MemoryError(_STATUS[2])
+        raise MemoryError(STATUS[2])
     if status:
-        raise ValueError(_STATUS[1].format(n=n, m=m))
+        raise ValueError(STATUS[1].format(n=n, m=m))
     return layout
 
 
@@ -126,10 +119,10 @@ def unprepack(layout: torch.Tensor, n: int, m: int, in_features: int,
         layout.contiguous().data_ptr(), out_features, in_features, values_shape[1],
         indices_shape[1], n, m, values.data_ptr(), indices.data_ptr())
     if status == 2:
-        raise MemoryError(_STATUS[2])
+        raise MemoryError(STATUS[2])
     if status:
         raise ValueError(f"a prepared {n}:{m} layout that does not hold {n} kept weights in "
-                         "every group (corrupt)" if m == 16 else _STATUS[1].format(n=n, m=m))
+                         "every group (corrupt)" if m == 16 else STATUS[1].format(n=n, m=m))
     return values, indices
 
 
@@ -174,7 +167,7 @@ def amx_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_feat
     each block of 16 outputs expanded from the layout into the thread's panel. ``emulated``:
     the build whose tile operations are C++ (tests)."""
     _check_layout(layout, n, m, in_features, out_features)
-    function = _amx_library(emulated).nmsparse_amx_lanes_linear
+    function = amx_library(emulated).nmsparse_amx_lanes_linear
     flat = x.reshape(-1, in_features).to(_BF16).contiguous()
 
     def call(bias32, y):
@@ -228,4 +221,4 @@ def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
             y, threads_for(batch, out_features * (in_features // m * n)))
 
     return call_into_fp32(call, x, batch, out_features, bias,
-                          lambda status: _STATUS[1].format(n=n, m=m))
+                          lambda status: STATUS[1].format(n=n, m=m))
