@@ -93,8 +93,8 @@ def run_path(path, x, packed_or_values, indices, n, m, bias, monkeypatch):
 
 @needs_kernels
 @pytest.mark.parametrize("path", PATHS, ids=["-".join(p) for p in PATHS])
-@pytest.mark.parametrize(("n", "m"), PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N
-                         + WIDE_M)
+@pytest.mark.parametrize(("n", "m"), PATTERNS + [(1, 2), (2, 16), (4, 16), (8, 16), (1, 3), (2, 6)]
+                         + ANY_N + WIDE_M)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_kernels_match_linear_over_shapes_and_batches(n, m, dtype, path, monkeypatch):
     generator = torch.Generator().manual_seed(1000 * n + m)
