@@ -320,7 +320,7 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern(monkeypatch):
     monkeypatch.setitem(cpu._library._STATE, "features", cpu.features() - {"amx"})
     for (isa, dtype), entries in cpu.DISPATCH.items():
         assert entries[-1][0] is None
-        for n, m in PATTERNS + [(1, 2), (2, 16), (1, 3), (2, 6)] + ANY_N + WIDE_M:
+        for n, m in PATTERNS + [(1, 2), (2, 16), (4, 16), (8, 16), (1, 3), (2, 6)] + ANY_N + WIDE_M:
             for rows in range(1, 300):
                 kernel = cpu.kernel_for(isa, dtype, rows, n, m)
                 assert kernel in cpu.KERNELS[1:], (isa, dtype, n, m, rows, kernel)
@@ -347,6 +347,8 @@ def test_dispatch_only_picks_a_kernel_that_takes_the_pattern(monkeypatch):
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 65, 2, 16) == "table"
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 65, 4, 16) == "dense"
     assert [cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 4, 16) for rows in (1, 2, 6, 7)] \
+        == ["avx2", "dot", "dot", "avx2"]
+    assert [cpu.kernel_for("avx512bf16", torch.bfloat16, rows, 8, 16) for rows in (1, 2, 8, 9)] \
         == ["avx2", "dot", "dot", "avx2"]
     assert cpu.kernel_for("avx512bf16", torch.bfloat16, 2, 2, 16) == "avx2"
     # M > 16, see WIDE_M_TABLE_DENSITY

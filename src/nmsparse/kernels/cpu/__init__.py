@@ -188,7 +188,10 @@ M16_BF16_TABLE_DENSITY = 0.125
 # 4:16 dot 1.31-1.91x at 2 rows, 1.19-1.36x at 3, 1.03-1.13x at 4, 0.92-1.01x at 6, where
 # the AVX2 library's kernel gave 0.74-0.95x; at 8 rows dot 0.76-1.02x, avx2 0.93-1.00x, and
 # at one row avx2 2.41x, dot 2.12x. 1:16 and 2:16 keep the AVX2 kernel (ahead at 4-8 rows:
-# 2:16 1.65-2.26x against dot 0.89-1.70x; within 15 % of dot at 2-3 rows).
+# 2:16 1.65-2.26x against dot 0.89-1.70x; within 15 % of dot at 2-3 rows). Half dense and
+# more (8:16) the dot kernel takes up to DOT_MAX_ROWS: with the masks built by vector code,
+# 8:16 at 4 / 8 rows ran 0.87x / 0.76x of dense bf16 on dot against 0.48x / 0.52x on the AVX2
+# kernel (benchmarks/results/cpu_period_masks.md, 11008x4096; no kernel beats dense there).
 M16_BF16_DOT_ROWS = 6
 # M > 16 (8-bit positions: the dot kernel for M = 32 and 64, the table kernel for N dividing
 # 8, the dense path for any M), measured on 11008x4096, 2 threads, one weight (the packed
@@ -260,7 +263,8 @@ def kernel_for(name: str, dtype: torch.dtype, rows: int, n: int, m: int) -> str:
     if name == "avx512bf16" and dtype == _BF16 and rows == 1 and m in (4, 8) and 2 * n >= m:
         return "dot"  # see ONE_ROW_DOT
     if name == "avx512bf16" and dtype == _BF16 and m == 16:
-        if 2 <= rows <= M16_BF16_DOT_ROWS and n > M16_BF16_TABLE_DENSITY * m:
+        dot_rows = DOT_MAX_ROWS if 2 * n >= m else M16_BF16_DOT_ROWS
+        if 2 <= rows <= dot_rows and n > M16_BF16_TABLE_DENSITY * m:
             return "dot"  # see M16_BF16_DOT_ROWS
         if rows <= M16_BF16_AVX2_ROWS:
             return "avx2"
