@@ -9,7 +9,7 @@ tensors, fp32 or bf16 weights and inputs, any N < M <= 256 (2:4, 4:8, 1:4, 2:8, 
 kernel (M = 32, 64), the table kernel (N dividing 8) or the dense path
 (:data:`WIDE_M_TABLE_DENSITY`); N not dividing 8 (3:4, 3:8, 5:8, 6:8, ...) needs AVX-512 and
 runs only the dot kernel and the dense path (:func:`any_n`): bf16 on 11008x4096 they run at
-1.05-1.54x of dense bf16 at one row but 0.77-1.13x at 2-4 rows and about 0.5-0.7x from 8
+1.05-1.63x of dense bf16 at one row but 0.6-1.13x at 2-8 rows and about 0.5-0.7x beyond
 (their packed bytes are 0.42-0.84 of dense, and the dense path pays the expansion);
 ``prepare_cpu`` gives bf16 weights (M <= 8, or M = 16 with N < 8) a layout that beats dense
 there, :mod:`.prepacked`. The result is in x's dtype: fp32
