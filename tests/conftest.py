@@ -18,6 +18,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernels_built():
+    """The CPU kernel libraries this machine runs, built before the first test. A first build
+    logs a one-line notice on stderr, which a test reading a command's stderr line by line
+    would otherwise see or not, depending on which test happened to build them first."""
+    from nmsparse.kernels import cpu
+    from nmsparse.kernels.cpu import mask_pass
+
+    for name in cpu.ISAS:
+        cpu.isa_reason(name)  # builds the library of each instruction set the CPU has
+    if mask_pass.reason() is None:
+        mask_pass._library()
+
+
 def pytest_collection_modifyitems(config, items):
     no_cuda = pytest.mark.skip(reason="needs a CUDA GPU (marked cuda)")
     has_cuda = torch.cuda.is_available()
