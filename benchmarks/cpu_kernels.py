@@ -310,7 +310,8 @@ avx512bf16` forces one; the tests run every path the CPU supports against `F.lin
     time with `vpermi2b`), then meets up to 8 rows of x: `vdpbf16ps` for bf16, FMA for fp32.
     The weight is read once per 8 rows; nothing is expanded to memory. It and the dense path
     also take N not dividing 8 (3:4, 3:8, 5:8, ...: masks built a period of index bytes at a
-    time, one table lookup per byte), and M = 32 and 64.
+    time, one table lookup per byte, by vector code for 3:4, 3:8, 6:8, 4:16 and 8:16:
+    `vpermb` picks each byte of 21-32 periods, `vpermi2b` looks it up), and M = 32 and 64.
   * `table` (any M up to 256, N dividing 8): rows in the vector lanes, only the kept
     products, fp32; the dispatch takes it for 9-255 fp32 rows, for bf16 1:16 and 2:16 beyond
     64 rows, and for M > 16 at most 1/8 dense (`cpu.WIDE_M_TABLE_DENSITY`).

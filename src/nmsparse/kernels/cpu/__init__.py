@@ -181,7 +181,8 @@ TABLE_MAX_DENSITY = 0.25
 # kernel) and the dense path for 4:16 (0.84x; table 0.5x).
 M16_BF16_AVX2_ROWS = 64
 M16_BF16_TABLE_DENSITY = 0.125
-# M16_BF16_DOT_ROWS: since the masks are built a period at a time, patterns of M = 16 denser
+# M16_BF16_DOT_ROWS: since the masks are built a period at a time (by vector code for 4:16
+# and 8:16 since cpu_period_masks.md, below), patterns of M = 16 denser
 # than M16_BF16_TABLE_DENSITY (4:16) run the dot kernel at 2-6 bf16 rows: two runs
 # (benchmarks/results/cpu_any_n_period_masks.md and cpu_m16_few_rows.md, 2 threads, cold,
 # 11008x4096 and 4096x11008, against dense bf16),
