@@ -9,7 +9,7 @@ import os
 import torch
 
 from . import _library
-from ._calls import call_into_fp32, threads_for
+from ._calls import call_into_fp32, contiguous_as, threads_for
 from ._library import features, isa_reason, library
 from ._patterns import masks_take
 
@@ -114,7 +114,7 @@ def amx_linear(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: 
                          f"got {values.dtype} {n}:{m}")
     function = amx_library(emulated).nmsparse_amx_linear
     out_features, slots = values.shape
-    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    flat = contiguous_as(x.reshape(-1, x.shape[-1]), torch.bfloat16)
     values, indices = values.contiguous(), indices.contiguous()
 
     def call(bias32, y):

@@ -21,7 +21,7 @@ import torch
 
 from ...packing import packed_shapes
 from . import tiled_linear
-from ._calls import STATUS, call_into_fp32, threads_for
+from ._calls import STATUS, call_into_fp32, contiguous_as, threads_for
 from ._library import isa, library
 from .amx import amx_dense, amx_library, amx_rows
 
@@ -167,8 +167,14 @@ def amx_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_feat
     each block of 16 outputs expanded from the layout into the thread's panel. ``emulated``:
     the build whose tile operations are C++ (tests)."""
     _check_layout(layout, n, m, in_features, out_features)
+    return _amx_checked(x, layout, n, m, in_features, out_features, bias, emulated)
+
+
+def _amx_checked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int, in_features: int,
+                 out_features: int, bias: torch.Tensor | None, emulated: bool) -> torch.Tensor:
+    """:func:`amx_prepacked` for a layout already checked (by :func:`nm_linear_prepacked`)."""
     function = amx_library(emulated).nmsparse_amx_lanes_linear
-    flat = x.reshape(-1, in_features).to(_BF16).contiguous()
+    flat = contiguous_as(x.reshape(-1, in_features), _BF16)
 
     def call(bias32, y):
         return function(flat.data_ptr(), flat.shape[0], in_features, layout.data_ptr(),
@@ -209,11 +215,11 @@ def nm_linear_prepacked(x: torch.Tensor, layout: torch.Tensor, n: int, m: int,
     batch = flat.shape[0]
     chosen = kernel_for(batch) if kernel == "auto" else kernel
     if chosen == "amx":
-        return amx_prepacked(x, layout, n, m, in_features, out_features, bias)
+        return _amx_checked(x, layout, n, m, in_features, out_features, bias, False)
     if chosen == "dense":
         y = _dense_tiles(flat, layout, n, m, in_features, out_features, bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
-    rows = flat.to(_BF16).contiguous()
+    rows = contiguous_as(flat, _BF16)
 
     def call(bias32, y):
         return _library().nmsparse_lanes_linear(
