@@ -49,6 +49,7 @@ def build_revision(revision: str, folder: Path) -> ctypes.CDLL:
     archive = subprocess.run(["git", "archive", revision, KERNEL_DIR], cwd=ROOT,
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    before = os.environ.get(_build.ENV_CACHE)
     os.environ[_build.ENV_CACHE] = str(folder / "cache")
     try:
         spec = importlib.util.spec_from_file_location("old_build", folder / KERNEL_DIR /
@@ -56,8 +57,11 @@ def build_revision(revision: str, folder: Path) -> ctypes.CDLL:
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
         return old.load("avx512")
-    finally:
-        del os.environ[_build.ENV_CACHE]
+    finally:  # this tree's library is then loaded from the user's cache, as set
+        if before is None:
+            del os.environ[_build.ENV_CACHE]
+        else:
+            os.environ[_build.ENV_CACHE] = before
 
 
 def pruned_layer(out_features: int, in_features: int, n: int, m: int) -> NMLinear:
